@@ -1,0 +1,32 @@
+# One environment in .venv, made on first use; `make run` trains the debug model on the
+# embedded shapes world, `make test` runs the whole suite (what CI runs).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: env build run test bench clean
+
+$(STAMP): requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+env: $(STAMP)
+
+# Builds emu2_engine._C (CMake + pybind11) in place and installs the package in editable mode.
+build: $(STAMP)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+run: build
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=1 -m emu2_engine.pretrain
+
+test: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+bench: build
+	$(PY) -m benchmarks.packer
+
+clean:
+	rm -rf build *.egg-info emu2_engine/_C*.so

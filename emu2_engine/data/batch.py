@@ -1,0 +1,78 @@
+"""The packed micro-batch: the contract between the data pipeline and the model.
+
+Layout (see `shared/DESIGN.md`, "Sequence metadata"), for B rows of S tokens:
+
+- ``input_ids`` (B, S) int64 and ``labels`` (B, S) int64. Labels are *already shifted*:
+  ``labels[b, t]`` is the token that the output at position t must predict, -100 where no
+  text loss is taken (visual placeholders, ``[IMG]``/``[/IMG]`` as targets, padding, the
+  last token of each document).
+- ``doc_ids``, ``span_ids``, ``position_ids`` (B, S) int32, as in DESIGN.md.
+- ``images`` (N, 3, H, W) float: every image (or video frame) of the micro-batch, already
+  normalised. ``image_slots`` (N, n_query) int64: for image n, the flat indices
+  (``b * S + t``) of its ``<image>``/``[gIMG]`` slots, in order.
+- ``reg_images`` (R,) int64: which images are regression targets; ``reg_positions``
+  (R, n_query) int64: flat indices of the hidden states that predict each of their
+  embeddings (the ``[IMG]`` position, then the first n_query - 1 slots: the shift of one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    """One packed micro-batch (all tensors on one device)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    doc_ids: torch.Tensor
+    span_ids: torch.Tensor
+    position_ids: torch.Tensor
+    images: torch.Tensor
+    image_slots: torch.Tensor
+    reg_images: torch.Tensor
+    reg_positions: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+        """A copy with every tensor moved to `device`."""
+        return PackedBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                              for f in fields(self)})
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the batch that belong to a document (padding excluded)."""
+        return int((self.doc_ids >= 0).sum())
+
+    def validate(self, vocab_size: int, n_query: int, image_size: int) -> None:
+        """Check shapes, dtypes and ranges; raise ValueError naming what is wrong."""
+        B, S = self.input_ids.shape
+        for name in ("labels", "doc_ids", "span_ids", "position_ids"):
+            t = getattr(self, name)
+            if tuple(t.shape) != (B, S):
+                raise ValueError(f"batch.{name} must have shape {(B, S)} like input_ids, got {tuple(t.shape)}")
+        lo, hi = int(self.input_ids.min()), int(self.input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"batch.input_ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
+        bad = (self.labels != -100) & ((self.labels < 0) | (self.labels >= vocab_size))
+        if bad.any():
+            raise ValueError(f"batch.labels must be -100 or in [0, {vocab_size}), got {int(self.labels[bad][0])}")
+        N = self.images.shape[0]
+        if self.images.dim() != 4 or tuple(self.images.shape[1:]) != (3, image_size, image_size):
+            raise ValueError(f"batch.images must have shape (N, 3, {image_size}, {image_size}), "
+                             f"got {tuple(self.images.shape)}")
+        if tuple(self.image_slots.shape) != (N, n_query):
+            raise ValueError(f"batch.image_slots must have shape ({N}, {n_query}) for {N} images "
+                             f"of {n_query} embeddings, got {tuple(self.image_slots.shape)}")
+        R = self.reg_images.shape[0]
+        if tuple(self.reg_positions.shape) != (R, n_query):
+            raise ValueError(f"batch.reg_positions must have shape ({R}, {n_query}), got "
+                             f"{tuple(self.reg_positions.shape)}")
+        for name in ("image_slots", "reg_positions"):
+            t = getattr(self, name)
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= B * S):
+                raise ValueError(f"batch.{name} holds flat positions outside [0, {B * S})")
+        if R and (int(self.reg_images.min()) < 0 or int(self.reg_images.max()) >= N):
+            raise ValueError(f"batch.reg_images must index the {N} images of the batch")
