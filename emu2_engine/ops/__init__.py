@@ -1,0 +1,8 @@
+"""The public ops. Each picks its Triton kernel or its PyTorch reference (`ops.backend`)."""
+
+from emu2_engine.ops.attention import modality_attention, modality_mask
+from emu2_engine.ops.head_loss import HeadLoss, emu2_head_loss
+from emu2_engine.ops.pool_project import pool_patches, pool_project
+
+__all__ = ["modality_attention", "modality_mask", "emu2_head_loss", "HeadLoss", "pool_patches",
+           "pool_project"]

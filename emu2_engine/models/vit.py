@@ -1,0 +1,109 @@
+"""The EVA-CLIP vision transformer of Emu2 (EVA-02-CLIP-E-plus), in plain PyTorch.
+
+As released (EMU2_FACTS.md): conv patch embedding, a CLS token and a learned absolute position
+embedding (no RoPE), **post-norm** blocks ``x = x + LN1(attn(x)); x = x + LN2(mlp(x))``, a
+fused bias-free qkv projection with separate ``q_bias`` and ``v_bias`` (k has none), a GELU
+MLP, no final norm and no head. The output is the last block's features with CLS dropped.
+Parameter names match the released checkpoint under ``visual.``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from emu2_engine.models.config import VisionConfig
+from emu2_engine.ops import modality_attention
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixels).flatten(2).transpose(1, 2)  # (N, P, C)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(cfg.width))
+        self.v_bias = nn.Parameter(torch.zeros(cfg.width))
+        self.proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor, span_ids: torch.Tensor) -> torch.Tensor:
+        N, T, C = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias).view(N, T, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, T, D)
+        out = modality_attention(q, k, v, doc_ids, span_ids, causal=False)
+        return self.proj(out.transpose(1, 2).reshape(N, T, C))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    """Post-norm: the norm sits after each sublayer, inside the residual."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.attn = VisionAttention(cfg)
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.mlp = VisionMLP(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor, span_ids: torch.Tensor) -> torch.Tensor:
+        x = x + self.norm1(self.attn(x, doc_ids, span_ids))
+        return x + self.norm2(self.mlp(x))
+
+
+class EVAVisionTransformer(nn.Module):
+    """pixels (N, 3, R, R), CLIP-normalised -> patch features (N, P, width), CLS dropped."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.n_patches + 1, cfg.width))
+        self.blocks = nn.ModuleDict({str(i): VisionBlock(cfg) for i in range(cfg.depth)})
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        R = self.cfg.image_size
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, R, R):
+            raise ValueError(f"images must have shape (N, 3, {R}, {R}) for this model, "
+                             f"got {tuple(pixels.shape)}")
+        x = self.patch_embed(pixels.to(self.pos_embed.dtype))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        # Every image is its own document; no causal mask, no spans.
+        ids = torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device)
+        spans = torch.full_like(ids, -1)
+        for block in self.blocks.values():
+            x = block(x, ids, spans)
+        return x[:, 1:]
