@@ -1,0 +1,48 @@
+"""`torchrun -m emu2_engine.pretrain [--config FILE] [--section.key=value ...]`
+
+With no arguments: the debug preset on the procedural shapes world, on the first GPU if there
+is one, else on the CPU, for the steps in configs/debug.toml's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from emu2_engine.train.config import JobConfig
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, bool]:
+    """The resolved config, and whether to show the progress bar."""
+    parser = argparse.ArgumentParser(
+        prog="torchrun -m emu2_engine.pretrain",
+        description="Train an Emu2-style model. Any config value can be overridden with "
+                    "--section.key=value (for example --train.steps=50 --optim.lr=1e-3).")
+    parser.add_argument("--config", help="a TOML run config (configs/*.toml); defaults if absent")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}; overrides look like --section.key=value")
+    return JobConfig.load(args.config, overrides), not args.no_progress
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, progress = parse_args(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pretrain: {e}", file=sys.stderr)
+        return 2
+    from emu2_engine.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    records = trainer.train(progress=progress)
+    first, last = records[0], records[-1]
+    print(f"done: {last['step']} steps, loss {first['loss']:.3f} -> {last['loss']:.3f}; "
+          f"{last['tokens_per_s']:,.0f} tokens/s, {last['images_per_s']:,.0f} images/s; "
+          f"metrics in {trainer.run_dir}/metrics.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

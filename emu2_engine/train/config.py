@@ -1,0 +1,205 @@
+"""The run configuration: one dataclass per section, one TOML file per run, dotted CLI overrides.
+
+``pretrain --config configs/debug.toml --train.steps=50 --optim.lr=1e-3`` reads the file,
+applies the overrides (values parsed as TOML literals, falling back to plain strings), checks
+every key and type, and writes the resolved config into the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import tomli_w
+
+
+@dataclass
+class ModelSection:
+    """Which model to build."""
+
+    preset: str = "debug"
+    """A preset of `emu2_engine.models.config.PRESETS`."""
+    regression_weight: float = 1.0
+    """Weight of the image-regression MSE against the text cross-entropy."""
+
+
+@dataclass
+class DataSection:
+    """What the model reads (for now the procedural shapes world; shards come with the data pipeline)."""
+
+    seq_len: int = 256
+    """Tokens per packed row."""
+    rows: int = 4
+    """Packed rows per micro-batch."""
+    image_first_prob: float = 0.5
+    """Probability that an image precedes its caption (Emu2: 0.5)."""
+    regress_images: bool = False
+    """Regress the embeddings of images that follow their caption (stage 2); stage 1 does not."""
+    seed: int = 1234
+    """Seed of the shapes world and of the layout draws."""
+
+
+@dataclass
+class OptimSection:
+    """AdamW with one peak learning rate per parameter group."""
+
+    lr: float = 3e-3
+    """Peak learning rate of the LLM (embeddings, blocks, heads)."""
+    lr_vision: float = 1e-3
+    """Peak learning rate of the vision encoder (0 freezes it)."""
+    lr_projector: float = 3e-3
+    """Peak learning rate of project_up and project_down."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay for matrices (norms, biases and position/CLS embeddings get none)."""
+    warmup_steps: int = 20
+    """Linear warm-up from 0 to the peak."""
+    schedule: str = "cosine"
+    """Decay after warm-up: cosine or linear."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    grad_clip: float = 5.0
+    """Clip the global gradient norm to this (0 turns clipping off); the paper uses 5.0."""
+
+
+@dataclass
+class TrainSection:
+    """The loop."""
+
+    steps: int = 300
+    """Optimiser steps."""
+    seed: int = 0
+    """Seed of the model initialisation."""
+    device: str = "auto"
+    """auto (first GPU if any, else CPU), cpu or cuda."""
+    dtype: str = "auto"
+    """Compute dtype: auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16."""
+    log_every: int = 10
+    """Steps between metric records (the progress bar updates every step)."""
+    run_dir: str = "runs/debug"
+    """Where the resolved config and the metrics are written."""
+
+
+@dataclass
+class JobConfig:
+    """A whole run."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "JobConfig":
+        """Defaults, then the TOML file (if any), then `--section.key=value` overrides."""
+        cfg = cls()
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file {path} does not exist")
+            try:
+                data = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+            cfg.update(data, where=str(path))
+        for item in overrides:
+            cfg.update(_parse_override(item), where=f"override {item!r}")
+        cfg.validate()
+        return cfg
+
+    def update(self, data: dict, where: str) -> None:
+        """Merge a nested dict of values, checking every section, key and type."""
+        for section_name, values in data.items():
+            section = getattr(self, section_name, None)
+            if section is None or not dataclasses.is_dataclass(section):
+                raise ValueError(f"{where}: unknown config section [{section_name}]; "
+                                 f"expected one of {[f.name for f in dataclasses.fields(self)]}")
+            if not isinstance(values, dict):
+                raise ValueError(f"{where}: [{section_name}] must be a table of keys")
+            hints = get_type_hints(type(section))
+            for key, value in values.items():
+                if key not in hints:
+                    raise ValueError(f"{where}: unknown key {section_name}.{key}; expected one of "
+                                     f"{sorted(hints)}")
+                setattr(section, key, _coerce(value, hints[key], f"{section_name}.{key}", where))
+
+    def validate(self) -> None:
+        """One line for the first value that cannot work."""
+        from emu2_engine.models.config import PRESETS
+
+        if self.model.preset not in PRESETS:
+            raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {self.model.preset!r}")
+        checks = [
+            (self.data.seq_len > 0, f"data.seq_len must be positive, got {self.data.seq_len}"),
+            (self.data.rows > 0, f"data.rows must be positive, got {self.data.rows}"),
+            (0.0 <= self.data.image_first_prob <= 1.0,
+             f"data.image_first_prob must lie in [0, 1], got {self.data.image_first_prob}"),
+            (self.train.steps > 0, f"train.steps must be positive, got {self.train.steps}"),
+            (self.train.log_every > 0, f"train.log_every must be positive, got {self.train.log_every}"),
+            (self.train.device in ("auto", "cpu", "cuda"),
+             f"train.device must be auto, cpu or cuda, got {self.train.device!r}"),
+            (self.train.dtype in ("auto", "fp32", "bf16"),
+             f"train.dtype must be auto, fp32 or bf16, got {self.train.dtype!r}"),
+            (self.optim.schedule in ("cosine", "linear"),
+             f"optim.schedule must be cosine or linear, got {self.optim.schedule!r}"),
+            (min(self.optim.lr, self.optim.lr_vision, self.optim.lr_projector) >= 0,
+             "optim learning rates must be >= 0"),
+            (0 <= self.optim.warmup_steps < self.train.steps,
+             f"optim.warmup_steps ({self.optim.warmup_steps}) must be in [0, train.steps = {self.train.steps})"),
+            (0.0 <= self.optim.min_lr_ratio <= 1.0,
+             f"optim.min_lr_ratio must lie in [0, 1], got {self.optim.min_lr_ratio}"),
+            (self.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.optim.grad_clip}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    # -- output ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config (atomically)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_toml())
+        tmp.replace(path)
+
+
+def _parse_override(item: str) -> dict:
+    """`--section.key=value` -> {"section": {"key": value}}."""
+    body = item[2:] if item.startswith("--") else item
+    if "=" not in body or "." not in body.split("=", 1)[0]:
+        raise ValueError(f"override {item!r} must look like --section.key=value")
+    dotted, raw = body.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value: Any = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string such as --model.preset=debug
+    return {section: {key: value}}
+
+
+def _coerce(value: Any, hint: Any, name: str, where: str) -> Any:
+    """Check a TOML value against the field's annotation, converting int -> float and list -> tuple."""
+    origin = getattr(hint, "__origin__", None)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(hint.__args__):
+            raise ValueError(f"{where}: {name} must be a list of {len(hint.__args__)} numbers, got {value!r}")
+        return tuple(_coerce(v, t, name, where) for v, t in zip(value, hint.__args__))
+    if hint in (int, float, str, bool) and not (type(value) is hint):
+        raise ValueError(f"{where}: {name} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,69 @@
+"""AdamW with Emu2's parameter groups and the warm-up + decay schedule.
+
+Emu2's stage 1 trains the encoder, the projection and the LLM with separate peak learning
+rates (the values were not released; see EMU2_FACTS.md), so parameters are grouped by
+component, and within each by whether weight decay applies: matrices decay; norms, biases,
+q/v biases and the ViT's CLS and position embeddings do not. A group whose learning rate is 0
+is frozen (requires_grad off) instead of being stepped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from emu2_engine.train.config import OptimSection
+
+_NO_DECAY_NAMES = ("cls_token", "pos_embed", "q_bias", "v_bias")
+
+
+def _component(name: str) -> str:
+    if name.startswith("visual."):
+        return "vision"
+    if name.startswith(("projector.", "project_down.")):
+        return "projector"
+    return "llm"
+
+
+def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
+    lrs = {"vision": cfg.lr_vision, "projector": cfg.lr_projector, "llm": cfg.lr}
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        comp = _component(name)
+        if lrs[comp] == 0.0:
+            p.requires_grad_(False)
+            continue
+        if not p.requires_grad:
+            continue
+        decay = p.dim() >= 2 and not name.endswith(_NO_DECAY_NAMES)
+        groups.setdefault((comp, decay), []).append(p)
+    param_groups = [
+        {"params": params, "lr": lrs[comp], "peak_lr": lrs[comp], "name": f"{comp}{'' if decay else '_no_decay'}",
+         "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (comp, decay), params in sorted(groups.items())
+    ]
+    if not param_groups:
+        raise ValueError("every learning rate is 0: nothing to train")
+    fused = all(p.is_cuda for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimSection) -> float:
+    """Multiplier of each group's peak LR at `step` (0-based): linear warm-up, then cosine or
+    linear decay to `min_lr_ratio` at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(total_steps - cfg.warmup_steps - 1, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    if cfg.schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
+                    cfg: OptimSection) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))

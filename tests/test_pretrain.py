@@ -1,0 +1,109 @@
+"""The default pretrain run, its config handling and its optimiser."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emu2_engine import pretrain
+from emu2_engine.models import Emu2Config, Emu2Model
+from emu2_engine.train.config import JobConfig, OptimSection
+from emu2_engine.train.optim import build_optimizer, lr_factor
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_default_pretrain_30_steps_loss_goes_down(tmp_path, capsys):
+    rc = pretrain.main(["--no-progress", "--train.steps=30", "--train.log_every=1",
+                        f"--train.run_dir={tmp_path}"])
+    assert rc == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    losses = [r["loss"] for r in records]
+    assert all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    # From about ln(784) = 6.7 (uniform over the vocabulary) to well below it.
+    assert first > 4.0 and last < 0.6 * first, (first, last)
+    assert records[-1]["tokens_per_s"] > 0 and records[-1]["images_per_s"] > 0
+    assert records[-1]["mfu"] is None  # no peak rate for a CPU
+    resolved = JobConfig.load(tmp_path / "config.toml")
+    assert resolved.train.steps == 30 and resolved.model.preset == "debug"
+    assert "done: 30 steps" in capsys.readouterr().out
+
+
+def test_debug_toml_is_the_default():
+    assert JobConfig.load(REPO / "configs" / "debug.toml") == JobConfig.load(None)
+
+
+def test_overrides_and_their_errors(tmp_path):
+    cfg = JobConfig.load(None, ["--optim.lr=1e-4", "--optim.betas=[0.8, 0.9]", "--model.preset=proxy-1b",
+                                "--optim.warmup_steps=0"])
+    assert cfg.optim.lr == 1e-4 and cfg.optim.betas == (0.8, 0.9) and cfg.model.preset == "proxy-1b"
+    with pytest.raises(ValueError, match="unknown key optim.learning_rate"):
+        JobConfig.load(None, ["--optim.learning_rate=1"])
+    with pytest.raises(ValueError, match=r"unknown config section \[optimizer\]"):
+        JobConfig.load(None, ["--optimizer.lr=1"])
+    with pytest.raises(ValueError, match="train.steps must be int, got str 'many'"):
+        JobConfig.load(None, ["--train.steps=many"])
+    with pytest.raises(ValueError, match="model.preset must be one of"):
+        JobConfig.load(None, ["--model.preset=emu3"])
+    with pytest.raises(ValueError, match=r"optim.warmup_steps \(20\) must be in \[0, train.steps = 10\)"):
+        JobConfig.load(None, ["--train.steps=10"])
+    with pytest.raises(ValueError, match="must look like --section.key=value"):
+        JobConfig.load(None, ["--steps=3"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 3")
+    with pytest.raises(ValueError, match="is not valid TOML"):
+        JobConfig.load(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        JobConfig.load(tmp_path / "missing.toml")
+
+
+def test_cli_reports_bad_config_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "emu2_engine.pretrain", "--train.steps=0"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "pretrain: train.steps must be positive, got 0"
+
+
+def test_lr_schedule_shape():
+    cfg = OptimSection(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    f = [lr_factor(s, 100, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # decays monotonically
+    lin = OptimSection(warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
+    assert lr_factor(50, 101, lin) == pytest.approx(0.5)
+
+
+def test_parameter_groups_and_freezing():
+    model = Emu2Model(Emu2Config.from_preset("debug"))
+    opt = build_optimizer(model, OptimSection(lr=1e-3, lr_vision=2e-4, lr_projector=5e-4, weight_decay=0.1))
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["vision"]["lr"] == 2e-4 and by_name["projector"]["lr"] == 5e-4
+    assert by_name["llm"]["lr"] == 1e-3 and by_name["llm"]["weight_decay"] == 0.1
+    assert by_name["llm_no_decay"]["weight_decay"] == 0.0
+    ids = {id(p) for p in by_name["vision_no_decay"]["params"]}
+    assert id(model.visual.pos_embed) in ids and id(model.visual.blocks["0"].attn.q_bias) in ids
+    n_grouped = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_grouped == len(list(model.parameters()))
+
+    frozen = Emu2Model(Emu2Config.from_preset("debug"))
+    opt = build_optimizer(frozen, OptimSection(lr_vision=0.0))
+    assert not any(p.requires_grad for p in frozen.visual.parameters())
+    assert all(not g["name"].startswith("vision") for g in opt.param_groups)
+
+
+def test_single_process_only(monkeypatch):
+    from emu2_engine.train.trainer import Trainer
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="this trainer runs one process"):
+        Trainer(JobConfig.load(None))
+
+
+@pytest.mark.gpu
+def test_pretrain_on_gpu(tmp_path):
+    assert pretrain.main(["--no-progress", "--train.steps=30", f"--train.run_dir={tmp_path}"]) == 0
