@@ -26,6 +26,7 @@ def _map_source_kernels() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules["emu2_engine.kernels"] = module
     spec.loader.exec_module(module)
+    globals()["kernels"] = module
 
 
 _map_source_kernels()
