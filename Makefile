@@ -7,6 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: env build run test bench clean
 
+# The package is installed (editable), so the working directory need not be on sys.path; with
+# it there, libraries that probe for the PyPI package `kernels` (transformers does) would import
+# this repository's kernels/ directory under that name.
+export PYTHONSAFEPATH := 1
+
 $(STAMP): requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

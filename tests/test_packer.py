@@ -174,8 +174,12 @@ def test_kernels_is_a_subpackage_only():
     kernels = importlib.import_module("emu2_engine.kernels")
     assert kernels.__name__ == "emu2_engine.kernels"
     assert Path(kernels.__file__).resolve() == REPO / "kernels" / "__init__.py"
-    origin = getattr(sys.modules.get("kernels"), "__file__", None)  # never registered by us
-    assert origin is None or not Path(origin).resolve().is_relative_to(REPO)
+    # Nothing may have imported kernels/ as a top-level `kernels` (transformers probes for the
+    # PyPI package of that name); `make test` keeps the repository root off sys.path for this.
+    origin = getattr(sys.modules.get("kernels"), "__file__", None)
+    assert origin is None or not Path(origin).resolve().is_relative_to(REPO), (
+        f"kernels/ was imported as a top-level module from {origin}: run the tests with the "
+        f"repository root off sys.path (PYTHONSAFEPATH=1, as `make test` does)")
 
 
 def test_installed_layout_has_no_top_level_kernels(tmp_path):
