@@ -28,10 +28,11 @@ run: build
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=1 -m emu2_engine.pretrain
 
 test: build
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests
 
+# benchmarks/ is not installed: run it from the repository root, on sys.path for this command.
 bench: build
-	$(PY) -m benchmarks.packer
+	PYTHONSAFEPATH= $(PY) -m benchmarks.run --suite cpu --out benchmarks/results/cpu
 
 clean:
 	rm -rf build *.egg-info emu2_engine/_C*.so

@@ -13,12 +13,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import BenchResult
 from emu2_engine import _C
 from emu2_engine.data.packing import pack_sequences, pack_sequences_reference
 
@@ -53,18 +53,34 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=1_000_000, help="number of samples")
-    parser.add_argument("--row-len", type=int, default=2048, help="tokens per packed row")
-    args = parser.parse_args(argv)
+SUITES = ("cpu",)
 
+
+def run(suite: str, out_dir: Path) -> BenchResult:
+    """For the harness: time against sample count (10k, 100k, 1M) at rows of 2048."""
+    result = BenchResult(ours="cpp", plots=[{"name": "time", "metric": "time", "x": "samples",
+                                             "logx": True, "logy": True,
+                                             "title": "packer: time to pack (rows of 2048)"}])
+    for n in (10_000, 100_000, 1_000_000):
+        report = measure(n, 2048)
+        case = f"n={n:,} row_len=2048"
+        for provider, key in (("cpp", "cpp_pack_sequences"), ("python", "python_reference")):
+            result.add(benchmark="packer", case=case, provider=provider, metric="time",
+                       value=report["seconds"][key] * 1e3, unit="ms", params={"samples": n})
+        result.add(benchmark="packer", case=case, provider="cpp", metric="fill",
+                   value=100 * report["fill_fraction"], unit="%", params={"samples": n})
+    return result
+
+
+def measure(n: int, row_len: int) -> dict:
+    """Times both packers on n lengths; refuses to report if they disagree."""
+    args = argparse.Namespace(n=n, row_len=row_len)
     lengths = sample_lengths(args.n, args.row_len)
     core_s, (row_offsets, _) = best_time(lambda: _C.pack_best_fit(lengths, args.row_len), 5)
     public_s, rows = best_time(lambda: pack_sequences(lengths, args.row_len), 3)
     reference_s, reference_rows = best_time(lambda: pack_sequences_reference(lengths, args.row_len), 1)
     if rows != reference_rows:
-        sys.exit("the C++ packer and the Python reference disagree")
+        raise RuntimeError("the C++ packer and the Python reference disagree")
 
     tokens = int(lengths.sum())
     report = {
@@ -87,6 +103,17 @@ def main(argv: list[str] | None = None) -> dict:
         "identical_to_reference": True,
     }
     assert len(row_offsets) - 1 == len(rows)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1_000_000, help="number of samples")
+    parser.add_argument("--row-len", type=int, default=2048, help="tokens per packed row")
+    args = parser.parse_args(argv)
+    report = measure(args.n, args.row_len)
+    core_s, public_s = report["seconds"]["cpp_core_csr"], report["seconds"]["cpp_pack_sequences"]
+    reference_s, rows = report["seconds"]["python_reference"], report["rows"]
 
     print(f"{args.n} samples, rows of {args.row_len} tokens, on {report['device']}")
     print(f"  C++ core (CSR arrays)        {core_s * 1e3:9.1f} ms")
@@ -94,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  Python reference             {reference_s * 1e3:9.1f} ms")
     print(f"  speedup: {report['speedup_pack_sequences_vs_reference']:.1f}x (pack_sequences), "
           f"{report['speedup_cpp_core_vs_reference']:.1f}x (core); goal >= 20x")
-    print(f"  rows {len(rows)} (lower bound {report['rows_lower_bound']}), "
+    print(f"  rows {rows} (lower bound {report['rows_lower_bound']}), "
           f"fill {report['fill_fraction']:.4%}; identical to the reference")
 
     RESULTS.mkdir(parents=True, exist_ok=True)

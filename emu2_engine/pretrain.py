@@ -37,10 +37,15 @@ def main(argv: list[str] | None = None) -> int:
 
     trainer = Trainer(cfg)
     records = trainer.train(progress=progress)
-    first, last = records[0], records[-1]
+    steps = [r for r in records if "loss" in r]
+    first, last = steps[0], steps[-1]
     print(f"done: {last['step']} steps, loss {first['loss']:.3f} -> {last['loss']:.3f}; "
           f"{last['tokens_per_s']:,.0f} tokens/s, {last['images_per_s']:,.0f} images/s; "
           f"metrics in {trainer.run_dir}/metrics.jsonl")
+    if "heldout_caption_ce" in records[-1]:
+        ev = records[-1]
+        print(f"held-out captions: loss {ev['heldout_caption_ce']:.3f} with their own images, "
+              f"{ev['heldout_caption_ce_wrong_images']:.3f} with another sample's image")
     return 0
 
 

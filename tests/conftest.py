@@ -1,13 +1,15 @@
-"""Test setup. TRITON_INTERPRET must be set before any @triton.jit function is defined, so it
-is set here, before the package is imported by any test module."""
+"""Test setup. Without a GPU the Triton kernels run through the interpreter, and
+TRITON_INTERPRET must be set before any @triton.jit function is defined: so it is set here,
+before any test module imports the package. With a GPU it is left alone, so `pytest -m gpu`
+runs the compiled kernels."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,10 +18,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_default_pretrain_30_steps_loss_goes_down(tmp_path, capsys):
     rc = pretrain.main(["--no-progress", "--train.steps=30", "--train.log_every=1",
-                        f"--train.run_dir={tmp_path}"])
+                        "--train.eval_batches=2", f"--train.run_dir={tmp_path}"])
     assert rc == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records, final = records[:-1], records[-1]
     assert [r["step"] for r in records] == list(range(1, 31))
+    assert final["step"] == 30 and math.isfinite(final["heldout_caption_ce"])
+    assert math.isfinite(final["heldout_caption_ce_wrong_images"])
     losses = [r["loss"] for r in records]
     assert all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -31,7 +34,19 @@ def test_default_pretrain_30_steps_loss_goes_down(tmp_path, capsys):
     assert records[-1]["mfu"] is None  # no peak rate for a CPU
     resolved = JobConfig.load(tmp_path / "config.toml")
     assert resolved.train.steps == 30 and resolved.model.preset == "debug"
-    assert "done: 30 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "done: 30 steps" in out and "held-out captions: loss" in out
+
+
+@pytest.mark.slow
+def test_default_run_learns_to_read_its_images(tmp_path):
+    """The whole default run (1000 steps, about a minute on 2 cores): on held-out samples the
+    caption loss with each sample's own image must be clearly below the loss with another
+    sample's image, so the model has learned to look, not only the caption grammar."""
+    assert pretrain.main(["--no-progress", f"--train.run_dir={tmp_path}"]) == 0
+    final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    right, wrong = final["heldout_caption_ce"], final["heldout_caption_ce_wrong_images"]
+    assert right < 0.85 * wrong, (right, wrong)
 
 
 def test_debug_toml_is_the_default():

@@ -8,12 +8,11 @@ every key and type, and writes the resolved config into the run folder.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
-
-import tomli_w
 
 
 @dataclass
@@ -72,8 +71,8 @@ class OptimSection:
 class TrainSection:
     """The loop."""
 
-    steps: int = 300
-    """Optimiser steps."""
+    steps: int = 1000
+    """Optimiser steps (the debug model starts reading its images after about 500)."""
     seed: int = 0
     """Seed of the model initialisation."""
     device: str = "auto"
@@ -82,6 +81,8 @@ class TrainSection:
     """Compute dtype: auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16."""
     log_every: int = 10
     """Steps between metric records (the progress bar updates every step)."""
+    eval_batches: int = 8
+    """Held-out batches for the end-of-run grounding check (0 skips it)."""
     run_dir: str = "runs/debug"
     """Where the resolved config and the metrics are written."""
 
@@ -143,6 +144,7 @@ class JobConfig:
              f"data.image_first_prob must lie in [0, 1], got {self.data.image_first_prob}"),
             (self.train.steps > 0, f"train.steps must be positive, got {self.train.steps}"),
             (self.train.log_every > 0, f"train.log_every must be positive, got {self.train.log_every}"),
+            (self.train.eval_batches >= 0, f"train.eval_batches must be >= 0, got {self.train.eval_batches}"),
             (self.train.device in ("auto", "cpu", "cuda"),
              f"train.device must be auto, cpu or cuda, got {self.train.device!r}"),
             (self.train.dtype in ("auto", "fp32", "bf16"),
@@ -166,7 +168,13 @@ class JobConfig:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        return tomli_w.dumps(self.to_dict())
+        """TOML text that `load` reads back to an equal config (sections of scalars and lists)."""
+        lines: list[str] = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines.append("")
+        return "\n".join(lines)
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config (atomically)."""
@@ -175,6 +183,18 @@ class JobConfig:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(self.to_toml())
         tmp.replace(path)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as TOML")
 
 
 def _parse_override(item: str) -> dict:

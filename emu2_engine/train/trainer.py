@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,6 +25,10 @@ from emu2_engine.models.flops import batch_flops, training_flops
 from emu2_engine.train.config import JobConfig
 from emu2_engine.train.metrics import ThroughputMeter
 from emu2_engine.train.optim import build_optimizer, build_scheduler
+
+
+# Held-out samples come from the shapes world under another seed.
+_HELD_OUT_SEED_OFFSET = 7919
 
 
 @dataclass
@@ -61,7 +65,6 @@ class Trainer:
             dtype = "bf16" if self.device.type == "cuda" else "fp32"
         self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
 
-        from dataclasses import replace
         self.model_cfg: Emu2Config = replace(Emu2Config.from_preset(cfg.model.preset),
                                              regression_weight=cfg.model.regression_weight)
         torch.manual_seed(cfg.train.seed)
@@ -73,7 +76,7 @@ class Trainer:
         self.step_count = 0
         self.run_dir = Path(cfg.train.run_dir)
 
-    def _autocast(self):
+    def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -82,7 +85,7 @@ class Trainer:
         """One optimiser step on one micro-batch."""
         self.model.train()
         batch = batch.to(self.device, non_blocking=True)
-        with self._autocast():
+        with self.autocast():
             out = self.model(batch)
         out.total.backward()
         clip = self.cfg.optim.grad_clip
@@ -132,4 +135,28 @@ class Trainer:
                     metrics_file.flush()
                     meter.reset()
         bar.close()
+        if cfg.train.eval_batches:
+            record = {"step": self.step_count, **self.evaluate_grounding(cfg.train.eval_batches)}
+            records.append(record)
+            with open(metrics_path, "a") as metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
         return records
+
+    @torch.no_grad()
+    def evaluate_grounding(self, n_batches: int) -> dict:
+        """Caption loss on held-out samples (a different seed), image first, with each sample's
+        own image and with another sample's image. A model that reads its images does better
+        with the right ones; a captioner that ignores them scores the same on both."""
+        held_out = replace(self.cfg.data, seed=self.cfg.data.seed + _HELD_OUT_SEED_OFFSET,
+                           image_first_prob=1.0, regress_images=False)
+        loader = ShapesCaptionLoader(self.tokenizer, self.model_cfg, held_out)
+        self.model.eval()
+        right = wrong = 0.0
+        for _ in range(n_batches):
+            batch = next(loader).to(self.device)
+            with self.autocast():
+                right += self.model(batch).ce.item()
+                batch.images = batch.images.roll(1, dims=0)  # every image moves to another sample
+                wrong += self.model(batch).ce.item()
+        self.model.train()
+        return {"heldout_caption_ce": right / n_batches, "heldout_caption_ce_wrong_images": wrong / n_batches}

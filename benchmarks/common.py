@@ -1,0 +1,131 @@
+"""What every benchmark module shares: the measurement record, timers, and machine facts.
+
+A benchmark module exposes ``SUITES`` (the suites it belongs to) and
+``run(suite: str, out_dir: Path) -> BenchResult``. `benchmarks.run` calls it; the report is
+built from the measurements alone, so a module never formats tables or plots itself.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Measurement:
+    """One number."""
+
+    benchmark: str
+    """Module that measured it (packer, attention, ...)."""
+    case: str
+    """What was measured, e.g. 'causal S=4096 D=128' (the rows of the report's tables)."""
+    provider: str
+    """Whose implementation: ours ('triton', 'cpp', 'fused') or a baseline ('sdpa', 'eager', ...)."""
+    metric: str
+    """time, tflops, peak_memory, throughput, mfu, ..."""
+    value: float
+    unit: str
+    """ms, TFLOP/s, MiB, tokens/s, %, ..."""
+    params: dict = field(default_factory=dict)
+    """Numeric parameters of the case (S, tokens, ...), the x axes of the plots."""
+
+
+@dataclass
+class BenchResult:
+    """What one module returns: its numbers, which provider is ours, what it skipped and why."""
+
+    measurements: list[Measurement] = field(default_factory=list)
+    ours: str = ""
+    """Provider whose ratio against each baseline the report tabulates."""
+    skipped: list[str] = field(default_factory=list)
+    """One line per part not run on this machine, saying why."""
+    plots: list[dict] = field(default_factory=list)
+    """Plot requests: {"metric", "x" (a params key), "title", "logx"}; one figure each."""
+
+    def add(self, **kw) -> None:
+        self.measurements.append(Measurement(**kw))
+
+    def to_dict(self) -> dict:
+        return {"measurements": [asdict(m) for m in self.measurements], "ours": self.ours,
+                "skipped": list(self.skipped), "plots": list(self.plots)}
+
+
+def device_name() -> str:
+    """The GPU's name, or the CPU's model name."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def environment() -> dict:
+    """Versions and identity of the machine and the code."""
+    env = {"device": device_name(), "torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "cuda": torch.version.cuda, "driver": None, "triton": None}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10)
+            env["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10)
+        env["git_commit"] = commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        env["git_commit"] = None
+    return env
+
+
+def time_cpu(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> float:
+    """Median wall time of fn() in milliseconds, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def time_cuda(fn: Callable[[], object], warmup: int = 5, repeats: int = 20) -> float:
+    """Median time of fn() on the current CUDA stream in milliseconds (CUDA events, after
+    warm-up; the L2 cache is flushed before each run so small inputs are not timed hot)."""
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)

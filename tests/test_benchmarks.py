@@ -1,0 +1,81 @@
+"""The benchmark harness on the CPU: the runner's skipping, the report files, the ratios, the
+comparison. The numbers in the fixture are synthetic (its device field says so)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE = Path(__file__).parent / "fixtures" / "report_synthetic.json"
+
+# benchmarks/ is not an installed package: import it from the repository root, then take the
+# root off sys.path again so nothing else finds kernels/ as a top-level module.
+sys.path.insert(0, str(REPO))
+try:
+    from benchmarks import compare, report, run  # noqa: E402
+finally:
+    sys.path.remove(str(REPO))
+
+
+def test_ratios_always_mean_ours_is_better_above_one():
+    bench = json.loads(FIXTURE.read_text())["benchmarks"]
+    ratios = {(c, m, p): r for c, m, p, r in report.ratio_rows(bench["attention"])}
+    assert ratios[("causal S=1024", "time", "sdpa")] == pytest.approx(1.5)       # 3 ms / 2 ms
+    assert ratios[("causal S=1024", "tflops", "sdpa")] == pytest.approx(1.25)    # 400 / 320
+    assert ratios[("causal S=2048", "tflops", "sdpa")] == pytest.approx(0.9)
+    memory = report.ratio_rows(bench["head_loss"])
+    assert memory == [("T=8192", "peak_memory", "eager", pytest.approx(10.0))]
+
+
+def test_report_files_from_recorded_json(tmp_path):
+    data = json.loads(FIXTURE.read_text())
+    paths = report.write_report(data, tmp_path)
+    names = sorted(p.name for p in paths)
+    assert names == ["attention-causal.png", "report.json", "report.md"]
+    assert json.loads((tmp_path / "report.json").read_text()) == data
+    md = (tmp_path / "report.md").read_text()
+    assert "device: **fixture: synthetic numbers" in md
+    assert "| causal S=1024 | time | sdpa | 1.50x |" in md
+    assert "**failed**: `RuntimeError: boom`" in md
+    assert "- skipped: flash-attn is not installed" in md
+    png = (tmp_path / "attention-causal.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_runner_skips_with_reasons(tmp_path):
+    result = run.run_suite("gpu-quick", tmp_path, only=["packer", "train_step"])
+    packer, step = result["benchmarks"]["packer"], result["benchmarks"]["train_step"]
+    assert packer["skipped"] == ["not part of the gpu-quick suite"] and not packer["measurements"]
+    assert step["skipped"] == ["gpu-quick: no CUDA device on this machine"]
+    assert "train_step: skipped (gpu-quick: no CUDA device" in run.summary(result)
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        run.run_suite("cpu", tmp_path, only=["nonexistent"])
+    with pytest.raises(ValueError, match="--suite must be one of"):
+        run.run_suite("tpu", tmp_path)
+
+
+def test_cpu_training_step_benchmark(tmp_path):
+    result = run.run_suite("cpu", tmp_path, only=["train_step"])
+    bench = result["benchmarks"]["train_step"]
+    assert bench["error"] is None
+    by = {(m["provider"], m["metric"]): m["value"] for m in bench["measurements"]}
+    assert by[("step", "time")] > 0 and by[("engine", "throughput")] > 0
+    assert by[("forward", "time")] + by[("backward", "time")] <= by[("step", "time")] * 1.01
+    shares = [v for (p, m), v in by.items() if m == "flops_share"]
+    assert sum(shares) == pytest.approx(100.0)
+    assert any("MFU not applicable" in s for s in bench["skipped"])
+
+
+def test_compare_reports(tmp_path):
+    a = json.loads(FIXTURE.read_text())
+    b = json.loads(FIXTURE.read_text())
+    b["benchmarks"]["attention"]["measurements"][0]["value"] = 1.0  # triton causal S=1024: 2 -> 1 ms
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    lines = compare.compare(compare.load(tmp_path / "a.json"), compare.load(tmp_path / "b.json"))
+    row = next(line for line in lines if "causal S=1024" in line and "triton" in line and " time " in line)
+    assert row.rstrip().endswith("B/A    0.500")
+    with pytest.raises(FileNotFoundError, match="no such report"):
+        compare.load(tmp_path / "missing")
