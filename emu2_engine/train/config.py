@@ -45,11 +45,11 @@ class DataSection:
 class OptimSection:
     """AdamW with one peak learning rate per parameter group."""
 
-    lr: float = 3e-3
+    lr: float = 1e-3
     """Peak learning rate of the LLM (embeddings, blocks, heads)."""
     lr_vision: float = 1e-3
     """Peak learning rate of the vision encoder (0 freezes it)."""
-    lr_projector: float = 3e-3
+    lr_projector: float = 1e-3
     """Peak learning rate of project_up and project_down."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
