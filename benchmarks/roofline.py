@@ -15,9 +15,10 @@ BF16 = 2
 def attention(name: str, size: str, heads: int, dim: int, seq: int, pairs: int, batch: int = 1,
               backward: bool = False) -> tuple:
     """pairs: allowed (query, key) pairs per head and batch entry. Forward: QK^T and PV, 4*dim
-    FLOPs a pair; backward 2.5x that (dS, dQ, dK, dV and the recomputed QK^T). Minimum bytes:
+    FLOPs a pair; backward 2x that (dP = dO V^T, dV, dQ, dK), as the benchmarks count it: a
+    flash-style kernel also recomputes QK^T (2.5x), which earns no credit. Minimum bytes:
     q, k, v, o once (+ do, dq, dk, dv for the backward)."""
-    flops = 4 * dim * pairs * heads * batch * (3.5 if backward else 1)
+    flops = 4 * dim * pairs * heads * batch * (3 if backward else 1)
     tensors = 8 if backward else 4
     return name, size, flops, tensors * batch * heads * seq * dim * BF16
 

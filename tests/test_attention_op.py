@@ -1,0 +1,125 @@
+"""`modality_attention` as an op: the custom ops and their fake implementations (opcheck,
+torch.compile with fullgraph), the backend choice, and the models running on the kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emu2_engine.kernels import attention as K
+from emu2_engine.models import Emu2Config
+from emu2_engine.models.llama import LlamaDecoder
+from emu2_engine.models.vit import EVAVisionTransformer
+from emu2_engine.ops import attention as A
+from emu2_engine.ops import modality_attention
+from test_attention_kernel import ids  # tests/ is on sys.path (pytest's prepend import mode)
+
+
+# Tests that force the kernel on CPU tensors need the interpreter (conftest sets it only when
+# there is no GPU).
+interpreted = pytest.mark.skipif(not K.INTERPRET,
+                                 reason="needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
+
+
+def _inputs(S=23, D=32, Hq=2, Hkv=1, dtype=torch.float32, grad=False):
+    g = torch.Generator().manual_seed(0)
+    doc, span = ids(S, ["packed", "giant"], seed=1)
+    q, k, v = (torch.randn(2, h, S, D, generator=g, dtype=dtype, requires_grad=grad) for h in (Hq, Hkv, Hkv))
+    return q, k, v, doc, span
+
+
+@interpreted
+def test_opcheck_custom_ops():
+    q, k, v, doc, span = _inputs()
+    torch.library.opcheck(torch.ops.emu2.modality_attention_fwd.default, (q, k, v, doc, span, True, 0.25))
+    out, lse = torch.ops.emu2.modality_attention_fwd(q, k, v, doc, span, True, 0.25)
+    dout = torch.randn_like(out)
+    for deterministic in (False, True):
+        torch.library.opcheck(torch.ops.emu2.modality_attention_bwd.default,
+                              (dout, q, k, v, out, lse, doc, span, True, 0.25, deterministic))
+
+
+def test_ops_stay_out_of_cuda_graphs():
+    """The map is looked up on the host per call: a captured graph would replay a stale one."""
+    for op in (torch.ops.emu2.modality_attention_fwd, torch.ops.emu2.modality_attention_bwd):
+        assert torch.Tag.cudagraph_unsafe in op.default.tags
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=interpreted), "reference"])
+def test_compile_fullgraph_forward_and_backward(monkeypatch, backend):
+    monkeypatch.setenv("EMU2_KERNELS", backend)
+    torch._dynamo.reset()
+    q, k, v, doc, span = _inputs(grad=True)
+
+    def f(q, k, v):
+        return modality_attention(q, k, v, doc, span, causal=True).square().sum()
+
+    eager = f(q, k, v)
+    want = torch.autograd.grad(eager, (q, k, v))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    got = torch.autograd.grad(compiled, (q, k, v))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("setting,kernel", [("auto", False), ("reference", False),
+                                            pytest.param("triton", True, marks=interpreted)])
+def test_backend_choice(monkeypatch, setting, kernel):
+    """auto: the reference on CPU tensors (Triton on CUDA ones); EMU2_KERNELS overrides."""
+    calls = []
+    original = K.modality_attention_triton
+    monkeypatch.setattr(K, "modality_attention_triton", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setenv("EMU2_KERNELS", setting)
+    q, k, v, doc, span = _inputs()
+    modality_attention(q, k, v, doc, span)
+    assert bool(calls) == kernel
+
+
+# ------------------------------------------------------------------------------------------
+# The models on the kernel: same outputs and gradients as on the reference, one tile map per step
+# ------------------------------------------------------------------------------------------
+def _grads(model, run):
+    model.zero_grad()
+    out = run()
+    out.float().square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@interpreted
+def test_llama_decoder_on_the_kernel(monkeypatch):
+    cfg = Emu2Config.from_preset("debug").llm  # GQA 4:2, head dim 32
+    torch.manual_seed(0)
+    model = LlamaDecoder(cfg)
+    S = 45
+    doc, span = ids(S, ["packed", "giant"], seed=5)
+    pos = torch.arange(S, dtype=torch.int32).expand(2, S)
+    h = torch.randn(2, S, cfg.hidden)
+    run = lambda: model(h, pos, doc, span)  # noqa: E731
+    monkeypatch.setenv("EMU2_KERNELS", "reference")
+    want_out, want = _grads(model, run)
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    builds = A.tile_maps.builds
+    got_out, got = _grads(model, run)
+    assert A.tile_maps.builds - builds == 1  # every layer, forward and backward: one map
+    torch.testing.assert_close(got_out, want_out, atol=2e-5, rtol=1e-4)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=2e-5, rtol=1e-3, msg=name)
+
+
+@interpreted
+def test_vit_on_the_kernel(monkeypatch):
+    cfg = Emu2Config.from_preset("debug").vision  # 65 tokens, head dim 16, non-causal
+    torch.manual_seed(0)
+    model = EVAVisionTransformer(cfg)
+    pixels = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    monkeypatch.setenv("EMU2_KERNELS", "reference")
+    want_out, want = _grads(model, lambda: model(pixels))
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    builds = A.tile_maps.builds
+    got_out, got = _grads(model, lambda: model(pixels))
+    assert A.tile_maps.builds - builds == 1
+    torch.testing.assert_close(got_out, want_out, atol=2e-5, rtol=1e-4)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=2e-5, rtol=1e-3, msg=name)
