@@ -5,7 +5,7 @@ the micro-batch goes through the encoder at once, is pooled and projected, and i
 the embeddings of its `<image>`/`[gIMG]` slots; the decoder runs with the packed-document mask;
 `emu2_head_loss` gives the text cross-entropy and the image regression (the output at `[IMG]`
 predicts embedding 1, the output at slot k predicts embedding k+1; targets are the pooled
-features before `project_up`, detached).
+features before `project_up`, detached, which `pool_project` returns beside its output).
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ class Emu2Model(nn.Module):
         C = self.cfg.vision.width
         visual, reg_target = None, self.project_down.weight.new_zeros(0, C)
         if batch.images.shape[0]:
-            pooled = self.encode_images(batch.images, batch.image_slots.shape[1])
-            visual = self.projector(pooled)
-            reg_target = pooled[batch.reg_images].detach().reshape(-1, C)
+            visual, pooled = self.projector.pool_project(self.visual(batch.images),
+                                                         batch.image_slots.shape[1])
+            reg_target = pooled[batch.reg_images].reshape(-1, C)  # detached
         h = self.embed(batch.input_ids, batch.image_slots, visual)
         hidden = self.llm(h, batch.position_ids, batch.doc_ids, batch.span_ids)
         return emu2_head_loss(hidden, self.lm_head.weight, batch.labels, self.project_down.weight,
@@ -97,7 +97,7 @@ class Emu2Model(nn.Module):
         B, S = input_ids.shape
         visual = slots = None
         if n_images:
-            visual = self.projector(self.encode_images(images, n_query))
+            visual = self.projector.pool_project(self.visual(images), n_query)[0]
             slots = is_slot.reshape(-1).nonzero().squeeze(1).view(n_images, n_query)
         h = self.embed(input_ids, slots, visual)
         doc = torch.zeros(B, S, dtype=torch.int32, device=input_ids.device)

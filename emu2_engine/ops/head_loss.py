@@ -1,24 +1,35 @@
 """`emu2_head_loss`: the text cross-entropy and the image regression, from the final hidden states.
 
 - Text: cross-entropy of ``hidden @ lm_weight.T`` against ``labels`` (already shifted; -100 is
-  ignored), averaged over the counted tokens.
+  ignored), averaged over the counted tokens; with ``z_loss > 0`` each counted token also adds
+  ``z_loss * logsumexp(logits)^2`` (PaLM's z-loss), inside ``ce``.
 - Image: MSE between ``hidden[reg_index] @ down_weight.T`` and ``reg_target`` (the detached
   pooled visual features), averaged over embedding elements.
 - ``total = ce + reg_weight * mse``. A term with nothing to count is 0, never NaN.
 
-The reference computes logits only for the rows that carry a label, in chunks of rows, so the
-full (tokens x vocabulary) logits are never formed at once; the fused Triton kernel (and its
-chunked backward) is a separate piece of work and plugs in through `ops.backend`.
+Implementations (``ops.backend``): ``reference`` is the plain PyTorch definition below (logits
+of 4096 labelled rows at a time, autograd keeps them all for backward). Otherwise the fused op
+of `emu2_engine.kernels.head_loss` runs: on CUDA with its Triton kernels, on the CPU as the same
+chunked algorithm in PyTorch. It never holds more than one chunk of logits and computes the
+gradients during the forward pass.
+
+Vocabulary parallelism: with ``group``, ``lm_weight`` is this rank's contiguous block of
+vocabulary rows (blocks in rank order, any sizes), ``hidden`` is the same on every rank, and
+the loss equals the unsharded one on every rank; ``hidden``'s gradient is summed over the group
+(every rank gets the full gradient), ``lm_weight``'s is that of the local rows.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from emu2_engine.ops.backend import use_triton
+from emu2_engine.kernels import head_loss as _kernel
+from emu2_engine.ops.backend import requested_backend, use_triton
 
 # Rows of logits formed at once by the reference: 4096 x 32k fp32 logits are 0.5 GB.
 _CE_CHUNK_ROWS = 4096
@@ -28,7 +39,8 @@ class HeadLoss(NamedTuple):
     total: torch.Tensor
     """ce + reg_weight * mse (scalar)."""
     ce: torch.Tensor
-    """Mean text cross-entropy over counted tokens (scalar, 0 if none)."""
+    """Mean text cross-entropy over counted tokens, plus the z-loss term when z_loss > 0
+    (scalar, 0 if none)."""
     mse: torch.Tensor
     """Mean squared error over regressed embedding elements (scalar, 0 if none)."""
     n_text: torch.Tensor
@@ -39,7 +51,8 @@ class HeadLoss(NamedTuple):
 
 def emu2_head_loss_reference(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.Tensor,
                              down_weight: torch.Tensor, reg_index: torch.Tensor,
-                             reg_target: torch.Tensor, reg_weight: float = 1.0) -> HeadLoss:
+                             reg_target: torch.Tensor, reg_weight: float = 1.0,
+                             z_loss: float = 0.0) -> HeadLoss:
     """hidden (T, H) or (B, S, H); labels of the same leading shape; reg_index (R,) flat indices
     into the T rows; reg_target (R, C)."""
     H = hidden.shape[-1]
@@ -54,6 +67,8 @@ def emu2_head_loss_reference(hidden: torch.Tensor, lm_weight: torch.Tensor, labe
         idx = rows[start:start + _CE_CHUNK_ROWS]
         logits = F.linear(h[idx], lm_weight).float()
         ce_sum = ce_sum + F.cross_entropy(logits, y[idx], reduction="sum")
+        if z_loss:
+            ce_sum = ce_sum + z_loss * torch.logsumexp(logits, dim=1).square().sum()
     ce = ce_sum / max(n_text, 1)
 
     reg_index = reg_index.reshape(-1)
@@ -69,10 +84,83 @@ def emu2_head_loss_reference(hidden: torch.Tensor, lm_weight: torch.Tensor, labe
     return HeadLoss(total, ce, mse, torch.tensor(n_text), torch.tensor(n_reg))
 
 
+def _vocab_range(local_vocab: int, group: dist.ProcessGroup | None, device: torch.device):
+    """(first vocabulary id of this rank's rows, total vocabulary, largest shard) under `group`."""
+    if group is None:
+        return 0, local_vocab, local_vocab
+    size = torch.tensor([local_vocab], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s) for s in sizes]
+    rank = dist.get_rank(group)
+    return sum(sizes[:rank]), sum(sizes), max(sizes)
+
+
+def _check_inputs(hidden, lm_weight, labels, down_weight, reg_index, reg_target, reg_weight,
+                  z_loss, group):
+    """Shapes, dtypes, devices and ranges, all before any work. Returns (h (T, H), labels (T,)
+    int64, reg_index (R,) int64, vocab_start, largest vocabulary shard)."""
+    if not hidden.is_floating_point() or hidden.dim() < 2:
+        raise ValueError(f"hidden must be a floating (..., H) tensor, got {hidden.dtype} of shape "
+                         f"{tuple(hidden.shape)}")
+    H = hidden.shape[-1]
+    for name, w in (("lm_weight", lm_weight), ("down_weight", down_weight)):
+        if w.dim() != 2 or w.shape[1] != H:
+            raise ValueError(f"{name} must be (rows, {H}) to match hidden, got {tuple(w.shape)}")
+        if w.dtype != hidden.dtype:
+            raise ValueError(f"{name} is {w.dtype} but hidden is {hidden.dtype}; the heads run in "
+                             f"one dtype")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without its "
+                         f"last dim), got {tuple(labels.shape)}")
+    for name, t in (("labels", labels), ("reg_index", reg_index)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    idx = reg_index.reshape(-1)
+    C = down_weight.shape[0]
+    if tuple(reg_target.shape) != (idx.numel(), C) or not reg_target.is_floating_point():
+        raise ValueError(f"reg_target must be a floating ({idx.numel()}, {C}) tensor (one row of "
+                         f"down_weight's width per reg_index), got {reg_target.dtype} "
+                         f"{tuple(reg_target.shape)}")
+    devices = {t.device for t in (hidden, lm_weight, labels, down_weight, reg_index, reg_target)}
+    if len(devices) > 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if not (math.isfinite(reg_weight) and math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"reg_weight must be finite and z_loss finite and >= 0, got "
+                         f"{reg_weight}, {z_loss}")
+    T = hidden.numel() // H
+    y = labels.reshape(-1).long()
+    vocab_start, vocab, largest = _vocab_range(lm_weight.shape[0], group, hidden.device)
+    bad_label = (y != -100) & ((y < 0) | (y >= vocab))
+    bad_index = (idx < 0) | (idx >= T)
+    flags = torch.stack([bad_label.any(), bad_index.any()]).tolist()  # one sync
+    if flags[0]:
+        raise ValueError(f"labels must be -100 or in [0, {vocab}), got {int(y[bad_label][0])}")
+    if flags[1]:
+        raise ValueError(f"reg_index must index the {T} hidden rows, got {int(idx[bad_index][0])}")
+    return hidden.reshape(T, H), y, idx.long(), vocab_start, largest
+
+
 def emu2_head_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.Tensor,
                    down_weight: torch.Tensor, reg_index: torch.Tensor, reg_target: torch.Tensor,
-                   reg_weight: float = 1.0) -> HeadLoss:
+                   reg_weight: float = 1.0, *, z_loss: float = 0.0,
+                   group: dist.ProcessGroup | None = None) -> HeadLoss:
     """Text cross-entropy plus weighted image-regression MSE; see the module docstring."""
-    use_triton("emu2_head_loss", hidden, has_kernel=False)
-    return emu2_head_loss_reference(hidden, lm_weight, labels, down_weight, reg_index,
-                                    reg_target, reg_weight)
+    reference = requested_backend() == "reference"
+    if reference and group is not None:
+        raise ValueError("the reference head loss is not vocabulary-parallel; "
+                         "use EMU2_KERNELS=auto or triton with a process group")
+    h, y, idx, vocab_start, largest = _check_inputs(
+        hidden, lm_weight, labels, down_weight, reg_index, reg_target, reg_weight, z_loss, group)
+    if reference:
+        return emu2_head_loss_reference(hidden, lm_weight, labels, down_weight, reg_index,
+                                        reg_target, reg_weight, z_loss)
+    use_kernel = use_triton("emu2_head_loss", hidden, has_kernel=True)
+    if use_kernel and hidden.dtype not in _kernel.DTYPES:
+        if requested_backend() == "triton":
+            raise ValueError(f"the Triton head loss runs in {_kernel.DTYPES}, got {hidden.dtype}")
+        use_kernel = False  # auto: the chunked PyTorch path handles any dtype
+    ce, mse, n_text = _kernel.fused_head_loss(
+        h.contiguous(), lm_weight.contiguous(), y, down_weight.contiguous(), idx,
+        reg_target.detach(), float(z_loss), use_kernel, group, vocab_start, largest)
+    return HeadLoss(ce + reg_weight * mse, ce, mse, n_text, torch.tensor(idx.numel()))
