@@ -25,11 +25,11 @@ if ! EMU2_BUILD_CUDA=1 $PY setup.py -q build_ext --inplace >> "$log" 2>&1; then
 fi
 
 step "pytest -m gpu"
-timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -n 40 | tee -a "$log"
+timeout 180 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -n 40 | tee -a "$log"
 
 step "benchmarks: gpu-quick"
 report_dir=$(mktemp -d)
-timeout 420 $PY -m benchmarks.run --suite gpu-quick --out "$report_dir" > "$report_dir/run.log" 2>&1
+timeout 330 $PY -m benchmarks.run --suite gpu-quick --out "$report_dir" > "$report_dir/run.log" 2>&1
 status=$?
 cat "$report_dir/run.log" >> "$log"
 cp "$report_dir/report.json" "$report_dir/report.md" "$OUT/" 2>/dev/null
