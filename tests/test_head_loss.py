@@ -14,20 +14,8 @@ from emu2_engine.models import Emu2Config, Emu2Model
 from emu2_engine.models.config import LlamaConfig, VisionConfig
 from emu2_engine.ops import emu2_head_loss
 from emu2_engine.ops.head_loss import emu2_head_loss_reference
+from kernel_checks import assert_within_rule, compile_for_sm90, run_without_interpreter
 
-# Per dtype (factor, floor): the fused result's error against the fp64 reference may be at most
-# factor x the error of the unfused PyTorch computation in the same dtype, plus floor x the
-# largest reference magnitude (the floor covers results the low-dtype reference gets exactly).
-TOL = {torch.float32: (2.0, 2e-6), torch.float16: (2.0, 2e-4), torch.bfloat16: (2.0, 2e-3)}
-
-
-def assert_within_rule(got, low, ref, dtype, what):
-    factor, floor = TOL[dtype]
-    ref = ref.double()
-    err = (got.double() - ref).abs().max().item()
-    base = (low.double() - ref).abs().max().item()
-    bound = factor * base + floor * max(ref.abs().max().item(), 1e-3)
-    assert err <= bound, f"{what}: error {err:.3g} > {factor} x {base:.3g} (PyTorch in {dtype}) + floor"
 
 
 def make_inputs(T, H, V, R, C, ignore=0.25, w_std=None, seed=0):
@@ -185,33 +173,6 @@ def test_backward_twice_is_refused():
     out.total.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="can therefore run only once"):
         out.total.backward()
-
-
-def compile_for_sm90(kernel, types: dict, constexprs: dict, **options):
-    """Compile a Triton kernel for an H100 (sm_90, to cubin with the ptxas triton ships) without
-    a GPU: catches what the interpreter lets through (unsupported ops, dtype or layout errors).
-    Run it in a process that has not interpreted kernels (the interpreter patches triton)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = {n: "constexpr" if n in constexprs else types[n] for n in kernel.arg_names}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", 90, 32), options=options)
-
-
-def run_without_interpreter(test_file: str, function: str) -> None:
-    """Call `function` of this test module in a fresh process without TRITON_INTERPRET."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = (f"import sys; sys.path.insert(0, {str(Path(test_file).parent)!r}); "
-            f"import {Path(test_file).stem} as t; t.{function}()")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_kernels_compile_for_sm90():

@@ -8,19 +8,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from emu2_engine.ops import pool_patches, pool_project
+from kernel_checks import assert_within_rule, compile_for_sm90, run_without_interpreter
 
-# Per dtype (factor, floor): the kernel's error against the fp64 reference may be at most
-# factor x the error of the reference computed in the same dtype, plus floor x the largest
-# reference magnitude.
-TOL = {torch.float32: (2.0, 2e-6), torch.float16: (2.0, 2e-4), torch.bfloat16: (2.0, 2e-3)}
-
-
-def assert_within_rule(got, low, ref, dtype, what):
-    factor, floor = TOL[dtype]
-    err = (got.double() - ref).abs().max().item()
-    base = (low.double() - ref).abs().max().item()
-    bound = factor * base + floor * max(ref.abs().max().item(), 1e-3)
-    assert err <= bound, f"{what}: error {err:.3g} > {factor} x {base:.3g} (PyTorch in {dtype}) + floor"
 
 
 def run(x, w, grad, n_query, dtype):
@@ -109,33 +98,6 @@ def test_custom_ops_pass_opcheck_and_count_flops():
         torch.ops.emu2.pool_project_fwd(x, w, 16)
         torch.ops.emu2.pool_project_bwd_input(torch.randn(2, 16, 20), w, 64)
     assert fc.get_total_flops() == 2 * (2 * 2 * 16 * 20 * 24)
-
-
-def compile_for_sm90(kernel, types: dict, constexprs: dict, **options):
-    """Compile a Triton kernel for an H100 (sm_90, to cubin with the ptxas triton ships) without
-    a GPU: catches what the interpreter lets through (unsupported ops, dtype or layout errors).
-    Run it in a process that has not interpreted kernels (the interpreter patches triton)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = {n: "constexpr" if n in constexprs else types[n] for n in kernel.arg_names}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", 90, 32), options=options)
-
-
-def run_without_interpreter(test_file: str, function: str) -> None:
-    """Call `function` of this test module in a fresh process without TRITON_INTERPRET."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = (f"import sys; sys.path.insert(0, {str(Path(test_file).parent)!r}); "
-            f"import {Path(test_file).stem} as t; t.{function}()")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_kernels_compile_for_sm90():
