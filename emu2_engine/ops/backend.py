@@ -34,3 +34,16 @@ def use_triton(op: str, x: torch.Tensor, has_kernel: bool) -> bool:
                                       f"use EMU2_KERNELS=auto or reference")
         return True
     return has_kernel and x.is_cuda
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matrix products in on `x`'s device, or None when it is off.
+
+    The fused ops are custom ops, which autocast does not cast: under autocast their wrappers
+    cast the floating inputs to this dtype themselves and run with autocast off, as F.linear
+    would have run (and so the Triton kernels get the bf16 inputs their tensor-core paths need).
+    """
+    kind = x.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None

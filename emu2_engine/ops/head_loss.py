@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from emu2_engine.kernels import head_loss as _kernel
-from emu2_engine.ops.backend import requested_backend, use_triton
+from emu2_engine.ops.backend import autocast_dtype, requested_backend, use_triton
 
 # Rows of logits formed at once by the reference: 4096 x 32k fp32 logits are 0.5 GB.
 _CE_CHUNK_ROWS = 4096
@@ -146,6 +146,11 @@ def emu2_head_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.
                    reg_weight: float = 1.0, *, z_loss: float = 0.0,
                    group: dist.ProcessGroup | None = None) -> HeadLoss:
     """Text cross-entropy plus weighted image-regression MSE; see the module docstring."""
+    dtype = autocast_dtype(hidden)
+    if dtype is not None:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return emu2_head_loss(hidden.to(dtype), lm_weight.to(dtype), labels, down_weight.to(dtype),
+                                  reg_index, reg_target, reg_weight, z_loss=z_loss, group=group)
     reference = requested_backend() == "reference"
     if reference and group is not None:
         raise ValueError("the reference head loss is not vocabulary-parallel; "

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from emu2_engine.kernels import pool_project as _kernel
-from emu2_engine.ops.backend import requested_backend, use_triton
+from emu2_engine.ops.backend import autocast_dtype, requested_backend, use_triton
 
 
 def _window(P: int, n_query: int) -> int:
@@ -54,6 +54,10 @@ def pool_project(x: torch.Tensor, weight: torch.Tensor, n_query: int, *,
 
     Returns (N, n_query, H), or with return_pooled the pair (projected, pooled) where pooled
     (N, n_query, C) is detached."""
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return pool_project(x.to(dtype), weight.to(dtype), n_query, return_pooled=return_pooled)
     if x.dim() != 3:
         raise ValueError(f"pool_project expects (N, P, C) patch features, got shape {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
