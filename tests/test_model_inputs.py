@@ -67,3 +67,14 @@ def test_inconsistent_config_is_refused():
         Emu2Model(replace(cfg, n_query=9))
     with pytest.raises(ValueError, match="llm.heads \\(4\\) must be a multiple of llm.kv_heads \\(3\\)"):
         Emu2Model(replace(cfg, llm=replace(cfg.llm, kv_heads=3)))
+
+
+def test_init_weights_after_meta_touches_every_parameter():
+    with torch.device("meta"):
+        model = Emu2Model(Emu2Config.from_preset("debug"))
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.data.fill_(float("nan"))
+    model.init_weights()
+    assert [n for n, p in model.named_parameters() if torch.isnan(p).any()] == []
+    assert torch.isfinite(model.logits(torch.tensor([[1, 5, 9]]))).all()

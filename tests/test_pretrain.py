@@ -57,6 +57,9 @@ def test_overrides_and_their_errors(tmp_path):
     cfg = JobConfig.load(None, ["--optim.lr=1e-4", "--optim.betas=[0.8, 0.9]", "--model.preset=proxy-1b",
                                 "--optim.warmup_steps=0"])
     assert cfg.optim.lr == 1e-4 and cfg.optim.betas == (0.8, 0.9) and cfg.model.preset == "proxy-1b"
+    assert JobConfig.load(None, ["--train.run_dir=2024"]).train.run_dir == "2024"  # text for str fields
+    with pytest.raises(ValueError, match=r"data.seq_len \(600\) exceeds the debug model's max_positions \(512\)"):
+        JobConfig.load(None, ["--data.seq_len=600"])
     with pytest.raises(ValueError, match="unknown key optim.learning_rate"):
         JobConfig.load(None, ["--optim.learning_rate=1"])
     with pytest.raises(ValueError, match=r"unknown config section \[optimizer\]"):

@@ -137,6 +137,10 @@ class JobConfig:
 
         if self.model.preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {self.model.preset!r}")
+        max_positions = PRESETS[self.model.preset].llm.max_positions
+        if self.data.seq_len > max_positions:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds the {self.model.preset} "
+                             f"model's max_positions ({max_positions})")
         checks = [
             (self.data.seq_len > 0, f"data.seq_len must be positive, got {self.data.seq_len}"),
             (self.data.rows > 0, f"data.rows must be positive, got {self.data.rows}"),
@@ -208,11 +212,20 @@ def _parse_override(item: str) -> dict:
         value: Any = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # a bare string such as --model.preset=debug
-    return {section: {key: value}}
+    return {section: {key: _RawText(raw, value)}}
+
+
+class _RawText:
+    """A CLI value: its TOML reading, and its text for string fields (--train.run_dir=2024)."""
+
+    def __init__(self, raw: str, value: Any):
+        self.raw, self.value = raw, value
 
 
 def _coerce(value: Any, hint: Any, name: str, where: str) -> Any:
     """Check a TOML value against the field's annotation, converting int -> float and list -> tuple."""
+    if isinstance(value, _RawText):
+        value = value.raw if hint is str and not isinstance(value.value, str) else value.value
     origin = getattr(hint, "__origin__", None)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

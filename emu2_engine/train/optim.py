@@ -40,7 +40,7 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
         decay = p.dim() >= 2 and not name.endswith(_NO_DECAY_NAMES)
         groups.setdefault((comp, decay), []).append(p)
     param_groups = [
-        {"params": params, "lr": lrs[comp], "peak_lr": lrs[comp], "name": f"{comp}{'' if decay else '_no_decay'}",
+        {"params": params, "lr": lrs[comp], "name": f"{comp}{'' if decay else '_no_decay'}",
          "weight_decay": cfg.weight_decay if decay else 0.0}
         for (comp, decay), params in sorted(groups.items())
     ]
