@@ -355,3 +355,18 @@ def test_convert_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert.main(["--help"])
     assert "--export" in capsys.readouterr().out
+
+
+def test_export_copies_only_tensors_that_need_it():
+    from emu2_engine.checkpoint.released import _plain_all
+
+    own = torch.randn(4, 4)
+    view_of_own = own.view(16)                 # shares storage with `own`
+    slice_of_other = torch.randn(8)[2:6]       # does not fill its storage
+    out = _plain_all({"own": own, "view": view_of_own, "slice": slice_of_other},
+                     ["own", "view", "slice"])
+    assert out["own"].data_ptr() == own.data_ptr()            # written in place, no copy
+    assert out["view"].data_ptr() != own.data_ptr()           # copied: safetensors refuses sharing
+    assert out["slice"].data_ptr() != slice_of_other.data_ptr()
+    for name, t in out.items():
+        assert torch.equal(t, {"own": own, "view": view_of_own, "slice": slice_of_other}[name])
