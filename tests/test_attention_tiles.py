@@ -115,6 +115,9 @@ def test_cache_reuses_rebuilds_and_forgets():
     with torch.inference_mode():
         d, s = torch.zeros(1, 8, dtype=torch.int32), torch.full((1, 8), -1, dtype=torch.int32)
     before = cache.builds
-    cache.get(d, s, True, 16)
-    cache.get(d, s, True, 16)
-    assert cache.builds == before + 2  # inference tensors have no version: never cached
+    first = cache.get(d, s, True, 16)
+    assert cache.get(d, s, True, 16) is first and cache.builds == before + 1  # cached by value
+    with torch.inference_mode():
+        d[0, 4:] = 1  # no version counter here: the comparison with the kept copy catches it
+    rebuilt = cache.get(d, s, True, 16)
+    assert rebuilt is not first and cache.builds == before + 2 and rebuilt.doc[0, 4] == 1
