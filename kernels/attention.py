@@ -156,6 +156,24 @@ def _store(ptrs, x, rows, cols, S, D: tl.constexpr, CHECK_COLS: tl.constexpr):
 
 
 @triton.jit
+def _block_ids(doc_b, span_b, offs, S, CAUSAL: tl.constexpr):
+    """Document and span ids of a block of positions (-1 past the end). Without the causal
+    rule spans are never read, and the doc ids stand in for them."""
+    doc = tl.load(doc_b + offs, mask=offs < S, other=-1)
+    span = doc
+    if CAUSAL:
+        span = tl.load(span_b + offs, mask=offs < S, other=-1)
+    return doc, span
+
+
+@triton.jit
+def _tile_start(IDX, line, NT, it, TILE: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr):
+    """First position of the it-th sub-block (of BLOCK, SUB per tile) of the tiles listed in
+    IDX's line `line`."""
+    return tl.load(IDX + line * NT + it // SUB) * TILE + (it % SUB) * BLOCK
+
+
+@triton.jit
 def _partial_split(NUM, IDX, line, S, NT, TILE: tl.constexpr):
     """PARTIAL tiles of one list, split into the whole ones (walked in full sub-blocks) and the
     tile that crosses the end of the row, if listed (walked only up to S: no sub-block past the
@@ -176,10 +194,7 @@ def _fwd_step(acc, l_i, m_i, q, offs_m, q_doc, q_span, k_base, v_base, doc_b, sp
     k = _load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, offs_n, offs_d, S, D, MASK, D != BLOCK_D)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     if MASK:
-        k_doc = tl.load(doc_b + offs_n, mask=offs_n < S, other=-1)
-        k_span = k_doc
-        if CAUSAL:
-            k_span = tl.load(span_b + offs_n, mask=offs_n < S, other=-1)
+        k_doc, k_span = _block_ids(doc_b, span_b, offs_n, S, CAUSAL)
         ok = _allowed(offs_m[:, None], q_doc[:, None], q_span[:, None], offs_n[None, :], k_doc[None, :],
                       k_span[None, :], CAUSAL)
         qk = tl.where(ok, qk, float("-inf"))
@@ -222,10 +237,7 @@ def _fwd_kernel(Q, K, V, O, LSE, DOC, SPAN, ROW_FULL_NUM, ROW_FULL_IDX, ROW_PART
     offs_d = tl.arange(0, BLOCK_D)
     q = _load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd, offs_m, offs_d, S, D,
               True, D != BLOCK_D)
-    q_doc = tl.load(doc_b + offs_m, mask=offs_m < S, other=-1)
-    q_span = q_doc
-    if CAUSAL:
-        q_span = tl.load(span_b + offs_m, mask=offs_m < S, other=-1)
+    q_doc, q_span = _block_ids(doc_b, span_b, offs_m, S, CAUSAL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -235,14 +247,14 @@ def _fwd_kernel(Q, K, V, O, LSE, DOC, SPAN, ROW_FULL_NUM, ROW_FULL_IDX, ROW_PART
     # FULL tiles: no mask, no bounds (they lie inside the sequence).
     n_full = tl.load(ROW_FULL_NUM + row)
     for it in range(n_full * SUB):
-        start_n = tl.load(ROW_FULL_IDX + row * NT + it // SUB) * TILE + (it % SUB) * BLOCK_N
+        start_n = _tile_start(ROW_FULL_IDX, row, NT, it, TILE, SUB, BLOCK_N)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, offs_m, q_doc, q_span, k_base, v_base, doc_b, span_b,
                                   start_n, sks, skd, svs, svd, S, qk_scale, offs_d,
                                   D, BLOCK_D, BLOCK_N, False, CAUSAL, PREC)
     # PARTIAL tiles: the rule per element (which also masks keys past the end).
     n_part, tail = _partial_split(ROW_PART_NUM, ROW_PART_IDX, row, S, NT, TILE)
     for it in range(n_part * SUB):
-        start_n = tl.load(ROW_PART_IDX + row * NT + it // SUB) * TILE + (it % SUB) * BLOCK_N
+        start_n = _tile_start(ROW_PART_IDX, row, NT, it, TILE, SUB, BLOCK_N)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, offs_m, q_doc, q_span, k_base, v_base, doc_b, span_b,
                                   start_n, sks, skd, svs, svd, S, qk_scale, offs_d,
                                   D, BLOCK_D, BLOCK_N, True, CAUSAL, PREC)
@@ -298,10 +310,7 @@ def _dkdv_step(dk, dv, k, v, offs_n, k_doc, k_span, q_base, do_base, dq_base, ls
         delta = tl.load(delta_b + offs_m)
     qk_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (keys, queries)
     if MASK:
-        q_doc = tl.load(doc_b + offs_m, mask=offs_m < S, other=-1)
-        q_span = q_doc
-        if CAUSAL:
-            q_span = tl.load(span_b + offs_m, mask=offs_m < S, other=-1)
+        q_doc, q_span = _block_ids(doc_b, span_b, offs_m, S, CAUSAL)
         ok = _allowed(offs_m[None, :], q_doc[None, :], q_span[None, :], offs_n[:, None], k_doc[:, None],
                       k_span[:, None], CAUSAL)
         qk_t = tl.where(ok, qk_t, float("-inf"))
@@ -342,10 +351,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DOC, SPAN,
               True, D != BLOCK_D)
     v = _load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, offs_n, offs_d, S, D,
               True, D != BLOCK_D)
-    k_doc = tl.load(doc_b + offs_n, mask=offs_n < S, other=-1)
-    k_span = k_doc
-    if CAUSAL:
-        k_span = tl.load(span_b + offs_n, mask=offs_n < S, other=-1)
+    k_doc, k_span = _block_ids(doc_b, span_b, offs_n, S, CAUSAL)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -361,12 +367,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DOC, SPAN,
         lse_b = LSE + (b * HQ + h) * S
         delta_b = DELTA + (b * HQ + h) * S
         for it in range(n_full * SUB):
-            start_m = tl.load(COL_FULL_IDX + col * NT + it // SUB) * TILE + (it % SUB) * BLOCK_M
+            start_m = _tile_start(COL_FULL_IDX, col, NT, it, TILE, SUB, BLOCK_M)
             dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_doc, k_span, q_base, do_base, dq_base, lse_b, delta_b,
                                 doc_b, span_b, start_m, sqs, sqd, sds, sdd, sqqs, sqqd, S, qk_scale, sm_scale,
                                 offs_d, D, BLOCK_D, BLOCK_M, False, CAUSAL, ATOMIC_DQ, PREC)
         for it in range(n_part * SUB):
-            start_m = tl.load(COL_PART_IDX + col * NT + it // SUB) * TILE + (it % SUB) * BLOCK_M
+            start_m = _tile_start(COL_PART_IDX, col, NT, it, TILE, SUB, BLOCK_M)
             dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_doc, k_span, q_base, do_base, dq_base, lse_b, delta_b,
                                 doc_b, span_b, start_m, sqs, sqd, sds, sdd, sqqs, sqqd, S, qk_scale, sm_scale,
                                 offs_d, D, BLOCK_D, BLOCK_M, True, CAUSAL, ATOMIC_DQ, PREC)
@@ -390,10 +396,7 @@ def _dq_step(dq, q, do, lse2, delta, offs_m, q_doc, q_span, k_base, v_base, doc_
     v = _load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, offs_n, offs_d, S, D, MASK, D != BLOCK_D)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     if MASK:
-        k_doc = tl.load(doc_b + offs_n, mask=offs_n < S, other=-1)
-        k_span = k_doc
-        if CAUSAL:
-            k_span = tl.load(span_b + offs_n, mask=offs_n < S, other=-1)
+        k_doc, k_span = _block_ids(doc_b, span_b, offs_n, S, CAUSAL)
         ok = _allowed(offs_m[:, None], q_doc[:, None], q_span[:, None], offs_n[None, :], k_doc[None, :],
                       k_span[None, :], CAUSAL)
         qk = tl.where(ok, qk, float("-inf"))
@@ -428,22 +431,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, SPAN, ROW_FULL_NUM, ROW_FUL
     lse = tl.load(LSE + pid_bh.to(tl.int64) * S + offs_m, mask=offs_m < S, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * S + offs_m, mask=offs_m < S, other=0.0)
-    q_doc = tl.load(doc_b + offs_m, mask=offs_m < S, other=-1)
-    q_span = q_doc
-    if CAUSAL:
-        q_span = tl.load(span_b + offs_m, mask=offs_m < S, other=-1)
+    q_doc, q_span = _block_ids(doc_b, span_b, offs_m, S, CAUSAL)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row = b * NT + (pid_m * BLOCK_M) // TILE
     SUB: tl.constexpr = TILE // BLOCK_N
     n_full = tl.load(ROW_FULL_NUM + row)
     for it in range(n_full * SUB):
-        start_n = tl.load(ROW_FULL_IDX + row * NT + it // SUB) * TILE + (it % SUB) * BLOCK_N
+        start_n = _tile_start(ROW_FULL_IDX, row, NT, it, TILE, SUB, BLOCK_N)
         dq = _dq_step(dq, q, do, lse2, delta, offs_m, q_doc, q_span, k_base, v_base, doc_b, span_b, start_n,
                       sks, skd, svs, svd, S, qk_scale, offs_d, D, BLOCK_D, BLOCK_N, False, CAUSAL, PREC)
     n_part, tail = _partial_split(ROW_PART_NUM, ROW_PART_IDX, row, S, NT, TILE)
     for it in range(n_part * SUB):
-        start_n = tl.load(ROW_PART_IDX + row * NT + it // SUB) * TILE + (it % SUB) * BLOCK_N
+        start_n = _tile_start(ROW_PART_IDX, row, NT, it, TILE, SUB, BLOCK_N)
         dq = _dq_step(dq, q, do, lse2, delta, offs_m, q_doc, q_span, k_base, v_base, doc_b, span_b, start_n,
                       sks, skd, svs, svd, S, qk_scale, offs_d, D, BLOCK_D, BLOCK_N, True, CAUSAL, PREC)
     for start_n in range(tail, S, BLOCK_N):
