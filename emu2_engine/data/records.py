@@ -1,0 +1,95 @@
+"""Decoded samples: what the shard readers and decoders hand to the sequence builders.
+
+One dataclass per sample type. Images are float tensors (3, H, W) already resized to the
+model's resolution and normalised with the CLIP mean and std; video frames are (T, 3, H, W).
+Boxes are (x0, y0, x1, y1) in [0, 1] image coordinates. `key` is the sample's key in its
+shard (unique within a dataset), `source` the shard it came from.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ImageText:
+    key: str
+    image: torch.Tensor
+    caption: str
+    source: str = ""
+
+
+@dataclass
+class VideoText:
+    key: str
+    frames: torch.Tensor
+    caption: str
+    source: str = ""
+
+
+@dataclass
+class Interleaved:
+    """A document: texts[i] is the i-th sentence; images[j] belongs to sentence image_at[j]."""
+    key: str
+    texts: list[str]
+    images: list[torch.Tensor]
+    image_at: list[int]
+    source: str = ""
+
+
+@dataclass
+class Phrase:
+    """A phrase of a grounded caption: caption[start:end], with one or more boxes."""
+    start: int
+    end: int
+    boxes: list[tuple[float, float, float, float]]
+
+
+@dataclass
+class Grounded:
+    key: str
+    image: torch.Tensor
+    caption: str
+    phrases: list[Phrase]
+    source: str = ""
+
+
+@dataclass
+class VQA:
+    key: str
+    image: torch.Tensor
+    question: str
+    answers: list[str]
+    source: str = ""
+
+
+@dataclass
+class Text:
+    key: str
+    text: str
+    source: str = ""
+
+
+Record = ImageText | VideoText | Interleaved | Grounded | VQA | Text
+
+
+@dataclass
+class SkipStats:
+    """Samples skipped, by kind ("corrupt_image", "empty_file", "bad_utf8", ...).
+
+    `skip` logs the first occurrence of each kind once; `summary()` gives the totals."""
+    counts: Counter = field(default_factory=Counter)
+
+    def skip(self, kind: str, key: str, why: str, log=None) -> None:
+        first = self.counts[kind] == 0
+        self.counts[kind] += 1
+        if first and log is not None:
+            log(f"skipping sample {key!r}: {kind} ({why}); further {kind} samples are counted silently")
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no samples skipped"
+        return "skipped samples: " + ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))

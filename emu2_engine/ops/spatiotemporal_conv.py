@@ -1,0 +1,59 @@
+"""`spatiotemporal_conv`: a 2D convolution on every frame, then a temporal convolution over
+frames in the residual form video UNets use.
+
+    s = conv2d(x[:, :, f], w_s, b_s, padding="same")      for every frame f
+    y = s + conv1d_over_frames(s, w_t, b_t, padding="same") (zeros beyond the first/last frame)
+
+x is (B, Cin, F, H, W); w_s (Cout, Cin, kh, kw) with odd kh, kw; w_t (Cout, Cout, kt) with odd
+kt (3 in the video decoder); the biases are (Cout,) or None. A zero w_t and b_t make the
+layer exactly the 2D convolution on each frame, which is how an inflated UNet starts equal
+to the 2D one. This module holds the argument checks and the PyTorch reference; the Triton
+kernel lives in `emu2_engine.kernels.spatiotemporal_conv` once written.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def check_spatiotemporal_args(x, w_s, b_s, w_t, b_t) -> None:
+    """Raise ValueError naming the first argument whose shape, dtype or device is wrong."""
+    if x.dim() != 5:
+        raise ValueError(f"spatiotemporal_conv expects x of shape (B, C, F, H, W), got {tuple(x.shape)}")
+    if w_s.dim() != 4 or w_s.shape[1] != x.shape[1]:
+        raise ValueError(f"w_s must be (Cout, {x.shape[1]}, kh, kw), got {tuple(w_s.shape)}")
+    cout, _, kh, kw = w_s.shape
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"spatial kernel sides must be odd for 'same' padding, got {kh}x{kw}")
+    if w_t.dim() != 3 or w_t.shape[0] != cout or w_t.shape[1] != cout:
+        raise ValueError(f"w_t must be ({cout}, {cout}, kt), got {tuple(w_t.shape)}")
+    if w_t.shape[2] % 2 == 0:
+        raise ValueError(f"the temporal kernel size must be odd, got {w_t.shape[2]}")
+    for name, b in (("b_s", b_s), ("b_t", b_t)):
+        if b is not None and tuple(b.shape) != (cout,):
+            raise ValueError(f"{name} must be ({cout},) or None, got {tuple(b.shape)}")
+    for name, t in (("w_s", w_s), ("b_s", b_s), ("w_t", w_t), ("b_t", b_t)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
+
+
+def spatiotemporal_conv_reference(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
+                                  w_t: torch.Tensor, b_t: torch.Tensor | None) -> torch.Tensor:
+    """conv2d per frame, then conv1d over frames, plus the residual: (B, Cout, F, H, W)."""
+    check_spatiotemporal_args(x, w_s, b_s, w_t, b_t)
+    B, C, Fr, H, W = x.shape
+    cout, _, kh, kw = w_s.shape
+    frames = x.permute(0, 2, 1, 3, 4).reshape(B * Fr, C, H, W)
+    s = F.conv2d(frames, w_s, b_s, padding=(kh // 2, kw // 2))          # (B*F, Cout, H, W)
+    s = s.reshape(B, Fr, cout, H, W)
+    seq = s.permute(0, 3, 4, 2, 1).reshape(B * H * W, cout, Fr)       # frames last
+    t = F.conv1d(seq, w_t, b_t, padding=w_t.shape[2] // 2)
+    t = t.reshape(B, H, W, cout, Fr).permute(0, 4, 3, 1, 2)           # (B, F, Cout, H, W)
+    return (s + t).permute(0, 2, 1, 3, 4)
+
+
+def spatiotemporal_conv(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
+                        w_t: torch.Tensor, b_t: torch.Tensor | None) -> torch.Tensor:
+    """The fused op's public entry. Until the Triton kernel lands it runs the reference."""
+    return spatiotemporal_conv_reference(x, w_s, b_s, w_t, b_t)
