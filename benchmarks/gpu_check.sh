@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # The one command for a session lent a GPU (../shared/GPU.md): build in place (no network),
-# run the GPU tests, run the gpu-quick suite, and leave everything under $OUT (at most 8 files:
-# the device tool brings back no more), printing the summary table last.
+# run the GPU tests, run the gpu-quick suite one module at a time (so a slow or failing module
+# loses only itself), and leave everything under $OUT in at most 8 files (the device tool
+# brings back no more), printing the summary tables last.
 #
-#   OUT=/some/dir bash benchmarks/gpu_check.sh        (OUT defaults to benchmarks/results/gpu-check)
+#   OUT=/some/dir bash benchmarks/gpu_check.sh
+#   OUT=... TESTS="tests/test_x.py" MODULES="attention head_loss" PYTEST_S=150 MODULE_S=90 bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-check}
 PY=${PYTHON:-python3}
+SUITE=${SUITE:-gpu-quick}
+PYTEST_S=${PYTEST_S:-180}       # cap on the GPU tests
+MODULE_S=${MODULE_S:-120}       # cap on each benchmark module
+BUILD_S=${BUILD_S:-240}         # cap on the in-place build
+TESTS=${TESTS:-tests}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+MODULES=${MODULES:-$($PY -c "from benchmarks.run import MODULES; print(' '.join(MODULES))")}
 log="$OUT/gpu_check.log"
 : > "$log"
 step() { echo "== $*" | tee -a "$log"; }
@@ -20,20 +28,24 @@ step "machine"
 } 2>&1 | tee -a "$log"
 
 step "build (in place, CUDA sources included)"
-if ! EMU2_BUILD_CUDA=1 $PY setup.py -q build_ext --inplace >> "$log" 2>&1; then
+if ! EMU2_BUILD_CUDA=1 timeout "$BUILD_S" $PY setup.py -q build_ext --inplace >> "$log" 2>&1; then
   echo "build failed: see $log" | tee -a "$log"
 fi
 
-step "pytest -m gpu"
-timeout 180 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -n 40 | tee -a "$log"
+step "pytest -m gpu ($TESTS, cap ${PYTEST_S}s)"
+timeout "$PYTEST_S" $PY -m pytest -q -m gpu -p no:cacheprovider $TESTS > "$OUT/pytest.log" 2>&1
+echo "pytest exit $?" >> "$OUT/pytest.log"
+tail -n 25 "$OUT/pytest.log" | tee -a "$log"
 
-step "benchmarks: gpu-quick"
-report_dir=$(mktemp -d)
-timeout 330 $PY -m benchmarks.run --suite gpu-quick --out "$report_dir" > "$report_dir/run.log" 2>&1
-status=$?
-cat "$report_dir/run.log" >> "$log"
-cp "$report_dir/report.json" "$report_dir/report.md" "$OUT/" 2>/dev/null
-( cd "$report_dir" && ls ./*.png > /dev/null 2>&1 && tar -cf "$OUT/plots.tar" ./*.png )
-[ $status -eq 0 ] || echo "benchmarks exited with $status" | tee -a "$log"
-# The summary table is the end of run.log (after the 'wrote' lines).
-sed -n '/^suite /,$p' "$report_dir/run.log"
+step "benchmarks: $SUITE, one module at a time (cap ${MODULE_S}s each): $MODULES"
+reports=$(mktemp -d)
+for m in $MODULES; do
+  start=$(date +%s)
+  timeout "$MODULE_S" $PY -m benchmarks.run --suite "$SUITE" --only "$m" --out "$reports/$m" > "$reports/$m.log" 2>&1
+  status=$?
+  cat "$reports/$m.log" >> "$log"
+  echo "-- $m: exit $status in $(( $(date +%s) - start ))s" | tee -a "$log"
+done
+( cd "$reports" && tar -cf "$OUT/reports.tar" . )
+# The summary tables: the end of each module's log (after its 'suite' line).
+for m in $MODULES; do sed -n '/^suite /,$p' "$reports/$m.log"; done
