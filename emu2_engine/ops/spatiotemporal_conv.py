@@ -7,14 +7,21 @@ frames in the residual form video UNets use.
 x is (B, Cin, F, H, W); w_s (Cout, Cin, kh, kw) with odd kh, kw; w_t (Cout, Cout, kt) with odd
 kt (3 in the video decoder); the biases are (Cout,) or None. A zero w_t and b_t make the
 layer exactly the 2D convolution on each frame, which is how an inflated UNet starts equal
-to the 2D one. This module holds the argument checks and the PyTorch reference; the Triton
-kernel lives in `emu2_engine.kernels.spatiotemporal_conv` once written.
+to the 2D one. This module holds the argument checks, the PyTorch reference and the public op,
+which runs the Triton kernel (`emu2_engine.kernels.spatiotemporal_conv`: implicit GEMMs over
+the channels-last tensor, forward and backward) or the reference (`ops.backend`).
+
+The kernel works on `torch.channels_last_3d` tensors (strides of B, F, H, W, C) and returns
+that format; other inputs are converted first (one copy, counted in the backward too).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from emu2_engine.kernels import spatiotemporal_conv as _kernel
+from emu2_engine.ops.backend import autocast_dtype, requested_backend, use_triton
 
 
 def check_spatiotemporal_args(x, w_s, b_s, w_t, b_t) -> None:
@@ -55,5 +62,23 @@ def spatiotemporal_conv_reference(x: torch.Tensor, w_s: torch.Tensor, b_s: torch
 
 def spatiotemporal_conv(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
                         w_t: torch.Tensor, b_t: torch.Tensor | None) -> torch.Tensor:
-    """The fused op's public entry. Until the Triton kernel lands it runs the reference."""
-    return spatiotemporal_conv_reference(x, w_s, b_s, w_t, b_t)
+    """conv2d per frame then the residual temporal conv: x (B, Cin, F, H, W) -> (B, Cout, F, H, W).
+
+    The Triton path returns a `torch.channels_last_3d` tensor (the reference path returns what
+    the PyTorch convolutions give). Under autocast the inputs are cast to the autocast dtype
+    and the op runs with autocast off, as a convolution under autocast would."""
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            cast = [None if t is None else t.to(dtype) for t in (x, w_s, b_s, w_t, b_t)]
+            return spatiotemporal_conv(*cast)
+    check_spatiotemporal_args(x, w_s, b_s, w_t, b_t)
+    use_kernel = use_triton("spatiotemporal_conv", x, has_kernel=True)
+    if use_kernel and x.dtype not in _kernel.DTYPES:
+        if requested_backend() == "triton":
+            raise ValueError(f"the Triton spatiotemporal_conv runs in {_kernel.DTYPES}, got {x.dtype}")
+        use_kernel = False  # auto: the reference handles any dtype
+    if not use_kernel:
+        return spatiotemporal_conv_reference(x, w_s, b_s, w_t, b_t)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    return _kernel.SpatiotemporalConv.apply(x, w_s.contiguous(), b_s, w_t.contiguous(), b_t)

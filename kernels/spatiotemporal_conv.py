@@ -1,0 +1,355 @@
+"""`spatiotemporal_conv`: a per-frame 2D convolution and a temporal convolution over frames with
+the residual, as implicit GEMMs over a channels-last 3D tensor.
+
+What it computes (`reference` below; the op is `emu2_engine.ops.spatiotemporal_conv`):
+    s = conv2d(x[:, :, f], w_s, b_s, padding="same")           for every frame f
+    y = s + conv1d_over_frames(s, w_t, b_t, padding="same")    (zeros beyond the clip's ends)
+
+Layout: x is (B, Cin, F, H, W) in `torch.channels_last_3d`, i.e. a row-major (P, Cin) matrix of
+P = B*F*H*W pixel rows. Every convolution here is one kernel, `_tap_conv_kernel`: an implicit
+GEMM over the pixel rows whose K loop runs over the taps of a (KT, KH, KW) box and, inside a
+tap, over BLOCK_K channels. A tap is a row offset (dt*H*W + dy*W + dx) and a validity mask (the
+shifted pixel stays inside its clip, frame and image), so "same" zero padding costs no copy and
+no layout shuffle. The four convolution passes are that kernel with different weights:
+
+- forward spatial:  s = taps(1, KH, KW) of x with w_s, + b_s                 (writes s)
+- forward temporal: y = taps(KT, 1, 1) of s with w_t, + b_t, + s (residual)   (writes y)
+- backward temporal dgrad: ds = dy + taps(KT, 1, 1) of dy with w_t flipped and transposed
+- backward spatial dgrad:  dx = taps(1, KH, KW) of ds with w_s flipped and transposed
+(flipping the taps and swapping the channel axes turns a convolution into its adjoint; with
+odd kernels and "same" padding the tap offsets stay the same.)
+
+The weight gradients are `_tap_wgrad_kernel`: for every tap, dW_tap (C, N) = in_shifted.T @ g,
+a GEMM that reduces over the pixel rows, split over SPLIT slices of rows when the (tap, tile)
+grid alone would not fill the GPU; the partial sums (fp32) are added by torch. The bias
+gradient (sum of g over the rows) is accumulated by the programs of the first channel tile of
+the first tap, from the g tiles they load anyway.
+
+Why two forward kernels, not one fused pass: the temporal GEMM reduces over all Cout channels
+of s at kt frames, so a fused tile would have to compute s for every output channel at kt
+frames (kt x the spatial FLOPs, or a cross-program exchange of the s tiles); at 320-1280
+channels writing s once (it is saved for backward anyway) and reading it back through L2 is
+the cheaper design. docs/kernels/spatiotemporal_conv.md gives the byte and FLOP floors.
+
+Accumulation is fp32 in every kernel; inputs fp16, bf16 or fp32 (fp32 dots in IEEE precision,
+so the kernel matches the fp32 reference, not TF32's).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes the kernels take (tl.dot has no fp64 path)."""
+
+
+def reference(x, w_s, b_s, w_t, b_t):
+    """The definition the kernels are tested against (conv2d per frame, conv1d over frames)."""
+    from emu2_engine.ops.spatiotemporal_conv import spatiotemporal_conv_reference
+
+    return spatiotemporal_conv_reference(x, w_s, b_s, w_t, b_t)
+
+
+# -- tile sizes ----------------------------------------------------------------------------------
+def _blocks(n_out: int, c_in: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options for a tap GEMM with n_out output and c_in input channels.
+
+    On an H100: 128 pixel rows x 128 output channels per program (64 fp32 accumulator registers
+    per thread at 8 warps) with BLOCK_K = 64 channels per step at 16 bits: 3 stages of A and B
+    tiles are 3 x 32 KB = 96 KB of shared memory; fp32 takes BLOCK_K = 32 to stay at that size.
+    Narrow layers get narrower tiles (never below tl.dot's 16). The interpreter gets small
+    tiles: it runs each program in numpy, and tests use tiny shapes.
+    """
+    def fit(n, cap):
+        return max(16, min(cap, triton.next_power_of_2(n)))
+
+    if _INTERPRET:
+        return dict(BLOCK_M=64, BLOCK_N=fit(n_out, 32), BLOCK_K=fit(c_in, 32), num_warps=4,
+                    num_stages=1)
+    block_k = fit(c_in, 32 if dtype == torch.float32 else 64)
+    block_n = fit(n_out, 128)
+    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=8 if block_n >= 128 else 4, num_stages=3)
+
+
+def _wgrad_blocks(c_in: int, n_out: int, dtype: torch.dtype) -> dict:
+    """Tile sizes of the weight-gradient GEMM: a (c_in x n_out) tile per program, reducing over
+    BLOCK_K pixel rows a step (the rows are the K axis here, so BLOCK_K is wide)."""
+    def fit(n, cap):
+        return max(16, min(cap, triton.next_power_of_2(n)))
+
+    if _INTERPRET:
+        return dict(BLOCK_C=fit(c_in, 32), BLOCK_N=fit(n_out, 32), BLOCK_K=64, num_warps=4,
+                    num_stages=1)
+    block_c, block_n = fit(c_in, 128), fit(n_out, 128)
+    return dict(BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_K=32 if dtype == torch.float32 else 64,
+                num_warps=8 if block_c * block_n >= 128 * 128 else 4, num_stages=3)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a small split still exercises the split-K path
+
+
+# -- kernels -------------------------------------------------------------------------------------
+@triton.jit
+def _tap_conv_kernel(in_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, P, NF, H, W, C_IN, N_OUT,
+                     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out[p, n] = bias[n] + res[p, n] + sum_{tap, c} in[p + shift(tap), c] * w[tap, c, n]
+    # in (P, C_IN), res/out (P, N_OUT) row-major; w (KT*KH*KW, C_IN, N_OUT) row-major.
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N_OUT, BLOCK_N)
+    pid_m = pid // tiles_n  # output-channel tiles fastest: they share the same input rows in L2
+    pid_n = pid % tiles_n
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < P
+    n_ok = n < N_OUT
+    col = m % W
+    row = (m // W) % H
+    frame = (m // (W * H)) % NF
+    chunks = tl.cdiv(C_IN, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # One flat loop over (tap, channel chunk) so the compiler pipelines all of K at once.
+    for it in range(0, KT * KH * KW * chunks):
+        tap = it // chunks
+        c = (it % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        dt = tap // (KH * KW) - KT // 2
+        dy = (tap // KW) % KH - KH // 2
+        dx = tap % KW - KW // 2
+        ok = (m_ok & (frame + dt >= 0) & (frame + dt < NF) & (row + dy >= 0) & (row + dy < H)
+              & (col + dx >= 0) & (col + dx < W))
+        src = (m + (dt * H + dy) * W + dx).to(tl.int64)
+        c_ok = c < C_IN
+        a = tl.load(in_ptr + src[:, None] * C_IN + c[None, :], mask=ok[:, None] & c_ok[None, :],
+                    other=0.0)
+        b = tl.load(w_ptr + (tap * C_IN + c).to(tl.int64)[:, None] * N_OUT + n[None, :],
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_offs = m.to(tl.int64)[:, None] * N_OUT + n[None, :]
+    mn = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + out_offs, mask=mn, other=0.0).to(tl.float32)
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mn)
+
+
+@triton.jit
+def _tap_wgrad_kernel(in_ptr, g_ptr, dw_ptr, db_ptr, P, NF, H, W, C_IN, N_OUT, ROWS_PER_SPLIT,
+                      KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                      HAS_DB: tl.constexpr, IEEE: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # dw[split, tap, c, n] = sum over this split's rows p of in[p + shift(tap), c] * g[p, n]
+    # db[split, n] = sum over the split's rows of g[p, n] (first tap, first channel tile only).
+    pid = tl.program_id(0)
+    tap = tl.program_id(1)
+    split = tl.program_id(2)
+    tiles_n = tl.cdiv(N_OUT, BLOCK_N)
+    pid_c = pid // tiles_n
+    pid_n = pid % tiles_n
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = c < C_IN
+    n_ok = n < N_OUT
+    dt = tap // (KH * KW) - KT // 2
+    dy = (tap // KW) % KH - KH // 2
+    dx = tap % KW - KW // 2
+    shift = (dt * H + dy) * W + dx
+    acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+    bias_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    first = split * ROWS_PER_SPLIT
+    for r0 in range(first, first + ROWS_PER_SPLIT, BLOCK_K):
+        m = r0 + tl.arange(0, BLOCK_K)
+        m_ok = m < P
+        col = m % W
+        row = (m // W) % H
+        frame = (m // (W * H)) % NF
+        ok = (m_ok & (frame + dt >= 0) & (frame + dt < NF) & (row + dy >= 0) & (row + dy < H)
+              & (col + dx >= 0) & (col + dx < W))
+        src = (m + shift).to(tl.int64)
+        a = tl.load(in_ptr + src[None, :] * C_IN + c[:, None], mask=c_ok[:, None] & ok[None, :],
+                    other=0.0)  # (BLOCK_C, BLOCK_K): in_shifted.T
+        g = tl.load(g_ptr + m.to(tl.int64)[:, None] * N_OUT + n[None, :],
+                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, g, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, g, acc)
+        if HAS_DB:
+            bias_acc += tl.sum(g.to(tl.float32), axis=0)
+    base = (split * (KT * KH * KW) + tap).to(tl.int64) * C_IN * N_OUT
+    tl.store(dw_ptr + base + c.to(tl.int64)[:, None] * N_OUT + n[None, :], acc,
+             mask=c_ok[:, None] & n_ok[None, :])
+    if HAS_DB:
+        if (pid_c == 0) & (tap == 0):
+            tl.store(db_ptr + split * N_OUT + n, bias_acc, mask=n_ok)
+
+
+# -- launchers -----------------------------------------------------------------------------------
+def _tap_conv(inp, weight, bias, residual, geometry, taps):
+    """One tap GEMM: inp (P, C_IN), weight (taps[0]*taps[1]*taps[2], C_IN, N_OUT) contiguous ->
+    (P, N_OUT) in inp's dtype. geometry = (F, H, W) of the pixel rows; taps = (KT, KH, KW)."""
+    P, c_in = inp.shape
+    n_out = weight.shape[2]
+    out = inp.new_empty(P, n_out)
+    if P == 0:
+        return out
+    cfg = _blocks(n_out, c_in, inp.dtype)
+    grid = (triton.cdiv(P, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+    dummy = out  # never read when the matching HAS_ flag is off
+    _tap_conv_kernel[grid](
+        inp, weight, bias if bias is not None else dummy, residual if residual is not None else dummy,
+        out, P, *geometry, c_in, n_out, KT=taps[0], KH=taps[1], KW=taps[2],
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, IEEE=inp.dtype == torch.float32,
+        **cfg)
+    return out
+
+
+def _tap_wgrad(inp, grad, geometry, taps, with_bias: bool):
+    """Weight (and bias) gradient of a tap GEMM: inp (P, C_IN), grad (P, N_OUT) ->
+    (dW (taps, C_IN, N_OUT) fp32, db (N_OUT,) fp32 or None)."""
+    P, c_in = inp.shape
+    n_out = grad.shape[1]
+    n_taps = taps[0] * taps[1] * taps[2]
+    cfg = _wgrad_blocks(c_in, n_out, inp.dtype)
+    tiles = triton.cdiv(c_in, cfg["BLOCK_C"]) * triton.cdiv(n_out, cfg["BLOCK_N"])
+    # Enough (tile, tap, split) programs for two waves over the GPU, and at least 8 K steps each.
+    row_steps = triton.cdiv(max(P, 1), cfg["BLOCK_K"])
+    split = max(1, min(triton.cdiv(2 * _num_sms(inp.device), tiles * n_taps), row_steps // 8))
+    rows_per_split = triton.cdiv(row_steps, split) * cfg["BLOCK_K"]
+    split = triton.cdiv(max(P, 1), rows_per_split)
+    dw = torch.empty(split, n_taps, c_in, n_out, device=inp.device, dtype=torch.float32)
+    db = torch.empty(split, n_out, device=inp.device, dtype=torch.float32) if with_bias else None
+    _tap_wgrad_kernel[(tiles, n_taps, split)](
+        inp, grad, dw, db if with_bias else dw, P, *geometry, c_in, n_out, rows_per_split,
+        KT=taps[0], KH=taps[1], KW=taps[2], HAS_DB=with_bias, IEEE=inp.dtype == torch.float32,
+        **cfg)
+    return dw.sum(0), (db.sum(0) if with_bias else None)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) in channels_last_3d -> the (B*F*H*W, C) row-major view of its storage."""
+    B, C, Fr, H, W = t.shape
+    return t.permute(0, 2, 3, 4, 1).reshape(B * Fr * H * W, C)
+
+
+def _from_rows(rows: torch.Tensor, B: int, Fr: int, H: int, W: int) -> torch.Tensor:
+    """The inverse of `_rows`: a (B, C, F, H, W) view in channels_last_3d."""
+    return rows.view(B, Fr, H, W, rows.shape[1]).permute(0, 4, 1, 2, 3)
+
+
+def _empty_cl(shape, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device,
+                       memory_format=torch.channels_last_3d)
+
+
+@torch.library.custom_op("emu2::spatiotemporal_conv_fwd", mutates_args=())
+def _spatiotemporal_conv_fwd(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
+                             w_t: torch.Tensor, b_t: torch.Tensor | None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, Cin, F, H, W) channels_last_3d -> (y, s), both (B, Cout, F, H, W) channels_last_3d;
+    s (the spatial conv) is what backward needs."""
+    B, _, Fr, H, W = x.shape
+    cout, _, kh, kw = w_s.shape
+    kt = w_t.shape[2]
+    geometry = (Fr, H, W)
+    ws = w_s.permute(2, 3, 1, 0).reshape(kh * kw, w_s.shape[1], cout).contiguous()
+    wt = w_t.permute(2, 1, 0).contiguous()  # (kt, Cout in, Cout out)
+    s = _tap_conv(_rows(x), ws, b_s, None, geometry, (1, kh, kw))
+    y = _tap_conv(s, wt, b_t, s, geometry, (kt, 1, 1))
+    return _from_rows(y, B, Fr, H, W), _from_rows(s, B, Fr, H, W)
+
+
+@_spatiotemporal_conv_fwd.register_fake
+def _(x, w_s, b_s, w_t, b_t):
+    B, _, Fr, H, W = x.shape
+    shape = (B, w_s.shape[0], Fr, H, W)
+    return _empty_cl(shape, x), _empty_cl(shape, x)
+
+
+@torch.library.custom_op("emu2::spatiotemporal_conv_bwd", mutates_args=())
+def _spatiotemporal_conv_bwd(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
+                             w_s: torch.Tensor, w_t: torch.Tensor, with_b_s: bool, with_b_t: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor]:
+    """All five gradients, given grad_y, x and s in channels_last_3d: (dx, dw_s, db_s, dw_t,
+    db_t). A bias that does not exist gets an empty gradient (custom ops return tensors)."""
+    B, cin, Fr, H, W = x.shape
+    cout, _, kh, kw = w_s.shape
+    kt = w_t.shape[2]
+    geometry = (Fr, H, W)
+    dy = _rows(grad_y)
+    # ds = dy + adjoint temporal conv of dy: taps flipped, channel axes swapped.
+    wt_adj = w_t.flip(2).permute(2, 0, 1).contiguous()  # (kt, Cout out, Cout in)
+    ds = _tap_conv(dy, wt_adj, None, dy, geometry, (kt, 1, 1))
+    ws_adj = w_s.flip(2, 3).permute(2, 3, 0, 1).reshape(kh * kw, cout, cin).contiguous()
+    dx = _tap_conv(ds, ws_adj, None, None, geometry, (1, kh, kw))
+    dwt, dbt = _tap_wgrad(_rows(s), dy, geometry, (kt, 1, 1), with_b_t)
+    dws, dbs = _tap_wgrad(_rows(x), ds, geometry, (1, kh, kw), with_b_s)
+    return (_from_rows(dx, B, Fr, H, W),
+            dws.view(kh, kw, cin, cout).permute(3, 2, 0, 1).to(w_s.dtype).contiguous(),
+            dbs.to(w_s.dtype) if with_b_s else w_s.new_empty(0),
+            dwt.permute(2, 1, 0).to(w_t.dtype).contiguous(),
+            dbt.to(w_t.dtype) if with_b_t else w_t.new_empty(0))
+
+
+@_spatiotemporal_conv_bwd.register_fake
+def _(grad_y, x, s, w_s, w_t, with_b_s, with_b_t):
+    cout = w_s.shape[0]
+    return (_empty_cl(x.shape, x), torch.empty_like(w_s, memory_format=torch.contiguous_format),
+            w_s.new_empty(cout if with_b_s else 0), torch.empty_like(w_t, memory_format=torch.contiguous_format),
+            w_t.new_empty(cout if with_b_t else 0))
+
+
+def _conv_flops(x_shape, w_s_shape, w_t_shape) -> int:
+    """Multiply-adds x 2 of both convolutions (the bias and residual adds are not counted)."""
+    B, cin, Fr, H, W = x_shape
+    cout, _, kh, kw = w_s_shape
+    pixels = B * Fr * H * W
+    return 2 * pixels * cout * (cin * kh * kw + cout * w_t_shape[2])
+
+
+@register_flop_formula(torch.ops.emu2.spatiotemporal_conv_fwd)
+def _fwd_flops(x_shape, w_s_shape, b_s_shape, w_t_shape, b_t_shape, *args, out_shape=None, **kwargs):
+    return _conv_flops(x_shape, w_s_shape, w_t_shape)
+
+
+@register_flop_formula(torch.ops.emu2.spatiotemporal_conv_bwd)
+def _bwd_flops(grad_shape, x_shape, s_shape, w_s_shape, w_t_shape, *args, out_shape=None, **kwargs):
+    return 2 * _conv_flops(x_shape, w_s_shape, w_t_shape)  # dgrad + wgrad of each conv
+
+
+class SpatiotemporalConv(torch.autograd.Function):
+    """y from x, w_s, b_s, w_t, b_t (x in channels_last_3d); saves x and s for backward."""
+
+    @staticmethod
+    def forward(ctx, x, w_s, b_s, w_t, b_t):
+        y, s = torch.ops.emu2.spatiotemporal_conv_fwd(x, w_s, b_s, w_t, b_t)
+        ctx.save_for_backward(x, s, w_s, w_t)
+        ctx.with_b_s, ctx.with_b_t = b_s is not None, b_t is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, s, w_s, w_t = ctx.saved_tensors
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last_3d)
+        dx, dws, dbs, dwt, dbt = torch.ops.emu2.spatiotemporal_conv_bwd(
+            grad_y, x, s, w_s, w_t, ctx.with_b_s, ctx.with_b_t)
+        need = ctx.needs_input_grad
+        return (dx if need[0] else None, dws if need[1] else None,
+                dbs if ctx.with_b_s and need[2] else None, dwt if need[3] else None,
+                dbt if ctx.with_b_t and need[4] else None)
