@@ -177,3 +177,105 @@ PRESETS: dict[str, Emu2Config] = {
                         ffn_hidden=384, max_positions=512),
         base_vocab_size=512, n_query=16),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# Visual decoders (the UNets of emu2_engine/models/unet.py and unet3d.py)
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UNetConfig:
+    """A conditional UNet in diffusers' `UNet2DConditionModel` layout (linear projections in
+    the transformers, GEGLU feed-forwards). Down blocks are listed from the input resolution
+    down; the up blocks mirror them. Defaults are the released Emu2-Gen decoder (EMU2_FACTS.md)."""
+
+    name: str = "emu2-gen"
+    """Preset name (informational)."""
+    in_channels: int = 4
+    """Latent channels in (the VAE's latent channels)."""
+    out_channels: int = 4
+    """Channels of the predicted noise."""
+    block_out_channels: tuple[int, ...] = (320, 640, 1280)
+    """Width of each resolution level."""
+    cross_attention: tuple[bool, ...] = (False, True, True)
+    """Per level: whether its blocks carry transformers (CrossAttnDownBlock2D) or not (DownBlock2D)."""
+    layers_per_block: int = 2
+    """Resnets per down block (the up blocks have one more)."""
+    transformer_layers: tuple[int, ...] = (1, 2, 10)
+    """Transformer blocks inside each transformer, per level; the mid block uses the last."""
+    attention_heads: tuple[int, ...] = (5, 10, 20)
+    """Heads per level (diffusers calls this `attention_head_dim`, but uses it as the head count)."""
+    cross_attention_dim: int = 1792
+    """Width of the conditioning embeddings (the visual encoder's width)."""
+    cond_tokens: int = 64
+    """Conditioning embeddings per image (the encoder's n_query)."""
+    text_time: bool = True
+    """SDXL's added conditioning: the mean embedding and the six size/crop ids (`text_time`)."""
+    addition_time_embed_dim: int = 256
+    """Sinusoidal width of each of the six size/crop ids."""
+    norm_groups: int = 32
+    """GroupNorm groups."""
+    norm_eps: float = 1e-5
+    """GroupNorm epsilon of the resnets and the output norm (the transformers' GroupNorm uses 1e-6)."""
+    sample_size: int = 128
+    """Latent side the model was trained at (128 = 1024 px through the SDXL VAE); informational."""
+    temporal_kernel: int = 3
+    """Kernel of the temporal convolutions of the inflated video UNet (odd)."""
+
+    @property
+    def time_embed_dim(self) -> int:
+        """Width of the timestep embedding: 4 x the first level's width, as diffusers builds it."""
+        return 4 * self.block_out_channels[0]
+
+    @property
+    def add_embed_in_dim(self) -> int:
+        """Input width of `add_embedding`: pooled embedding + 6 sinusoidal ids (3328 for Emu2-Gen)."""
+        return self.cross_attention_dim + 6 * self.addition_time_embed_dim
+
+    def validate(self) -> None:
+        """Raise ValueError with one line naming the first inconsistency."""
+        levels = len(self.block_out_channels)
+        for name in ("cross_attention", "transformer_layers", "attention_heads"):
+            if len(getattr(self, name)) != levels:
+                raise ValueError(f"unet.{name} needs one entry per level ({levels}), got "
+                                 f"{len(getattr(self, name))}")
+        for width, heads in zip(self.block_out_channels, self.attention_heads):
+            if width % self.norm_groups:
+                raise ValueError(f"unet level width {width} must be a multiple of norm_groups "
+                                 f"({self.norm_groups})")
+            if width % heads:
+                raise ValueError(f"unet level width {width} must be a multiple of its heads ({heads})")
+        if self.layers_per_block < 1 or min(self.transformer_layers) < 1:
+            raise ValueError("unet.layers_per_block and every unet.transformer_layers must be >= 1")
+        if self.block_out_channels[0] % 2 or self.addition_time_embed_dim % 2:
+            raise ValueError("the sinusoidal embedding widths (block_out_channels[0], "
+                             "addition_time_embed_dim) must be even")
+        if self.temporal_kernel < 1 or self.temporal_kernel % 2 == 0:
+            raise ValueError(f"unet.temporal_kernel must be odd and >= 1, got {self.temporal_kernel}")
+
+    @classmethod
+    def from_preset(cls, name: str) -> "UNetConfig":
+        """The named preset (see `UNET_PRESETS`)."""
+        if name not in UNET_PRESETS:
+            raise ValueError(f"unknown UNet preset {name!r}; expected one of {sorted(UNET_PRESETS)}")
+        cfg = UNET_PRESETS[name]
+        cfg.validate()
+        return cfg
+
+
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # The released Emu2-Gen image decoder: SDXL-base's UNet with cross-attention on the
+    # 64 x 1792 visual embeddings and the pooled (mean) embedding in `text_time`.
+    "emu2-gen": UNetConfig(),
+    # Stable Diffusion 2.1's UNet shape with cross-attention on the visual embeddings: the
+    # paper's video decoder starts from SD 2.1 (its weights were never released). Inflated by
+    # `unet3d.inflate_unet`.
+    "emu2-video": UNetConfig(name="emu2-video", block_out_channels=(320, 640, 1280, 1280),
+                             cross_attention=(True, True, True, False), transformer_layers=(1, 1, 1, 1),
+                             attention_heads=(5, 10, 20, 20), text_time=False, sample_size=64),
+    # Tiny, for the CPU: conditioned on the debug encoder (width 64, 16 embeddings per image),
+    # on the 16x16 latents of a tiny VAE over 64 px images.
+    "debug": UNetConfig(name="debug", block_out_channels=(32, 64), cross_attention=(False, True),
+                        layers_per_block=1, transformer_layers=(1, 1), attention_heads=(2, 4),
+                        cross_attention_dim=64, cond_tokens=16, addition_time_embed_dim=8,
+                        norm_groups=8, sample_size=16),
+}

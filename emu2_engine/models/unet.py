@@ -1,0 +1,505 @@
+"""The image decoder's UNet: a conditional denoiser in diffusers' `UNet2DConditionModel` layout.
+
+Written here (not imported from diffusers) so that its attention runs through the engine's
+ops, while its parameter names and shapes are exactly diffusers' for the same configuration:
+the released Emu2-Gen UNet (``unet.*`` of the Emu2-Gen checkpoint, or a diffusers ``unet/``
+folder) loads with `load_unet_weights` and no renaming. The test builds diffusers' model with a
+small configuration of the same family and checks both the keys and the outputs.
+
+Structure (UNetConfig, with diffusers' block names):
+
+    conv_in -> down_blocks[i] (resnets, + transformers on cross-attention levels, + a stride-2
+    conv except on the last level) -> mid_block (resnet, transformer, resnet) ->
+    up_blocks[i] (one more resnet per block, each fed the matching skip, + transformers,
+    + nearest x2 upsampling and a conv except on the last) -> GroupNorm, SiLU, conv_out
+
+Conditioning: the timestep's sinusoidal embedding through `time_embedding`; with `text_time`
+(SDXL, Emu2-Gen) `add_embedding` adds the pooled condition -- the mean of the visual embeddings,
+as the Emu2-Gen pipeline computes it -- and the six size/crop ids; cross-attention reads the
+(B, N, C) visual embeddings themselves.
+
+Attention: self-attention runs through `modality_attention(causal=False)` with one document per
+image -- or per clip in the video UNet, where the tokens of all frames of a clip form one
+sequence (spatial-temporal attention). `modality_attention` needs queries and keys of one
+length, so cross-attention (image tokens against the N conditioning embeddings) uses
+`F.scaled_dot_product_attention`.
+
+Frames: every block takes `frames`, the number of consecutive batch entries that are frames of
+one clip (1 for images). Convolutions, norms and cross-attention treat frames independently; the
+self-attention groups a clip's frames into one sequence, and resnets built with a temporal
+kernel (the video UNet, `unet3d.py`) follow each 3x3 conv with a temporal conv through
+`spatiotemporal_conv`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from emu2_engine.models.config import UNetConfig
+from emu2_engine.ops import modality_attention
+from emu2_engine.ops.spatiotemporal_conv import spatiotemporal_conv
+
+TIME_IDS = 6
+"""SDXL's size/crop conditioning: original (h, w), crop (top, left), target (h, w), in pixels."""
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(N,) values -> (N, dim) float32 sinusoids, cosines first: diffusers' `Timesteps` with
+    flip_sin_to_cos=True and freq_shift=0, as SDXL's UNet uses it for timesteps and size ids."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """Linear -> SiLU -> Linear (diffusers' `TimestepEmbedding`)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim_out)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Resnets
+# ----------------------------------------------------------------------------------------------
+def frames_to_clips(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B*F, C, H, W) frame batch -> (B, C, F, H, W) view of the clips."""
+    return x.unflatten(0, (-1, frames)).transpose(1, 2)
+
+
+def clips_to_frames(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) -> (B*F, C, H, W), frames of a clip consecutive."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm, SiLU, conv, + timestep projection, GroupNorm, SiLU, conv, + shortcut
+    (diffusers' `ResnetBlock2D`, default time-embedding norm, output scale 1).
+
+    With `temporal_kernel` > 0 each conv is followed by a temporal conv over the frames of a
+    clip, in the residual form ``s + temporal(s)`` (`spatiotemporal_conv`); its weights start at
+    zero, so the block starts as the 2D block applied to every frame.
+    """
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int, eps: float,
+                 temporal_kernel: int = 0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time_emb_proj = nn.Linear(emb_dim, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+        self.temporal_conv1 = self.temporal_conv2 = None
+        if temporal_kernel:
+            self.temporal_conv1 = nn.Conv1d(c_out, c_out, temporal_kernel, padding=temporal_kernel // 2)
+            self.temporal_conv2 = nn.Conv1d(c_out, c_out, temporal_kernel, padding=temporal_kernel // 2)
+            for conv in (self.temporal_conv1, self.temporal_conv2):
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
+
+    @staticmethod
+    def _conv(x: torch.Tensor, spatial: nn.Conv2d, temporal: nn.Conv1d | None, frames: int) -> torch.Tensor:
+        if temporal is None:
+            return spatial(x)
+        y = spatiotemporal_conv(frames_to_clips(x, frames), spatial.weight, spatial.bias,
+                                temporal.weight, temporal.bias)
+        return clips_to_frames(y)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, frames: int) -> torch.Tensor:
+        """x (B*F, C, H, W); emb (B*F, emb_dim), one row per frame."""
+        h = self._conv(F.silu(self.norm1(x)), self.conv1, self.temporal_conv1, frames)
+        h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self._conv(F.silu(self.norm2(h)), self.conv2, self.temporal_conv2, frames)
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformers
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _one_document_ids(batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(doc_ids, span_ids) saying every row is one document with no spans. Cached, so every
+    attention layer of a step (and later steps) passes the same tensors and `modality_attention`
+    finds its tile map instead of rebuilding it per layer. Made outside inference mode so that
+    training may save them for backward after a sampling call created them."""
+    with torch.inference_mode(False):
+        doc = torch.zeros(batch, length, dtype=torch.int32, device=device)
+        return doc, torch.full_like(doc, -1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with bias-free q/k/v and a biased output (diffusers' `Attention`;
+    `to_out.0` keeps its key name). Self-attention when `context` is None."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.ModuleDict({"0": nn.Linear(dim, dim)})
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        B, S, C = x.shape
+        src = x if context is None else context
+        q = self.to_q(x).view(B, S, self.heads, -1).transpose(1, 2)
+        k = self.to_k(src).view(B, src.shape[1], self.heads, -1).transpose(1, 2)
+        v = self.to_v(src).view(B, src.shape[1], self.heads, -1).transpose(1, 2)
+        if context is None:  # one document per row: the image, or the clip's frames x positions
+            doc, span = _one_document_ids(B, S, x.device)
+            out = modality_attention(q, k, v, doc, span, causal=False)
+        else:  # N conditioning keys against S queries: lengths differ, see the module docstring
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out["0"](out.transpose(1, 2).reshape(B, S, C))
+
+
+class GEGLU(nn.Module):
+    """Linear to twice the hidden width; the first half times GELU of the second (exact GELU)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU to 4 x width, then back (`net.0` and `net.2`: diffusers keeps a dropout at `net.1`)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.ModuleDict({"0": GEGLU(dim, 4 * dim), "2": nn.Linear(4 * dim, dim)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net["2"](self.net["0"](x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention and feed-forward (`BasicTransformerBlock`)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), cond)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2D(nn.Module):
+    """GroupNorm, linear in, transformer blocks over the tokens, linear out, + residual
+    (`Transformer2DModel` with use_linear_projection=True)."""
+
+    def __init__(self, dim: int, heads: int, layers: int, context_dim: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
+        self.proj_in = nn.Linear(dim, dim)
+        self.transformer_blocks = nn.ModuleDict(
+            {str(i): TransformerBlock(dim, heads, context_dim) for i in range(layers)})
+        self.proj_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, frames: int) -> torch.Tensor:
+        """x (B*F, C, H, W), cond (B, N, context_dim): the tokens of a clip's F frames form one
+        sequence of F*H*W tokens (for images F = 1)."""
+        BF, C, H, W = x.shape
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(BF // frames, frames * H * W, C)
+        tokens = self.proj_in(tokens)
+        for block in self.transformer_blocks.values():
+            tokens = block(tokens, cond)
+        tokens = self.proj_out(tokens).reshape(BF, H, W, C).permute(0, 3, 1, 2)
+        return tokens + x
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolution levels
+# ----------------------------------------------------------------------------------------------
+class Downsample(nn.Module):
+    """3x3 conv with stride 2 (`Downsample2D`, padding 1)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling to the next skip's size, then a 3x3 conv (`Upsample2D`; at
+    even sizes this is x2, and at odd ones the size diffusers forwards)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    """Resnets (each followed by a transformer on cross-attention levels), then a downsampler.
+    Returns the output and every intermediate state the up path takes as a skip."""
+
+    def __init__(self, c_in: int, c_out: int, cfg: UNetConfig, level: int, temporal_kernel: int):
+        super().__init__()
+        n, last = cfg.layers_per_block, level == len(cfg.block_out_channels) - 1
+        self.resnets = nn.ModuleDict({
+            str(j): ResnetBlock(c_in if j == 0 else c_out, c_out, cfg.time_embed_dim, cfg.norm_groups,
+                                cfg.norm_eps, temporal_kernel) for j in range(n)})
+        self.attentions = None
+        if cfg.cross_attention[level]:
+            self.attentions = nn.ModuleDict({
+                str(j): Transformer2D(c_out, cfg.attention_heads[level], cfg.transformer_layers[level],
+                                      cfg.cross_attention_dim, cfg.norm_groups) for j in range(n)})
+        self.downsamplers = None if last else nn.ModuleDict({"0": Downsample(c_out)})
+
+    def forward(self, x, emb, cond, frames) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for j, resnet in self.resnets.items():
+            x = resnet(x, emb, frames)
+            if self.attentions is not None:
+                x = self.attentions[j](x, cond, frames)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers["0"](x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """Resnet, transformer, resnet (`UNetMidBlock2DCrossAttn` with one layer)."""
+
+    def __init__(self, c: int, cfg: UNetConfig, temporal_kernel: int):
+        super().__init__()
+        self.resnets = nn.ModuleDict({
+            str(j): ResnetBlock(c, c, cfg.time_embed_dim, cfg.norm_groups, cfg.norm_eps, temporal_kernel)
+            for j in range(2)})
+        self.attentions = nn.ModuleDict({
+            "0": Transformer2D(c, cfg.attention_heads[-1], cfg.transformer_layers[-1],
+                               cfg.cross_attention_dim, cfg.norm_groups)})
+
+    def forward(self, x, emb, cond, frames) -> torch.Tensor:
+        x = self.resnets["0"](x, emb, frames)
+        x = self.attentions["0"](x, cond, frames)
+        return self.resnets["1"](x, emb, frames)
+
+
+class UpBlock(nn.Module):
+    """layers_per_block + 1 resnets, each on the concatenation of the running state and one skip
+    (taken last first), each followed by a transformer on cross-attention levels; then an
+    upsampler except on the last level. Channel bookkeeping as diffusers' `get_up_block`."""
+
+    def __init__(self, c_prev: int, c_out: int, c_skip_last: int, cfg: UNetConfig, level: int,
+                 temporal_kernel: int):
+        super().__init__()
+        n = cfg.layers_per_block + 1
+        resnets = {}
+        for j in range(n):
+            c_skip = c_skip_last if j == n - 1 else c_out
+            c_in = c_prev if j == 0 else c_out
+            resnets[str(j)] = ResnetBlock(c_in + c_skip, c_out, cfg.time_embed_dim, cfg.norm_groups,
+                                          cfg.norm_eps, temporal_kernel)
+        self.resnets = nn.ModuleDict(resnets)
+        self.attentions = None
+        if cfg.cross_attention[level]:
+            self.attentions = nn.ModuleDict({
+                str(j): Transformer2D(c_out, cfg.attention_heads[level], cfg.transformer_layers[level],
+                                      cfg.cross_attention_dim, cfg.norm_groups) for j in range(n)})
+        self.upsamplers = None if level == 0 else nn.ModuleDict({"0": Upsample(c_out)})
+
+    def forward(self, x, emb, cond, frames, skips: list[torch.Tensor]) -> torch.Tensor:
+        """Consumes len(resnets) entries from the end of `skips`."""
+        for j, resnet in self.resnets.items():
+            x = resnet(torch.cat([x, skips.pop()], dim=1), emb, frames)
+            if self.attentions is not None:
+                x = self.attentions[j](x, cond, frames)
+        if self.upsamplers is not None:
+            x = self.upsamplers["0"](x, tuple(skips[-1].shape[-2:]))
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+class UNet(nn.Module):
+    """The image decoder's denoiser: noisy latents (B, C, H, W), timesteps (B,), visual
+    embeddings (B, cond_tokens, cross_attention_dim) and, with `text_time`, size/crop ids (B, 6)
+    -> the predicted noise (B, C, H, W).
+
+    `down_blocks`/`up_blocks` are dicts keyed "0", "1", ... (diffusers' ModuleList indices), so
+    the state dict has diffusers' names.
+    """
+
+    def __init__(self, cfg: UNetConfig, temporal_kernel: int = 0):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        widths = cfg.block_out_channels
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(widths[0], cfg.time_embed_dim)
+        self.add_embedding = TimestepEmbedding(cfg.add_embed_in_dim, cfg.time_embed_dim) if cfg.text_time else None
+        down, c = {}, widths[0]
+        for i, width in enumerate(widths):
+            down[str(i)] = DownBlock(c, width, cfg, i, temporal_kernel)
+            c = width
+        self.down_blocks = nn.ModuleDict(down)
+        self.mid_block = MidBlock(widths[-1], cfg, temporal_kernel)
+        up, c_prev = {}, widths[-1]
+        for i in range(len(widths)):
+            level = len(widths) - 1 - i  # up block i works at the resolution of down level `level`
+            c_skip_last = widths[max(level - 1, 0)]
+            up[str(i)] = UpBlock(c_prev, widths[level], c_skip_last, cfg, level, temporal_kernel)
+            c_prev = widths[level]
+        self.up_blocks = nn.ModuleDict(up)
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, widths[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
+
+    # -- checks ---------------------------------------------------------------------------------
+    def check_inputs(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
+                     time_ids: torch.Tensor | None) -> None:
+        """ValueError naming the first input whose shape does not fit this model. `latents` is
+        (B, C, H, W) here and (B, C, F, H, W) for the video UNet; cond is (B, N, D), N a
+        multiple of cond_tokens (one set per conditioning image)."""
+        cfg = self.cfg
+        B, C = latents.shape[:2]
+        if C != cfg.in_channels:
+            raise ValueError(f"latents must have {cfg.in_channels} channels, got shape {tuple(latents.shape)}")
+        if min(latents.shape[-2:]) < 1:
+            raise ValueError(f"latents must have a non-empty spatial size, got shape {tuple(latents.shape)}")
+        if cond.dim() != 3 or cond.shape[0] != B:
+            raise ValueError(f"visual embeddings must be (B={B}, N, {cfg.cross_attention_dim}), "
+                             f"got shape {tuple(cond.shape)}")
+        if cond.shape[2] != cfg.cross_attention_dim:
+            raise ValueError(f"visual embeddings must have width {cfg.cross_attention_dim} "
+                             f"(cross_attention_dim), got {cond.shape[2]}")
+        if cond.shape[1] == 0 or cond.shape[1] % cfg.cond_tokens:
+            raise ValueError(f"each image is conditioned on {cfg.cond_tokens} visual embeddings; "
+                             f"got {cond.shape[1]} per sample")
+        if timesteps.dim() > 1 or (timesteps.dim() == 1 and timesteps.shape[0] not in (1, B)):
+            raise ValueError(f"timesteps must be a scalar, (1,) or (B={B},), got shape {tuple(timesteps.shape)}")
+        if cfg.text_time:
+            if time_ids is None or tuple(time_ids.shape) != (B, TIME_IDS):
+                got = None if time_ids is None else tuple(time_ids.shape)
+                raise ValueError(f"this UNet needs time_ids of shape ({B}, {TIME_IDS}) (original "
+                                 f"h, w, crop top, left, target h, w), got {got}")
+        elif time_ids is not None:
+            raise ValueError("time_ids given, but this UNet has no text_time conditioning")
+
+    # -- forward --------------------------------------------------------------------------------
+    def embed_time(self, timesteps: torch.Tensor, cond: torch.Tensor, time_ids: torch.Tensor | None,
+                   batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, time_embed_dim): timestep embedding, plus the pooled condition and the size ids."""
+        t = timesteps.to(cond.device).reshape(-1).expand(batch)
+        emb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(dtype))
+        if self.add_embedding is not None:
+            ids = timestep_embedding(time_ids.reshape(-1), self.cfg.addition_time_embed_dim).reshape(batch, -1)
+            pooled = cond.mean(dim=1)  # the Emu2-Gen pipeline's pooled "text" embedding
+            emb = emb + self.add_embedding(torch.cat([pooled, ids.to(pooled.dtype)], dim=-1).to(emb.dtype))
+        return emb
+
+    def denoise(self, x: torch.Tensor, emb: torch.Tensor, cond: torch.Tensor, frames: int) -> torch.Tensor:
+        """The network body on (B*F, C, H, W) frames; emb (B*F, D) per frame, cond (B, N, D) per clip."""
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks.values():
+            x, block_skips = block(x, emb, cond, frames)
+            skips += block_skips
+        x = self.mid_block(x, emb, cond, frames)
+        for block in self.up_blocks.values():
+            x = block(x, emb, cond, frames, skips)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | float, cond: torch.Tensor,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """latents (B, C, H, W), timesteps scalar or (B,), cond (B, N, D), time_ids (B, 6) ->
+        predicted noise (B, C, H, W)."""
+        if latents.dim() != 4:
+            raise ValueError(f"latents must be (B, C, H, W), got shape {tuple(latents.shape)}")
+        timesteps = torch.as_tensor(timesteps, device=latents.device)
+        self.check_inputs(latents, timesteps, cond, time_ids)
+        emb = self.embed_time(timesteps, cond, time_ids, latents.shape[0], latents.dtype)
+        return self.denoise(latents, emb, cond.to(latents.dtype), frames=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and the diffusers bridge
+# ----------------------------------------------------------------------------------------------
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str,
+                     ignore: tuple[str, ...] = ()) -> None:
+    """Raise one ValueError listing every missing, unexpected and wrongly shaped key of
+    `state_dict` against `model` (keys of the model containing any of `ignore` are not required)."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if not any(s in k for s in ignore)}
+    missing = [f"{k} {want[k]}" for k in want if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in want]
+    wrong = [f"{k}: given {tuple(v.shape)}, model {want[k]}" for k, v in state_dict.items()
+             if k in want and tuple(v.shape) != want[k]]
+    if missing or unexpected or wrong:
+        def part(title, items):
+            return f"\n  {title} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else "") if items else ""
+        raise ValueError(f"{what} does not match the UNet ({len(want)} tensors); nothing was loaded:"
+                         + part("missing", missing) + part("unexpected", unexpected) + part("wrong shape", wrong))
+
+
+def load_unet_state_dict(model: UNet, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> None:
+    """Load a diffusers-layout state dict (keys optionally under `prefix`, e.g. "unet." in an
+    Emu2-Gen checkpoint; other keys ignored). Everything is checked before anything is copied.
+    A model on the meta device takes the given tensors as its parameters."""
+    if prefix:
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    check_state_dict(model, state_dict, "the state dict")
+    on_meta = any(p.is_meta for p in model.parameters())
+    model.load_state_dict(state_dict, strict=True, assign=on_meta)
+
+
+def load_unet_weights(model: UNet, source: str, prefix: str = "unet.") -> None:
+    """Load a checkpoint file or sharded directory (safetensors or torch) into `model`: the
+    released Emu2-Gen file (its ``unet.*`` keys; encoder, VAE and safety checker ignored) or,
+    with prefix="", a diffusers ``unet/`` folder. Validated before anything is copied."""
+    from emu2_engine.checkpoint.released import load_weights
+
+    def rename(name: str) -> str | None:
+        if prefix and not name.startswith(prefix):
+            return None
+        return name[len(prefix):]
+
+    load_weights(model, source, rename=rename)
+
+
+def diffusers_unet_config(cfg: UNetConfig) -> dict:
+    """Keyword arguments of diffusers' `UNet2DConditionModel` with the same parameters as
+    `UNet(cfg)`: the bridge for exporting to, and testing against, diffusers."""
+    down = ["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cfg.cross_attention]
+    up = ["CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cfg.cross_attention)]
+    kwargs = dict(
+        sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        down_block_types=tuple(down), up_block_types=tuple(up),
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        transformer_layers_per_block=tuple(cfg.transformer_layers),
+        attention_head_dim=tuple(cfg.attention_heads), cross_attention_dim=cfg.cross_attention_dim,
+        use_linear_projection=True, norm_num_groups=cfg.norm_groups, norm_eps=cfg.norm_eps,
+        flip_sin_to_cos=True, freq_shift=0)
+    if cfg.text_time:
+        kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=cfg.addition_time_embed_dim,
+                      projection_class_embeddings_input_dim=cfg.add_embed_in_dim)
+    return kwargs
