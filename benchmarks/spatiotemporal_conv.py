@@ -1,0 +1,151 @@
+"""Benchmark of `spatiotemporal_conv` (Triton implicit GEMMs over channels-last 3D tensors)
+against the cuDNN paths a video UNet would otherwise take.
+
+    python -m benchmarks.spatiotemporal_conv     # cpu suite
+    python -m benchmarks.run --suite gpu-quick --only spatiotemporal_conv
+
+Providers (ours is "triton"); each computes y = s + temporal(s), s = spatial(x):
+- triton: `spatiotemporal_conv` on a channels_last_3d x (the kernel's layout, no copies).
+- cudnn-2d+1d-cl (the issue's first baseline): conv2d on the channels-last (B*F, C, H, W)
+  view of x, a transpose of s to frames-inner (B*H*W, F, C) so conv1d runs channels-last,
+  conv1d, a transpose back and the residual add.
+- conv3d-ncdhw (the issue's second baseline): x contiguous NCDHW, conv3d with a (1, kh, kw)
+  kernel, then conv3d with a (kt, 1, 1) kernel, plus the residual.
+- conv3d-cl3d: the same two conv3d calls on channels_last_3d tensors (no layout shuffles):
+  the strongest cuDNN path we know, reported so the comparison is honest.
+- eager: the PyTorch reference (`spatiotemporal_conv_reference`, what the op runs without a GPU).
+
+Suites (`run(suite, out_dir)` for `benchmarks.run`):
+- cpu: the reference only at a tiny size in fp32 (the Triton kernel runs on a CPU only in the
+  interpreter; correctness is tests/test_spatiotemporal_conv.py's business).
+- gpu-quick (CUDA): bf16, kt = 3, 3x3 spatial, two video-UNet layers: 320 channels at 16
+  frames of 64x64 and 1280 channels at 16 frames of 32x32, batch 1; forward and
+  forward + backward; time, TFLOP/s (both convolutions' multiply-adds x 2; backward counted
+  as 2x forward), and the fraction of the device's bf16 peak.
+- gpu-full: 320/640/1280 channels x 64x64/32x32 latents x batch 1 and 2.
+Targets (issue 7): >= 1.2x cudnn-2d+1d-cl and >= 2x conv3d-ncdhw, forward and backward.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import BenchResult, device_name, time_cpu, time_cuda
+from emu2_engine.models.flops import peak_flops
+from emu2_engine.ops import spatiotemporal_conv, spatiotemporal_conv_reference
+
+SUITES = ("cpu", "gpu-quick", "gpu-full")
+CL3D = torch.channels_last_3d
+
+
+def triton_path(x, w_s, b_s, w_t, b_t):
+    return spatiotemporal_conv(x, w_s, b_s, w_t, b_t)
+
+
+def cudnn_2d_1d_cl(x, w_s, b_s, w_t, b_t):
+    B, C, Fr, H, W = x.shape
+    cout, kt = w_s.shape[0], w_t.shape[2]
+    frames = x.permute(0, 2, 1, 3, 4).reshape(B * Fr, C, H, W)   # a channels-last view of x
+    s = F.conv2d(frames, w_s, b_s, padding=(w_s.shape[2] // 2, w_s.shape[3] // 2))
+    s = s.view(B, Fr, cout, H, W).permute(0, 1, 3, 4, 2)          # (B, F, H, W, C) view
+    seq = s.permute(0, 2, 3, 1, 4).reshape(B * H * W, Fr, cout)    # transpose: frames inner
+    t = F.conv1d(seq.transpose(1, 2), w_t, b_t, padding=kt // 2)   # (BHW, C, F), channels last
+    t = t.transpose(1, 2).reshape(B, H, W, Fr, cout).permute(0, 3, 1, 2, 4)
+    return (s + t).permute(0, 4, 1, 2, 3)                          # add into (B, F, H, W, C)
+
+
+def _conv3d_pair(x, w_s, b_s, w_t, b_t):
+    kh, kw, kt = w_s.shape[2], w_s.shape[3], w_t.shape[2]
+    s = F.conv3d(x, w_s.unsqueeze(2), b_s, padding=(0, kh // 2, kw // 2))
+    return s + F.conv3d(s, w_t[..., None, None], b_t, padding=(kt // 2, 0, 0))
+
+
+PROVIDERS = {"triton": (triton_path, CL3D), "cudnn-2d+1d-cl": (cudnn_2d_1d_cl, CL3D),
+             "conv3d-ncdhw": (_conv3d_pair, torch.contiguous_format),
+             "conv3d-cl3d": (_conv3d_pair, CL3D), "eager": (spatiotemporal_conv_reference, CL3D)}
+
+
+def _inputs(shape, dtype, device, memory_format):
+    B, C, Fr, H, W, kt = shape
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*size, scale=1.0, fmt=torch.contiguous_format):
+        t = torch.randn(*size, generator=g, device=device, dtype=torch.float32) * scale
+        return t.to(dtype).contiguous(memory_format=fmt).requires_grad_()
+
+    x = randn(B, C, Fr, H, W, fmt=memory_format)
+    w_s = randn(C, C, 3, 3, scale=(9 * C) ** -0.5)
+    w_t = randn(C, C, kt, scale=(kt * C) ** -0.5)
+    b_s, b_t = randn(C, scale=0.1), randn(C, scale=0.1)
+    grad = torch.randn(B, C, Fr, H, W, generator=g, device=device).to(dtype)
+    return (x, w_s, b_s, w_t, b_t), grad.contiguous(memory_format=memory_format)
+
+
+def _measure(result, providers, shape, dtype, device, timer):
+    B, C, Fr, H, W, kt = shape
+    pixels = B * Fr * H * W
+    fwd_flops = 2 * pixels * C * (9 * C + kt * C)
+    peak = peak_flops(device_name()) if device == "cuda" else None
+    case = f"B{B} C{C} F{Fr} {H}x{W}"
+    params = {"batch": B, "channels": C, "frames": Fr, "side": H, "pixels": pixels}
+    for p in providers:
+        fn, fmt = PROVIDERS[p]
+        args, grad = _inputs(shape, dtype, device, fmt)
+
+        def forward():
+            with torch.no_grad():
+                fn(*args)
+
+        def both():
+            for a in args:
+                a.grad = None
+            fn(*args).backward(grad)
+
+        for phase, step, flops in (("fwd", forward, fwd_flops), ("fwd+bwd", both, 3 * fwd_flops)):
+            ms = timer(step)
+            name = f"{case} {phase}"
+            result.add(benchmark="spatiotemporal_conv", case=name, provider=p, metric="time",
+                       value=ms, unit="ms", params=params)
+            result.add(benchmark="spatiotemporal_conv", case=name, provider=p, metric="tflops",
+                       value=flops / ms / 1e9, unit="TFLOP/s", params=params)
+            if peak:
+                result.add(benchmark="spatiotemporal_conv", case=name, provider=p,
+                           metric="of_peak", value=100 * flops / ms / 1e3 / peak, unit="%",
+                           params=params)
+        del args, grad
+
+
+def run(suite: str, out_dir: Path) -> BenchResult:
+    """The `suite` measurements (out_dir is unused: the harness writes the report)."""
+    result = BenchResult(ours="triton")
+    if suite == "cpu":
+        result.skipped.append("triton: the kernel runs on a CPU only in the interpreter "
+                              "(correctness in tests/test_spatiotemporal_conv.py, no timing)")
+        _measure(result, ["eager", "conv3d-ncdhw"], (1, 64, 8, 16, 16, 3), torch.float32, "cpu",
+                 lambda step: time_cpu(step, warmup=1, repeats=3))
+    elif not torch.cuda.is_available():
+        result.skipped.append(f"{suite}: no CUDA device on this machine")
+    else:
+        shapes = [(1, 320, 16, 64, 64, 3), (1, 1280, 16, 32, 32, 3)]
+        if suite == "gpu-full":
+            shapes = [(b, c, 16, side, side, 3) for b in (1, 2) for c in (320, 640, 1280)
+                      for side in (64, 32)]
+        providers = list(PROVIDERS) if suite == "gpu-full" else [p for p in PROVIDERS if p != "eager"]
+        if suite != "gpu-full":
+            result.skipped.append("eager (the reference): gpu-full only")
+        for shape in shapes:
+            _measure(result, providers, shape, torch.bfloat16, "cuda",
+                     lambda step: time_cuda(step, warmup=3, repeats=10))
+            torch.cuda.empty_cache()
+    return result
+
+
+if __name__ == "__main__":
+    from benchmarks.run import default_out_dir, main
+
+    out = f"{default_out_dir(device_name(), 'cpu')}-spatiotemporal_conv"
+    sys.exit(main(["--suite", "cpu", "--only", "spatiotemporal_conv", "--out", out]))

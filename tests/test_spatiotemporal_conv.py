@@ -1,0 +1,203 @@
+"""`spatiotemporal_conv`: the Triton kernels (through the interpreter) against the PyTorch
+reference in fp64: outputs and all five gradients at fp32 and fp16 on awkward sizes (5 frames,
+17x23 frames, 40 -> 24 channels, 1x1 / 3x3 / 3x5 spatial and 1 / 3 / 5 temporal kernels, one
+frame, with and without biases, channels-last and contiguous inputs); the zero temporal
+kernel; bad input; the custom ops; the sm_90 compile; bf16 and video-UNet sizes on CUDA."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from emu2_engine.ops import spatiotemporal_conv, spatiotemporal_conv_reference
+from kernel_checks import assert_within_rule, compile_for_sm90, run_without_interpreter
+
+NAMES = ("y", "d x", "d w_s", "d b_s", "d w_t", "d b_t")
+
+
+def make_inputs(B, cin, Fr, H, W, cout, kh, kw, kt, bias_s, bias_t, seed, device="cpu"):
+    """fp64 (x, w_s, b_s, w_t, b_t) and an output gradient, scaled like a trained layer."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size, scale=1.0):
+        return torch.randn(*size, generator=g, device=device, dtype=torch.float64) * scale
+
+    args = (randn(B, cin, Fr, H, W), randn(cout, cin, kh, kw, scale=(cin * kh * kw) ** -0.5),
+            randn(cout, scale=0.5) if bias_s else None, randn(cout, cout, kt, scale=(cout * kt) ** -0.5),
+            randn(cout, scale=0.5) if bias_t else None)
+    return args, randn(B, cout, Fr, H, W)
+
+
+def run(fn, args, grad, dtype, memory_format=torch.contiguous_format):
+    """(y, dx, dw_s, db_s, dw_t, db_t) of fn with the inputs cast to dtype (absent biases: None)."""
+    leaves = [None if t is None else t.to(dtype, copy=True).requires_grad_() for t in args]
+    x = leaves[0].detach().contiguous(memory_format=memory_format).requires_grad_()
+    y = fn(x, *leaves[1:])
+    y.backward(grad.to(dtype))
+    return (y, x.grad) + tuple(None if t is None else t.grad for t in leaves[1:])
+
+
+def check_against_reference(monkeypatch, dtype, shape, bias_s, bias_t, memory_format, seed=0):
+    args, grad = make_inputs(*shape, bias_s, bias_t, seed)
+    monkeypatch.setenv("EMU2_KERNELS", "reference")
+    ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
+    low = run(spatiotemporal_conv_reference, args, grad, dtype)
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    got = run(spatiotemporal_conv, args, grad, dtype, memory_format)
+    assert got[0].is_contiguous(memory_format=torch.channels_last_3d)
+    for name, a, b, r in zip(NAMES, got, low, ref):
+        if r is None:
+            assert a is None, name
+            continue
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert_within_rule(a, b, r, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape, bias_s, bias_t, memory_format", [
+    # (B, Cin, F, H, W, Cout, kh, kw, kt)
+    ((1, 40, 5, 17, 23, 24, 3, 3, 3), True, True, torch.channels_last_3d),   # the issue's sizes
+    ((2, 24, 3, 7, 5, 40, 1, 1, 3), False, False, torch.contiguous_format),   # 1x1, NCDHW input
+    ((1, 20, 4, 6, 9, 17, 3, 5, 1), True, False, torch.channels_last_3d),     # 3x5, kt = 1
+    ((2, 12, 1, 9, 4, 20, 3, 3, 5), False, True, torch.contiguous_format),    # one frame, kt = 5
+])
+def test_kernel_matches_reference(monkeypatch, dtype, shape, bias_s, bias_t, memory_format):
+    check_against_reference(monkeypatch, dtype, shape, bias_s, bias_t, memory_format)
+
+
+def test_zero_temporal_kernel_is_the_per_frame_conv2d(monkeypatch):
+    """An inflated UNet starts with w_t = 0, b_t = None: the layer is then exactly its spatial
+    conv (y equals the kernel's own s bit for bit), which is conv2d on every frame; w_t still
+    gets its gradient."""
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    (x, w_s, b_s, w_t, _), grad = make_inputs(2, 8, 3, 5, 6, 12, 3, 3, 3, True, False, seed=1)
+    x, w_s, b_s, grad = x.float(), w_s.float(), b_s.float(), grad.float()
+    w_t = torch.zeros(12, 12, 3, requires_grad=True)
+    x_cl = x.contiguous(memory_format=torch.channels_last_3d)
+    y, s = torch.ops.emu2.spatiotemporal_conv_fwd(x_cl, w_s, b_s, w_t.detach(), None)
+    assert torch.equal(y, s)
+    frames = [F.conv2d(x[:, :, f], w_s, b_s, padding=1) for f in range(3)]
+    torch.testing.assert_close(y, torch.stack(frames, dim=2), rtol=1e-5, atol=1e-5)
+    spatiotemporal_conv(x_cl, w_s, b_s, w_t, None).backward(grad)
+    assert w_t.grad.abs().max() > 0
+
+
+def test_frozen_weights_and_frozen_input(monkeypatch):
+    """Only the tensors that need gradients get them (a frozen layer, a frozen input)."""
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    (x, w_s, b_s, w_t, b_t), grad = make_inputs(1, 8, 3, 4, 5, 8, 3, 3, 3, True, True, seed=2)
+    x, w_s, b_s, w_t, b_t, grad = (t.float() for t in (x, w_s, b_s, w_t, b_t, grad))
+    x.requires_grad_()
+    spatiotemporal_conv(x, w_s, b_s, w_t, b_t).backward(grad)
+    x_ref = x.detach().clone().requires_grad_()
+    spatiotemporal_conv_reference(x_ref, w_s, b_s, w_t, b_t).backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    w_t.requires_grad_()
+    spatiotemporal_conv(x.detach(), w_s, b_s, w_t, b_t).backward(grad)
+    assert w_t.grad is not None and w_s.grad is None and b_t.grad is None
+
+
+def test_autocast_runs_the_kernel_in_the_autocast_dtype(monkeypatch):
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    (x, w_s, b_s, w_t, b_t), _ = make_inputs(1, 8, 2, 3, 4, 8, 3, 3, 3, True, True, seed=3)
+    x, w_s, b_s, w_t, b_t = (t.float() for t in (x, w_s, b_s, w_t, b_t))
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = spatiotemporal_conv(x, w_s, b_s, w_t, b_t)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y, spatiotemporal_conv(*(t.half() for t in (x, w_s, b_s, w_t, b_t))))
+
+
+def _bad(dtypes=None, x=(1, 4, 3, 5, 5), w_s=(6, 4, 3, 3), b_s=(6,), w_t=(6, 6, 3), b_t=(6,)):
+    """Arguments of the given shapes, fp32 unless `dtypes` names another dtype for an argument."""
+    shapes = dict(x=x, w_s=w_s, b_s=b_s, w_t=w_t, b_t=b_t)
+    return [torch.randn(*s, dtype=(dtypes or {}).get(n, torch.float32)) for n, s in shapes.items()]
+
+
+@pytest.mark.parametrize("args, message", [
+    (_bad(x=(4, 3, 5, 5)), r"expects x of shape \(B, C, F, H, W\), got \(4, 3, 5, 5\)"),
+    (_bad(w_s=(6, 5, 3, 3)), r"w_s must be \(Cout, 4, kh, kw\), got \(6, 5, 3, 3\)"),
+    (_bad(w_s=(6, 4, 2, 3)), "spatial kernel sides must be odd .* got 2x3"),
+    (_bad(w_t=(6, 5, 3)), r"w_t must be \(6, 6, kt\), got \(6, 5, 3\)"),
+    (_bad(w_t=(6, 6, 2)), "temporal kernel size must be odd, got 2"),
+    (_bad(b_s=(5,)), r"b_s must be \(6,\) or None, got \(5,\)"),
+    (_bad(b_t=(6, 1)), r"b_t must be \(6,\) or None, got \(6, 1\)"),
+    (_bad({"w_t": torch.float16}), "w_t is torch.float16 on cpu but x is torch.float32 on cpu"),
+])
+def test_bad_input(monkeypatch, args, message):
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    with pytest.raises(ValueError, match=message):
+        spatiotemporal_conv(*args)
+
+
+def test_wrong_device_is_refused(monkeypatch):
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    x, w_s, b_s, w_t, b_t = _bad()
+    with pytest.raises(ValueError, match="b_s is torch.float32 on meta but x is torch.float32 on cpu"):
+        spatiotemporal_conv(x, w_s, b_s.to("meta"), w_t, b_t)
+
+
+def test_triton_refuses_fp64_and_auto_falls_back(monkeypatch):
+    args = _bad({n: torch.float64 for n in ("x", "w_s", "b_s", "w_t", "b_t")})
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    with pytest.raises(ValueError, match="runs in"):
+        spatiotemporal_conv(*args)
+    monkeypatch.setenv("EMU2_KERNELS", "auto")
+    torch.testing.assert_close(spatiotemporal_conv(*args), spatiotemporal_conv_reference(*args))
+
+
+def test_custom_ops_pass_opcheck_and_count_flops():
+    x, w_s, b_s, w_t, b_t = _bad(x=(1, 4, 2, 3, 4))
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    torch.library.opcheck(torch.ops.emu2.spatiotemporal_conv_fwd, (x, w_s, b_s, w_t, b_t))
+    y, s = torch.ops.emu2.spatiotemporal_conv_fwd(x, w_s, None, w_t, None)
+    torch.library.opcheck(torch.ops.emu2.spatiotemporal_conv_bwd, (torch.randn_like(y), x, s, w_s, w_t, True, False))
+    with FlopCounterMode(display=False) as fc:
+        torch.ops.emu2.spatiotemporal_conv_fwd(x, w_s, b_s, w_t, b_t)
+        torch.ops.emu2.spatiotemporal_conv_bwd(y, x, s, w_s, w_t, True, True)
+    pixels = 1 * 2 * 3 * 4
+    fwd = 2 * pixels * 6 * (4 * 9 + 6 * 3)
+    assert fc.get_total_flops() == 3 * fwd
+
+
+def test_kernels_compile_for_sm90():
+    run_without_interpreter(__file__, "compile_kernels_for_sm90")
+
+
+def compile_kernels_for_sm90():
+    """The tiles the launchers pick for video-UNet layers, in bf16 and fp32, compiled for sm_90."""
+    from emu2_engine.kernels import spatiotemporal_conv as kernel
+
+    ints = dict(P="i32", NF="i32", H="i32", W="i32", C_IN="i32", N_OUT="i32")
+    for dt, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for n_out, c_in, taps in ((320, 320, (1, 3, 3)), (1280, 1280, (3, 1, 1)), (40, 24, (1, 1, 1))):
+            cfg = kernel._blocks(n_out, c_in, torch_dtype)
+            opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+            consts = dict(KT=taps[0], KH=taps[1], KW=taps[2], HAS_BIAS=True, HAS_RES=True,
+                          IEEE=dt == "fp32", **cfg)
+            types = dict(in_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", res_ptr=f"*{dt}",
+                         out_ptr=f"*{dt}", **ints)
+            assert "cubin" in compile_for_sm90(kernel._tap_conv_kernel, types, consts, **opts).asm
+            cfg = kernel._wgrad_blocks(c_in, n_out, torch_dtype)
+            opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+            consts = dict(KT=taps[0], KH=taps[1], KW=taps[2], HAS_DB=True, IEEE=dt == "fp32", **cfg)
+            types = dict(in_ptr=f"*{dt}", g_ptr=f"*{dt}", dw_ptr="*fp32", db_ptr="*fp32",
+                         ROWS_PER_SPLIT="i32", **ints)
+            assert "cubin" in compile_for_sm90(kernel._tap_wgrad_kernel, types, consts, **opts).asm
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [
+    (1, 320, 8, 32, 32, 320, 3, 3, 3),   # a video-UNet layer (fewer frames)
+    (2, 40, 5, 17, 23, 24, 3, 3, 3),     # the awkward CPU shape, on the compiled kernels
+])
+def test_cuda(dtype, shape, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    args, grad = make_inputs(*shape, True, True, seed=4, device="cuda")
+    ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
+    low = run(spatiotemporal_conv_reference, args, grad, dtype)
+    monkeypatch.setenv("EMU2_KERNELS", "auto")  # the kernel, on CUDA
+    got = run(spatiotemporal_conv, args, grad, dtype, torch.channels_last_3d)
+    for name, a, b, r in zip(NAMES, got, low, ref):
+        assert_within_rule(a, b, r, dtype, name)
