@@ -97,6 +97,18 @@ def test_frozen_weights_and_frozen_input(monkeypatch):
     assert w_t.grad is not None and w_s.grad is None and b_t.grad is None
 
 
+def test_strided_weights_and_biases(monkeypatch):
+    """Weights and biases that are views with gaps (slices of bigger tensors) give the same y."""
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    (x, w_s, b_s, w_t, b_t), _ = make_inputs(1, 8, 3, 4, 5, 6, 3, 3, 3, True, True, seed=5)
+    x, w_s, b_s, w_t, b_t = (t.float() for t in (x, w_s, b_s, w_t, b_t))
+    views = (torch.stack([w_s, w_s], dim=1)[:, 0], torch.stack([b_s, b_s], dim=1)[:, 1],
+             w_t.transpose(0, 1).contiguous().transpose(0, 1), torch.stack([b_t, b_t], dim=1)[:, 0])
+    assert not any(v.is_contiguous() for v in views)
+    torch.testing.assert_close(spatiotemporal_conv(x, *views[:2], *views[2:]),
+                               spatiotemporal_conv(x, w_s, b_s, w_t, b_t), rtol=0, atol=0)
+
+
 def test_autocast_runs_the_kernel_in_the_autocast_dtype(monkeypatch):
     monkeypatch.setenv("EMU2_KERNELS", "triton")
     (x, w_s, b_s, w_t, b_t), _ = make_inputs(1, 8, 2, 3, 4, 8, 3, 3, 3, True, True, seed=3)
