@@ -211,7 +211,7 @@ def _tap_conv(inp, weight, bias, residual, geometry, taps):
     grid = (triton.cdiv(P, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     dummy = out  # never read when the matching HAS_ flag is off
     _tap_conv_kernel[grid](
-        inp, weight, bias if bias is not None else dummy, residual if residual is not None else dummy,
+        inp, weight, bias.contiguous() if bias is not None else dummy, residual if residual is not None else dummy,
         out, P, *geometry, c_in, n_out, KT=taps[0], KH=taps[1], KW=taps[2],
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, IEEE=inp.dtype == torch.float32,
         **cfg)

@@ -81,5 +81,4 @@ def spatiotemporal_conv(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | 
     if not use_kernel:
         return spatiotemporal_conv_reference(x, w_s, b_s, w_t, b_t)
     x = x.contiguous(memory_format=torch.channels_last_3d)
-    b_s, b_t = (None if b is None else b.contiguous() for b in (b_s, b_t))
     return _kernel.SpatiotemporalConv.apply(x, w_s.contiguous(), b_s, w_t.contiguous(), b_t)
