@@ -282,36 +282,51 @@ def _(x, w_s, b_s, w_t, b_t):
 
 @torch.library.custom_op("emu2::spatiotemporal_conv_bwd", mutates_args=())
 def _spatiotemporal_conv_bwd(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
-                             w_s: torch.Tensor, w_t: torch.Tensor, with_b_s: bool, with_b_t: bool
+                             w_s: torch.Tensor, w_t: torch.Tensor, need_dx: bool, need_dw_s: bool,
+                             need_db_s: bool, need_dw_t: bool, need_db_t: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor]:
-    """All five gradients, given grad_y, x and s in channels_last_3d: (dx, dw_s, db_s, dw_t,
-    db_t). A bias that does not exist gets an empty gradient (custom ops return tensors)."""
+    """(dx, dw_s, db_s, dw_t, db_t) given grad_y, x and s in channels_last_3d. Only the gradients
+    whose need_ flag is set are computed (a frozen spatial conv, the frozen input of a first
+    layer); the others come back as empty tensors (a custom op returns tensors, not None)."""
     B, cin, Fr, H, W = x.shape
     cout, _, kh, kw = w_s.shape
     kt = w_t.shape[2]
     geometry = (Fr, H, W)
     dy = _rows(grad_y)
-    # ds = dy + adjoint temporal conv of dy: taps flipped, channel axes swapped.
-    wt_adj = w_t.flip(2).permute(2, 0, 1).contiguous()  # (kt, Cout out, Cout in)
-    ds = _tap_conv(dy, wt_adj, None, dy, geometry, (kt, 1, 1))
-    ws_adj = w_s.flip(2, 3).permute(2, 3, 0, 1).reshape(kh * kw, cout, cin).contiguous()
-    dx = _tap_conv(ds, ws_adj, None, None, geometry, (1, kh, kw))
-    dwt, dbt = _tap_wgrad(_rows(s), dy, geometry, (kt, 1, 1), with_b_t)
-    dws, dbs = _tap_wgrad(_rows(x), ds, geometry, (1, kh, kw), with_b_s)
-    return (_from_rows(dx, B, Fr, H, W),
-            dws.view(kh, kw, cin, cout).permute(3, 2, 0, 1).to(w_s.dtype).contiguous(),
-            dbs.to(w_s.dtype) if with_b_s else w_s.new_empty(0),
-            dwt.permute(2, 1, 0).to(w_t.dtype).contiguous(),
-            dbt.to(w_t.dtype) if with_b_t else w_t.new_empty(0))
+    dx = dws = dbs = dwt = dbt = None
+    if need_dw_t:
+        dwt, dbt = _tap_wgrad(_rows(s), dy, geometry, (kt, 1, 1), need_db_t)
+    elif need_db_t:
+        dbt = dy.sum(0, dtype=torch.float32)
+    if need_dx or need_dw_s or need_db_s:
+        # ds = dy + the adjoint temporal conv of dy: taps flipped, channel axes swapped.
+        wt_adj = w_t.flip(2).permute(2, 0, 1).contiguous()  # (kt, Cout out, Cout in)
+        ds = _tap_conv(dy, wt_adj, None, dy, geometry, (kt, 1, 1))
+        if need_dx:
+            ws_adj = w_s.flip(2, 3).permute(2, 3, 0, 1).reshape(kh * kw, cout, cin).contiguous()
+            dx = _from_rows(_tap_conv(ds, ws_adj, None, None, geometry, (1, kh, kw)), B, Fr, H, W)
+        if need_dw_s:
+            dws, dbs = _tap_wgrad(_rows(x), ds, geometry, (1, kh, kw), need_db_s)
+            dws = dws.view(kh, kw, cin, cout).permute(3, 2, 0, 1)
+        elif need_db_s:
+            dbs = ds.sum(0, dtype=torch.float32)
+    if dwt is not None:
+        dwt = dwt.permute(2, 1, 0)
+    empty = x.new_empty(0)
+    return (empty.clone() if dx is None else dx,
+            empty.clone() if dws is None else dws.to(w_s.dtype).contiguous(),
+            empty.clone() if dbs is None else dbs.to(w_s.dtype),
+            empty.clone() if dwt is None else dwt.to(w_t.dtype).contiguous(),
+            empty.clone() if dbt is None else dbt.to(w_t.dtype))
 
 
 @_spatiotemporal_conv_bwd.register_fake
-def _(grad_y, x, s, w_s, w_t, with_b_s, with_b_t):
+def _(grad_y, x, s, w_s, w_t, need_dx, need_dw_s, need_db_s, need_dw_t, need_db_t):
     cout = w_s.shape[0]
-    return (_empty_cl(x.shape, x), torch.empty_like(w_s, memory_format=torch.contiguous_format),
-            w_s.new_empty(cout if with_b_s else 0), torch.empty_like(w_t, memory_format=torch.contiguous_format),
-            w_t.new_empty(cout if with_b_t else 0))
+    return (_empty_cl(x.shape, x) if need_dx else x.new_empty(0),
+            w_s.new_empty(w_s.shape if need_dw_s else (0,)), w_s.new_empty(cout if need_db_s else 0),
+            w_t.new_empty(w_t.shape if need_dw_t else (0,)), w_t.new_empty(cout if need_db_t else 0))
 
 
 def _conv_flops(x_shape, w_s_shape, w_t_shape) -> int:
@@ -328,8 +343,14 @@ def _fwd_flops(x_shape, w_s_shape, b_s_shape, w_t_shape, b_t_shape, *args, out_s
 
 
 @register_flop_formula(torch.ops.emu2.spatiotemporal_conv_bwd)
-def _bwd_flops(grad_shape, x_shape, s_shape, w_s_shape, w_t_shape, *args, out_shape=None, **kwargs):
-    return 2 * _conv_flops(x_shape, w_s_shape, w_t_shape)  # dgrad + wgrad of each conv
+def _bwd_flops(grad_shape, x_shape, s_shape, w_s_shape, w_t_shape, need_dx, need_dw_s, need_db_s,
+               need_dw_t, need_db_t, *args, out_shape=None, **kwargs):
+    """Each dgrad or wgrad GEMM has its convolution's forward FLOPs; the temporal dgrad (ds)
+    runs whenever anything of the spatial conv or the input needs a gradient."""
+    spatial = _conv_flops(x_shape, w_s_shape, (0, 0, 0))
+    temporal = _conv_flops(x_shape, w_s_shape, w_t_shape) - spatial
+    need_ds = need_dx or need_dw_s or need_db_s
+    return temporal * (need_ds + need_dw_t) + spatial * (need_dx + need_dw_s)
 
 
 class SpatiotemporalConv(torch.autograd.Function):
@@ -339,7 +360,6 @@ class SpatiotemporalConv(torch.autograd.Function):
     def forward(ctx, x, w_s, b_s, w_t, b_t):
         y, s = torch.ops.emu2.spatiotemporal_conv_fwd(x, w_s, b_s, w_t, b_t)
         ctx.save_for_backward(x, s, w_s, w_t)
-        ctx.with_b_s, ctx.with_b_t = b_s is not None, b_t is not None
         return y
 
     @staticmethod
@@ -347,9 +367,6 @@ class SpatiotemporalConv(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, s, w_s, w_t = ctx.saved_tensors
         grad_y = grad_y.contiguous(memory_format=torch.channels_last_3d)
-        dx, dws, dbs, dwt, dbt = torch.ops.emu2.spatiotemporal_conv_bwd(
-            grad_y, x, s, w_s, w_t, ctx.with_b_s, ctx.with_b_t)
-        need = ctx.needs_input_grad
-        return (dx if need[0] else None, dws if need[1] else None,
-                dbs if ctx.with_b_s and need[2] else None, dwt if need[3] else None,
-                dbt if ctx.with_b_t and need[4] else None)
+        need = ctx.needs_input_grad  # False for an absent bias
+        grads = torch.ops.emu2.spatiotemporal_conv_bwd(grad_y, x, s, w_s, w_t, *need)
+        return tuple(g if n else None for g, n in zip(grads, need))
