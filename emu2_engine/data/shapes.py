@@ -56,6 +56,13 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 TEMPLATES = ("{d}.", "a picture of {d}.", "an image of {d}.", "there {be} {d}.")
 MAX_SHAPES = 3
 COLOUR_JITTER = 12  # +- per channel, so pixels are not all one exact value
+# Video motions: (from, to) sides, or None for growing and shrinking in place.
+MOTIONS = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"), None)
+MAX_DOCUMENT_IMAGES = 3  # at most 3 x MAX_SHAPES = 9 shapes, so the total is a number word
+DOCUMENT_OPENINGS = ("here are some pictures of shapes.", "a page of shape pictures.",
+                     "look at these pictures.")
+# Random streams of the sample types other than plain images (see ShapesWorld.stream_rng).
+STREAM_VIDEO, STREAM_GROUNDED, STREAM_VQA, STREAM_DOCUMENT, STREAM_TEXT = 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,50 @@ class ShapesSample:
     shapes: tuple[Shape, ...]
     background: str
     texture: str
+
+
+@dataclass(frozen=True)
+class ShapesVideo:
+    """A short video: one shape moving across a plain background, or growing and shrinking."""
+
+    frames: tuple[Image.Image, ...]
+    caption: str
+
+
+@dataclass(frozen=True)
+class GroundedPhrase:
+    """A noun phrase of a caption, caption[start:end], and the boxes of the shapes it names,
+    (x0, y0, x1, y1) in [0, 1] image coordinates."""
+
+    start: int
+    end: int
+    boxes: tuple[tuple[float, float, float, float], ...]
+
+
+@dataclass(frozen=True)
+class ShapesGrounded:
+    """An image-caption sample whose noun phrases are tied to boxes (GRIT-style grounding)."""
+
+    sample: ShapesSample
+    phrases: tuple[GroundedPhrase, ...]
+
+
+@dataclass(frozen=True)
+class ShapesVQA:
+    """A question about an image with ten annotators' answers, as VQAv2 has them."""
+
+    sample: ShapesSample
+    question: str
+    answer: str
+    """The most common answer (VQAv2's `multiple_choice_answer`)."""
+    answers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ShapesDocument:
+    """An interleaved document: sentences and images in reading order."""
+
+    items: tuple[str | ShapesSample, ...]
 
 
 def _unit_shapes(layout: list[tuple]) -> list[Shape]:
@@ -133,6 +184,18 @@ def describe(shapes: tuple[Shape, ...] | list[Shape]) -> str:
     return join_words(parts).rstrip(",")
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int],
+               fill: tuple[int, int, int]) -> None:
+    """Draw one shape filling the pixel box (x0, y0, x1, y1), inclusive-exclusive."""
+    x0, y0, x1, y1 = box
+    if kind == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif kind == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    else:
+        draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
+
+
 def questions(shapes: tuple[Shape, ...] | list[Shape], rng: np.random.Generator) -> list[tuple[str, str]]:
     """Question-answer pairs about a set of shapes (counting, colour, position, presence)."""
     qa = []
@@ -151,6 +214,51 @@ def questions(shapes: tuple[Shape, ...] | list[Shape], rng: np.random.Generator)
     present = any(t.colour == colour and t.kind == kind for t in shapes)
     qa.append((f"is there {noun_phrase(colour, kind, 1)}?", "yes" if present else "no"))
     return qa
+
+
+def _check_image_size(image_size: int) -> None:
+    if image_size < 16:
+        raise ValueError(f"ShapesWorld image_size must be >= 16 pixels, got {image_size}")
+
+
+def grounded_phrases(sample: ShapesSample) -> tuple[GroundedPhrase, ...]:
+    """The noun phrases of `sample.caption` ("two red circles") as character spans, in
+    caption order, each with the boxes of the shapes it names, in [0, 1] image coordinates.
+
+    The groups are those of `describe` (same colour and kind, reading order), so every
+    phrase is found in the caption after the previous one."""
+    width, height = sample.image.size
+    groups: dict[tuple[str, str], list[Shape]] = {}
+    for s in sorted(sample.shapes, key=lambda s: _READING_ORDER[s.position]):
+        groups.setdefault((s.colour, s.kind), []).append(s)
+    phrases, cursor = [], sample.caption.index(describe(sample.shapes))
+    for (colour, kind), members in groups.items():
+        noun = noun_phrase(colour, kind, len(members))
+        start = sample.caption.index(noun, cursor)
+        cursor = start + len(noun)
+        boxes = tuple((s.box[0] / width, s.box[1] / height, s.box[2] / width, s.box[3] / height)
+                      for s in members)
+        phrases.append(GroundedPhrase(start, cursor, boxes))
+    return tuple(phrases)
+
+
+def answer_variant(answer: str) -> str:
+    """Another way an annotator writes `answer`: a digit for a number word, the bare
+    position for a position phrase ("on the left" -> "left"); else the answer itself."""
+    if answer in NUMBERS:
+        return str(NUMBERS.index(answer))
+    for prefix in ("on the ", "at the ", "in the "):
+        if answer.startswith(prefix):
+            return answer[len(prefix):]
+    return answer
+
+
+def vqa_answers(answer: str, rng: np.random.Generator, n: int = 10,
+                p_variant: float = 0.2) -> tuple[str, ...]:
+    """`n` annotators' answers to a question whose answer is `answer`: each writes it as
+    is, or with probability `p_variant` in another phrasing (`answer_variant`)."""
+    variant = answer_variant(answer)
+    return tuple(variant if rng.random() < p_variant else answer for _ in range(n))
 
 
 class ShapesWorld:
@@ -201,9 +309,11 @@ class ShapesWorld:
 
     def sample(self, index: int, image_size: int = 64) -> ShapesSample:
         """Sample `index`: an RGB image of `image_size` pixels, its caption and its shapes."""
-        if image_size < 16:
-            raise ValueError(f"ShapesWorld image_size must be >= 16 pixels, got {image_size}")
-        rng = self.rng(index)
+        _check_image_size(image_size)
+        return self._draw(self.rng(index), image_size)
+
+    def _draw(self, rng: np.random.Generator, image_size: int) -> ShapesSample:
+        """Draw a sample from `rng`: the layout and caption first, then the pixels."""
         layout, caption = self._layout(rng)
         background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
         texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
@@ -216,15 +326,106 @@ class ShapesWorld:
                    int(round(cx * image_size + half)), int(round(cy * image_size + half)))
             jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
             fill = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
-            x0, y0, x1, y1 = box
-            if kind == "circle":
-                draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
-            elif kind == "square":
-                draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
-            else:
-                draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
+            draw_shape(draw, kind, box, fill)
             shapes.append(Shape(kind, colour, box, POSITIONS[cell]))
         return ShapesSample(image, caption, tuple(shapes), background, texture)
+
+    def stream_rng(self, stream: int, index: int, *more: int) -> np.random.Generator:
+        """The generator of item `index` of a sample type other than plain images.
+
+        Each type has its own stream number, so video 5 and document 5 are independent of each
+        other and of `sample(5)`."""
+        if index < 0:
+            raise ValueError(f"ShapesWorld sample index must be >= 0, got {index}")
+        return np.random.default_rng([self.seed, index, stream, *more])
+
+    def video(self, index: int, image_size: int = 64, n_frames: int = 16) -> ShapesVideo:
+        """Video `index`: one shape that moves from one side to the opposite one, or grows
+        bigger and then smaller in place, on a plain background; the caption says which,
+        e.g. "a red circle moves from the left to the right." (the phrasings the tokenizer
+        corpus has)."""
+        _check_image_size(image_size)
+        if n_frames < 2:
+            raise ValueError(f"a shapes-world video needs at least 2 frames, got {n_frames}")
+        rng = self.stream_rng(STREAM_VIDEO, index)
+        colour, kind = str(rng.choice(list(COLOURS))), str(rng.choice(KINDS))
+        background = BACKGROUNDS[list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]]
+        motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
+        size = rng.uniform(0.22, 0.3)  # side as a fraction of the frame
+        # Where the shape sits on the axis it does not move along (both axes when it grows).
+        fixed = rng.uniform(0.35, 0.65, size=2)
+        jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
+        fill = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
+        frames = []
+        for t in np.linspace(0.0, 1.0, n_frames):
+            side, (cx, cy) = size, fixed
+            if motion is None:  # grows to 1.8x its size half way, then shrinks back
+                side = size * (1 + 0.8 * np.sin(np.pi * t))
+            else:
+                near, far = size / 2 + 0.02, 1 - size / 2 - 0.02
+                start, end = (near, far) if motion[0] in ("left", "top") else (far, near)
+                along = start + (end - start) * t
+                cx, cy = (along, fixed[1]) if motion[0] in ("left", "right") else (fixed[0], along)
+            half = side * image_size / 2
+            box = (int(round(cx * image_size - half)), int(round(cy * image_size - half)),
+                   int(round(cx * image_size + half)), int(round(cy * image_size + half)))
+            frame = Image.new("RGB", (image_size, image_size), background)
+            draw_shape(ImageDraw.Draw(frame), kind, box, fill)
+            frames.append(frame)
+        what = noun_phrase(colour, kind, 1)
+        if motion is None:
+            caption = f"{what} grows bigger and then smaller."
+        else:
+            caption = f"{what} moves from the {motion[0]} to the {motion[1]}."
+        return ShapesVideo(tuple(frames), caption)
+
+    def grounded(self, index: int, image_size: int = 64) -> ShapesGrounded:
+        """Grounded sample `index`: an image and caption as `sample` draws them (from the
+        grounding stream), with each noun phrase of the caption tied to its shapes' boxes."""
+        _check_image_size(image_size)
+        sample = self._draw(self.stream_rng(STREAM_GROUNDED, index), image_size)
+        return ShapesGrounded(sample, grounded_phrases(sample))
+
+    def vqa(self, index: int, image_size: int = 64) -> ShapesVQA:
+        """VQA item `index`: an image, one question about it (counting, colour, shape,
+        position or presence) and ten answers that vary in phrasing as annotators' do
+        ("two", "2"; "on the left", "left")."""
+        _check_image_size(image_size)
+        rng = self.stream_rng(STREAM_VQA, index)
+        sample = self._draw(rng, image_size)
+        qa = questions(sample.shapes, rng)
+        question, answer = qa[int(rng.integers(len(qa)))]
+        return ShapesVQA(sample, question, answer, vqa_answers(answer, rng))
+
+    def document(self, index: int, image_size: int = 64) -> ShapesDocument:
+        """Interleaved document `index`: an opening sentence, then 2 or 3 images each
+        followed by its caption, then a sentence counting the shapes of all the images (so
+        the last sentence needs every image)."""
+        _check_image_size(image_size)
+        rng = self.stream_rng(STREAM_DOCUMENT, index)
+        n_images = int(rng.integers(2, MAX_DOCUMENT_IMAGES + 1))
+        items: list[str | ShapesSample] = [DOCUMENT_OPENINGS[int(rng.integers(len(DOCUMENT_OPENINGS)))]]
+        total = 0
+        for j in range(n_images):
+            sample = self._draw(self.stream_rng(STREAM_DOCUMENT, index, j), image_size)
+            items += [sample, sample.caption]
+            total += len(sample.shapes)
+        items.append(f"in all there are {NUMBERS[total]} shapes.")
+        return ShapesDocument(tuple(items))
+
+    def paragraph(self, index: int) -> str:
+        """Language-only text `index`: 3 to 6 sentences of shapes-world captions and
+        question-answer pairs, no image."""
+        rng = self.stream_rng(STREAM_TEXT, index)
+        sentences = []
+        for _ in range(int(rng.integers(3, 7))):
+            layout, caption = self._layout(rng)
+            if rng.random() < 0.5:
+                sentences.append(caption)
+            else:
+                q, a = questions(_unit_shapes(layout), rng)[int(rng.integers(7))]
+                sentences.append(f"{q} {a}.")
+        return " ".join(sentences)
 
     @staticmethod
     def _background(rng: np.random.Generator, rgb: tuple[int, int, int], texture: str,
