@@ -23,6 +23,8 @@ Suites (`run(suite, out_dir)` for `benchmarks.run`):
   forward + backward; time, TFLOP/s (both convolutions' multiply-adds x 2; backward counted
   as 2x forward), and the fraction of the device's bf16 peak.
 - gpu-full: 320/640/1280 channels x 64x64/32x32 latents x batch 1 and 2.
+Both GPU suites also time each Triton launch alone ("<case> pass spatial-fwd", ...) against
+the cuDNN call doing the same convolution (`_measure_passes`), to show which pass is short.
 Targets (issue 7): >= 1.2x cudnn-2d+1d-cl and >= 2x conv3d-ncdhw, forward and backward.
 """
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import BenchResult, device_name, time_cpu, time_cuda
+from emu2_engine.kernels import spatiotemporal_conv as K
 from emu2_engine.models.flops import peak_flops
 from emu2_engine.ops import spatiotemporal_conv, spatiotemporal_conv_reference
 
@@ -119,6 +122,47 @@ def _measure(result, providers, shape, dtype, device, timer):
         del args, grad
 
 
+def _measure_passes(result, shape, dtype, timer):
+    """Each Triton launch of the op alone against the cuDNN call that does the same work
+    (provider "cudnn"), so a GPU run shows which pass is short of cuDNN. Same FLOPs each side;
+    cuDNN's temporal forward has no residual add (ours has it fused)."""
+    B, C, Fr, H, W, kt = shape
+    P, geometry = B * Fr * H * W, (Fr, H, W)
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*size):
+        return (torch.randn(*size, generator=g, device="cuda") * 0.05).to(dtype)
+
+    rows, w_sp, w_tp, bias = randn(P, C), randn(9, C, C), randn(kt, C, C), randn(C)
+    x4 = rows.view(B * Fr, H, W, C).permute(0, 3, 1, 2)                  # channels-last views
+    x5 = rows.view(B, Fr, H, W, C).permute(0, 4, 1, 2, 3)
+    w4 = randn(C, C, 3, 3).contiguous(memory_format=torch.channels_last)
+    w5 = randn(C, C, kt, 1, 1).contiguous(memory_format=CL3D)
+    grad = torch.nn.grad
+    spatial, temporal = 2 * P * C * C * 9, 2 * P * C * C * kt
+    passes = {
+        "spatial-fwd": (spatial, lambda: K._tap_conv(rows, w_sp, bias, None, geometry, (1, 3, 3)),
+                        lambda: F.conv2d(x4, w4, bias, padding=1)),
+        "temporal-fwd": (temporal, lambda: K._tap_conv(rows, w_tp, bias, rows, geometry, (kt, 1, 1)),
+                         lambda: F.conv3d(x5, w5, bias, padding=(kt // 2, 0, 0))),
+        "spatial-dgrad": (spatial, lambda: K._tap_conv(rows, w_sp, None, None, geometry, (1, 3, 3)),
+                          lambda: grad.conv2d_input(x4.shape, w4, x4, padding=1)),
+        "spatial-wgrad": (spatial, lambda: K._tap_wgrad(rows, rows, geometry, (1, 3, 3), True),
+                          lambda: grad.conv2d_weight(x4, w4.shape, x4, padding=1)),
+        "temporal-wgrad": (temporal, lambda: K._tap_wgrad(rows, rows, geometry, (kt, 1, 1), True),
+                           lambda: grad.conv3d_weight(x5, w5.shape, x5, padding=(kt // 2, 0, 0))),
+    }
+    params = {"batch": B, "channels": C, "frames": Fr, "side": H, "pixels": P}
+    for name, (flops, ours, cudnn) in passes.items():
+        for provider, fn in (("triton", ours), ("cudnn", cudnn)):
+            ms = timer(fn)
+            case = f"B{B} C{C} F{Fr} {H}x{W} pass {name}"
+            result.add(benchmark="spatiotemporal_conv", case=case, provider=provider,
+                       metric="time", value=ms, unit="ms", params=params)
+            result.add(benchmark="spatiotemporal_conv", case=case, provider=provider,
+                       metric="tflops", value=flops / ms / 1e9, unit="TFLOP/s", params=params)
+
+
 def run(suite: str, out_dir: Path) -> BenchResult:
     """The `suite` measurements (out_dir is unused: the harness writes the report)."""
     result = BenchResult(ours="triton")
@@ -138,8 +182,9 @@ def run(suite: str, out_dir: Path) -> BenchResult:
         if suite != "gpu-full":
             result.skipped.append("eager (the reference): gpu-full only")
         for shape in shapes:
-            _measure(result, providers, shape, torch.bfloat16, "cuda",
-                     lambda step: time_cuda(step, warmup=3, repeats=10))
+            timer = lambda step: time_cuda(step, warmup=3, repeats=10)  # noqa: E731
+            _measure(result, providers, shape, torch.bfloat16, "cuda", timer)
+            _measure_passes(result, shape, torch.bfloat16, timer)
             torch.cuda.empty_cache()
     return result
 
