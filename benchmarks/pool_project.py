@@ -1,20 +1,19 @@
-"""Benchmark of `pool_project` (average pool fused into the projection GEMM) against eager
+"""Benchmark of `pool_project` (Triton average pool, then the cuBLAS projection) against eager
 PyTorch (`pool_patches` = transpose + avg_pool2d + transpose, then F.linear) and against a
 pool-then-GEMM baseline (a strided view + mean, then F.linear: no transposed copies).
 
     python -m benchmarks.pool_project     # cpu suite -> benchmarks/results/<device>-cpu-<date>-pool_project/
     python -m benchmarks.run --suite gpu-quick --only pool_project
 
-Suites (`run(suite, out_dir)`, for `benchmarks.run`; ours is "fused"):
+Suites (`run(suite, out_dir)`, for `benchmarks.run`; ours is "ours"):
 - cpu: the two PyTorch baselines, forward and forward + backward, at 16 images of Emu2's shape
-  in fp32. The fused kernel is not timed: on a CPU it runs only in the interpreter.
+  in fp32. Ours is not timed: its pooling kernel runs on a CPU only in the interpreter.
 - gpu-quick / gpu-full (CUDA only, skipped elsewhere): 256 images of 1024 x 1792 patch
   features -> 64 tokens of 6656 (Emu2), bf16 (full adds 256 tokens per image, Emu2-Chat, and
   64 images); time per phase (`benchmarks.common.time_cuda`), TFLOP/s, bandwidth on the
-  minimum bytes (forward: x and W read, the output written), and for the fused kernel the
+  minimum bytes (forward: x and W read, the output written), and for ours the
   fraction of the roofline max(bytes / HBM bandwidth, FLOPs / peak) it reaches. Targets
-  (issue 4): >= 80% of the roofline and >= 2x eager. gpu-quick runs the kernels untuned (the
-  first config of kernels/pool_project.py's list), gpu-full autotunes them.
+  (issue 4): >= 80% of the roofline and >= 2x eager.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import BenchResult, device_name, time_cpu, time_cuda
-from emu2_engine.kernels import pool_project as K
 from emu2_engine.models.flops import peak_flops
 from emu2_engine.ops import pool_patches, pool_project
 
@@ -49,11 +47,11 @@ def view_mean(x, w, n_query):
     return F.linear(pooled, w)
 
 
-def fused(x, w, n_query):
+def ours(x, w, n_query):
     return pool_project(x, w, n_query)
 
 
-PROVIDERS = {"eager": eager, "view-mean": view_mean, "fused": fused}
+PROVIDERS = {"eager": eager, "view-mean": view_mean, "ours": ours}
 
 
 def _inputs(N, P, C, H, n_query, dtype, device):
@@ -96,7 +94,7 @@ def _measure(result, providers, shape, dtype, device, timer):
                        value=nbytes / ms / 1e6, unit="GB/s", params=params)
             result.add(benchmark="pool_project", case=case, provider=p, metric="tflops",
                        value=nflops / ms / 1e9, unit="TFLOP/s", params=params)
-            if p == "fused" and bandwidth and peak:
+            if p == "ours" and bandwidth and peak:
                 floor = max(nbytes / bandwidth, nflops / peak) * 1e3
                 result.add(benchmark="pool_project", case=case, provider=p, metric="of_roofline",
                            value=100 * floor / ms, unit="%", params=params)
@@ -104,9 +102,9 @@ def _measure(result, providers, shape, dtype, device, timer):
 
 def run(suite: str, out_dir: Path) -> BenchResult:
     """The `suite` measurements (out_dir is unused: the harness writes the report)."""
-    result = BenchResult(ours="fused")
+    result = BenchResult(ours="ours")
     if suite == "cpu":
-        result.skipped.append("fused: the Triton kernel runs on a CPU only in the interpreter "
+        result.skipped.append("ours: the Triton pooling kernel runs on a CPU only in the interpreter "
                               "(correctness in tests/test_pool_project.py, no timing)")
         _measure(result, ["eager", "view-mean"], (16, 1024, 1792, 6656, 64), torch.float32, "cpu",
                  lambda step: time_cpu(step, warmup=1, repeats=3))
@@ -116,8 +114,6 @@ def run(suite: str, out_dir: Path) -> BenchResult:
         shapes = [(256, 1024, 1792, 6656, 64)]
         if suite == "gpu-full":
             shapes += [(256, 1024, 1792, 6656, 256), (64, 1024, 1792, 6656, 64)]
-        # gpu-quick times the untuned kernel (the first config), gpu-full the autotuned one.
-        K.AUTOTUNE = suite == "gpu-full"
         if not any(device_name().startswith(k) for k in HBM_BANDWIDTH):
             result.skipped.append(f"of_roofline: no HBM bandwidth on record for {device_name()}")
         for shape in shapes:

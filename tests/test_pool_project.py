@@ -90,14 +90,17 @@ def test_triton_refuses_fp64_and_auto_falls_back(monkeypatch):
     torch.testing.assert_close(pool_project(x, w, 4), F.linear(pool_patches(x, 4), w))
 
 
-def test_custom_ops_pass_opcheck_and_count_flops():
+def test_custom_ops_pass_opcheck_and_flops_are_the_gemms(monkeypatch):
+    """The pooling ops pass opcheck; a forward + backward counts exactly the three GEMMs."""
     x, w = torch.randn(2, 64, 24), torch.randn(20, 24)
-    torch.library.opcheck(torch.ops.emu2.pool_project_fwd, (x, w, 16))
-    torch.library.opcheck(torch.ops.emu2.pool_project_bwd_input, (torch.randn(2, 16, 20), w, 64))
+    torch.library.opcheck(torch.ops.emu2.pool_patches_fwd, (x, 16))
+    torch.library.opcheck(torch.ops.emu2.pool_patches_bwd, (torch.randn(2, 16, 24), 64))
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    x.requires_grad_()
+    w.requires_grad_()
     with FlopCounterMode(display=False) as fc:
-        torch.ops.emu2.pool_project_fwd(x, w, 16)
-        torch.ops.emu2.pool_project_bwd_input(torch.randn(2, 16, 20), w, 64)
-    assert fc.get_total_flops() == 2 * (2 * 2 * 16 * 20 * 24)
+        pool_project(x, w, 16).sum().backward()
+    assert fc.get_total_flops() == 3 * (2 * 2 * 16 * 20 * 24)
 
 
 def test_kernels_compile_for_sm90():
@@ -105,30 +108,23 @@ def test_kernels_compile_for_sm90():
 
 
 def compile_kernels_for_sm90():
-    """Every GPU config in bf16, the first in fp32 (the IEEE dot), compiled for sm_90."""
+    """Both pooling kernels, in bf16 and fp32, at the GPU block size, compiled for sm_90."""
     from emu2_engine.kernels import pool_project as kernel
 
-    common = dict(M="i32", N_OUT="i32", K_IN="i32", GRID="i32", SIDE="i32", WINDOW="i32",
-                  n_query="i32", inv_area="fp32")
-    cases = [(c, "bf16") for c in kernel._GPU_CONFIGS] + [(kernel._GPU_CONFIGS[0], "fp32")]
-    for config, dt in cases:
-        opts = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        constexprs = dict(**config.kwargs, IEEE=dt == "fp32")
-        fwd = compile_for_sm90(kernel._pool_project_fwd_kernel, dict(
-            x_ptr=f"*{dt}", w_ptr=f"*{dt}", out_ptr=f"*{dt}", pooled_ptr=f"*{dt}", **common), constexprs, **opts)
-        bwd = compile_for_sm90(kernel._pool_project_bwd_input_kernel, dict(
-            dout_ptr=f"*{dt}", w_ptr=f"*{dt}", dx_ptr=f"*{dt}", **common), constexprs, **opts)
+    common = dict(C="i32", GRID="i32", SIDE="i32", WINDOW="i32", n_query="i32", inv_area="fp32")
+    for dt in ("bf16", "fp32"):
+        opts = dict(num_warps=kernel.NUM_WARPS)
+        fwd = compile_for_sm90(kernel._pool_kernel, dict(x_ptr=f"*{dt}", pooled_ptr=f"*{dt}", **common),
+                               dict(BLOCK_C=kernel.BLOCK_C), **opts)
+        bwd = compile_for_sm90(kernel._unpool_kernel, dict(dpooled_ptr=f"*{dt}", dx_ptr=f"*{dt}", **common),
+                               dict(BLOCK_C=kernel.BLOCK_C), **opts)
         assert "cubin" in fwd.asm and "cubin" in bwd.asm
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cuda_at_emu2_size(dtype, monkeypatch):
-    """Emu2's projector on CUDA: 1024 patches of 1792 -> 64 tokens of 6656, 8 images (the
-    first config, untuned: tuning is the benchmark's business)."""
-    from emu2_engine.kernels import pool_project as kernel
-
-    monkeypatch.setattr(kernel, "AUTOTUNE", False)
+    """Emu2's projector on CUDA: 1024 patches of 1792 -> 64 tokens of 6656, 8 images."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(8, 1024, 1792, generator=g, device="cuda", dtype=torch.float64)
