@@ -472,16 +472,20 @@ def load_unet_state_dict(model: UNet, state_dict: Mapping[str, torch.Tensor], pr
     model.load_state_dict(state_dict, strict=True, assign=on_meta)
 
 
-def load_unet_weights(model: UNet, source: str, prefix: str = "unet.") -> None:
+_EMU2_GEN_OTHER_PARTS = ("multimodal_encoder.", "vae.", "safety_checker.")
+
+
+def load_unet_weights(model: UNet, source: str) -> None:
     """Load a checkpoint file or sharded directory (safetensors or torch) into `model`: the
-    released Emu2-Gen file (its ``unet.*`` keys; encoder, VAE and safety checker ignored) or,
-    with prefix="", a diffusers ``unet/`` folder. Validated before anything is copied."""
+    released Emu2-Gen weights (their ``unet.*`` keys; the encoder, VAE and safety checker are
+    skipped) or a diffusers UNet's own weights (no prefix). Validated whole before anything is
+    copied (`checkpoint.released.load_weights`)."""
     from emu2_engine.checkpoint.released import load_weights
 
     def rename(name: str) -> str | None:
-        if prefix and not name.startswith(prefix):
-            return None
-        return name[len(prefix):]
+        if name.startswith("unet."):
+            return name[len("unet."):]
+        return None if name.startswith(_EMU2_GEN_OTHER_PARTS) else name
 
     load_weights(model, source, rename=rename)
 

@@ -1,0 +1,185 @@
+"""Visual embeddings -> pixels: sampling the image and video decoders.
+
+`decode_images` runs Emu2-Gen's sampler (EMU2_FACTS.md): diffusers' Euler discrete scheduler
+(epsilon prediction, SDXL's scaled-linear betas, "leading" timesteps with offset 1), 50 steps,
+classifier-free guidance 3.0, the conditional and unconditional passes batched into one UNet
+call per step, then the VAE's decoder. `decode_video` is the same loop over the video UNet's
+(B, C, F, h, w) latents, decoded frame by frame.
+
+The negative (unconditional) condition: Emu2-Gen uses the embedding of an empty prompt, or of
+a zero image when autoencoding. Both need the encoder (and, for the prompt, the LLM), so the
+caller passes it as `negative`; `zero_image_embedding` computes the zero-image one. With
+`negative=None` the negative is all-zero embeddings -- what a decoder trained with
+``null_condition = "zeros"`` saw when its condition was dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from emu2_engine.models.unet import UNet
+from emu2_engine.models.unet3d import VideoUNet
+
+SDXL_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                           beta_schedule="scaled_linear")
+"""The training noise schedule of SDXL and of the Emu2-Gen decoder (scheduler/ of the release)."""
+
+
+def euler_scheduler(schedule: dict | None = None):
+    """A fresh diffusers EulerDiscreteScheduler for `schedule` (default SDXL's) with Emu2-Gen's
+    sampling settings. Fresh per call: the scheduler keeps a step counter."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(**(schedule or SDXL_NOISE_SCHEDULE), prediction_type="epsilon",
+                                  timestep_spacing="leading", steps_offset=1)
+
+
+@torch.no_grad()
+def zero_image_embedding(encode: Callable[[torch.Tensor], torch.Tensor], image_size: int,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
+    """The negative condition for autoencoding: the encoder's embeddings (1, N, D) of an
+    all-zero input image (zero after CLIP normalisation, the dataset's mean colour)."""
+    return encode(torch.zeros(1, 3, image_size, image_size, device=device))
+
+
+def size_ids(height: int, width: int, batch: int, device) -> torch.Tensor:
+    """SDXL's six size/crop ids for an uncropped image generated at its own size."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device).expand(batch, 6)
+
+
+def _vae_factor(vae) -> int:
+    """Pixels per latent along each side (2 per downsampling block of the VAE's encoder)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _negative_like(cond: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
+    """`negative` broadcast to cond's shape (it may lack the batch dim or have batch 1)."""
+    if negative is None:
+        return torch.zeros_like(cond)
+    negative = negative.to(device=cond.device, dtype=cond.dtype)
+    if negative.dim() == cond.dim() - 1:
+        negative = negative.unsqueeze(0)
+    if negative.dim() != cond.dim() or negative.shape[0] not in (1, cond.shape[0]) \
+            or negative.shape[1:] != cond.shape[1:]:
+        raise ValueError(f"negative embeddings must have shape {tuple(cond.shape[1:])} (optionally with "
+                         f"a batch of 1 or {cond.shape[0]}), got {tuple(negative.shape)}")
+    return negative.expand_as(cond)
+
+
+def _check_guidance(steps: int, guidance: float) -> None:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if guidance < 1.0:
+        raise ValueError(f"guidance must be >= 1 (1 turns classifier-free guidance off), got {guidance}")
+
+
+def sample_latents(unet: UNet, cond: torch.Tensor, latent_shape: tuple[int, ...],
+                   time_ids: torch.Tensor | None, *, steps: int, guidance: float,
+                   negative: torch.Tensor | None, generator: torch.Generator | None,
+                   schedule: dict | None = None) -> torch.Tensor:
+    """The Euler loop with classifier-free guidance: latents of `latent_shape` (batch first)."""
+    _check_guidance(steps, guidance)
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    scheduler = euler_scheduler(schedule)
+    scheduler.set_timesteps(steps, device=device)
+    latents = torch.randn(latent_shape, generator=generator, dtype=torch.float32).to(device)
+    latents = latents * scheduler.init_noise_sigma
+    cond = cond.to(device=device, dtype=dtype)
+    guided = guidance != 1.0
+    if guided:  # one batched UNet call per step: [unconditional; conditional]
+        cond = torch.cat([_negative_like(cond, negative), cond])
+        time_ids = None if time_ids is None else torch.cat([time_ids, time_ids])
+    for t in scheduler.timesteps:
+        x = torch.cat([latents, latents]) if guided else latents
+        x = scheduler.scale_model_input(x, t).to(dtype)
+        eps = unet(x, t, cond, time_ids).float()
+        if guided:
+            uncond, conditional = eps.chunk(2)
+            eps = uncond + guidance * (conditional - uncond)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
+def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8."""
+    x = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()
+
+
+@torch.no_grad()
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) scaled latents -> (N, 3, H, W) pixels in about [-1, 1]."""
+    param = next(vae.parameters())
+    z = latents.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor
+    return vae.decode(z).sample
+
+
+def _pixel_size(unet: UNet, vae, height: int | None, width: int | None) -> tuple[int, int, int]:
+    factor = _vae_factor(vae)
+    height = height or unet.cfg.sample_size * factor
+    width = width or unet.cfg.sample_size * factor
+    if height % factor or width % factor:
+        raise ValueError(f"height and width must be multiples of the VAE's factor {factor}, got {height}x{width}")
+    return height, width, factor
+
+
+@torch.no_grad()
+def decode_images(embeddings: torch.Tensor, *, unet: UNet, vae, steps: int = 50, guidance: float = 3.0,
+                  negative: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
+                  seed: int | None = None, schedule: dict | None = None) -> list[Image.Image]:
+    """Visual embeddings (B, N, D) -> B PIL images of height x width pixels (default: the UNet's
+    sample_size through the VAE, 1024 for Emu2-Gen).
+
+    `negative`: the unconditional embeddings, (N, D) or (1 or B, N, D); None = all zeros.
+    `seed` makes the initial noise reproducible.
+    """
+    if isinstance(unet, VideoUNet):
+        raise ValueError("decode_images needs the image UNet; use decode_video for a VideoUNet")
+    if embeddings.dim() != 3:
+        raise ValueError(f"embeddings must be (B, N, D), got shape {tuple(embeddings.shape)}")
+    height, width, factor = _pixel_size(unet, vae, height, width)
+    B = embeddings.shape[0]
+    device = next(unet.parameters()).device
+    time_ids = size_ids(height, width, B, device) if unet.cfg.text_time else None
+    # The UNet's checks (embedding width and count), once, before any work.
+    unet.check_inputs(torch.empty(B, unet.cfg.in_channels, 1, 1, device="meta"), torch.zeros(()),
+                      embeddings, time_ids)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    latents = sample_latents(unet, embeddings, (B, unet.cfg.in_channels, height // factor, width // factor),
+                             time_ids, steps=steps, guidance=guidance, negative=negative,
+                             generator=generator, schedule=schedule)
+    return [Image.fromarray(a) for a in _to_uint8(vae_decode(vae, latents))]
+
+
+@torch.no_grad()
+def decode_video(embeddings: torch.Tensor, *, unet: VideoUNet, vae, frames: int = 8, steps: int = 50,
+                 guidance: float = 3.0, negative: torch.Tensor | None = None, height: int | None = None,
+                 width: int | None = None, seed: int | None = None,
+                 schedule: dict | None = None) -> list[np.ndarray]:
+    """Visual embeddings of Fc images per clip (B, Fc, N, D) -> B uint8 arrays (frames, H, W, 3).
+
+    `negative`: (Fc, N, D) or (1 or B, Fc, N, D); None = all zeros. Frames go through the VAE's
+    decoder one clip at a time.
+    """
+    if not isinstance(unet, VideoUNet):
+        raise ValueError("decode_video needs a VideoUNet (see models.unet3d.inflate_unet)")
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    height, width, factor = _pixel_size(unet, vae, height, width)
+    B = embeddings.shape[0]
+    device = next(unet.parameters()).device
+    time_ids = size_ids(height, width, B, device) if unet.cfg.text_time else None
+    # The UNet's checks (embedding width and count), once, before any work.
+    unet.check_inputs(torch.empty(B, unet.cfg.in_channels, frames, 1, 1, device="meta"), torch.zeros(()),
+                      unet.flatten_cond(embeddings), time_ids)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    latents = sample_latents(unet, embeddings, (B, unet.cfg.in_channels, frames, height // factor,
+                                                width // factor),
+                             time_ids, steps=steps, guidance=guidance, negative=negative,
+                             generator=generator, schedule=schedule)
+    return [_to_uint8(vae_decode(vae, clip.transpose(0, 1))) for clip in latents]
