@@ -5,7 +5,8 @@
 # brings back no more), printing the summary tables last.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
-#   OUT=... TESTS="tests/test_x.py" MODULES="attention head_loss" PYTEST_S=150 MODULE_S=90 bash benchmarks/gpu_check.sh
+#   OUT=... TESTS="tests/test_x.py" MODULES="attention:170 head_loss" PYTEST_S=150 MODULE_S=90 bash benchmarks/gpu_check.sh
+# (a module written name:seconds gets its own cap instead of MODULE_S)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-check}
@@ -39,13 +40,17 @@ tail -n 25 "$OUT/pytest.log" | tee -a "$log"
 
 step "benchmarks: $SUITE, one module at a time (cap ${MODULE_S}s each): $MODULES"
 reports=$(mktemp -d)
-for m in $MODULES; do
+names=""
+for entry in $MODULES; do
+  m=${entry%%:*}; cap=$MODULE_S
+  [ "$m" != "$entry" ] && cap=${entry#*:}
+  names="$names $m"
   start=$(date +%s)
-  timeout "$MODULE_S" $PY -m benchmarks.run --suite "$SUITE" --only "$m" --out "$reports/$m" > "$reports/$m.log" 2>&1
+  timeout "$cap" $PY -m benchmarks.run --suite "$SUITE" --only "$m" --out "$reports/$m" > "$reports/$m.log" 2>&1
   status=$?
   cat "$reports/$m.log" >> "$log"
   echo "-- $m: exit $status in $(( $(date +%s) - start ))s" | tee -a "$log"
 done
 ( cd "$reports" && tar -cf "$OUT/reports.tar" . )
 # The summary tables: the end of each module's log (after its 'suite' line).
-for m in $MODULES; do sed -n '/^suite /,$p' "$reports/$m.log"; done
+for m in $names; do sed -n '/^suite /,$p' "$reports/$m.log"; done
