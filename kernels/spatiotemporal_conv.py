@@ -211,8 +211,9 @@ def _tap_conv(inp, weight, bias, residual, geometry, taps):
     grid = (triton.cdiv(P, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     dummy = out  # never read when the matching HAS_ flag is off
     _tap_conv_kernel[grid](
-        inp, weight, bias.contiguous() if bias is not None else dummy, residual if residual is not None else dummy,
-        out, P, *geometry, c_in, n_out, KT=taps[0], KH=taps[1], KW=taps[2],
+        inp, weight, bias.contiguous() if bias is not None else dummy,
+        residual if residual is not None else dummy, out, P, *geometry, c_in, n_out,
+        KT=taps[0], KH=taps[1], KW=taps[2],
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, IEEE=inp.dtype == torch.float32,
         **cfg)
     return out
@@ -237,6 +238,8 @@ def _tap_wgrad(inp, grad, geometry, taps, with_bias: bool):
         inp, grad, dw, db if with_bias else dw, P, *geometry, c_in, n_out, rows_per_split,
         KT=taps[0], KH=taps[1], KW=taps[2], HAS_DB=with_bias, IEEE=inp.dtype == torch.float32,
         **cfg)
+    if split == 1:
+        return dw[0], (db[0] if with_bias else None)
     return dw.sum(0), (db.sum(0) if with_bias else None)
 
 
@@ -249,6 +252,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _from_rows(rows: torch.Tensor, B: int, Fr: int, H: int, W: int) -> torch.Tensor:
     """The inverse of `_rows`: a (B, C, F, H, W) view in channels_last_3d."""
     return rows.view(B, Fr, H, W, rows.shape[1]).permute(0, 4, 1, 2, 3)
+
+
+def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of the (permuted, fp32) weight gradient t in dtype, in one pass."""
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
 def _empty_cl(shape, like: torch.Tensor) -> torch.Tensor:
@@ -315,9 +323,9 @@ def _spatiotemporal_conv_bwd(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Ten
         dwt = dwt.permute(2, 1, 0)
     empty = x.new_empty(0)
     return (empty.clone() if dx is None else dx,
-            empty.clone() if dws is None else dws.to(w_s.dtype).contiguous(),
+            empty.clone() if dws is None else _dense(dws, w_s.dtype),
             empty.clone() if dbs is None else dbs.to(w_s.dtype),
-            empty.clone() if dwt is None else dwt.to(w_t.dtype).contiguous(),
+            empty.clone() if dwt is None else _dense(dwt, w_t.dtype),
             empty.clone() if dbt is None else dbt.to(w_t.dtype))
 
 
