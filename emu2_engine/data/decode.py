@@ -128,7 +128,7 @@ def probe_video(data: bytes) -> tuple[str, int]:
     (packets are counted, nothing is decoded).
 
     Raises BadSample: `empty_file`, `corrupt_video` (does not open), `empty_video` (no
-    video stream or no frames), `truncated_video` (fewer frames than the container's
+    video stream, no frames, or nothing after the header), `truncated_video` (fewer frames than the container's
     duration x frame rate, less one frame and 5% of slack for rounding and variable rates)."""
     if not data:
         raise BadSample("empty_file", "zero-byte video")
@@ -143,6 +143,8 @@ def probe_video(data: bytes) -> tuple[str, int]:
             duration = container.duration  # microseconds, from the header
     except BadSample:
         raise
+    except EOFError:  # the container ends before its first packet: a header and nothing else
+        raise BadSample("empty_video", "the file ends before its first frame") from None
     except Exception as e:  # av.error.* for garbage; av raises several types
         raise BadSample("corrupt_video", f"video does not open ({type(e).__name__}: {e})") from None
     promised = round(duration * float(rate) / 1e6) if duration and rate else 0
