@@ -32,16 +32,20 @@ def assert_within_rule(got: torch.Tensor, low: torch.Tensor, ref: torch.Tensor, 
                           f"+ floor = {bound:.3g}")
 
 
-def compile_for_sm90(kernel, types: dict, constexprs: dict, **options):
+def compile_for_sm90(kernel, types: dict, constexprs: dict, aligned: tuple = (), **options):
     """Compile a Triton kernel for an H100 (sm_90, to cubin with the ptxas triton ships) without
     a GPU: catches what the interpreter lets through (unsupported ops, dtype or layout errors).
+    `aligned` names the arguments to compile as divisible by 16, as a launch specialises them
+    (pointers from torch, channel counts that are multiples of 16): without that, vector loads
+    and the software pipeline are not generated, so the code is not what runs.
     Run it in a process that has not interpreted kernels (the interpreter patches triton)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature = {n: "constexpr" if n in constexprs else types[n] for n in kernel.arg_names}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
