@@ -2,6 +2,7 @@
 same bytes, the PyAV fallback for codecs DALI's CPU decoder lacks, and records per kind."""
 
 import io
+import json
 
 import av
 import numpy as np
@@ -202,3 +203,16 @@ def test_decoder_arguments_are_checked(monkeypatch):
     logged = []
     decoder = Decoder("image_text", 32, backend="auto", log=logged.append)
     assert decoder.backend == "pil" and logged == ["image_text: decoding with PIL/PyAV on the CPU (DALI is not installed)"]
+
+
+def test_interleaved_images_belong_to_the_sentence_after_them_or_the_last():
+    jpeg = encode_jpeg(ShapesWorld(0).sample(0, 32).image)
+    doc = {"texts": [None, "first.", None, None, "second.", None],
+           "images": ["0.jpg", None, "1.jpg", "2.jpg", None, "3.jpg"]}
+    members = {"json": json.dumps(doc).encode(), **{f"{i}.jpg": jpeg for i in range(4)}}
+    record = Decoder("interleaved", 16, backend="pil", log=None).decode("d", members)
+    assert record.texts == ["first.", "second."] and len(record.images) == 4
+    assert record.image_at == [0, 1, 1, 1]
+    decoder = Decoder("interleaved", 16, backend="pil", log=None)
+    only_images = {"json": json.dumps({"texts": [None], "images": ["0.jpg"]}).encode(), "0.jpg": jpeg}
+    assert decoder.decode("e", only_images) is None and decoder.stats.counts == {"bad_json": 1}

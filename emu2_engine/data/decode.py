@@ -482,7 +482,8 @@ def _nonblank_str(value, what: str) -> str:
 def _document(doc: dict, members: dict[str, bytes]) -> tuple[list[str], list[bytes], list[int]]:
     """Interleaved JSON {"texts": [...], "images": [...]} (aligned, exactly one of the two
     non-null at each position; an image entry names its member) -> texts, image bytes and
-    image_at (image j comes right before texts[image_at[j]])."""
+    image_at: the sentence each image belongs to, the first sentence after it (the last
+    sentence for images after the last sentence). A document needs at least one sentence."""
     texts, images = doc.get("texts"), doc.get("images")
     if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
         raise BadSample("bad_json", "interleaved JSON needs lists 'texts' and 'images' of equal length")
@@ -499,9 +500,9 @@ def _document(doc: dict, members: dict[str, bytes]) -> tuple[list[str], list[byt
             raise BadSample("missing_member", f"interleaved image {name!r} is not in the sample")
         out_images.append(members[name])
         image_at.append(len(out_texts))
-    if not out_texts and not out_images:
-        raise BadSample("bad_json", "interleaved document is empty")
-    return out_texts, out_images, image_at
+    if not out_texts:
+        raise BadSample("bad_json", "interleaved document has no text")
+    return out_texts, out_images, [min(i, len(out_texts) - 1) for i in image_at]
 
 
 def _grounding(meta: dict) -> tuple[str, list[Phrase]]:

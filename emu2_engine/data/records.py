@@ -32,7 +32,11 @@ class VideoText:
 
 @dataclass
 class Interleaved:
-    """A document: texts[i] is the i-th sentence; images[j] belongs to sentence image_at[j]."""
+    """A document: texts[i] is the i-th sentence; images[j] belongs to sentence image_at[j].
+
+    Shard documents are OBELICS-style aligned lists (`make_shapes.py`); the decoder gives an
+    image to the first sentence after it, or to the last sentence when no sentence follows
+    it, so 0 <= image_at[j] < len(texts) and images keep their document order."""
     key: str
     texts: list[str]
     images: list[torch.Tensor]
