@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from emu2_engine.data import decode as decode_module
-from emu2_engine.data.decode import Decoder, dali_available, decode_video_pyav, uniform_frame_indices
+from emu2_engine.data.decode import (Decoder, dali_available, decode_video_pyav, measure_decode_speed,
+                                      uniform_frame_indices)
 from emu2_engine.data.make_shapes import encode_jpeg, encode_webm, sample_members
 from emu2_engine.data.records import VQA, Grounded, ImageText, Interleaved, Text, VideoText
 from emu2_engine.data.sequences import CLIP_MEAN, CLIP_STD, to_pixels
@@ -216,3 +217,24 @@ def test_interleaved_images_belong_to_the_sentence_after_them_or_the_last():
     decoder = Decoder("interleaved", 16, backend="pil", log=None)
     only_images = {"json": json.dumps({"texts": [None], "images": ["0.jpg"]}).encode(), "0.jpg": jpeg}
     assert decoder.decode("e", only_images) is None and decoder.stats.counts == {"bad_json": 1}
+
+
+@needs_dali
+@pytest.mark.gpu
+def test_dali_gpu_decoding_matches_the_cpu_graph():
+    """The same graphs with the decoders on the GPU (nvJPEG, NVDEC): same pixels as the CPU run."""
+    world = ShapesWorld(5)
+    images = [(str(i), _image_sample(encode_jpeg(world.sample(i, 64).image))) for i in range(4)]
+    videos = [(str(i), {"webm": _video_bytes(i), "txt": b"c"}) for i in range(2)]
+    for kind, samples in (("image_text", images), ("video_text", videos)):
+        gpu = Decoder(kind, 96, device="gpu", backend="dali", log=None).decode_batch(samples)
+        cpu = Decoder(kind, 96, device="cpu", backend="dali", log=None).decode_batch(samples)
+        for a, b in zip(gpu, cpu):
+            x, y = (a.image, b.image) if kind == "image_text" else (a.frames, b.frames)
+            assert x.is_cuda and not y.is_cuda
+            assert (x.cpu() - y).abs().mean() < 0.02
+
+
+def test_decode_speed_helper_counts_decoded_images():
+    jpegs = [encode_jpeg(ShapesWorld(0).sample(i, 64).image) for i in range(8)]
+    assert measure_decode_speed(jpegs, 32, "pil", seconds=0.05, batch_size=4) > 0
