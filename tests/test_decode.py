@@ -238,3 +238,10 @@ def test_dali_gpu_decoding_matches_the_cpu_graph():
 def test_decode_speed_helper_counts_decoded_images():
     jpegs = [encode_jpeg(ShapesWorld(0).sample(i, 64).image) for i in range(8)]
     assert measure_decode_speed(jpegs, 32, "pil", seconds=0.05, batch_size=4) > 0
+
+
+def test_oversized_video_frames_are_refused_before_decoding(monkeypatch):
+    monkeypatch.setattr(decode_module, "MAX_IMAGE_PIXELS", 47 * 48)  # the test video is 48 x 48
+    decoder = Decoder("video_text", 16, backend="pil", log=None)
+    assert decoder.decode("v", {"webm": _video_bytes(0), "txt": b"c"}) is None
+    assert decoder.stats.counts == {"image_too_large": 1}

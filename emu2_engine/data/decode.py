@@ -31,7 +31,7 @@ Bad samples, each skipped and counted once (the first problem found):
 | `bad_json` | JSON that does not parse or lacks the fields of its kind (e.g. a malformed interleaved document, a phrase span outside its caption) |
 | `bad_box` | a grounding box outside [0, 1] image coordinates or empty |
 | `corrupt_image` | image bytes that do not decode (including a JPEG cut short) |
-| `image_too_large` | header dimensions above MAX_IMAGE_SIDE a side or MAX_IMAGE_PIXELS (a decompression bomb), refused before decoding |
+| `image_too_large` | header dimensions (of an image or of video frames) above MAX_IMAGE_SIDE a side or MAX_IMAGE_PIXELS (a decompression bomb), refused before decoding |
 | `corrupt_video` | a video that does not open or decode |
 | `truncated_video` | fewer frames in the file than its duration and frame rate promise |
 | `empty_video` | no video stream, or one with no frames |
@@ -127,8 +127,9 @@ def probe_video(data: bytes) -> tuple[str, int]:
     """(codec name, number of frames) of the first video stream, from the container alone
     (packets are counted, nothing is decoded).
 
-    Raises BadSample: `empty_file`, `corrupt_video` (does not open), `empty_video` (no
-    video stream, no frames, or nothing after the header), `truncated_video` (fewer frames than the container's
+    Raises BadSample: `empty_file`, `corrupt_video` (does not open), `image_too_large`
+    (frames over the image limits), `empty_video` (no video stream, no frames, or nothing
+    after the header), `truncated_video` (fewer frames than the container's
     duration x frame rate, less one frame and 5% of slack for rounding and variable rates)."""
     if not data:
         raise BadSample("empty_file", "zero-byte video")
@@ -137,7 +138,10 @@ def probe_video(data: bytes) -> tuple[str, int]:
             if not container.streams.video:
                 raise BadSample("empty_video", "the file has no video stream")
             stream = container.streams.video[0]
-            codec = stream.codec_context.name
+            codec, width, height = stream.codec_context.name, stream.codec_context.width, stream.codec_context.height
+            if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+                raise BadSample("image_too_large", f"{width}x{height} video frames, more than "
+                                f"{MAX_IMAGE_SIDE} a side or {MAX_IMAGE_PIXELS} pixels")
             n_frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
             rate = stream.average_rate or stream.guessed_rate
             duration = container.duration  # microseconds, from the header
