@@ -210,3 +210,28 @@ def test_command_line(tmp_path, tiny, monkeypatch, capsys):
     manifest = verify_shapes_world(tmp_path / "w", seed=9, scale=2)
     assert manifest["counts"]["image_text"] == {"train": 10, "heldout": 4}
     assert "wrote" in capsys.readouterr().out
+
+
+def test_generators_say_true_things():
+    world = ShapesWorld(8)
+    for i in range(30):
+        document = world.document(i, 32)
+        images = [item for item in document.items if not isinstance(item, str)]
+        assert 2 <= len(images) <= 3 and isinstance(document.items[0], str)
+        total = sum(len(image.shapes) for image in images)
+        assert document.items[-1] == f"in all there are {NUMBERS[total]} shapes."
+        item = world.vqa(i, 32)
+        shapes = item.sample.shapes
+        if item.question == "how many shapes are there?":
+            assert item.answer == NUMBERS[len(shapes)]
+        elif item.question.startswith("is there "):
+            assert item.answer in ("yes", "no")
+        assert item.answers.count(item.answer) >= 5
+        grounded = world.grounded(i, 32)
+        assert sum(len(p.boxes) for p in grounded.phrases) == len(grounded.sample.shapes)
+        assert all(grounded.sample.caption[p.start:p.end].split()[-1].rstrip("s") in ("circle", "square", "triangle")
+                   for p in grounded.phrases)
+    # each sample type has its own random stream: video i, document i, ... are not sample i
+    assert world.grounded(0, 32).sample.caption != world.sample(0, 32).caption or \
+        world.grounded(0, 32).sample.image.tobytes() != world.sample(0, 32).image.tobytes()
+    assert world.video(0, 32).frames[0].tobytes() == ShapesWorld(8).video(0, 32).frames[0].tobytes()
