@@ -120,8 +120,9 @@ def iter_tar_samples(path: str, stats: SkipStats, log: Callable[[str], None] | N
 
     Reads the tar as a stream and never writes anything. Members refused (see the module
     docstring) are counted in `stats` by kind, the first of each kind logged through `log`;
-    a truncated or corrupt tar yields the samples complete before the damage, is counted
-    once as `truncated_tar`, and ends."""
+    a truncated or corrupt tar yields the samples complete before the damage (not the one
+    being read when it shows: it may lack members), is counted once as `truncated_tar`, and
+    ends."""
     try:
         file = open(path, "rb")
     except OSError as e:
