@@ -203,7 +203,8 @@ def test_decoder_arguments_are_checked(monkeypatch):
         Decoder("image_text", 32, backend="dali")
     logged = []
     decoder = Decoder("image_text", 32, backend="auto", log=logged.append)
-    assert decoder.backend == "pil" and logged == ["image_text: decoding with PIL/PyAV on the CPU (DALI is not installed)"]
+    assert decoder.backend == "pil"
+    assert logged == ["image_text: decoding with PIL/PyAV on the CPU (DALI is not installed)"]
 
 
 def test_interleaved_images_belong_to_the_sentence_after_them_or_the_last():

@@ -116,7 +116,8 @@ def _centroid(frame, colour):
 def test_videos_show_what_their_captions_say(tmp_path, tiny):
     write_shapes_world(tmp_path / "w", seed=0)
     seen = set()
-    for _, members in _samples(tmp_path / "w", "video_text", "train") + _samples(tmp_path / "w", "video_text", "heldout"):
+    videos = _samples(tmp_path / "w", "video_text", "train") + _samples(tmp_path / "w", "video_text", "heldout")
+    for _, members in videos:
         caption = members["txt"].decode()
         frames = _decode_webm(members["webm"])
         assert len(frames) == 16 and frames[0].shape == (64, 64, 3)
