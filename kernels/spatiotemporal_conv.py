@@ -19,11 +19,29 @@ no layout shuffle. The four convolution passes are that kernel with different we
 (flipping the taps and swapping the channel axes turns a convolution into its adjoint; with
 odd kernels and "same" padding the tap offsets stay the same.)
 
-The weight gradients are `_tap_wgrad_kernel`: for every tap, dW_tap (C, N) = in_shifted.T @ g,
-a GEMM that reduces over the pixel rows, split over SPLIT slices of rows when the (tap, tile)
-grid alone would not fill the GPU; the partial sums (fp32) are added by torch. The bias
-gradient (sum of g over the rows) is accumulated by the programs of the first channel tile of
-the first tap, from the g tiles they load anyway.
+The weight gradients run, by default (`WGRAD = "torch"`), on the vendor libraries, because the
+Triton wgrad kernel measured 5-8x slower than cuDNN (H200, bf16, 2026-11-27, the "first
+version" report in benchmarks/results/h200-gpu-quick-2026-11-27-spatiotemporal_conv/): spatial
+wgrad 1.84 ms vs cuDNN 0.223 ms at 320 channels (16 frames of 64x64), 4.42 vs 0.675 ms at 1280
+channels (16 frames of 32x32); temporal wgrad 0.718 vs 0.135 and 1.70 vs 0.437 ms; so forward
++ backward took 3.79 / 9.30 ms against 1.63 / 3.45 ms for two conv3d calls on channels_last_3d.
+- temporal: for tap dt the rows p whose frame f has f + dt inside the clip are, per batch
+  element, ONE contiguous range of pixel rows (frames max(0, -dt) .. F - max(0, dt)), so
+  dW_t[:, :, tap] = sum_b dy_b.T @ s_b(shifted by dt frames) is one batched cuBLAS GEMM over
+  strided (B, rows, C) views of the channels-last storage: no copies, fp32 results
+  (`_temporal_wgrad_gemms`).
+- spatial: cuDNN's own weight gradient of conv2d (aten.convolution_backward, weight only) on
+  the (B*F, C, H, W) channels-last views of x and ds (`_spatial_wgrad_library`); ATen picks the
+  channels-last algorithm from the input's strides, so nothing is copied.
+- bias gradients: a sum over the pixel rows in fp32.
+On the CPU the same code runs on ATen's CPU kernels (it is what the interpreter tests cover).
+`WGRAD = "triton"` selects `_tap_wgrad_kernel` instead: for every tap, dW_tap (C, N) =
+in_shifted.T @ g, a GEMM that reduces over the pixel rows, split over SPLIT slices of rows when
+the (tap, tile) grid alone would not fill the GPU, the partial sums (fp32) added by torch, and
+the bias gradient accumulated by the programs of the first channel tile of the first tap from
+the g tiles they load anyway. It is kept, tested in the interpreter and on GPUs, and timed by
+the benchmark ("triton-wgrad-kernel"), as the starting point for a wgrad that fuses more than
+the libraries can; why it loses by that much has not been profiled yet.
 
 Why two forward kernels, not one fused pass: the temporal GEMM reduces over all Cout channels
 of s at kt frames, so a fused tile would have to compute s for every output channel at kt
@@ -47,6 +65,11 @@ from torch.utils.flop_counter import register_flop_formula
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """The dtypes the kernels take (tl.dot has no fp64 path)."""
+WGRAD_CHOICES = ("torch", "triton")
+WGRAD = "torch"
+"""Who computes the weight gradients: "torch" (cuBLAS GEMMs per temporal tap and cuDNN's conv2d
+weight gradient on CUDA, ATen's kernels on the CPU; the fast path, see the module docstring) or
+"triton" (`_tap_wgrad_kernel`). Read at every backward call."""
 
 
 def reference(x, w_s, b_s, w_t, b_t):
@@ -90,6 +113,20 @@ def _wgrad_blocks(c_in: int, n_out: int, dtype: torch.dtype) -> dict:
     block_c, block_n = fit(c_in, 128), fit(n_out, 128)
     return dict(BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_K=32 if dtype == torch.float32 else 64,
                 num_warps=8 if block_c * block_n >= 128 * 128 else 4, num_stages=3)
+
+
+WIDE_TILE_CANDIDATES = (
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),  # `_blocks` today
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+)
+"""16-bit tiles for wide layers that the gpu-quick benchmark times on the 1280-channel spatial
+forward (the pass furthest behind cuDNN: 385 vs 724 TFLOP/s on an H200), so one GPU run says
+which `_blocks` should pick. ptxas (triton 3.7.1, sm_90, bf16, 3x3 taps) reports no spills for
+any: 114 / 188 / 236 / 226 registers per thread and 96 / 144 / 144 / 128 KB of shared memory,
+i.e. two programs per SM for the first, one for the others; none is better on those grounds
+alone, so the default stays until a GPU has timed them."""
 
 
 def _num_sms(device: torch.device) -> int:
@@ -199,15 +236,16 @@ def _tap_wgrad_kernel(in_ptr, g_ptr, dw_ptr, db_ptr, P, NF, H, W, C_IN, N_OUT, R
 
 
 # -- launchers -----------------------------------------------------------------------------------
-def _tap_conv(inp, weight, bias, residual, geometry, taps):
+def _tap_conv(inp, weight, bias, residual, geometry, taps, cfg=None):
     """One tap GEMM: inp (P, C_IN), weight (taps[0]*taps[1]*taps[2], C_IN, N_OUT) contiguous ->
-    (P, N_OUT) in inp's dtype. geometry = (F, H, W) of the pixel rows; taps = (KT, KH, KW)."""
+    (P, N_OUT) in inp's dtype. geometry = (F, H, W) of the pixel rows; taps = (KT, KH, KW);
+    cfg: tiles and launch options (default `_blocks`; the benchmark passes its candidates)."""
     P, c_in = inp.shape
     n_out = weight.shape[2]
     out = inp.new_empty(P, n_out)
     if P == 0:
         return out
-    cfg = _blocks(n_out, c_in, inp.dtype)
+    cfg = cfg or _blocks(n_out, c_in, inp.dtype)
     grid = (triton.cdiv(P, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     dummy = out  # never read when the matching HAS_ flag is off
     _tap_conv_kernel[grid](
@@ -243,6 +281,62 @@ def _tap_wgrad(inp, grad, geometry, taps, with_bias: bool):
     return dw.sum(0), (db.sum(0) if with_bias else None)
 
 
+def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b per batch element in fp32. On CUDA cuBLAS writes 16-bit products' fp32 accumulators
+    as they are (out_dtype), so the sum over batch elements is not rounded to 16 bits per term;
+    the CPU has no such kernel, so 16-bit inputs are upcast there."""
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    if a.is_cuda:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def _temporal_wgrad_gemms(s: torch.Tensor, dy: torch.Tensor, kt: int) -> torch.Tensor:
+    """The temporal weight gradient (Cout, Cin, kt) in fp32 from s (B, Cin, F, H, W) and the
+    output gradient dy (B, Cout, F, H, W), both channels_last_3d.
+
+    Tap t shifts by dt = t - kt // 2 frames; the output frames f with f + dt inside the clip are
+    max(0, -dt) .. F - max(0, dt), one contiguous range of pixel rows per batch element, so
+    dw[:, :, t] = sum_b dy_b[rows].T @ s_b[rows shifted by dt frames] is one batched GEMM over
+    strided views of the two tensors' storage (cuBLAS reads them transposed in place)."""
+    B, cin, Fr, H, W = s.shape
+    hw = H * W
+    s3 = s.permute(0, 2, 3, 4, 1).reshape(B, Fr * hw, cin)       # views for channels_last_3d
+    g3 = dy.permute(0, 2, 3, 4, 1).reshape(B, Fr * hw, dy.shape[1])
+    taps = []
+    for t in range(kt):
+        dt = t - kt // 2
+        lo, hi = max(0, -dt), Fr - max(0, dt)
+        if hi <= lo:  # the shift leaves the clip: this tap never touches a valid frame
+            taps.append(s.new_zeros(dy.shape[1], cin, dtype=torch.float32))
+            continue
+        g = g3[:, lo * hw:hi * hw].transpose(1, 2)                 # (B, Cout, rows)
+        a = s3[:, (lo + dt) * hw:(hi + dt) * hw]                   # (B, rows, Cin)
+        taps.append(_bmm_fp32(g, a).sum(0))
+    return torch.stack(taps, dim=2)
+
+
+def _spatial_wgrad_library(x: torch.Tensor, ds: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:
+    """The spatial weight gradient (Cout, Cin, kh, kw) in x's dtype: the library's weight
+    gradient of conv2d (cuDNN on CUDA) on the (B*F, C, H, W) views of x (B, Cin, F, H, W) and of
+    the ds rows (P, Cout), both channels-last, so ATen picks its channels-last algorithm and
+    copies nothing. Only the weight gradient is asked for (output_mask)."""
+    B, cin, Fr, H, W = x.shape
+    kh, kw = w_s.shape[2:]
+    frames = x.permute(0, 2, 1, 3, 4).reshape(B * Fr, cin, H, W)
+    grad = ds.view(B * Fr, H, W, ds.shape[1]).permute(0, 3, 1, 2)
+    return torch.ops.aten.convolution_backward(
+        grad, frames, w_s, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], 1,
+        [False, True, False])[1]
+
+
+def _wgrad_choice() -> str:
+    if WGRAD not in WGRAD_CHOICES:
+        raise ValueError(f"spatiotemporal_conv.WGRAD must be one of {WGRAD_CHOICES}, got {WGRAD!r}")
+    return WGRAD
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(B, C, F, H, W) in channels_last_3d -> the (B*F*H*W, C) row-major view of its storage."""
     B, C, Fr, H, W = t.shape
@@ -255,7 +349,8 @@ def _from_rows(rows: torch.Tensor, B: int, Fr: int, H: int, W: int) -> torch.Ten
 
 
 def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A contiguous copy of the (permuted, fp32) weight gradient t in dtype, in one pass."""
+    """A contiguous copy of the weight gradient t (permuted or channels-last, fp32 or already in
+    dtype) in dtype, in one pass."""
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
@@ -301,11 +396,15 @@ def _spatiotemporal_conv_bwd(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Ten
     cout, _, kh, kw = w_s.shape
     kt = w_t.shape[2]
     geometry = (Fr, H, W)
+    wgrad = _wgrad_choice() if need_dw_s or need_dw_t else None
     dy = _rows(grad_y)
     dx = dws = dbs = dwt = dbt = None
-    if need_dw_t:
+    if need_dw_t and wgrad == "triton":
         dwt, dbt = _tap_wgrad(_rows(s), dy, geometry, (kt, 1, 1), need_db_t)
-    elif need_db_t:
+        dwt = dwt.permute(2, 1, 0)
+    elif need_dw_t:
+        dwt = _temporal_wgrad_gemms(s, grad_y, kt)
+    if need_db_t and dbt is None:
         dbt = dy.sum(0, dtype=torch.float32)
     if need_dx or need_dw_s or need_db_s:
         # ds = dy + the adjoint temporal conv of dy: taps flipped, channel axes swapped.
@@ -314,13 +413,13 @@ def _spatiotemporal_conv_bwd(grad_y: torch.Tensor, x: torch.Tensor, s: torch.Ten
         if need_dx:
             ws_adj = w_s.flip(2, 3).permute(2, 3, 0, 1).reshape(kh * kw, cout, cin).contiguous()
             dx = _from_rows(_tap_conv(ds, ws_adj, None, None, geometry, (1, kh, kw)), B, Fr, H, W)
-        if need_dw_s:
+        if need_dw_s and wgrad == "triton":
             dws, dbs = _tap_wgrad(_rows(x), ds, geometry, (1, kh, kw), need_db_s)
             dws = dws.view(kh, kw, cin, cout).permute(3, 2, 0, 1)
-        elif need_db_s:
+        elif need_dw_s:
+            dws = _spatial_wgrad_library(x, ds, w_s)
+        if need_db_s and dbs is None:
             dbs = ds.sum(0, dtype=torch.float32)
-    if dwt is not None:
-        dwt = dwt.permute(2, 1, 0)
     empty = x.new_empty(0)
     return (empty.clone() if dx is None else dx,
             empty.clone() if dws is None else _dense(dws, w_s.dtype),
