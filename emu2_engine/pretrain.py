@@ -1,7 +1,8 @@
 """`torchrun -m emu2_engine.pretrain [--config FILE] [--section.key=value ...]`
 
-With no arguments: the debug preset on the procedural shapes world, on the first GPU if there
-is one, else on the CPU, for the steps in configs/debug.toml's defaults.
+With no arguments: the debug preset on the shapes-world shards (generated on first use into
+`data.cache_dir`), on the first GPU if there is one, else on the CPU, for the steps in
+configs/debug.toml's defaults.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done: {last['step']} steps, loss {first['loss']:.3f} -> {last['loss']:.3f}; "
           f"{last['tokens_per_s']:,.0f} tokens/s, {last['images_per_s']:,.0f} images/s; "
           f"metrics in {trainer.run_dir}/metrics.jsonl")
+    print(f"data: {trainer.loader.skip_summary()}")
     if "heldout_caption_ce" in records[-1]:
         ev = records[-1]
         print(f"held-out captions: loss {ev['heldout_caption_ce']:.3f} with their own images, "

@@ -20,9 +20,10 @@ def test_default_pretrain_30_steps_loss_goes_down(tmp_path, capsys):
     rc = pretrain.main(["--no-progress", "--train.steps=30", "--train.log_every=1",
                         "--train.eval_batches=2", f"--train.run_dir={tmp_path}"])
     assert rc == 0
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    records, final = records[:-1], records[-1]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records, data, final = lines[:-2], lines[-2], lines[-1]
     assert [r["step"] for r in records] == list(range(1, 31))
+    assert data == {"step": 30, "skipped": {}, "truncated": 0}  # the shapes world has no bad samples
     assert final["step"] == 30 and math.isfinite(final["heldout_caption_ce"])
     assert math.isfinite(final["heldout_caption_ce_wrong_images"])
     losses = [r["loss"] for r in records]
@@ -36,6 +37,7 @@ def test_default_pretrain_30_steps_loss_goes_down(tmp_path, capsys):
     assert resolved.train.steps == 30 and resolved.model.preset == "debug"
     out = capsys.readouterr().out
     assert "done: 30 steps" in out and "held-out captions: loss" in out
+    assert "data: no samples skipped; 0 samples truncated to fit" in out
 
 
 @pytest.mark.slow

@@ -13,6 +13,11 @@ Layout (see `shared/DESIGN.md`, "Sequence metadata"), for B rows of S tokens:
 - ``reg_images`` (R,) int64: which images are regression targets; ``reg_positions``
   (R, n_query) int64: flat indices of the hidden states that predict each of their
   embeddings (the ``[IMG]`` position, then the first n_query - 1 slots: the shift of one).
+- ``image_mask`` (N,) bool: True for real images, False for padding images. The loader pads
+  every micro-batch to the same number of images (``data.max_images``) so pipeline stages
+  see fixed shapes; a padding image is zeros, its ``image_slots`` row is -1, no regression
+  target names it, and the model writes its embeddings nowhere. None means every image is
+  real (batches built by hand).
 """
 
 from __future__ import annotations
@@ -35,16 +40,25 @@ class PackedBatch:
     image_slots: torch.Tensor
     reg_images: torch.Tensor
     reg_positions: torch.Tensor
+    image_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
         """A copy with every tensor moved to `device`."""
-        return PackedBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                              for f in fields(self)})
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+        return PackedBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     @property
     def n_tokens(self) -> int:
         """Tokens in the batch that belong to a document (padding excluded)."""
         return int((self.doc_ids >= 0).sum())
+
+    @property
+    def n_images(self) -> int:
+        """Real images in the batch (padding images excluded)."""
+        if self.image_mask is None:
+            return int(self.images.shape[0])
+        return int(self.image_mask.sum())
 
     def validate(self, vocab_size: int, n_query: int, image_size: int) -> None:
         """Check shapes, dtypes and ranges; raise ValueError naming what is wrong."""
@@ -66,13 +80,17 @@ class PackedBatch:
         if tuple(self.image_slots.shape) != (N, n_query):
             raise ValueError(f"batch.image_slots must have shape ({N}, {n_query}) for {N} images "
                              f"of {n_query} embeddings, got {tuple(self.image_slots.shape)}")
+        real = torch.ones(N, dtype=torch.bool) if self.image_mask is None else self.image_mask.cpu()
+        if real.dtype != torch.bool or tuple(real.shape) != (N,):
+            raise ValueError(f"batch.image_mask must be a ({N},) bool tensor, got "
+                             f"{real.dtype} {tuple(real.shape)}")
         R = self.reg_images.shape[0]
         if tuple(self.reg_positions.shape) != (R, n_query):
             raise ValueError(f"batch.reg_positions must have shape ({R}, {n_query}), got "
                              f"{tuple(self.reg_positions.shape)}")
-        for name in ("image_slots", "reg_positions"):
-            t = getattr(self, name)
+        for name, t in (("image_slots", self.image_slots[real]), ("reg_positions", self.reg_positions)):
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= B * S):
                 raise ValueError(f"batch.{name} holds flat positions outside [0, {B * S})")
-        if R and (int(self.reg_images.min()) < 0 or int(self.reg_images.max()) >= N):
-            raise ValueError(f"batch.reg_images must index the {N} images of the batch")
+        if R and (int(self.reg_images.min()) < 0 or int(self.reg_images.max()) >= N
+                  or not bool(real[self.reg_images.cpu()].all())):
+            raise ValueError(f"batch.reg_images must index real images among the {N} of the batch")

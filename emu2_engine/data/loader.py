@@ -1,83 +1,283 @@
-"""Packed image-caption micro-batches drawn from the procedural shapes world.
+"""The training data loader: a weighted blend of record streams -> Emu2 sequences -> packed,
+fixed-shape micro-batches, with exact resume.
 
-This is the first data path of `pretrain`: samples are generated in memory (no shards yet),
-laid out with the Emu2 image-caption layout, packed best-fit into rows with the C++ packer and
-collated into the `PackedBatch` contract. Everything about sample i (its picture, its caption,
-whether the image goes first) is a function of (seed, i), so the loader's whole state is the
-next sample index plus the indices of samples drawn but not yet placed in a row.
+One micro-batch: samples already drawn but not yet placed (the pool) are topped up by drawing
+records, dataset by dataset as the `Blend` schedule says, until the pool holds 1.5 micro-batches'
+worth of tokens; each record becomes one or more `Sample`s (`SampleBuilder`; a record it cannot
+lay out is skipped and counted, a sample longer than a row or with more than `max_images`
+images is truncated or dropped as `data.too_long` says); `select_rows` packs the pool
+best-fit into `rows` rows under the image cap, and `collate_packed` lays them out, padding the
+images to `max_images`. Samples left out wait in the pool for the next micro-batch.
+
+State and resume. The layout of a sample is a function of (seed, dataset, key) and each record
+stream resumes exactly from its `state_dict`, so the loader's state is: the blend's counts, each
+stream's state, and, for the samples still in the pool, which record (and which of its samples)
+each one is, plus the stream state just before the oldest such record. Restoring replays each
+stream from that point to its last pooled record (rebuilding the pooled samples), then sets it
+to its saved state. Images are never stored in the state. The number of data-parallel ranks
+is part of the state: a stream split among R ranks cannot be continued by R' ranks without
+repeating or skipping samples, so loading under another world size raises an error.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import logging
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Protocol
 
 from emu2_engine.data.batch import PackedBatch
-from emu2_engine.data.packing import pack_sequences
-from emu2_engine.data.sequences import Sample, build_image_caption, collate_packed, to_pixels
-from emu2_engine.data.shapes import ShapesWorld
-from emu2_engine.data.tokenizer import Emu2Tokenizer
+from emu2_engine.data.blend import Blend
+from emu2_engine.data.decode import Decoder
+from emu2_engine.data.make_shapes import ensure_shapes_world
+from emu2_engine.data.packing import collate_packed, select_rows
+from emu2_engine.data.records import Record, SkipStats
+from emu2_engine.data.sequences import RecordError, Sample, SampleBuilder, truncate_sample
+from emu2_engine.data.shards import ShardStream
 from emu2_engine.models.config import Emu2Config
-from emu2_engine.train.config import DataSection
+from emu2_engine.train.config import DATASET_KINDS, DataSection
 
-# Samples are drawn until the pool holds this many rows' worth of tokens; best-fit then has
-# enough choice to fill the first `rows` rows almost completely.
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+# Samples are drawn until the pool holds this many micro-batches' worth of tokens; best-fit then
+# has enough choice to fill the rows almost completely.
 _POOL_FACTOR = 1.5
+# A dataset that yields this many records in a row without one usable sample is broken.
+_MAX_BARREN_DRAWS = 10_000
 
 
-class ShapesCaptionLoader:
-    """An endless iterator of `PackedBatch` for image-caption pretraining on the shapes world."""
+class RecordStream(Protocol):
+    """An endless iterator of decoded records that can save and restore its position exactly
+    (`shards.ShardStream`)."""
 
-    def __init__(self, tokenizer: Emu2Tokenizer, model_cfg: Emu2Config, cfg: DataSection):
+    def __next__(self) -> Record: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class _Pooled:
+    """A sample drawn but not yet packed, and where it came from."""
+
+    dataset: int
+    record: int
+    """Ordinal of its record among the records this loader read from the dataset's stream."""
+    part: int
+    """Index of the sample among those its record gave (text records give several)."""
+    sample: Sample
+
+
+class PackedLoader:
+    """An endless iterator of `PackedBatch` over a weighted blend of datasets.
+
+    `streams[d]` yields the records of dataset `cfg.datasets[d]`, already split for this
+    data-parallel `rank` of `world_size` (the loader only records the split for resume checks).
+    """
+
+    def __init__(self, tokenizer, model_cfg: Emu2Config, cfg: DataSection,
+                 streams: list[RecordStream], rank: int = 0, world_size: int = 1):
         if tokenizer.vocab_size != model_cfg.llm.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                              f"vocabulary is {model_cfg.llm.vocab_size}")
-        self.tok, self.model_cfg, self.cfg = tokenizer, model_cfg, cfg
-        self.world = ShapesWorld(cfg.seed)
-        self.next_index = 0
-        self.pending: list[int] = []
-        self._cache: dict[int, Sample] = {}
+        if len(streams) != len(cfg.datasets):
+            raise ValueError(f"one record stream per dataset: {len(cfg.datasets)} datasets, "
+                             f"{len(streams)} streams")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size = {world_size}), got {rank}")
+        unknown = sorted(set(cfg.datasets + cfg.regress) - set(DATASET_KINDS))
+        if unknown:
+            raise ValueError(f"unknown dataset kinds {unknown}")
+        self.cfg, self.ids = cfg, tokenizer.ids
+        self.n_query, self.image_size = model_cfg.n_query, model_cfg.vision.image_size
+        self.streams, self.rank, self.world_size = streams, rank, world_size
+        # A dataset's name seeds its samples' layouts: its position and kind in the blend.
+        self.names = [f"{d}:{kind}" for d, kind in enumerate(cfg.datasets)]
+        self.regress = [kind in cfg.regress for kind in cfg.datasets]
+        self.builder = SampleBuilder(
+            tokenizer, model_cfg.n_query, seed=cfg.seed, image_first_prob=cfg.image_first_prob,
+            phrase_first_prob=cfg.phrase_first_prob, interleaved_images=cfg.interleaved_images,
+            interleaved_len=cfg.interleaved_len, text_len=cfg.text_len,
+            bidirectional=cfg.bidirectional)
+        self.blend = Blend(cfg.weights)
+        self.stats = SkipStats()
+        self.truncated = 0
+        self._pool: list[_Pooled] = []
+        self._reads = [0] * len(streams)
+        # per dataset: record ordinal -> stream state just before it was read, while a sample
+        # of that record is in the pool
+        self._before: list[dict[int, dict]] = [{} for _ in streams]
 
     # -- samples --------------------------------------------------------------------------
-    def _sample(self, index: int) -> Sample:
-        if index not in self._cache:
-            size = self.model_cfg.vision.image_size
-            item = self.world.sample(index, image_size=size)
-            image_first = bool(np.random.default_rng((self.cfg.seed, index, 1)).random()
-                               < self.cfg.image_first_prob)
-            self._cache[index] = build_image_caption(
-                self.tok, to_pixels(item.image, size), item.caption, self.model_cfg.n_query,
-                image_first=image_first, regress=self.cfg.regress_images and not image_first)
-        return self._cache[index]
+    def _samples_of(self, d: int, record: Record) -> list[Sample]:
+        """The samples of one record, truncated or dropped to fit a row and the image cap."""
+        try:
+            built = self.builder.build(record, self.names[d], regress=self.regress[d])
+        except RecordError as e:
+            self.stats.skip("unbuildable", record.key, str(e), log=log.warning)
+            return []
+        S, M = self.cfg.seq_len, self.cfg.max_images
+        out = []
+        for sample in built:
+            if len(sample) <= S and len(sample.images) <= M:
+                out.append(sample)
+                continue
+            cut = None
+            if self.cfg.too_long == "truncate":
+                limit = S if len(sample.images) <= M else min(S, sample.image_starts[M] + 1)
+                cut = truncate_sample(sample, limit, self.ids.eos, self.n_query)
+            if cut is None:
+                self.stats.skip("too_long", record.key,
+                                f"{len(sample)} tokens and {len(sample.images)} images for rows of "
+                                f"{S} and at most {M} images per micro-batch (data.too_long = "
+                                f"{self.cfg.too_long})", log=log.warning)
+            else:
+                self.truncated += 1
+                out.append(cut)
+        return out
+
+    def _draw(self) -> list[_Pooled]:
+        """Read the next record of the dataset the blend picks; its usable samples."""
+        d = self.blend.next()
+        stream = self.streams[d]
+        before = stream.state_dict()
+        record = next(stream)
+        r = self._reads[d]
+        self._reads[d] += 1
+        samples = self._samples_of(d, record)
+        if samples:
+            self._before[d][r] = before
+        return [_Pooled(d, r, k, s) for k, s in enumerate(samples)]
 
     # -- iteration ------------------------------------------------------------------------
-    def __iter__(self) -> "ShapesCaptionLoader":
+    def __iter__(self) -> Iterator[PackedBatch]:
         return self
 
     def __next__(self) -> PackedBatch:
-        S, rows = self.cfg.seq_len, self.cfg.rows
-        pool = list(self.pending)
-        tokens = sum(len(self._sample(i)) for i in pool)
-        while tokens < _POOL_FACTOR * rows * S:
-            sample = self._sample(self.next_index)
-            if len(sample) > S:
-                raise ValueError(f"a shapes-world sample has {len(sample)} tokens, longer than "
-                                 f"data.seq_len = {S}; raise data.seq_len")
-            pool.append(self.next_index)
-            tokens += len(sample)
-            self.next_index += 1
-        packed = pack_sequences([len(self._sample(i)) for i in pool], S)[:rows]
-        used = {j for row in packed for j in row}
-        self.pending = [i for j, i in enumerate(pool) if j not in used]
-        samples = [self._sample(i) for i in pool]
-        self._cache = {i: self._cache[i] for i in self.pending}
-        return collate_packed(samples, packed, S, self.tok.ids, self.model_cfg.n_query,
-                              self.model_cfg.vision.image_size)
+        S, R, M = self.cfg.seq_len, self.cfg.rows, self.cfg.max_images
+        pool = list(self._pool)
+        tokens = sum(len(p.sample) for p in pool)
+        barren = 0
+        while tokens < _POOL_FACTOR * R * S:
+            drawn = self._draw()
+            barren = 0 if drawn else barren + 1
+            if barren >= _MAX_BARREN_DRAWS:
+                raise RuntimeError(f"{_MAX_BARREN_DRAWS} records in a row gave no usable sample; "
+                                   f"{self.skip_summary()}")
+            pool += drawn
+            tokens += sum(len(p.sample) for p in drawn)
+        rows = select_rows([len(p.sample) for p in pool], [len(p.sample.images) for p in pool],
+                           R, S, M)
+        used = {i for row in rows for i in row}
+        self._pool = [p for i, p in enumerate(pool) if i not in used]
+        waiting = {(p.dataset, p.record) for p in self._pool}
+        for d, before in enumerate(self._before):
+            self._before[d] = {r: s for r, s in before.items() if (d, r) in waiting}
+        return collate_packed([p.sample for p in pool], rows, S, self.ids, self.n_query,
+                              self.image_size, max_images=M)
+
+    # -- statistics -----------------------------------------------------------------------
+    def skip_counts(self) -> Counter:
+        """Samples skipped so far, by kind: by the streams (bad files, bad text, ...) and by the
+        loader (records it could not lay out, samples too long to keep)."""
+        counts = Counter(self.stats.counts)
+        for stream in self.streams:
+            stats = getattr(stream, "stats", None)
+            if stats is not None:
+                counts.update(stats.counts)
+        return counts
+
+    def skip_summary(self) -> str:
+        """One line: the skip totals and how many samples were truncated."""
+        counts = self.skip_counts()
+        skipped = SkipStats(counts).summary()
+        return f"{skipped}; {self.truncated} samples truncated to fit"
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"next_index": self.next_index, "pending": list(self.pending)}
+        """Everything needed to continue with exactly the batches this loader would yield."""
+        streams = []
+        for d, stream in enumerate(self.streams):
+            pooled = [p.record for p in self._pool if p.dataset == d]
+            first = min(pooled, default=None)
+            stats = getattr(stream, "stats", None)
+            streams.append({"state": stream.state_dict(), "reads": self._reads[d],
+                            "replay_from": None if first is None else self._before[d][first],
+                            "replay_first": first,
+                            "skipped": None if stats is None else dict(stats.counts)})
+        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+                "datasets": list(self.cfg.datasets), "blend": self.blend.state_dict(),
+                "streams": streams,
+                "pool": [[p.dataset, p.record, p.part] for p in self._pool],
+                "skipped": dict(self.stats.counts), "truncated": self.truncated}
 
     def load_state_dict(self, state: dict) -> None:
-        self.next_index = int(state["next_index"])
-        self.pending = [int(i) for i in state["pending"]]
-        self._cache = {}
+        """Continue from `state_dict()`'s point: the next batches are those the saving loader
+        would have yielded next."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state["world_size"] != self.world_size or state["rank"] != self.rank:
+            raise ValueError(
+                f"the data loader state was saved by rank {state['rank']} of {state['world_size']} "
+                f"data-parallel ranks, and is loaded by rank {self.rank} of {self.world_size}: each "
+                f"rank reads its own share of every dataset, so a different number of ranks would "
+                f"repeat or skip samples. Resume with {state['world_size']} data-parallel ranks, or "
+                f"start the data from scratch (do not load the loader state)")
+        if list(state["datasets"]) != list(self.cfg.datasets):
+            raise ValueError(f"the data loader state is for datasets {state['datasets']}, this loader "
+                             f"reads {list(self.cfg.datasets)}")
+        self.blend.load_state_dict(state["blend"])
+        wanted = [(int(d), int(r), int(k)) for d, r, k in state["pool"]]
+        rebuilt: dict[tuple[int, int], list[Sample]] = {}
+        self._before = [{} for _ in self.streams]
+        for d, (stream, saved) in enumerate(zip(self.streams, state["streams"])):
+            records = sorted({r for dd, r, _ in wanted if dd == d})
+            if records:
+                stream.load_state_dict(saved["replay_from"])
+                for r in range(int(saved["replay_first"]), records[-1] + 1):
+                    before = stream.state_dict()
+                    record = next(stream)
+                    if r in records:
+                        rebuilt[(d, r)] = self._samples_of(d, record)
+                        self._before[d][r] = before
+            stream.load_state_dict(saved["state"])
+            self._reads[d] = int(saved["reads"])
+            if saved["skipped"] is not None:  # the replay counted its bad samples again
+                stream.stats.counts = Counter(saved["skipped"])
+        self._pool = [_Pooled(d, r, k, rebuilt[(d, r)][k]) for d, r, k in wanted]
+        # the replay counted its records' skips and truncations again: the saved totals
+        self.stats = SkipStats(Counter(state["skipped"]))
+        self.truncated = int(state["truncated"])
+
+
+
+def shapes_world_root(cfg: DataSection) -> Path:
+    """The shapes world of `cfg.seed` under `cfg.cache_dir`, generated there on first use."""
+    return ensure_shapes_world(Path(cfg.cache_dir).expanduser(), seed=cfg.seed)
+
+
+def build_loader(cfg: DataSection, tokenizer, model_cfg: Emu2Config, rank: int = 0,
+                 world_size: int = 1, split: str = "train") -> PackedLoader:
+    """The loader of `cfg` for one data-parallel rank: a `ShardStream` per dataset (its path,
+    or for an empty path the shapes world's `split` of its kind), shuffled when training."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be train or heldout, got {split!r}")
+    root = shapes_world_root(cfg) if not all(cfg.paths) else None
+    streams = []
+    for kind, path in zip(cfg.datasets, cfg.paths):
+        decoder = Decoder(kind, model_cfg.vision.image_size, n_frames=cfg.video_frames,
+                          log=log.warning)
+        streams.append(ShardStream(path or root / kind / split, decoder, rank=rank,
+                                   world_size=world_size, seed=cfg.seed,
+                                   shuffle=split == "train", log=log.warning))
+    return PackedLoader(tokenizer, model_cfg, cfg, streams, rank=rank, world_size=world_size)
+
+
+def heldout_caption_loader(cfg: DataSection, tokenizer, model_cfg: Emu2Config) -> PackedLoader:
+    """Held-out image-caption pairs (`data.heldout_path`, or the shapes world's held-out
+    split), every image before its caption and nothing regressed: the data of the end-of-run
+    check that the model reads its images."""
+    held_out = replace(cfg, datasets=["image_text"], weights=[1.0], paths=[cfg.heldout_path],
+                       image_first_prob=1.0, regress=[])
+    return build_loader(held_out, tokenizer, model_cfg, split="heldout")

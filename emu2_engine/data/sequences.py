@@ -1,42 +1,70 @@
-"""Sequence building (samples -> token ids + metadata) and collation of packed rows into a
-`PackedBatch` (see `batch.py` for the contract).
+"""Sequence building: one decoded record (`records.py`) -> token ids + image metadata.
 
-A `Sample` is one document: `<s> ... </s>` with its images inline. Each image occupies
-`[IMG]` + n_query slots + `[/IMG]`; the slots (`<image>` for images, `[gIMG]` for video
-frames) are the positions whose embedding rows the model replaces with visual embeddings.
+A `Sample` is one document, `<s> ... </s>`, with its images inline. Each image (or video
+frame) occupies `[IMG]` + n_query slots + `[/IMG]`; the slots (`<image>` for images, `[gIMG]`
+for video frames) are the positions whose embedding rows the model replaces with visual
+embeddings. The layouts are those of the released Emu2 (shared/reference/EMU2_FACTS.md):
+
+- image-text: `<s>[IMG]<image>*n[/IMG]caption</s>` or `<s>caption[IMG]<image>*n[/IMG]</s>`,
+  the image first with p = 0.5 (`image_first_prob`).
+- video-text: `[VIDEO]` then per frame `[IMG][gIMG]*n[/IMG]`, before or after the caption
+  like an image.
+- interleaved (MMC4-style): up to N = 8 images with their sentences, each image before or
+  after its sentence with p = 0.5, cut at L = 1024 tokens.
+- grounded: `<s>[IMG]...[/IMG]<grounding>` + the caption in which every phrase with boxes
+  becomes `<phrase>text</phrase><object><patch_index_a><patch_index_b></object>` (several
+  boxes joined by `</delimiter_of_multi_objects/>`), the phrase before its box with p = 0.7,
+  else the box first. Boxes are quantised as Kosmos-2 does (`box_to_patch_indices`).
+- language-only: chunks of at most 2048 tokens, each wrapped in `<s> ... </s>`.
+- VQA (evaluation): the prompts of the paper's evaluation protocol (`build_vqa`).
 
 Decisions recorded here:
 - The text loss is described per token by `Sample.text_target`: True where the token may be
-  the *target* of a next-token prediction. `build_image_caption` sets it for every text token
-  (`<s>`, the caption, `</s>`) and clears it for `[IMG]`, `[/IMG]`, the slots and `[PAD]`
-  (Emu2 takes no text loss on image tokens). Other builders (chat) clear it for everything
-  but the answer. Collation turns it into pre-shifted labels:
-  `labels[t] = input_ids[t + 1]` if t + 1 is in the same document and a text target, else -100.
-- `span_ids` of a bidirectional image cover its n_query slots only (not `[IMG]`/`[/IMG]`):
-  that is all that needs two-way attention, since `[IMG]` precedes the slots and `[/IMG]`
-  follows them. The span id is the image's index in the batch (distinct, >= 0). A regressed
-  image is never bidirectional (its embeddings are generated one by one).
-- Padding: `[PAD]` ids, labels -100, doc_ids -1, span_ids -1, position_ids 0.
-- Images are ordered by row, then by position in the row; `image_slots`, `reg_images`,
-  `span_ids` and `images` all use that order.
-- Image preprocessing follows the released Emu2 processor: a bicubic resize straight to
-  image_size x image_size (no crop), then the CLIP mean and std.
+  the *target* of a next-token prediction: text, `</s>` and the phrase, object and
+  patch-index tokens, never `[IMG]`, `[/IMG]`, `<image>`, `[gIMG]`, `[/gIMG]`, `[VIDEO]` or
+  `[PAD]` (Emu2 takes no text loss on visual tokens), nor the `<grounding>` instruction. Collation (`packing.collate_packed`) turns it into pre-shifted
+  labels: `labels[t] = input_ids[t + 1]` if t + 1 is in the same document and a target.
+- A `</s>` that closes a sequence cut short (a truncated sample, a text chunk that is not the
+  document's last) is not a target: the document did not end there.
+- Regression targets: an image of a dataset listed in `data.regress` is regressed when text
+  precedes it in its sequence (there is something to generate it from); `[VIDEO]` and `<s>`
+  are not text. A regressed image is never bidirectional; other images get bidirectional
+  spans only when `data.bidirectional` asks (the released Emu2 LLM is fully causal).
+- Every random choice about a sample (image first, which 8 images, phrase first) comes from
+  `sample_rng(seed, dataset, key)`, so it does not depend on the order samples arrive in,
+  on the rank, or on a resume.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
-from emu2_engine.data.batch import PackedBatch
-from emu2_engine.data.tokens import SpecialIds
+from emu2_engine.data import tokens as tk
+from emu2_engine.data.records import VQA, Grounded, ImageText, Interleaved, Phrase, Record, Text, VideoText
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IGNORE_INDEX = -100
+
+GRID_SIDE = 16
+"""Patch-index grid of the released tokenizer: 16 x 16 = 256 cells, `<patch_index_0000>` to
+`<patch_index_0255>`; the release adds 257 such tokens, so `<patch_index_0256>` is never
+produced (Kosmos-2's processor takes the grid side as int(sqrt(number of tokens)), 16 here)."""
+
+ZERO_SHOT_VQA = "based on the picture, answer in one word or phrase. {question} short answer:"
+FEW_SHOT_VQA = "based on the picture, {question} short answer:"
+"""The paper's evaluation prompts (Appendix, evaluation protocol); the image precedes them."""
+
+
+class RecordError(ValueError):
+    """A record whose content cannot be laid out (a box outside the image, an image attached
+    to a sentence that does not exist, ...): the loader skips and counts it."""
 
 
 @dataclass
@@ -48,13 +76,16 @@ class Sample:
     text_target: np.ndarray
     """(L,) bool: this token may be the target of a next-token text prediction."""
     images: list[torch.Tensor] = field(default_factory=list)
-    """Normalised (3, H, W) float32 pixels of each image, in sequence order."""
+    """Normalised (3, H, W) float32 pixels of each image or frame, in sequence order."""
     image_starts: list[int] = field(default_factory=list)
     """Position of each image's `[IMG]`; its slots are the n_query positions after it."""
     regress: list[bool] = field(default_factory=list)
     """Per image: its visual embeddings are regression targets."""
     bidirectional: list[bool] = field(default_factory=list)
     """Per image: its slots attend to each other in both directions (never when regressed)."""
+    keep_whole: list[tuple[int, int]] = field(default_factory=list)
+    """Half-open token ranges besides the image spans that truncation must not cut: a video
+    (`[VIDEO]` and all its frames), a grounded phrase with its boxes."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -71,122 +102,297 @@ def to_pixels(image: Image.Image, image_size: int) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
-def image_tokens(ids: SpecialIds, n_query: int) -> list[int]:
-    """`[IMG]` + `<image>` x n_query + `[/IMG]`."""
-    return [ids.img] + [ids.image] * n_query + [ids.img_end]
+def sample_rng(seed: int, dataset: str, key: str) -> np.random.Generator:
+    """The generator of every layout choice for sample `key` of `dataset` under `seed`."""
+    digest = hashlib.blake2b(f"{dataset}\0{key}".encode(), digest_size=16).digest()
+    words = np.frombuffer(digest, dtype=np.uint32).tolist()
+    return np.random.default_rng([seed, *words])
 
 
-def text_target_mask(input_ids: np.ndarray, ids: SpecialIds) -> np.ndarray:
-    """True for text tokens: everything but `[PAD]`, `[IMG]`, `[/IMG]`, `<image>`, `[gIMG]`, `[/gIMG]`."""
-    non_text = [ids.pad, ids.img, ids.img_end, ids.image, ids.gen_img, ids.gen_img_end]
-    return ~np.isin(input_ids, non_text)
+def box_to_patch_indices(box: tuple[float, float, float, float], side: int = GRID_SIDE) -> tuple[int, int]:
+    """Indices of the grid cells holding a box's top-left and bottom-right corners.
 
-
-def build_image_caption(tokenizer, image: torch.Tensor, caption: str, n_query: int,
-                        image_first: bool, regress: bool = False,
-                        bidirectional: bool = False) -> Sample:
-    """`<s>[IMG]<image>*n[/IMG]caption</s>` (image_first) or `<s>caption[IMG]<image>*n[/IMG]</s>`.
-
-    `tokenizer` is an `Emu2Tokenizer` (anything with `encode(text)` and `ids`); `image` the
-    normalised pixels (`to_pixels`). The caller draws `image_first` (p = 0.5 in pretraining).
+    The rule of Kosmos-2 (Peng et al., 2023, sec. 2.1; `coordinate_to_patch_index` in the
+    Hugging Face Kosmos-2 processor), which Emu2's grounding data follows: with
+    (x0, y0, x1, y1) in [0, 1] and x1 > x0, y1 > y0, the top-left cell is
+    (floor(x0 * side), floor(y0 * side)) and the bottom-right cell is
+    (ceil(x1 * side - 1), ceil(y1 * side - 1)), i.e. the cell holding the last point inside
+    the box; a cell (col, row) has index row * side + col.
     """
-    if regress and bidirectional:
-        raise ValueError("an image that is a regression target cannot be bidirectional: "
-                         "its embeddings are generated one by one (causally)")
-    if n_query < 1:
-        raise ValueError(f"n_query must be >= 1, got {n_query}")
-    ids = tokenizer.ids
-    text = tokenizer.encode(caption)
-    visual = image_tokens(ids, n_query)
-    body = visual + text if image_first else text + visual
-    input_ids = np.array([ids.bos] + body + [ids.eos], dtype=np.int64)
-    start = 1 if image_first else 1 + len(text)
-    return Sample(input_ids=input_ids, text_target=text_target_mask(input_ids, ids),
-                  images=[image], image_starts=[start], regress=[regress],
-                  bidirectional=[bidirectional])
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+        raise RecordError(f"box {tuple(box)} must be (x0, y0, x1, y1) with 0 <= x0 < x1 <= 1 "
+                          f"and 0 <= y0 < y1 <= 1")
+    left, top = int(np.floor(x0 * side)), int(np.floor(y0 * side))
+    right, bottom = int(np.ceil(x1 * side - 1)), int(np.ceil(y1 * side - 1))
+    return top * side + left, bottom * side + right
 
 
-def _check_sample(sample: Sample, index: int, ids: SpecialIds, n_query: int) -> None:
-    n = len(sample.images)
-    if not (len(sample.image_starts) == len(sample.regress) == len(sample.bidirectional) == n):
-        raise ValueError(f"sample {index}: images, image_starts, regress and bidirectional must have "
-                         f"one entry per image, got {n}, {len(sample.image_starts)}, "
-                         f"{len(sample.regress)}, {len(sample.bidirectional)}")
-    if len(sample.text_target) != len(sample.input_ids):
-        raise ValueError(f"sample {index}: text_target has {len(sample.text_target)} entries for "
-                         f"{len(sample.input_ids)} tokens")
-    previous_end = 0
-    for start, reg, bi in zip(sample.image_starts, sample.regress, sample.bidirectional):
-        if start < previous_end:
-            raise ValueError(f"sample {index}: image_starts must be increasing and images must not overlap")
-        previous_end = start + n_query + 2
-        span = sample.input_ids[start:previous_end]
-        if (len(span) != n_query + 2 or span[0] != ids.img or span[-1] != ids.img_end
-                or not np.isin(span[1:-1], ids.visual_slots).all()):
-            raise ValueError(f"sample {index}: the image at position {start} is not "
-                             f"[IMG] + {n_query} slots + [/IMG]")
-        if reg and bi:
-            raise ValueError(f"sample {index}: the image at position {start} is both regressed "
-                             f"and bidirectional")
+class SampleBuilder:
+    """Turns records into Samples with the Emu2 layouts, drawing every choice from
+    `sample_rng(seed, dataset, record.key)`.
+
+    The `build_*` methods take the choices as arguments (so tests can pin each layout);
+    `build(record, dataset)` draws them and dispatches on the record type.
+    """
+
+    def __init__(self, tokenizer, n_query: int, seed: int = 0, image_first_prob: float = 0.5,
+                 phrase_first_prob: float = 0.7, interleaved_images: int = 8,
+                 interleaved_len: int = 1024, text_len: int = 2048, bidirectional: bool = False):
+        if n_query < 1:
+            raise ValueError(f"n_query must be >= 1, got {n_query}")
+        for name, p in (("image_first_prob", image_first_prob), ("phrase_first_prob", phrase_first_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {p}")
+        if interleaved_images < 1:
+            raise ValueError(f"interleaved_images must be >= 1, got {interleaved_images}")
+        visual_min = 2 + n_query + 2  # <s> [IMG] slots [/IMG] </s>
+        if interleaved_len < visual_min:
+            raise ValueError(f"interleaved_len ({interleaved_len}) cannot hold one image of "
+                             f"{n_query} tokens (needs {visual_min})")
+        if text_len < 3:
+            raise ValueError(f"text_len must be >= 3 (<s>, a token, </s>), got {text_len}")
+        self.tok, self.ids = tokenizer, tokenizer.ids
+        self.n_query, self.seed = n_query, seed
+        self.image_first_prob, self.phrase_first_prob = image_first_prob, phrase_first_prob
+        self.interleaved_images, self.interleaved_len, self.text_len = (
+            interleaved_images, interleaved_len, text_len)
+        self.bidirectional = bidirectional
+        t = tokenizer.token_to_id
+        self.grounding, self.phrase, self.phrase_end = t(tk.GROUNDING), t(tk.PHRASE), t(tk.PHRASE_END)
+        self.object, self.object_end = t(tk.OBJECT), t(tk.OBJECT_END)
+        self.delimiter = t(tk.MULTI_OBJECT_DELIMITER)
+        self.patch_index0 = t("<patch_index_0000>")
+        ids = self.ids
+        self._non_text = np.array([ids.pad, ids.img, ids.img_end, ids.image, ids.gen_img,
+                                   ids.gen_img_end, ids.video], dtype=np.int64)
+
+    # -- dispatch -------------------------------------------------------------------------
+    def build(self, record: Record, dataset: str, regress: bool = False) -> list[Sample]:
+        """The samples of one record (several for a long text, one otherwise). `dataset` names
+        the record's dataset (it seeds the choices); `regress`: its images may be regression
+        targets (those with text before them)."""
+        if not isinstance(record, (ImageText, VideoText, Interleaved, Grounded, Text, VQA)):
+            raise TypeError(f"no sequence builder for {type(record).__name__}")
+        rng = sample_rng(self.seed, dataset, record.key)
+        if isinstance(record, ImageText):
+            first = bool(rng.random() < self.image_first_prob)
+            return [self.build_image_text(record.image, record.caption, first, regress)]
+        if isinstance(record, VideoText):
+            first = bool(rng.random() < self.image_first_prob)
+            return [self.build_video_text(record.frames, record.caption, first, regress)]
+        if isinstance(record, Interleaved):
+            texts, images, image_at = self.select_interleaved(record, rng)
+            firsts = [bool(x) for x in rng.random(len(images)) < self.image_first_prob]
+            return [self.build_interleaved(texts, images, image_at, firsts, regress)]
+        if isinstance(record, Grounded):
+            n_boxes = len(record.phrases)
+            firsts = [bool(x) for x in rng.random(n_boxes) < self.phrase_first_prob]
+            return [self.build_grounded(record.image, record.caption, record.phrases, firsts, regress)]
+        if isinstance(record, Text):
+            return self.build_text(record.text)
+        answer = Counter(record.answers).most_common(1)[0][0] if record.answers else None
+        return [self.build_vqa(record.image, record.question, answer=answer)]
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _text(self, text: str) -> list[int]:
+        return self.tok.encode(text.strip()) if text.strip() else []
+
+    def _visual(self, slot: int) -> list[int]:
+        return [self.ids.img] + [slot] * self.n_query + [self.ids.img_end]
+
+    def _finish(self, body: list[int], images: list[torch.Tensor], starts: list[int],
+                regress: bool, keep_whole: list[tuple[int, int]] = (),
+                extra_non_targets: list[int] = ()) -> Sample:
+        """`<s>` + body + `</s>` (starts/keep_whole are body positions), with the regression
+        and span rule of the module docstring applied to every image."""
+        input_ids = np.array([self.ids.bos, *body, self.ids.eos], dtype=np.int64)
+        target = ~np.isin(input_ids, self._non_text)
+        for i in extra_non_targets:
+            target[i + 1] = False
+        starts = [s + 1 for s in starts]
+        # text precedes position s: some target token in [1, s)
+        text_before = np.cumsum(target[:-1] & (np.arange(len(target) - 1) >= 1))
+        flags = [regress and bool(text_before[s - 1]) for s in starts]
+        return Sample(input_ids=input_ids, text_target=target, images=list(images),
+                      image_starts=starts, regress=flags,
+                      bidirectional=[self.bidirectional and not r for r in flags],
+                      keep_whole=[(a + 1, b + 1) for a, b in keep_whole])
+
+    # -- builders -------------------------------------------------------------------------
+    def build_image_text(self, image: torch.Tensor, caption: str, image_first: bool,
+                         regress: bool = False) -> Sample:
+        """`<s>[IMG]<image>*n[/IMG]caption</s>` (image_first) or `<s>caption[IMG]<image>*n[/IMG]</s>`."""
+        text, visual = self._text(caption), self._visual(self.ids.image)
+        body = visual + text if image_first else text + visual
+        return self._finish(body, [image], [0 if image_first else len(text)], regress)
+
+    def build_video_text(self, frames: torch.Tensor, caption: str, video_first: bool,
+                         regress: bool = False) -> Sample:
+        """`[VIDEO]` + `[IMG][gIMG]*n[/IMG]` per frame, before or after the caption."""
+        if frames.dim() != 4 or frames.shape[0] == 0:
+            raise RecordError(f"a video needs frames of shape (T >= 1, 3, H, W), got {tuple(frames.shape)}")
+        text = self._text(caption)
+        video = [self.ids.video]
+        for _ in range(frames.shape[0]):
+            video += self._visual(self.ids.gen_img)
+        at = 0 if video_first else len(text)
+        body = video + text if video_first else text + video
+        step = self.n_query + 2
+        starts = [at + 1 + f * step for f in range(frames.shape[0])]
+        return self._finish(body, list(frames.unbind(0)), starts, regress,
+                            keep_whole=[(at, at + len(video))])
+
+    def select_interleaved(self, record: Interleaved, rng: np.random.Generator
+                           ) -> tuple[list[str], list[torch.Tensor], list[int]]:
+        """At most `interleaved_images` consecutive images (a random window when the document
+        has more) and the sentences around them: from the first sentence after the last image
+        left out before the window to the sentence before the first image left out after it."""
+        texts, n = record.texts, len(record.images)
+        if len(record.image_at) != n:
+            raise RecordError(f"interleaved document {record.key!r}: {n} images but "
+                              f"{len(record.image_at)} image_at entries")
+        bad = [j for j in record.image_at if not 0 <= j < len(texts)]
+        if bad:
+            raise RecordError(f"interleaved document {record.key!r}: image attached to sentence "
+                              f"{bad[0]}, but the document has {len(texts)} sentences")
+        order = sorted(range(n), key=lambda j: record.image_at[j])  # stable: by sentence, then index
+        at = [record.image_at[j] for j in order]
+        N = self.interleaved_images
+        lo = int(rng.integers(0, n - N + 1)) if n > N else 0
+        hi = min(n, lo + N)
+        first = 0 if lo == 0 else min(at[lo], at[lo - 1] + 1)
+        last = len(texts) if hi == n else max(at[hi - 1] + 1, at[hi])
+        chosen = order[lo:hi]
+        return (texts[first:last], [record.images[j] for j in chosen],
+                [record.image_at[j] - first for j in chosen])
+
+    def build_interleaved(self, texts: list[str], images: list[torch.Tensor], image_at: list[int],
+                          image_first: list[bool], regress: bool = False) -> Sample:
+        """Sentences in order, each image just before (image_first) or just after its sentence;
+        cut at `interleaved_len` tokens at a boundary that splits no image."""
+        if not (len(images) == len(image_at) == len(image_first)):
+            raise ValueError(f"images, image_at and image_first must have one entry per image, got "
+                             f"{len(images)}, {len(image_at)}, {len(image_first)}")
+        before: dict[int, list[int]] = {}
+        after: dict[int, list[int]] = {}
+        for j, (i, first) in enumerate(zip(image_at, image_first)):
+            (before if first else after).setdefault(i, []).append(j)
+        body: list[int] = []
+        starts: list[int] = []
+        order: list[int] = []
+        for i, sentence in enumerate(texts):
+            for j in before.get(i, []):
+                starts.append(len(body))
+                order.append(j)
+                body += self._visual(self.ids.image)
+            body += self._text(sentence)
+            for j in after.get(i, []):
+                starts.append(len(body))
+                order.append(j)
+                body += self._visual(self.ids.image)
+        sample = self._finish(body, [images[j] for j in order], starts, regress)
+        cut = truncate_sample(sample, self.interleaved_len, self.ids.eos, self.n_query)
+        assert cut is not None, "interleaved_len holds at least one image (checked in __init__)"
+        return cut
+
+    def build_grounded(self, image: torch.Tensor, caption: str, phrases: list[Phrase],
+                       phrase_first: list[bool], regress: bool = False) -> Sample:
+        """`[IMG]...[/IMG]<grounding>` + the caption, each phrase with boxes written as
+        `<phrase>text</phrase><object>boxes</object>` (phrase_first) or the reverse."""
+        if len(phrase_first) != len(phrases):
+            raise ValueError(f"phrase_first needs one entry per phrase, got {len(phrase_first)} "
+                             f"for {len(phrases)}")
+        spans = sorted(zip(phrases, phrase_first), key=lambda p: p[0].start)
+        body = self._visual(self.ids.image) + [self.grounding]
+        keep: list[tuple[int, int]] = []
+        cursor = 0
+        for phrase, first in spans:
+            if not 0 <= cursor <= phrase.start < phrase.end <= len(caption):
+                raise RecordError(f"phrase span [{phrase.start}, {phrase.end}) of a {len(caption)}-"
+                                  f"character caption is empty, out of range or overlaps another")
+            if not phrase.boxes:
+                raise RecordError(f"phrase {caption[phrase.start:phrase.end]!r} has no box")
+            body += self._text(caption[cursor:phrase.start])
+            words = [self.phrase, *self._text(caption[phrase.start:phrase.end]), self.phrase_end]
+            boxes = [self.object]
+            for k, box in enumerate(phrase.boxes):
+                if k:
+                    boxes.append(self.delimiter)
+                boxes += [self.patch_index0 + i for i in box_to_patch_indices(box)]
+            boxes.append(self.object_end)
+            start = len(body)
+            body += words + boxes if first else boxes + words
+            keep.append((start, len(body)))
+            cursor = phrase.end
+        body += self._text(caption[cursor:])
+        # <grounding> is an instruction the data gives, not text to predict
+        return self._finish(body, [image], [0], regress, keep_whole=keep,
+                            extra_non_targets=[self.n_query + 2])
+
+    def build_text(self, text: str) -> list[Sample]:
+        """Language-only data: `<s>` + at most text_len - 2 tokens + `</s>` per chunk; only the
+        last chunk's `</s>` is a target (the others did not end the document)."""
+        tokens = self._text(text)
+        step = self.text_len - 2
+        chunks = [tokens[i:i + step] for i in range(0, len(tokens), step)] or [[]]
+        out = []
+        for c, chunk in enumerate(chunks):
+            last = c == len(chunks) - 1
+            out.append(self._finish(chunk, [], [], False,
+                                    extra_non_targets=[] if last else [len(chunk)]))
+        return out
+
+    def build_vqa(self, image: torch.Tensor, question: str, answer: str | None = None,
+                  shots: list[tuple[torch.Tensor, str, str]] = ()) -> Sample:
+        """The evaluation prompt: zero-shot `[image]` + "based on the picture, answer in one
+        word or phrase. {question} short answer:"; with shots (image, question, answer), each
+        `[image]based on the picture, {q} short answer: {a}`, joined by ". ", then the query
+        with the few-shot prompt. Without `answer` the sample ends after the prompt (no
+        `</s>`, nothing to predict: a generation prompt); with it, the answer and `</s>` follow
+        and only they are text targets (teacher-forced scoring)."""
+        body: list[int] = []
+        images, starts = [], []
+        for shot_image, q, a in shots:
+            starts.append(len(body))
+            images.append(shot_image)
+            body += self._visual(self.ids.image) + self._text(f"{FEW_SHOT_VQA.format(question=q)} {a}.")
+        starts.append(len(body))
+        images.append(image)
+        prompt = (FEW_SHOT_VQA if shots else ZERO_SHOT_VQA).format(question=question)
+        body += self._visual(self.ids.image) + self._text(prompt)
+        n_prompt = len(body)
+        if answer is not None:
+            body += self._text(answer)
+        sample = self._finish(body, images, starts, False)
+        sample.text_target[:n_prompt + 1] = False  # <s> and the prompt carry no loss
+        if answer is None:  # a prompt to continue, not a closed document
+            sample.input_ids, sample.text_target = sample.input_ids[:-1], sample.text_target[:-1]
+        return sample
 
 
-def collate_packed(samples: list[Sample], rows: list[list[int]], seq_len: int, ids: SpecialIds,
-                   n_query: int, image_size: int) -> PackedBatch:
-    """Lay out `rows` (each a list of indices into `samples`, in order) as a `PackedBatch` of
-    shape (len(rows), seq_len); see the module docstring for the conventions."""
-    B, S = len(rows), seq_len
-    input_ids = np.full((B, S), ids.pad, dtype=np.int64)
-    labels = np.full((B, S), IGNORE_INDEX, dtype=np.int64)
-    doc_ids = np.full((B, S), -1, dtype=np.int32)
-    span_ids = np.full((B, S), -1, dtype=np.int32)
-    position_ids = np.zeros((B, S), dtype=np.int32)
-    images: list[torch.Tensor] = []
-    image_slots: list[np.ndarray] = []
-    reg_images: list[int] = []
-    reg_positions: list[np.ndarray] = []
-    slot_offsets = np.arange(1, n_query + 1)
-    for b, row in enumerate(rows):
-        total = sum(len(samples[i]) for i in row)
-        if total > S:
-            raise ValueError(f"row {b} holds {total} tokens (samples {list(row)}) but seq_len is {S}")
-        offset = 0
-        for doc, i in enumerate(row):
-            sample = samples[i]
-            _check_sample(sample, i, ids, n_query)
-            L = len(sample)
-            end = offset + L
-            input_ids[b, offset:end] = sample.input_ids
-            target = np.asarray(sample.text_target, dtype=bool)
-            labels[b, offset:end - 1] = np.where(target[1:], sample.input_ids[1:], IGNORE_INDEX)
-            doc_ids[b, offset:end] = doc
-            position_ids[b, offset:end] = np.arange(L)
-            for image, start, reg, bi in zip(sample.images, sample.image_starts, sample.regress,
-                                             sample.bidirectional):
-                if tuple(image.shape) != (3, image_size, image_size):
-                    raise ValueError(f"sample {i}: image of shape {tuple(image.shape)}, expected "
-                                     f"(3, {image_size}, {image_size})")
-                n = len(images)
-                slots = b * S + offset + start + slot_offsets
-                images.append(image)
-                image_slots.append(slots)
-                if bi:
-                    span_ids[b, offset + start + 1:offset + start + 1 + n_query] = n
-                if reg:
-                    reg_images.append(n)
-                    # [IMG] predicts embedding 1, slot k predicts embedding k + 1.
-                    reg_positions.append(np.concatenate([[b * S + offset + start], slots[:-1]]))
-            offset = end
-    return PackedBatch(
-        input_ids=torch.from_numpy(input_ids),
-        labels=torch.from_numpy(labels),
-        doc_ids=torch.from_numpy(doc_ids),
-        span_ids=torch.from_numpy(span_ids),
-        position_ids=torch.from_numpy(position_ids),
-        images=(torch.stack(images).float() if images
-                else torch.zeros((0, 3, image_size, image_size), dtype=torch.float32)),
-        image_slots=torch.from_numpy(np.stack(image_slots).astype(np.int64) if image_slots
-                                     else np.zeros((0, n_query), dtype=np.int64)),
-        reg_images=torch.tensor(reg_images, dtype=torch.int64),
-        reg_positions=torch.from_numpy(np.stack(reg_positions).astype(np.int64) if reg_positions
-                                       else np.zeros((0, n_query), dtype=np.int64)),
-    )
+def truncate_sample(sample: Sample, max_len: int, eos: int, n_query: int) -> Sample | None:
+    """`sample` cut to at most `max_len` tokens at a boundary inside no image span and no
+    `keep_whole` range, closed by a `</s>` that is not a text target; images after the cut are
+    dropped. The sample itself if it fits; None if no such cut keeps more than `<s>`."""
+    if len(sample) <= max_len:
+        return sample
+    ranges = [(s, s + n_query + 2) for s in sample.image_starts] + list(sample.keep_whole)
+    cut = max_len - 1  # keep tokens [0, cut), then </s>
+    moved = True
+    while moved:
+        moved = False
+        for a, b in ranges:
+            if a < cut < b:
+                cut, moved = a, True
+    if cut <= 1:
+        return None
+    keep = [k for k, s in enumerate(sample.image_starts) if s + n_query + 2 <= cut]
+    return Sample(
+        input_ids=np.append(sample.input_ids[:cut], eos).astype(np.int64),
+        text_target=np.append(sample.text_target[:cut], False),
+        images=[sample.images[k] for k in keep],
+        image_starts=[sample.image_starts[k] for k in keep],
+        regress=[sample.regress[k] for k in keep],
+        bidirectional=[sample.bidirectional[k] for k in keep],
+        keep_whole=[(a, b) for a, b in sample.keep_whole if b <= cut])

@@ -51,15 +51,23 @@ class Emu2Model(nn.Module):
         return Projector.pool(self.visual(pixels), n_query or self.cfg.n_query)
 
     def embed(self, input_ids: torch.Tensor, image_slots: torch.Tensor | None = None,
-              visual: torch.Tensor | None = None) -> torch.Tensor:
+              visual: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with `visual` (N, n_query, hidden) written at the flat positions
-        `image_slots` (N, n_query)."""
+        `image_slots` (N, n_query); images that `image_mask` (N,) marks False are padding and
+        write nowhere."""
         h = self.llm.embed_tokens(input_ids)
         if visual is None or visual.shape[0] == 0:
             return h
         B, S, H = h.shape
-        flat = h.reshape(B * S, H).index_put((image_slots.reshape(-1),), visual.reshape(-1, H).to(h.dtype))
-        return flat.view(B, S, H)
+        if image_mask is None:
+            flat = h.reshape(B * S, H).index_put((image_slots.reshape(-1),), visual.reshape(-1, H).to(h.dtype))
+            return flat.view(B, S, H)
+        # Padding images write into one extra row that is dropped: no data-dependent shapes
+        # (pipeline stages need fixed ones), and their features get exactly zero gradient.
+        slots = image_slots.masked_fill(~image_mask[:, None], B * S).reshape(-1)
+        flat = torch.cat([h.reshape(B * S, H), h.new_zeros(1, H)])
+        flat.index_put_((slots,), visual.reshape(-1, H).to(h.dtype))
+        return flat[:B * S].view(B, S, H)
 
     # -- training -------------------------------------------------------------------------
     def forward(self, batch: PackedBatch) -> HeadLoss:
@@ -70,7 +78,7 @@ class Emu2Model(nn.Module):
             visual, pooled = self.projector.pool_project(self.visual(batch.images),
                                                          batch.image_slots.shape[1])
             reg_target = pooled[batch.reg_images].reshape(-1, C)  # detached
-        h = self.embed(batch.input_ids, batch.image_slots, visual)
+        h = self.embed(batch.input_ids, batch.image_slots, visual, batch.image_mask)
         hidden = self.llm(h, batch.position_ids, batch.doc_ids, batch.span_ids)
         return emu2_head_loss(hidden, self.lm_head.weight, batch.labels, self.project_down.weight,
                               batch.reg_positions.reshape(-1), reg_target, self.cfg.regression_weight)

@@ -117,7 +117,7 @@ def batch_flops(cfg: Emu2Config, batch: PackedBatch) -> dict[str, int]:
     Document lengths come from `batch.doc_ids` (per row, the tokens of each doc id >= 0) and
     span lengths from `batch.span_ids`; this reads tensors back, so call it on the batch while it
     is still on the CPU. Keys: vit, projector, llm_linear, llm_attention, heads, total."""
-    n_images, n_query = batch.images.shape[0], batch.image_slots.shape[1]
+    n_images, n_query = batch.n_images, batch.image_slots.shape[1]  # padding images count nothing
     B, S = batch.doc_ids.shape
     row = torch.arange(B).repeat_interleave(S)
     doc, span = batch.doc_ids.reshape(-1).cpu(), batch.span_ids.reshape(-1).cpu()

@@ -25,21 +25,53 @@ class ModelSection:
     """Weight of the image-regression MSE against the text cross-entropy."""
 
 
+DATASET_KINDS = ("image_text", "video_text", "interleaved", "grounded", "text", "vqa")
+"""Sample types a dataset can hold (`emu2_engine.data.records`); each has its Emu2 layout."""
+
+
 @dataclass
 class DataSection:
-    """What the model reads (for now the procedural shapes world; shards come with the data pipeline)."""
+    """What the model reads: a weighted blend of WebDataset shard sets, laid out with the Emu2
+    sequence layouts and packed into rows. Datasets with an empty path read the shapes world,
+    generated on first use into `cache_dir`."""
 
+    datasets: list[str] = field(default_factory=lambda: ["image_text", "grounded", "interleaved", "text"])
+    """Kind of each blended dataset: image_text, video_text, interleaved, grounded, text or vqa."""
+    weights: list[float] = field(default_factory=lambda: [0.85, 0.05, 0.05, 0.05])
+    """Relative share of samples drawn from each dataset (Emu2 stage 2: 12800, 6400, 3200, 800)."""
+    paths: list[str] = field(default_factory=lambda: ["", "", "", ""])
+    """Shard directory (or .tar file) of each dataset; "" reads the shapes world's split of that kind."""
+    heldout_path: str = ""
+    """Held-out image-text shards for the end-of-run check; "" reads the shapes world's held-out split."""
+    cache_dir: str = "~/.cache/emu2_engine"
+    """Where the shapes world is generated on first use (one folder per seed)."""
     seq_len: int = 256
     """Tokens per packed row."""
     rows: int = 4
     """Packed rows per micro-batch."""
+    max_images: int = 32
+    """Images (video frames count one each) per micro-batch; fewer are padded, so shapes are fixed."""
+    too_long: str = "truncate"
+    """A sample longer than a row or with more than max_images images: truncate (at a boundary
+    that splits no image) or drop."""
     image_first_prob: float = 0.5
-    """Probability that an image precedes its caption (Emu2: 0.5)."""
-    regress_images: bool = False
-    """Regress the embeddings of images that follow their caption (stage 2); stage 1 does not."""
+    """Probability that an image (or video) precedes its text (Emu2: 0.5)."""
+    phrase_first_prob: float = 0.7
+    """Probability that a grounded phrase precedes its box (Emu2: 0.7)."""
+    interleaved_images: int = 8
+    """Images sampled from an interleaved document (Emu2: 8)."""
+    interleaved_len: int = 256
+    """Token budget of an interleaved sample (Emu2: 1024), at most seq_len."""
+    text_len: int = 256
+    """Tokens per language-only chunk (Emu2: 2048), at most seq_len."""
+    video_frames: int = 4
+    """Frames sampled uniformly from each video (Emu2: 8 in pretraining)."""
+    regress: list[str] = field(default_factory=list)
+    """Kinds whose images (those with text before them) are regression targets (stage 2)."""
+    bidirectional: bool = False
+    """Images that are not regression targets attend to themselves bidirectionally."""
     seed: int = 1234
-    """Seed of the shapes world and of the layout draws."""
-
+    """Seed of the shapes world, of the shard order and of the layout draws."""
 
 @dataclass
 class OptimSection:
@@ -141,11 +173,32 @@ class JobConfig:
         if self.data.seq_len > max_positions:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds the {self.model.preset} "
                              f"model's max_positions ({max_positions})")
+        d = self.data
+        n = len(d.datasets)
+        unknown = sorted(set(d.datasets + d.regress) - set(DATASET_KINDS))
         checks = [
-            (self.data.seq_len > 0, f"data.seq_len must be positive, got {self.data.seq_len}"),
-            (self.data.rows > 0, f"data.rows must be positive, got {self.data.rows}"),
-            (0.0 <= self.data.image_first_prob <= 1.0,
-             f"data.image_first_prob must lie in [0, 1], got {self.data.image_first_prob}"),
+            (n > 0, "data.datasets must name at least one dataset"),
+            (not unknown, f"data.datasets and data.regress take kinds among {list(DATASET_KINDS)}, "
+                          f"got {unknown}"),
+            (len(d.weights) == n and len(d.paths) == n,
+             f"data.weights and data.paths need one entry per dataset ({n}), got "
+             f"{len(d.weights)} and {len(d.paths)}"),
+            (all(w >= 0 for w in d.weights) and sum(d.weights) > 0,
+             f"data.weights must be >= 0 and not all 0, got {d.weights}"),
+            (d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}"),
+            (d.rows > 0, f"data.rows must be positive, got {d.rows}"),
+            (d.max_images > 0, f"data.max_images must be positive, got {d.max_images}"),
+            (d.too_long in ("truncate", "drop"), f"data.too_long must be truncate or drop, got {d.too_long!r}"),
+            (0.0 <= d.image_first_prob <= 1.0,
+             f"data.image_first_prob must lie in [0, 1], got {d.image_first_prob}"),
+            (0.0 <= d.phrase_first_prob <= 1.0,
+             f"data.phrase_first_prob must lie in [0, 1], got {d.phrase_first_prob}"),
+            (d.interleaved_images > 0, f"data.interleaved_images must be positive, got {d.interleaved_images}"),
+            (3 <= d.interleaved_len <= d.seq_len,
+             f"data.interleaved_len ({d.interleaved_len}) must lie in [3, data.seq_len = {d.seq_len}]"),
+            (3 <= d.text_len <= d.seq_len,
+             f"data.text_len ({d.text_len}) must lie in [3, data.seq_len = {d.seq_len}]"),
+            (d.video_frames > 0, f"data.video_frames must be positive, got {d.video_frames}"),
             (self.train.steps > 0, f"train.steps must be positive, got {self.train.steps}"),
             (self.train.log_every > 0, f"train.log_every must be positive, got {self.train.log_every}"),
             (self.train.eval_batches >= 0, f"train.eval_batches must be >= 0, got {self.train.eval_batches}"),
@@ -229,6 +282,10 @@ def _coerce(value: Any, hint: Any, name: str, where: str) -> Any:
     origin = getattr(hint, "__origin__", None)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: {name} must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, hint.__args__[0], name, where) for v in value]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(hint.__args__):
             raise ValueError(f"{where}: {name} must be a list of {len(hint.__args__)} numbers, got {value!r}")

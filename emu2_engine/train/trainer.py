@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from emu2_engine.data.batch import PackedBatch
-from emu2_engine.data.loader import ShapesCaptionLoader
+from emu2_engine.data.loader import build_loader, heldout_caption_loader
 from emu2_engine.data.tokenizer import Emu2Tokenizer
 from emu2_engine.models import Emu2Config, Emu2Model
 from emu2_engine.models.flops import batch_flops, training_flops
@@ -26,9 +26,6 @@ from emu2_engine.train.config import JobConfig
 from emu2_engine.train.metrics import ThroughputMeter
 from emu2_engine.train.optim import build_optimizer, build_scheduler
 
-
-# Held-out samples come from the shapes world under another seed.
-_HELD_OUT_SEED_OFFSET = 7919
 
 
 @dataclass
@@ -72,7 +69,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         self.tokenizer = Emu2Tokenizer(chat=self.model_cfg.chat)
-        self.loader = ShapesCaptionLoader(self.tokenizer, self.model_cfg, cfg.data)
+        self.loader = build_loader(cfg.data, self.tokenizer, self.model_cfg)
         self.step_count = 0
         self.run_dir = Path(cfg.train.run_dir)
 
@@ -96,7 +93,7 @@ class Trainer:
         self.scheduler.step()
         self.step_count += 1
         return StepResult(loss=out.total.item(), ce=out.ce.item(), mse=out.mse.item(),
-                          grad_norm=norm.item(), tokens=batch.n_tokens, images=batch.images.shape[0])
+                          grad_norm=norm.item(), tokens=batch.n_tokens, images=batch.n_images)
 
     def train(self, progress: bool = True) -> list[dict]:
         """Run `train.steps` steps; return the metric records (also in run_dir/metrics.jsonl)."""
@@ -135,6 +132,11 @@ class Trainer:
                     metrics_file.flush()
                     meter.reset()
         bar.close()
+        data = {"step": self.step_count, "skipped": dict(self.loader.skip_counts()),
+                "truncated": self.loader.truncated}
+        records.append(data)
+        with open(metrics_path, "a") as metrics_file:
+            metrics_file.write(json.dumps(data) + "\n")
         if cfg.train.eval_batches:
             record = {"step": self.step_count, **self.evaluate_grounding(cfg.train.eval_batches)}
             records.append(record)
@@ -144,19 +146,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate_grounding(self, n_batches: int) -> dict:
-        """Caption loss on held-out samples (a different seed), image first, with each sample's
-        own image and with another sample's image. A model that reads its images does better
-        with the right ones; a captioner that ignores them scores the same on both."""
-        held_out = replace(self.cfg.data, seed=self.cfg.data.seed + _HELD_OUT_SEED_OFFSET,
-                           image_first_prob=1.0, regress_images=False)
-        loader = ShapesCaptionLoader(self.tokenizer, self.model_cfg, held_out)
+        """Caption loss on held-out image-caption pairs (`heldout_caption_loader`), image
+        first, with each sample's own image and with another sample's image. A model that
+        reads its images does better with the right ones; a captioner that ignores them
+        scores the same on both."""
+        loader = heldout_caption_loader(self.cfg.data, self.tokenizer, self.model_cfg)
         self.model.eval()
         right = wrong = 0.0
         for _ in range(n_batches):
             batch = next(loader).to(self.device)
             with self.autocast():
                 right += self.model(batch).ce.item()
-                batch.images = batch.images.roll(1, dims=0)  # every image moves to another sample
+                # every real image moves to another sample (padding images stay padding)
+                real = batch.image_mask.nonzero().squeeze(1)
+                batch.images[real] = batch.images[real.roll(1)]
                 wrong += self.model(batch).ce.item()
         self.model.train()
         return {"heldout_caption_ce": right / n_batches, "heldout_caption_ce_wrong_images": wrong / n_batches}

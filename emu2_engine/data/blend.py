@@ -1,0 +1,56 @@
+"""Blending several datasets with weights: which dataset the next sample comes from.
+
+Emu2's stage 2 fixes the number of samples of each data type in every global batch (12,800
+image-text : 6,400 video-text : 3,200 interleaved : 800 language-only). A deterministic
+schedule reproduces such fixed proportions at every scale, where independent random draws
+would only match them on average: draw n goes to the dataset furthest behind its share,
+i.e. the d maximising `weight[d] * (n + 1) - taken[d]` (weights normalised to sum to 1,
+ties to the lower index), the scheme Megatron-LM's blended datasets use for their sample
+index. After n draws each dataset has had about `weight[d] * n` samples: within one sample
+for the paper's 4 weights at every n (tests/test_blend.py), within 1.2 for 200 random sets
+of 2-8 weights over 3,000 draws.
+
+The schedule is the same on every data-parallel rank and does not depend on the seed, so
+each rank's micro-batch at step s has the same mix; what each rank reads from a dataset
+differs (the shard streams split samples by rank), and so does the random layout of each
+sample (a function of the seed and the sample's key). Its whole state is `taken`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+class Blend:
+    """The dataset of each successive draw, by the schedule of the module docstring."""
+
+    def __init__(self, weights: Sequence[float]):
+        w = np.asarray(weights, dtype=np.float64)
+        if w.ndim != 1 or w.size == 0:
+            raise ValueError(f"blend weights must be a non-empty list, got {list(weights)!r}")
+        if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"blend weights must be finite, >= 0 and not all 0, got {list(weights)!r}")
+        self.weights = w / w.sum()
+        self.taken = np.zeros(w.size, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.weights.size)
+
+    def next(self) -> int:
+        """The dataset of the next draw (and count it)."""
+        n = int(self.taken.sum())
+        d = int(np.argmax(self.weights * (n + 1) - self.taken))  # first maximum on ties
+        self.taken[d] += 1
+        return d
+
+    def state_dict(self) -> dict:
+        return {"taken": self.taken.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        taken = np.asarray(state["taken"], dtype=np.int64)
+        if taken.shape != self.taken.shape:
+            raise ValueError(f"the saved blend has {taken.size} datasets, this one {self.taken.size}; "
+                             f"the data config changed since the checkpoint")
+        self.taken = taken
