@@ -1,14 +1,23 @@
 """`spatiotemporal_conv`: the Triton kernels (through the interpreter) against the PyTorch
 reference in fp64: outputs and all five gradients at fp32 and fp16 on awkward sizes (5 frames,
 17x23 frames, 40 -> 24 channels, 1x1 / 3x3 / 3x5 spatial and 1 / 3 / 5 temporal kernels, one
-frame, with and without biases, channels-last and contiguous inputs); the zero temporal
-kernel; bad input; the custom ops; the sm_90 compile; bf16 and video-UNet sizes on CUDA."""
+frame, with and without biases, channels-last and contiguous inputs), with the default weight
+gradients (cuBLAS / cuDNN on CUDA, ATen on the CPU) and with the Triton wgrad kernel; the
+library wgrads read the tensors in place; the zero temporal kernel; bad input; the custom ops;
+the sm_90 compile (and the spill-free candidate tiles); bf16 and video-UNet sizes on CUDA."""
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from emu2_engine.kernels import spatiotemporal_conv as kernel
 from emu2_engine.ops import spatiotemporal_conv, spatiotemporal_conv_reference
 from kernel_checks import assert_within_rule, compile_for_sm90, run_without_interpreter
 
@@ -37,13 +46,25 @@ def run(fn, args, grad, dtype, memory_format=torch.contiguous_format):
     return (y, x.grad) + tuple(None if t is None else t.grad for t in leaves[1:])
 
 
-def check_against_reference(monkeypatch, dtype, shape, bias_s, bias_t, memory_format, seed=0):
+def count_triton_wgrads(monkeypatch) -> list:
+    """Make every launch of the Triton wgrad kernel's launcher append to the returned list."""
+    calls, launch = [], kernel._tap_wgrad
+    monkeypatch.setattr(kernel, "_tap_wgrad", lambda *a: calls.append(a[3]) or launch(*a))
+    return calls
+
+
+def check_against_reference(monkeypatch, dtype, shape, bias_s, bias_t, memory_format, seed=0,
+                            wgrad="torch"):
     args, grad = make_inputs(*shape, bias_s, bias_t, seed)
     monkeypatch.setenv("EMU2_KERNELS", "reference")
     ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
     low = run(spatiotemporal_conv_reference, args, grad, dtype)
     monkeypatch.setenv("EMU2_KERNELS", "triton")
+    monkeypatch.setattr(kernel, "WGRAD", wgrad)
+    launches = count_triton_wgrads(monkeypatch)
     got = run(spatiotemporal_conv, args, grad, dtype, memory_format)
+    # the weight gradients ran where WGRAD says: both taps boxes in the kernel, or neither
+    assert launches == ([(shape[8], 1, 1), (1, shape[6], shape[7])] if wgrad == "triton" else [])
     assert got[0].is_contiguous(memory_format=torch.channels_last_3d)
     for name, a, b, r in zip(NAMES, got, low, ref):
         if r is None:
@@ -63,6 +84,70 @@ def check_against_reference(monkeypatch, dtype, shape, bias_s, bias_t, memory_fo
 ])
 def test_kernel_matches_reference(monkeypatch, dtype, shape, bias_s, bias_t, memory_format):
     check_against_reference(monkeypatch, dtype, shape, bias_s, bias_t, memory_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_wgrad_kernel_matches_reference(monkeypatch, dtype):
+    """WGRAD = "triton": the weight and bias gradients from `_tap_wgrad_kernel`, at a size
+    (1024 pixel rows, two clips) where the temporal wgrad splits its rows over two programs."""
+    check_against_reference(monkeypatch, dtype, (2, 16, 4, 8, 16, 24, 3, 3, 3), True, True,
+                            torch.channels_last_3d, wgrad="triton")
+
+
+def test_wgrad_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    monkeypatch.setattr(kernel, "WGRAD", "cutlass")
+    (x, w_s, b_s, w_t, b_t), grad = make_inputs(1, 4, 2, 3, 3, 4, 3, 3, 3, True, True, seed=6)
+    leaves = [t.float().requires_grad_() for t in (x, w_s, b_s, w_t, b_t)]
+    y = spatiotemporal_conv(*leaves)
+    with pytest.raises(ValueError, match=r"WGRAD must be one of \('torch', 'triton'\), got 'cutlass'"):
+        y.backward(grad.float())
+
+
+class _LogOps(TorchDispatchMode):
+    """Records (op name, args) of every ATen call made under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func.overloadpacket.__name__, args))
+        return func(*args, **(kwargs or {}))
+
+
+def test_library_wgrads_read_the_tensors_in_place():
+    """The default weight gradients hand cuBLAS / cuDNN views of the channels-last storage:
+    no ATen call copies anything, the temporal GEMMs read slices of s and dy (per tap, the rows
+    whose shifted frame stays in the clip), the spatial wgrad gets x and ds as channels-last
+    (B*F, C, H, W) views, and both equal the fp64 conv weight gradients."""
+    (x, w_s, _, w_t, _), grad = make_inputs(2, 8, 4, 5, 6, 12, 3, 3, 3, False, False, seed=7)
+    x = x.float().contiguous(memory_format=torch.channels_last_3d)
+    s = torch.randn(2, 12, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
+    dy = grad.float().contiguous(memory_format=torch.channels_last_3d)
+    ds, w_s = torch.randn(2 * 4 * 5 * 6, 12), w_s.float()
+    with _LogOps() as log:
+        dw_t = kernel._temporal_wgrad_gemms(s, dy, 3)
+        dw_s = kernel._spatial_wgrad_library(x, ds, w_s)
+    names = [name for name, _ in log.calls]
+    assert not {"clone", "copy_", "_to_copy", "contiguous"} & set(names), names
+    storages = {t.untyped_storage().data_ptr() for t in (s, dy)}
+    gemms = [args for name, args in log.calls if name == "bmm"]
+    assert len(gemms) == 3 and all(a.untyped_storage().data_ptr() in storages
+                                   for args in gemms for a in args)
+    assert [args[0].shape[2] for args in gemms] == [3 * 30, 4 * 30, 3 * 30]  # rows per clip
+    (conv_args,) = [args for name, args in log.calls if name == "convolution_backward"]
+    assert conv_args[0].data_ptr() == ds.data_ptr() and conv_args[1].data_ptr() == x.data_ptr()
+    assert all(a.is_contiguous(memory_format=torch.channels_last) for a in conv_args[:2])
+    # fp64 definitions: conv1d over frames (pixels as the batch) and conv2d over the frames
+    seq = s.double().permute(0, 3, 4, 1, 2).reshape(-1, 12, 4)
+    gseq = dy.double().permute(0, 3, 4, 1, 2).reshape(-1, 12, 4)
+    frames = x.double().permute(0, 2, 1, 3, 4).reshape(8, 8, 5, 6)
+    gframes = ds.double().view(8, 5, 6, 12).permute(0, 3, 1, 2)
+    for got, ref in ((dw_t, torch.nn.grad.conv1d_weight(seq, w_t.shape, gseq, padding=1)),
+                     (dw_s, torch.nn.grad.conv2d_weight(frames, w_s.shape, gframes, padding=1))):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-4)
 
 
 def test_zero_temporal_kernel_is_the_per_frame_conv2d(monkeypatch):
@@ -220,21 +305,53 @@ def compile_kernels_for_sm90():
                 ptx = compiled.asm["ptx"]
                 if dt == "bf16" and n_out >= 128:  # narrow tiles may use mma.sync instead
                     assert "cp.async" in ptx and "wgmma" in ptx, (compiled.name, n_out, c_in)
+    # the candidate tiles the benchmark times on the 1280-channel spatial forward
+    consts = dict(KT=1, KH=3, KW=3, HAS_BIAS=True, HAS_RES=False, IEEE=False)
+    types = dict(in_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", res_ptr="*bf16", out_ptr="*bf16",
+                 **ints)
+    aligned = [n for n, t in types.items() if t.startswith("*")] + ["C_IN", "N_OUT"]
+    for cfg in kernel.WIDE_TILE_CANDIDATES:
+        cfg = dict(cfg)
+        opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+        compiled = compile_for_sm90(kernel._tap_conv_kernel, types, dict(consts, **cfg), aligned, **opts)
+        ptx = compiled.asm["ptx"]
+        assert "cp.async" in ptx and "wgmma" in ptx, (cfg, opts)
+        registers, spilled = ptxas_usage(ptx)
+        assert spilled == 0 and registers <= 255, (cfg, opts, registers, spilled)
+
+
+def ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers per thread, bytes of spill stores) that triton's ptxas reports for this PTX
+    on sm_90a, with the register-allocation option triton itself passes."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run([get_ptxas(90).path, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a",
+                               str(src), "-o", str(Path(tmp) / "kernel.cubin")],
+                              capture_output=True, text=True, check=True)
+    registers = int(re.search(r"Used (\d+) registers", proc.stderr).group(1))
+    return registers, int(re.search(r"(\d+) bytes spill stores", proc.stderr).group(1))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("wgrad", kernel.WGRAD_CHOICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [
     (1, 320, 8, 32, 32, 320, 3, 3, 3),   # a video-UNet layer (fewer frames)
     (2, 40, 5, 17, 23, 24, 3, 3, 3),     # the awkward CPU shape, on the compiled kernels
 ])
-def test_cuda(dtype, shape, monkeypatch):
+def test_cuda(dtype, shape, wgrad, monkeypatch):
+    """Both weight-gradient paths on the GPU (the default's cuBLAS out_dtype GEMMs and cuDNN
+    wgrad exist only there), against the fp64 reference by the rule."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     args, grad = make_inputs(*shape, True, True, seed=4, device="cuda")
     ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
     low = run(spatiotemporal_conv_reference, args, grad, dtype)
     monkeypatch.setenv("EMU2_KERNELS", "auto")  # the kernel, on CUDA
+    monkeypatch.setattr(kernel, "WGRAD", wgrad)
     got = run(spatiotemporal_conv, args, grad, dtype, torch.channels_last_3d)
     for name, a, b, r in zip(NAMES, got, low, ref):
         assert_within_rule(a, b, r, dtype, name)
