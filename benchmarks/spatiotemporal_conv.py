@@ -5,7 +5,10 @@ against the cuDNN paths a video UNet would otherwise take.
     python -m benchmarks.run --suite gpu-quick --only spatiotemporal_conv
 
 Providers (ours is "triton"); each computes y = s + temporal(s), s = spatial(x):
-- triton: `spatiotemporal_conv` on a channels_last_3d x (the kernel's layout, no copies).
+- triton: `spatiotemporal_conv` on a channels_last_3d x (the kernel's layout, no copies), as it
+  runs by default: Triton forward and dgrad kernels, weight gradients on cuBLAS / cuDNN.
+- triton-wgrad-kernel: the same op with `WGRAD = "triton"` (the Triton wgrad kernel, the first
+  version's backward), to show in one run what the library weight gradients buy.
 - cudnn-2d+1d-cl (the issue's first baseline): conv2d on the channels-last (B*F, C, H, W)
   view of x, a transpose of s to frames-inner (B*H*W, F, C) so conv1d runs channels-last,
   conv1d, a transpose back and the residual add.
@@ -23,14 +26,20 @@ Suites (`run(suite, out_dir)` for `benchmarks.run`):
   forward + backward; time, TFLOP/s (both convolutions' multiply-adds x 2; backward counted
   as 2x forward), and the fraction of the device's bf16 peak.
 - gpu-full: 320/640/1280 channels x 64x64/32x32 latents x batch 1 and 2.
-Both GPU suites also time each Triton launch alone ("<case> pass spatial-fwd", ...) against
-the cuDNN call doing the same convolution (`_measure_passes`), to show which pass is short.
+Both GPU suites also time each pass of the op alone ("<case> pass spatial-fwd", ...) against
+the cuDNN call doing the same convolution (`_measure_passes`), to show which pass is short:
+"triton" is what the op runs for that pass (for the two wgrad passes: the cuBLAS GEMMs and the
+cuDNN call of the default path), "triton-wgrad-kernel" the Triton wgrad kernel (with the bias
+gradient, as the first version ran it), "cudnn" the baseline call. gpu-quick also times the
+candidate tiles `WIDE_TILE_CANDIDATES` on the 1280-channel spatial forward ("<case> pass
+spatial-fwd tile 128x256x64 w8 s3", ...), so a run says which tile `_blocks` should pick.
 Targets (issue 7): >= 1.2x cudnn-2d+1d-cl and >= 2x conv3d-ncdhw, forward and backward.
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,9 +76,23 @@ def _conv3d_pair(x, w_s, b_s, w_t, b_t):
     return s + F.conv3d(s, w_t[..., None, None], b_t, padding=(kt // 2, 0, 0))
 
 
-PROVIDERS = {"triton": (triton_path, CL3D), "cudnn-2d+1d-cl": (cudnn_2d_1d_cl, CL3D),
+PROVIDERS = {"triton": (triton_path, CL3D), "triton-wgrad-kernel": (triton_path, CL3D),
+             "cudnn-2d+1d-cl": (cudnn_2d_1d_cl, CL3D),
              "conv3d-ncdhw": (_conv3d_pair, torch.contiguous_format),
              "conv3d-cl3d": (_conv3d_pair, CL3D), "eager": (spatiotemporal_conv_reference, CL3D)}
+WGRAD_OF = {"triton-wgrad-kernel": "triton"}
+"""Providers that run the op with another `WGRAD` than the default (set while they are timed:
+the op reads it when backward runs)."""
+
+
+@contextmanager
+def _wgrad(choice: str):
+    """K.WGRAD = choice inside the block."""
+    previous, K.WGRAD = K.WGRAD, choice
+    try:
+        yield
+    finally:
+        K.WGRAD = previous
 
 
 def _inputs(shape, dtype, device, memory_format):
@@ -109,7 +132,10 @@ def _measure(result, providers, shape, dtype, device, timer):
             fn(*args).backward(grad)
 
         for phase, step, flops in (("fwd", forward, fwd_flops), ("fwd+bwd", both, 3 * fwd_flops)):
-            ms = timer(step)
+            if phase == "fwd" and p in WGRAD_OF:
+                continue  # the same forward as "triton"
+            with _wgrad(WGRAD_OF.get(p, K.WGRAD)):
+                ms = timer(step)
             name = f"{case} {phase}"
             result.add(benchmark="spatiotemporal_conv", case=name, provider=p, metric="time",
                        value=ms, unit="ms", params=params)
@@ -117,15 +143,16 @@ def _measure(result, providers, shape, dtype, device, timer):
                        value=flops / ms / 1e9, unit="TFLOP/s", params=params)
             if peak:
                 result.add(benchmark="spatiotemporal_conv", case=name, provider=p,
-                           metric="of_peak", value=100 * flops / ms / 1e3 / peak, unit="%",
+                           metric="of_peak", value=100 * flops / (ms * 1e-3) / peak, unit="%",
                            params=params)
         del args, grad
 
 
-def _measure_passes(result, shape, dtype, timer):
-    """Each Triton launch of the op alone against the cuDNN call that does the same work
-    (provider "cudnn"), so a GPU run shows which pass is short of cuDNN. Same FLOPs each side;
-    cuDNN's temporal forward has no residual add (ours has it fused)."""
+def _measure_passes(result, shape, dtype, timer, sweep: bool):
+    """Each pass of the op alone against the cuDNN call that does the same work (provider
+    "cudnn"), so a GPU run shows which pass is short of cuDNN. Same FLOPs each side; cuDNN's
+    temporal forward has no residual add (ours has it fused). sweep: also time the spatial
+    forward with each of `K.WIDE_TILE_CANDIDATES`."""
     B, C, Fr, H, W, kt = shape
     P, geometry = B * Fr * H * W, (Fr, H, W)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -136,31 +163,48 @@ def _measure_passes(result, shape, dtype, timer):
     rows, w_sp, w_tp, bias = randn(P, C), randn(9, C, C), randn(kt, C, C), randn(C)
     x4 = rows.view(B * Fr, H, W, C).permute(0, 3, 1, 2)                  # channels-last views
     x5 = rows.view(B, Fr, H, W, C).permute(0, 4, 1, 2, 3)
+    w_s = randn(C, C, 3, 3)
     w4 = randn(C, C, 3, 3).contiguous(memory_format=torch.channels_last)
     w5 = randn(C, C, kt, 1, 1).contiguous(memory_format=CL3D)
     grad = torch.nn.grad
     spatial, temporal = 2 * P * C * C * 9, 2 * P * C * C * kt
     passes = {
-        "spatial-fwd": (spatial, lambda: K._tap_conv(rows, w_sp, bias, None, geometry, (1, 3, 3)),
-                        lambda: F.conv2d(x4, w4, bias, padding=1)),
-        "temporal-fwd": (temporal, lambda: K._tap_conv(rows, w_tp, bias, rows, geometry, (kt, 1, 1)),
-                         lambda: F.conv3d(x5, w5, bias, padding=(kt // 2, 0, 0))),
-        "spatial-dgrad": (spatial, lambda: K._tap_conv(rows, w_sp, None, None, geometry, (1, 3, 3)),
-                          lambda: grad.conv2d_input(x4.shape, w4, x4, padding=1)),
-        "spatial-wgrad": (spatial, lambda: K._tap_wgrad(rows, rows, geometry, (1, 3, 3), True),
-                          lambda: grad.conv2d_weight(x4, w4.shape, x4, padding=1)),
-        "temporal-wgrad": (temporal, lambda: K._tap_wgrad(rows, rows, geometry, (kt, 1, 1), True),
-                           lambda: grad.conv3d_weight(x5, w5.shape, x5, padding=(kt // 2, 0, 0))),
+        "spatial-fwd": (spatial, {
+            "triton": lambda: K._tap_conv(rows, w_sp, bias, None, geometry, (1, 3, 3)),
+            "cudnn": lambda: F.conv2d(x4, w4, bias, padding=1)}),
+        "temporal-fwd": (temporal, {
+            "triton": lambda: K._tap_conv(rows, w_tp, bias, rows, geometry, (kt, 1, 1)),
+            "cudnn": lambda: F.conv3d(x5, w5, bias, padding=(kt // 2, 0, 0))}),
+        "spatial-dgrad": (spatial, {
+            "triton": lambda: K._tap_conv(rows, w_sp, None, None, geometry, (1, 3, 3)),
+            "cudnn": lambda: grad.conv2d_input(x4.shape, w4, x4, padding=1)}),
+        "spatial-wgrad": (spatial, {
+            "triton": lambda: K._spatial_wgrad_library(x5, rows, w_s),
+            "triton-wgrad-kernel": lambda: K._tap_wgrad(rows, rows, geometry, (1, 3, 3), True),
+            "cudnn": lambda: grad.conv2d_weight(x4, w4.shape, x4, padding=1)}),
+        "temporal-wgrad": (temporal, {
+            "triton": lambda: K._temporal_wgrad_gemms(x5, x5, kt),
+            "triton-wgrad-kernel": lambda: K._tap_wgrad(rows, rows, geometry, (kt, 1, 1), True),
+            "cudnn": lambda: grad.conv3d_weight(x5, w5.shape, x5, padding=(kt // 2, 0, 0))}),
     }
-    params = {"batch": B, "channels": C, "frames": Fr, "side": H, "pixels": P}
-    for name, (flops, ours, cudnn) in passes.items():
-        for provider, fn in (("triton", ours), ("cudnn", cudnn)):
-            ms = timer(fn)
-            case = f"B{B} C{C} F{Fr} {H}x{W} pass {name}"
-            result.add(benchmark="spatiotemporal_conv", case=case, provider=provider,
-                       metric="time", value=ms, unit="ms", params=params)
-            result.add(benchmark="spatiotemporal_conv", case=case, provider=provider,
-                       metric="tflops", value=flops / ms / 1e9, unit="TFLOP/s", params=params)
+    case = f"B{B} C{C} F{Fr} {H}x{W} pass"
+    for name, (flops, providers) in passes.items():
+        for provider, fn in providers.items():
+            _add_time(result, f"{case} {name}", provider, timer(fn), flops, B, C, Fr, H, P)
+    if sweep:
+        for cfg in K.WIDE_TILE_CANDIDATES:
+            tile = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg)
+            ms = timer(lambda: K._tap_conv(rows, w_sp, bias, None, geometry, (1, 3, 3), dict(cfg)))
+            _add_time(result, f"{case} spatial-fwd tile {tile}", "triton", ms, spatial, B, C, Fr, H, P)
+
+
+def _add_time(result, case, provider, ms, flops, B, C, Fr, side, P):
+    """The time and TFLOP/s of one pass measurement."""
+    params = {"batch": B, "channels": C, "frames": Fr, "side": side, "pixels": P}
+    result.add(benchmark="spatiotemporal_conv", case=case, provider=provider, metric="time",
+               value=ms, unit="ms", params=params)
+    result.add(benchmark="spatiotemporal_conv", case=case, provider=provider, metric="tflops",
+               value=flops / ms / 1e9, unit="TFLOP/s", params=params)
 
 
 def run(suite: str, out_dir: Path) -> BenchResult:
@@ -184,7 +228,8 @@ def run(suite: str, out_dir: Path) -> BenchResult:
         for shape in shapes:
             timer = lambda step: time_cuda(step, warmup=3, repeats=10)  # noqa: E731
             _measure(result, providers, shape, torch.bfloat16, "cuda", timer)
-            _measure_passes(result, shape, torch.bfloat16, timer)
+            _measure_passes(result, shape, torch.bfloat16, timer,
+                            sweep=suite == "gpu-quick" and shape[1] == 1280)
             torch.cuda.empty_cache()
     return result
 
