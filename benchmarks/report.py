@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 # Metrics where a larger value is better; for the others (time, memory) smaller is better.
-_HIGHER_IS_BETTER = {"tflops", "throughput", "mfu", "bandwidth"}
+_HIGHER_IS_BETTER = {"tflops", "throughput", "mfu", "of_peak", "bandwidth"}
 
 
 def _fmt(value: float) -> str:
