@@ -4,6 +4,7 @@ and the model ignoring padding images."""
 
 from collections import Counter
 from dataclasses import fields, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,3 +283,16 @@ def test_data_config_lists_and_checks():
     ]:
         with pytest.raises(ValueError, match=message):
             JobConfig.load(None, [override])
+
+
+def test_stage2_config_blends_every_kind_with_regression(tok, shapes_cfg):
+    cfg = JobConfig.load(Path(__file__).resolve().parent.parent / "configs" / "stage2_debug.toml",
+                         [f"--data.cache_dir={shapes_cfg.cache_dir}"])
+    assert cfg.optim.lr_vision == 0.0  # stage 2 freezes the encoder
+    loader = build_loader(cfg.data, tok, MODEL)
+    batches = [next(loader) for _ in range(3)]
+    for b in batches:
+        b.validate(tok.vocab_size, NQ, SIZE)
+        assert b.images.shape[0] == 32 and b.reg_images.numel() > 0
+    reads = np.array(loader._reads)
+    assert reads.sum() > 30 and abs(reads[0] / reads.sum() - 9600 / 23200) < 0.05
