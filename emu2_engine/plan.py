@@ -1,0 +1,680 @@
+"""Scale on paper: per-GPU memory and an estimated throughput for every parallel layout.
+
+``python -m emu2_engine.plan --preset emu2-37b --gpus 64 --gpu h100-80gb`` lists, for each
+candidate layout (tp inside a node, pp across nodes, dp_shard x dp_replicate the rest;
+activation checkpointing none / selective / full; 1F1B or interleaved 1F1B), the memory of its
+fullest GPU (parameters, gradients, optimiser states, activations), the pipeline bubble, and
+whether it fits with a safety margin, and recommends the fitting layout with the highest
+estimated throughput. Every figure is derived from the model config; docs/plan.md explains
+the memory model and tests/test_plan.py checks it against memory measured on the debug model.
+
+The memory model (what the engine's FSDP2 setup keeps, per GPU):
+- FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) keeps the *sharded*
+  parameters in fp32 (they are the optimiser's master weights: no separate master copy),
+  fp32 sharded gradients and AdamW's two fp32 moments, all sharded over tp x dp_shard.
+- It all-gathers a bf16 copy of each block's parameters for its forward and backward. Without
+  pipelining a block's copy is freed after use (reshard after forward), so two blocks (the
+  running one and the prefetched one) and the root module are gathered at a time, and each
+  block's unsharded bf16 gradient plus its fp32 copy for the reduce-scatter exist briefly.
+  With pipelining the stage keeps its bf16 copy for the whole step and accumulates unsharded
+  fp32 gradients over the micro-batches (torch.distributed.pipelining turns off resharding
+  and gradient sync for all but the last backward; torchtitan does not reshard after forward
+  under PP): 2 + 4 bytes per parameter of the stage, divided by tp only.
+- Activations: what autograd saves in one forward, per micro-batch in flight, by
+  checkpointing mode (the formulas below, one comment per saved tensor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+from emu2_engine.models.config import Emu2Config, LlamaConfig, VisionConfig
+from emu2_engine.models.flops import (head_flops, llm_flops, peak_flops, projector_flops_per_image,
+                                      vit_flops_per_image)
+
+GiB = 1024 ** 3
+GPUS_PER_NODE = 8
+AC_MODES = ("none", "selective", "full")
+FP32 = 4
+BF16 = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GPU:
+    """One accelerator kind: memory, peak rate and the links a layout's collectives use."""
+
+    device_name: str
+    """What `torch.cuda.get_device_name()` reports; its peak comes from flops.PEAK_BF16_FLOPS."""
+    memory: int
+    """Bytes of device memory as the driver reports them (nvidia-smi's MiB total)."""
+    link: float
+    """Bytes/s per direction between GPUs of one NVLink domain."""
+    link_group: int
+    """GPUs that share that NVLink domain (8 on SXM boards, 2 for bridged NVL cards)."""
+    pcie: float
+    """Bytes/s per direction between GPUs of one node outside the NVLink domain."""
+    network: float
+    """Bytes/s per GPU between nodes (one NIC per GPU)."""
+    hbm: float
+    """Device-memory bandwidth, bytes/s (what recomputed elementwise work is bound by)."""
+
+    @property
+    def peak(self) -> float:
+        """Peak dense bf16 FLOP/s (NVIDIA data sheets, via models/flops.py)."""
+        return peak_flops(self.device_name)
+
+
+# Data-sheet numbers (NVIDIA H100, H200 and A100 data sheets; DGX H100/H200 and DGX A100 user
+# guides for the NICs). Memory is the driver's total, which is what allocations compete for:
+#   H100 SXM5 80 GB HBM3: 81559 MiB, 3.35 TB/s; NVLink 4 900 GB/s total = 450 GB/s per
+#     direction; DGX H100: 8 x ConnectX-7 400 Gb/s = 50 GB/s per GPU.
+#   H100 NVL 94 GB: 95830 MiB, 3.9 TB/s; NVLink bridge 600 GB/s (pairs only), PCIe Gen5 x16
+#     64 GB/s per direction beyond the pair; 400 Gb/s per GPU assumed for the network.
+#   H200 SXM 141 GB: 143771 MiB, 4.8 TB/s; NVLink 900 GB/s; 400 Gb/s per GPU (DGX H200).
+#   A100 SXM4 80 GB: 81920 MiB, 2.04 TB/s; NVLink 3 600 GB/s total; DGX A100: 8 x 200 Gb/s HDR.
+GPUS: dict[str, GPU] = {
+    "h100-80gb": GPU("NVIDIA H100 80GB HBM3", 81559 * 2 ** 20, 450e9, 8, 64e9, 50e9, 3.35e12),
+    "h100-94gb": GPU("NVIDIA H100 NVL", 95830 * 2 ** 20, 300e9, 2, 64e9, 50e9, 3.9e12),
+    "h200-141gb": GPU("NVIDIA H200", 143771 * 2 ** 20, 450e9, 8, 64e9, 50e9, 4.8e12),
+    "a100-80gb": GPU("NVIDIA A100-SXM4-80GB", 81920 * 2 ** 20, 300e9, 8, 32e9, 25e9, 2.04e12),
+}
+
+# Kept free on every GPU: the CUDA context, NCCL's buffers and cuBLAS/Triton workspaces take
+# about 1-2 GiB; the rest of the margin absorbs allocator fragmentation and the transient
+# buffers of the backward that the model does not itemise (activation gradients, collectives).
+RESERVED_BYTES = 2 * GiB
+MARGIN = 0.10
+
+# The compute time that communication is compared with assumes the kernels run at this
+# fraction of peak (Megatron-Core reports 47 % MFU for a 7B model on H100 clusters). It only
+# weighs communication against compute when ranking layouts; nothing here measures a speed.
+COMPUTE_EFFICIENCY = 0.5
+
+
+def usable_memory(gpu: GPU) -> int:
+    """Bytes a layout may plan for on `gpu`: total minus the reserve, minus the margin."""
+    return int((gpu.memory - RESERVED_BYTES) * (1 - MARGIN))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------
+def vit_block_params(v: VisionConfig) -> int:
+    C, M = v.width, v.mlp_hidden
+    # qkv (no bias) + q_bias, v_bias; proj + bias; fc1 + bias; fc2 + bias; two LayerNorms.
+    return 3 * C * C + 2 * C + C * C + C + C * M + M + M * C + C + 4 * C
+
+
+def vit_stem_params(v: VisionConfig) -> int:
+    # Patch-embedding conv (3 p^2 -> C, with bias), CLS token, position embedding (P + 1 rows).
+    return 3 * v.patch_size ** 2 * v.width + v.width + v.width + (v.n_patches + 1) * v.width
+
+
+def llama_layer_params(llm: LlamaConfig) -> int:
+    q, kv = llm.heads * llm.head_dim, llm.kv_heads * llm.head_dim
+    # q, k, v, o projections; SwiGLU gate, up, down; two RMSNorm weights.
+    return llm.hidden * (q + 2 * kv) + q * llm.hidden + 3 * llm.hidden * llm.ffn_hidden + 2 * llm.hidden
+
+
+def stem_params(cfg: Emu2Config) -> int:
+    """What stage 0 holds besides blocks: the ViT stem, `project_up`, the token embedding."""
+    return vit_stem_params(cfg.vision) + cfg.vision.width * cfg.llm.hidden + cfg.llm.vocab_size * cfg.llm.hidden
+
+
+def head_params(cfg: Emu2Config) -> int:
+    """What the last stage holds besides blocks: final RMSNorm, LM head, `project_down`."""
+    return cfg.llm.hidden + cfg.llm.vocab_size * cfg.llm.hidden + cfg.llm.hidden * cfg.vision.width
+
+
+def model_params(cfg: Emu2Config) -> int:
+    return (stem_params(cfg) + cfg.vision.depth * vit_block_params(cfg.vision)
+            + cfg.llm.layers * llama_layer_params(cfg.llm) + head_params(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations: what autograd saves in one forward of one micro-batch
+# ----------------------------------------------------------------------------------------------
+# `a` is the bytes of the activation dtype (bf16 under FSDP mixed precision; 4 in the fp32 CPU
+# test). Under tensor parallelism with sequence parallelism (DTensor plans), the residual
+# stream and the norms are sharded over the sequence (/tp) and the heads and FFN columns over
+# tp (/tp); the input of the first linear of each sublayer is all-gathered to the full
+# sequence and autograd saves that gathered copy, so those terms do not shrink with tp.
+# Flash attention (the Triton kernel) saves q, k, v, its output and the fp32 log-sum-exp,
+# never the score matrix.
+#
+# selective: the outputs of the matmuls and of the attention kernel are kept, the elementwise
+# work between them (norms, RoPE, SiLU x up, GELU, the all-gathers) is recomputed in backward.
+# full: each block keeps only its input and recomputes its whole forward in backward.
+
+def llama_layer_activations(llm: LlamaConfig, tokens: int, ac: str = "none", a: int = BF16,
+                            tp: int = 1) -> int:
+    """Bytes one LLaMA block keeps for backward over `tokens` tokens."""
+    H, F, D = llm.hidden, llm.ffn_hidden, llm.head_dim
+    q, kv = llm.heads * D, llm.kv_heads * D
+    if ac == "full":
+        return tokens * a * H // tp  # the block input (sequence-sharded under SP)
+    if ac == "selective":
+        per_token = (a * H // tp  # the block input, held by the checkpoint
+                     + a * (q + 2 * kv) // tp  # q_proj, k_proj, v_proj outputs
+                     + a * q // tp + FP32 * llm.heads // tp  # attention output and log-sum-exp
+                     + a * H // tp  # o_proj output (rebuilds the residual x + attn)
+                     + 2 * a * F // tp  # gate_proj and up_proj outputs
+                     + a * H // tp)  # down_proj output
+        return tokens * per_token
+    # RMSNorm computes in fp32: x.float() is saved by pow and the product with rsqrt (a new
+    # fp32 tensor in bf16; x itself in fp32, when the cast is a no-op), rsqrt per token, and the
+    # normalised tensor cast back, saved by the weight multiply. Its output (the input of the
+    # next linears) is saved once, all-gathered under SP.
+    norm = (FP32 * H + FP32 + a * H) // tp
+    per_token = (
+        norm + a * H  # input_layernorm, and q/k/v_proj's shared input
+        # RoPE: x * cos saves cos, not x (cos needs no gradient); cos and sin are cast to the
+        # activation dtype for q and for k: 4 saved casts per layer. In fp32 the casts are
+        # no-ops and the fp32 tables are shared by every layer (`llm_stem_activations`).
+        + (4 * D * a if a != FP32 else 0)
+        + a * (q + 2 * kv) // tp  # attention saves the rotated q, k and v (local heads)
+        + a * q // tp  # attention output: also o_proj's input (the kernel writes it in
+        # (B, S, H, D) layout, so the reshape before o_proj is a view)
+        + FP32 * llm.heads // tp  # attention log-sum-exp, fp32 per head
+        + norm + a * H  # post_attention_layernorm, and gate/up_proj's shared input
+        + a * F // tp  # gate_proj output (saved by SiLU)
+        + a * F // tp  # SiLU output (saved by the product)
+        + a * F // tp  # up_proj output (saved by the product)
+        + a * F // tp)  # SiLU(gate) * up (saved by down_proj)
+    return tokens * per_token
+
+
+def vit_block_activations(v: VisionConfig, images: int, ac: str = "none", a: int = BF16,
+                          tp: int = 1) -> int:
+    """Bytes one (post-norm) EVA ViT block keeps for backward over `images` images."""
+    C, M = v.width, v.mlp_hidden
+    tokens = images * (v.n_patches + 1)  # patches + CLS
+    if ac == "full":
+        return tokens * a * C // tp
+    if ac == "selective":
+        per_token = (a * C // tp  # the block input
+                     + 3 * a * C // tp  # qkv output
+                     + a * C // tp + FP32 * v.heads // tp  # attention output and log-sum-exp
+                     + a * C // tp  # proj output
+                     + a * M // tp  # fc1 output
+                     + a * C // tp)  # fc2 output
+        return tokens * per_token
+    per_token = (
+        a * C  # block input x, saved by the fused qkv linear (all-gathered under SP)
+        + 3 * a * C // tp  # qkv output: attention saves q, k, v, which are views of it
+        + a * C // tp  # attention output (also proj's input: a view, as in the LLaMA block)
+        + FP32 * v.heads // tp  # attention log-sum-exp
+        + (a * C + 2 * FP32) // tp  # proj output, saved by LayerNorm norm1 with fp32 mean, rstd
+        + a * C  # x + norm1(..): fc1's input (all-gathered under SP)
+        + a * M // tp  # fc1 output (saved by GELU)
+        + a * M // tp  # GELU output (saved by fc2)
+        + (a * C + 2 * FP32) // tp)  # fc2 output, saved by norm2 with its mean and rstd
+    return tokens * per_token
+
+
+def vision_stem_activations(cfg: Emu2Config, images: int, a: int = BF16, tp: int = 1) -> int:
+    """Bytes saved outside the ViT blocks on the vision side (stage 0)."""
+    v = cfg.vision
+    return (images * 3 * v.image_size ** 2 * a  # pixels (cast to the parameter dtype), saved by the conv
+            + images * (v.n_patches + 1) * 2 * 4  # int32 doc/span ids the blocks' attention saves
+            + images * cfg.n_query * v.width * a)  # pooled features, saved by pool_project
+
+
+def llm_stem_activations(cfg: Emu2Config, tokens: int, visual_tokens: int, embed: bool,
+                         a: int = BF16) -> int:
+    """Bytes saved once per micro-batch by a stage that runs LLaMA blocks (and, on stage 0,
+    the token embedding)."""
+    D = cfg.llm.head_dim
+    n = tokens * 2 * 4  # int32 doc/span ids, saved by every layer's attention (one tensor each)
+    if a == FP32:
+        n += tokens * 2 * D * FP32  # the fp32 cos/sin tables, shared by all layers (see above)
+    if embed:
+        n += tokens * 8 + visual_tokens * 8  # int64 token ids (embedding), slot indices (index_put)
+    return n
+
+
+def head_activations(cfg: Emu2Config, tokens: int, a: int = BF16, tp: int = 1) -> int:
+    """Bytes the last stage holds from forward to backward for the final norm and the heads.
+
+    `emu2_head_loss` computes its gradients during the forward and holds them until backward
+    instead of saving its inputs: the gradient of the hidden states (full sequence), of this
+    rank's LM-head rows and of `project_down` (regression rows are not counted: at most
+    n_query per regressed image)."""
+    H = cfg.llm.hidden
+    norm = tokens * (FP32 * H + FP32 + a * H) // tp  # final RMSNorm, as in the blocks
+    grads = tokens * a * H + -(-cfg.llm.vocab_size // tp) * H * a + cfg.vision.width * H * a
+    return norm + grads
+
+
+# ----------------------------------------------------------------------------------------------
+# Workload, layout and pipeline chunks
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    """What one optimiser step processes."""
+
+    seq_len: int = 2048
+    """Tokens per packed sequence."""
+    micro_batch: int = 1
+    """Sequences per micro-batch."""
+    global_batch: int = 2048
+    """Sequences per optimiser step (2048 x 2048 tokens = 4M, LLaMA's batch)."""
+    images_per_seq: int = 8
+    """Images per sequence (Emu2's interleaved documents: 8 per 1024 tokens; packed pairs more)."""
+    freeze_vision: bool = False
+    """Encoder frozen (Emu2 stage 2): no ViT gradients, optimiser states or saved activations."""
+
+    @property
+    def images(self) -> int:
+        """Images per micro-batch."""
+        return self.micro_batch * self.images_per_seq
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per micro-batch."""
+        return self.micro_batch * self.seq_len
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp_shard: int
+    dp_replicate: int
+    ac: str
+    virtual: int = 1
+    """Stages per pipeline rank: 1 is 1F1B, 2 interleaved 1F1B."""
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp_shard * self.dp_replicate
+
+    @property
+    def schedule(self) -> str:
+        return "-" if self.pp == 1 else ("1f1b" if self.virtual == 1 else f"interleaved-{self.virtual}")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One pipeline stage (a model chunk): stage `index` runs on rank index % pp."""
+
+    index: int
+    layers: int
+    """LLaMA layers in this chunk."""
+    stem: bool
+    """Holds the ViT, `project_up` and the token embedding (stage 0)."""
+    head: bool
+    """Holds the final norm, the LM head and `project_down` (the last stage)."""
+
+
+def chunk_params(cfg: Emu2Config, c: Chunk, trainable_only: bool = False,
+                 freeze_vision: bool = False) -> int:
+    n = c.layers * llama_layer_params(cfg.llm)
+    if c.stem:
+        vision = vit_stem_params(cfg.vision) + cfg.vision.depth * vit_block_params(cfg.vision)
+        n += stem_params(cfg) - vit_stem_params(cfg.vision)
+        n += 0 if (trainable_only and freeze_vision) else vision
+    if c.head:
+        n += head_params(cfg)
+    return n
+
+
+def _layer_flops(cfg: Emu2Config, wl: Workload) -> int:
+    """Forward FLOPs of one LLaMA layer on a micro-batch (one document per sequence: the most
+    attention a packed row can hold)."""
+    return sum(llm_flops(replace(cfg.llm, layers=1), [wl.seq_len] * wl.micro_batch).values())
+
+
+def chunk_flops(cfg: Emu2Config, wl: Workload, c: Chunk) -> int:
+    """Training FLOPs (forward + backward, no recomputation) of a chunk on one micro-batch."""
+    n = 3 * c.layers * _layer_flops(cfg, wl)
+    if c.stem:
+        n += 3 * wl.images * projector_flops_per_image(cfg, cfg.n_query)
+        n += (1 if wl.freeze_vision else 3) * wl.images * vit_flops_per_image(cfg.vision)
+    if c.head:
+        text = wl.tokens - wl.images * (cfg.n_query + 2)  # [IMG], n_query slots, [/IMG] carry no label
+        n += 3 * head_flops(cfg, max(text, 0), 0)
+    return n
+
+
+def recompute_flops(cfg: Emu2Config, wl: Workload, c: Chunk, ac: str) -> int:
+    """Matmul FLOPs repeated in backward: full checkpointing re-runs every block's forward;
+    selective re-runs only elementwise work (not counted)."""
+    if ac != "full":
+        return 0
+    n = c.layers * _layer_flops(cfg, wl)
+    if c.stem and not wl.freeze_vision:
+        blocks = vit_flops_per_image(cfg.vision) - 2 * cfg.vision.n_patches * 3 * cfg.vision.patch_size ** 2 * cfg.vision.width
+        n += wl.images * blocks
+    return n
+
+
+@lru_cache(maxsize=256)
+def split_chunks(cfg: Emu2Config, wl: Workload, n_chunks: int) -> tuple[Chunk, ...] | None:
+    """Contiguous LLaMA layers per chunk minimising the largest chunk's FLOPs; stage 0 also
+    holds the whole ViT (DESIGN.md), so it may get no LLaMA layer; every other chunk gets at
+    least one. None if there are too few layers."""
+    L = cfg.llm.layers
+    if n_chunks - 1 > L:
+        return None
+    layer = chunk_flops(cfg, wl, Chunk(1, 1, False, False))
+    stem = chunk_flops(cfg, wl, Chunk(0, 0, True, False))
+    head = chunk_flops(cfg, wl, Chunk(1, 0, False, True))
+
+    def cost(index: int, layers: int) -> int:
+        return layers * layer + (stem if index == 0 else 0) + (head if index == n_chunks - 1 else 0)
+
+    # best[c][l]: the smallest largest-chunk cost that places the first l layers in chunks 0..c
+    # (chunks 1..c at least one layer each); take[c][l]: how many of them chunk c gets.
+    inf = float("inf")
+    best = [[cost(0, l) for l in range(L + 1)]] + [[inf] * (L + 1) for _ in range(n_chunks - 1)]
+    take = [list(range(L + 1))] + [[0] * (L + 1) for _ in range(n_chunks - 1)]
+    for c in range(1, n_chunks):
+        for l in range(c, L + 1):
+            for k in range(1, l - c + 2):
+                value = max(best[c - 1][l - k], cost(c, k))
+                if value < best[c][l]:
+                    best[c][l], take[c][l] = value, k
+    layers, left = [], L
+    for c in range(n_chunks - 1, -1, -1):
+        layers.append(take[c][left])
+        left -= take[c][left]
+    layers.reverse()
+    return tuple(Chunk(i, n, i == 0, i == n_chunks - 1) for i, n in enumerate(layers))
+
+
+def in_flight(pp: int, virtual: int, microbatches: int, rank: int) -> list[int]:
+    """Micro-batches whose activations pipeline rank `rank` holds at its peak, per local chunk.
+
+    1F1B: rank r runs pp - r forwards before its first backward. Interleaved 1F1B (Megatron's
+    schedule, which torch.distributed.pipelining follows): (v - 1) pp + 2 (pp - 1 - r) + 1
+    forwards, in groups of pp micro-batches per local chunk, so chunk 0 (with the ViT on
+    rank 0) holds up to 2 pp - 1 of them (Korthikanti et al. 2022: memory x (1 + (pp-1)/(pp v)))."""
+    if virtual == 1:
+        return [min(microbatches, pp - rank)]
+    warmup = min(microbatches * virtual, (virtual - 1) * pp + 2 * (pp - 1 - rank) + 1)
+    counts = [0] * virtual
+    for k in range(warmup):
+        counts[(k // pp) % virtual] += 1
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory and throughput of one layout
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Estimate:
+    layout: Layout
+    params: int
+    """fp32 sharded parameters (the master weights) on the fullest GPU, bytes."""
+    grads: int
+    """fp32 sharded gradients."""
+    optimizer: int
+    """AdamW's two fp32 moments."""
+    working: int
+    """Unsharded bf16 parameters and gradients FSDP gathers or accumulates (see module doc)."""
+    activations: int
+    """Saved activations of every micro-batch in flight, plus one block's recomputation."""
+    bubble: float
+    """(pp - 1) / (m v + pp - 1): idle fraction of the pipeline schedule."""
+    efficiency: float
+    """Estimated fraction of the ideal step time (bubble, stage imbalance, recomputation,
+    exposed communication); ranks layouts, it is not a measurement."""
+    fits: bool
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.working + self.activations
+
+
+def _rank_memory(cfg: Emu2Config, wl: Workload, lay: Layout, chunks: tuple[Chunk, ...], rank: int,
+                 microbatches: int) -> dict[str, int]:
+    own = [c for c in chunks if c.index % lay.pp == rank]
+    shard = lay.tp * lay.dp_shard
+    total = sum(chunk_params(cfg, c) for c in own)
+    trained = sum(chunk_params(cfg, c, True, wl.freeze_vision) for c in own)
+    if lay.pp > 1:
+        working = (BF16 * total + FP32 * trained) // lay.tp
+    else:
+        # Root module (stem + heads) stays gathered; two blocks gathered at a time, and one
+        # block's bf16 gradient with its fp32 reduce-scatter copy.
+        root = stem_params(cfg) + head_params(cfg)
+        block = max(llama_layer_params(cfg.llm), vit_block_params(cfg.vision))
+        working = (BF16 * root + (2 * BF16 + BF16 + FP32) * block) // lay.tp
+    acts, recompute = 0, 0
+    counts = in_flight(lay.pp, lay.virtual, microbatches, rank)
+    for c, n in zip(own, counts):
+        acts += n * chunk_activations(cfg, wl, c, lay.ac, lay.tp)
+        if lay.ac != "none":
+            # Backward of a checkpointed block first rebuilds its full set of activations.
+            extra = [llama_layer_activations(cfg.llm, wl.tokens, "none", BF16, lay.tp)
+                     - llama_layer_activations(cfg.llm, wl.tokens, lay.ac, BF16, lay.tp)] if c.layers else []
+            if c.stem and not wl.freeze_vision:
+                extra.append(vit_block_activations(cfg.vision, wl.images, "none", BF16, lay.tp)
+                             - vit_block_activations(cfg.vision, wl.images, lay.ac, BF16, lay.tp))
+            recompute = max([recompute, *extra])
+    return {"params": FP32 * total // shard, "grads": FP32 * trained // shard,
+            "optimizer": 2 * FP32 * trained // shard, "working": working,
+            "activations": acts + recompute}
+
+
+def chunk_activations(cfg: Emu2Config, wl: Workload, c: Chunk, ac: str, tp: int = 1,
+                      a: int = BF16) -> int:
+    """Activation bytes a chunk saves for one micro-batch."""
+    n = 0
+    if c.layers:
+        n += c.layers * llama_layer_activations(cfg.llm, wl.tokens, ac, a, tp)
+        n += llm_stem_activations(cfg, wl.tokens, wl.images * cfg.n_query, c.stem, a)
+    if c.stem and not wl.freeze_vision:
+        n += cfg.vision.depth * vit_block_activations(cfg.vision, wl.images, ac, a, tp)
+        n += vision_stem_activations(cfg, wl.images, a, tp)
+    if c.head:
+        n += head_activations(cfg, wl.tokens, a, tp)
+    return n
+
+
+def _collective_bandwidth(gpu: GPU, group_span: int) -> float:
+    """Bandwidth of a collective whose ranks lie within `group_span` consecutive GPUs."""
+    if group_span <= gpu.link_group:
+        return gpu.link
+    return gpu.pcie if group_span <= GPUS_PER_NODE else gpu.network
+
+
+def estimate(cfg: Emu2Config, wl: Workload, lay: Layout, gpu: GPU) -> Estimate | None:
+    """Memory of the fullest GPU and the estimated efficiency of one layout; None when the
+    model cannot be cut into lay.pp x lay.virtual stages."""
+    dp = lay.dp_shard * lay.dp_replicate
+    microbatches = wl.global_batch // (dp * wl.micro_batch)
+    chunks = split_chunks(cfg, wl, lay.pp * lay.virtual)
+    if chunks is None:
+        return None
+    ranks = [_rank_memory(cfg, wl, lay, chunks, r, microbatches) for r in range(lay.pp)]
+    worst = max(ranks, key=lambda m: sum(m.values()))
+
+    # Time per micro-batch of each chunk, in seconds on one GPU of its tp group.
+    rate = gpu.peak * COMPUTE_EFFICIENCY
+    tp_bw = _collective_bandwidth(gpu, lay.tp)
+    per_collective = (lay.tp - 1) / lay.tp / tp_bw
+    # Sequence-parallel collectives per block: all-gather + reduce-scatter per sublayer in
+    # forward, the same in backward; full recomputation repeats the forward's four, selective
+    # its two all-gathers.
+    n_coll = 8 + {"none": 0, "selective": 2, "full": 4}[lay.ac]
+    vit_tokens = wl.images * (cfg.vision.n_patches + 1)
+    times = []
+    for c in chunks:
+        compute = (chunk_flops(cfg, wl, c) + recompute_flops(cfg, wl, c, lay.ac)) / (lay.tp * rate)
+        if lay.ac == "selective":
+            # The recomputed elementwise ops are bound by memory traffic: they read their
+            # inputs and write the tensors that checkpointing did not keep, about twice the
+            # bytes the mode saves against none.
+            dropped = (chunk_activations(cfg, wl, c, "none", lay.tp)
+                       - chunk_activations(cfg, wl, c, "selective", lay.tp))
+            compute += 2 * dropped / gpu.hbm
+        comm = c.layers * n_coll * wl.tokens * cfg.llm.hidden * BF16
+        if c.stem and not wl.freeze_vision:
+            comm += cfg.vision.depth * n_coll * vit_tokens * cfg.vision.width * BF16
+        times.append(compute + comm * per_collective)
+    # Data-parallel traffic of the fullest stage's parameters (bf16 all-gathers, fp32 reduce-scatter).
+    stage_params = max(sum(chunk_params(cfg, c) for c in chunks if c.index % lay.pp == r)
+                       for r in range(lay.pp)) / lay.tp
+    shard_bw = _collective_bandwidth(gpu, lay.tp * lay.dp_shard)
+    shard_time = (lay.dp_shard - 1) / lay.dp_shard / shard_bw
+    replicate_time = 0.0
+    if lay.dp_replicate > 1:  # all-reduce of the sharded fp32 gradients across replicas
+        span = lay.tp * lay.dp_shard * lay.dp_replicate
+        replicate_time = (2 * (lay.dp_replicate - 1) / lay.dp_replicate * FP32 * stage_params
+                          / lay.dp_shard / _collective_bandwidth(gpu, span))
+    if lay.pp == 1:
+        # FSDP gathers every micro-batch (forward and backward) and reduce-scatters its
+        # gradients; it overlaps with compute, so the slower of the two sets the pace.
+        dp_time = (2 * BF16 + FP32) * stage_params * shard_time
+        step = microbatches * max(times[0], dp_time) + replicate_time
+        bubble = 0.0
+    else:
+        # The stage stays gathered for the step: one all-gather and one reduce-scatter, exposed.
+        dp_time = (BF16 + FP32) * stage_params * shard_time
+        rank_time = max(sum(t for c, t in zip(chunks, times) if c.index % lay.pp == r)
+                        for r in range(lay.pp))
+        step = microbatches * rank_time + (lay.pp - 1) * max(times) + dp_time + replicate_time
+        bubble = (lay.pp - 1) / (microbatches * lay.virtual + lay.pp - 1)
+    ideal = microbatches * dp * sum(chunk_flops(cfg, wl, c) for c in chunks) / (lay.gpus * rate)
+    total = sum(worst.values())
+    return Estimate(lay, **worst, bubble=bubble, efficiency=ideal / step,
+                    fits=total <= usable_memory(gpu))
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidates
+# ----------------------------------------------------------------------------------------------
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def tp_problem(cfg: Emu2Config, tp: int) -> str | None:
+    """Why `tp` cannot split this model (one line), or None."""
+    sizes = {"llm.heads": cfg.llm.heads, "llm.kv_heads": cfg.llm.kv_heads, "llm.ffn_hidden": cfg.llm.ffn_hidden,
+             "vision.heads": cfg.vision.heads, "vision.mlp_hidden": cfg.vision.mlp_hidden}
+    for name, size in sizes.items():
+        if size % tp:
+            return f"tp={tp} does not divide {name}={size}"
+    return None
+
+
+def candidates(cfg: Emu2Config, gpus: int, wl: Workload) -> tuple[list[Layout], list[str]]:
+    """Every layout of `gpus` GPUs to evaluate, and one line per tp or pp ruled out up front."""
+    layouts, refused = [], []
+    for tp in (1, 2, 4, 8):
+        if gpus % tp or tp > GPUS_PER_NODE:
+            continue
+        problem = tp_problem(cfg, tp)
+        if problem:
+            refused.append(problem)
+            continue
+        for pp in _divisors(gpus // tp):
+            dp = gpus // (tp * pp)
+            if wl.global_batch % (dp * wl.micro_batch):
+                refused.append(f"tp={tp} pp={pp}: global batch {wl.global_batch} is not a multiple of "
+                               f"dp x micro-batch = {dp} x {wl.micro_batch}")
+                continue
+            m = wl.global_batch // (dp * wl.micro_batch)
+            virtuals = [1] if pp == 1 else [v for v in (1, 2) if v == 1 or m % pp == 0]
+            if pp > 1 and m < pp:
+                refused.append(f"tp={tp} pp={pp}: {m} micro-batches per step are fewer than the {pp} stages")
+                continue
+            for v in virtuals:
+                if pp * v - 1 > cfg.llm.layers:
+                    continue
+                for dps in _divisors(dp):
+                    for ac in AC_MODES:
+                        layouts.append(Layout(tp, pp, dps, dp // dps, ac, v))
+    return layouts, refused
+
+
+def plan(cfg: Emu2Config, gpus: int, gpu: GPU, wl: Workload) -> tuple[list[Estimate], list[str]]:
+    """Estimates of every candidate, best first: fitting layouts by estimated efficiency (ties
+    to less memory), then the rest by memory."""
+    layouts, refused = candidates(cfg, gpus, wl)
+    rows = [e for e in (estimate(cfg, wl, lay, gpu) for lay in layouts) if e is not None]
+    rows.sort(key=lambda e: (not e.fits, -e.efficiency if e.fits else e.total, e.total))
+    return rows, refused
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def _gib(n: int) -> str:
+    return f"{n / GiB:7.1f}"
+
+
+def format_table(rows: list[Estimate]) -> str:
+    head = (f"{'tp':>3} {'pp':>3} {'dp_sh':>5} {'dp_rep':>6} {'schedule':>13} {'ac':>9} | "
+            f"{'params':>7} {'grads':>7} {'optim':>7} {'working':>7} {'activ':>7} {'total':>7} GiB | "
+            f"{'bubble':>6} {'est.eff':>7} fits")
+    lines = [head, "-" * len(head)]
+    for e in rows:
+        lay = e.layout
+        lines.append(
+            f"{lay.tp:>3} {lay.pp:>3} {lay.dp_shard:>5} {lay.dp_replicate:>6} {lay.schedule:>13} {lay.ac:>9} | "
+            f"{_gib(e.params)} {_gib(e.grads)} {_gib(e.optimizer)} {_gib(e.working)} {_gib(e.activations)} "
+            f"{_gib(e.total)}     | {e.bubble:6.1%} {e.efficiency:7.1%} {'yes' if e.fits else 'no'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m emu2_engine.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="emu2-37b", help="model preset (emu2_engine.models.config.PRESETS)")
+    p.add_argument("--gpus", type=int, required=True, help="total GPUs (8 per node)")
+    p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS))
+    p.add_argument("--seq-len", type=int, default=Workload.seq_len)
+    p.add_argument("--micro-batch", type=int, default=Workload.micro_batch)
+    p.add_argument("--global-batch", type=int, default=Workload.global_batch, help="sequences per step")
+    p.add_argument("--images-per-seq", type=int, default=Workload.images_per_seq)
+    p.add_argument("--freeze-vision", action="store_true", help="encoder frozen (Emu2 stage 2)")
+    p.add_argument("--top", type=int, default=20, help="rows to print, best first (0: all)")
+    args = p.parse_args(argv)
+    for name in ("gpus", "seq_len", "micro_batch", "global_batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.images_per_seq < 0 or args.top < 0:
+        p.error("--images-per-seq and --top must be >= 0")
+    cfg = Emu2Config.from_preset(args.preset)
+    gpu = GPUS[args.gpu]
+    wl = Workload(args.seq_len, args.micro_batch, args.global_batch, args.images_per_seq, args.freeze_vision)
+    rows, refused = plan(cfg, args.gpus, gpu, wl)
+    print(f"{cfg.name}: {model_params(cfg) / 1e9:.2f}B parameters on {args.gpus} x {args.gpu} "
+          f"({gpu.memory / GiB:.1f} GiB each, {usable_memory(gpu) / GiB:.1f} GiB usable after "
+          f"{RESERVED_BYTES / GiB:.0f} GiB reserved and a {MARGIN:.0%} margin)")
+    print(f"workload: {wl.seq_len} tokens x {wl.micro_batch} per micro-batch, {wl.global_batch} "
+          f"sequences per step, {wl.images_per_seq} images per sequence"
+          f"{', encoder frozen' if wl.freeze_vision else ''}; memory of the fullest GPU, bf16 compute")
+    for line in refused:
+        print(f"  ruled out: {line}")
+    if not rows:
+        print("nothing to evaluate: no layout divides the GPUs and the batch")
+        return 1
+    print(format_table(rows if args.top == 0 else rows[:args.top]))
+    if args.top and len(rows) > args.top:
+        print(f"... {len(rows) - args.top} more (--top 0 prints all)")
+    best = rows[0]
+    if not best.fits:
+        print(f"NOTHING FITS: the smallest layout needs {best.total / GiB:.1f} GiB per GPU "
+              f"(tp={best.layout.tp} pp={best.layout.pp} dp_shard={best.layout.dp_shard} "
+              f"ac={best.layout.ac}), {usable_memory(gpu) / GiB:.1f} GiB are usable: use more GPUs, "
+              f"a GPU with more memory, shorter sequences or a smaller micro-batch")
+        return 1
+    lay = best.layout
+    print(f"recommended: tp={lay.tp} pp={lay.pp} dp_shard={lay.dp_shard} dp_replicate={lay.dp_replicate} "
+          f"schedule={lay.schedule} ac={lay.ac}: {best.total / GiB:.1f} GiB per GPU, bubble "
+          f"{best.bubble:.1%}, estimated efficiency {best.efficiency:.0%} (a model, not a measurement)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
