@@ -357,6 +357,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def offset_noise(shape: torch.Size | tuple[int, ...], offset: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise plus `offset` x a Gaussian constant per (sample, channel), shared by every
+    pixel (and frame): the noise offset that lets the model shift an image's mean brightness,
+    which plain noise at the last timesteps leaves nearly untouched."""
+    noise = torch.randn(shape, generator=generator)
+    return noise + offset * torch.randn(tuple(shape[:2]) + (1,) * (len(shape) - 2), generator=generator)
+
+
 @dataclass
 class DecoderStep:
     loss: float
@@ -451,9 +459,7 @@ class DecoderTrainer:
         latents, cond = self.conditions(batch, generator)
         B = latents.shape[0]
         z = self.cfg.diffusion
-        noise = torch.randn(latents.shape, generator=generator)
-        offset_shape = (B, latents.shape[1]) + (1,) * (latents.dim() - 2)  # shared over frames and pixels
-        noise = (noise + z.noise_offset * torch.randn(offset_shape, generator=generator)).to(self.device)
+        noise = offset_noise(latents.shape, z.noise_offset, generator).to(self.device)
         t = torch.randint(0, z.train_timesteps, (B,), generator=generator).to(self.device)
         dropped = (torch.rand(B, generator=generator) < z.cfg_drop).to(self.device) if drop else None
         noisy = self.noise.add_noise(latents, noise, t)
