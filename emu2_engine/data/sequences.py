@@ -112,8 +112,9 @@ def sample_rng(seed: int, dataset: str, key: str) -> np.random.Generator:
 def box_to_patch_indices(box: tuple[float, float, float, float], side: int = GRID_SIDE) -> tuple[int, int]:
     """Indices of the grid cells holding a box's top-left and bottom-right corners.
 
-    The rule of Kosmos-2 (Peng et al., 2023, sec. 2.1; `coordinate_to_patch_index` in the
-    Hugging Face Kosmos-2 processor), which Emu2's grounding data follows: with
+    The rule of Kosmos-2 (Peng et al., 2023, grounded input representation;
+    `coordinate_to_patch_index` in the Hugging Face Kosmos-2 processor), whose pipeline built
+    Emu2's grounded data: with
     (x0, y0, x1, y1) in [0, 1] and x1 > x0, y1 > y0, the top-left cell is
     (floor(x0 * side), floor(y0 * side)) and the bottom-right cell is
     (ceil(x1 * side - 1), ceil(y1 * side - 1)), i.e. the cell holding the last point inside
