@@ -1,0 +1,138 @@
+"""Sampling the decoders: the batched classifier-free-guidance loop equals separate
+conditional and unconditional passes through diffusers' Euler scheduler; outputs are PIL
+images / uint8 frame arrays of the asked size; seeds reproduce; bad input fails before any
+UNet call."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from emu2_engine.inference import decode_images, decode_video, zero_image_embedding
+from emu2_engine.inference.decode import euler_scheduler, sample_latents, size_ids
+from emu2_engine.models.config import UNET_PRESETS
+from emu2_engine.models.unet import UNet
+from emu2_engine.models.unet3d import inflate_unet
+
+diffusers = pytest.importorskip("diffusers")
+CFG = UNET_PRESETS["debug"]
+
+
+@pytest.fixture(scope="module")
+def parts():
+    from emu2_engine.train.decoder import build_vae
+
+    torch.manual_seed(0)
+    unet = UNet(CFG).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.05)
+    return unet, build_vae("tiny-random", 32, seed=0)
+
+
+@pytest.fixture
+def calls(parts):
+    """The batch size of every UNet call made during the test."""
+    batches = []
+    hook = parts[0].register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    yield batches
+    hook.remove()
+
+
+def test_batched_guidance_equals_separate_passes(parts):
+    unet, _ = parts
+    B, steps, guidance = 2, 4, 3.0
+    cond = torch.randn(B, CFG.cond_tokens, CFG.cross_attention_dim)
+    negative = torch.randn(CFG.cond_tokens, CFG.cross_attention_dim)
+    ids = size_ids(32, 32, B, "cpu")
+    got = sample_latents(unet, cond, (B, 4, 8, 8), ids, steps=steps, guidance=guidance, negative=negative,
+                         generator=torch.Generator().manual_seed(3))
+    # By hand: the same scheduler, the two passes apart, eps = u + g (c - u).
+    scheduler = euler_scheduler()
+    scheduler.set_timesteps(steps)
+    assert scheduler.timesteps.tolist() == [751.0, 501.0, 251.0, 1.0]  # "leading" spacing, offset 1
+    latents = torch.randn((B, 4, 8, 8), generator=torch.Generator().manual_seed(3)) * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.scale_model_input(latents, t)
+            c = unet(x, t, cond, ids)
+            u = unet(x, t, negative.expand(B, -1, -1), ids)
+            latents = scheduler.step(u + guidance * (c - u), t, latents).prev_sample
+    torch.testing.assert_close(got, latents, atol=1e-5, rtol=1e-5)
+
+
+def test_one_batched_call_per_step(parts, calls):
+    unet, vae = parts
+    emb = torch.randn(3, CFG.cond_tokens, CFG.cross_attention_dim)
+    decode_images(emb, unet=unet, vae=vae, steps=3, height=32, width=32)
+    assert calls == [6, 6, 6]  # unconditional and conditional together
+    calls.clear()
+    decode_images(emb, unet=unet, vae=vae, steps=3, guidance=1.0, height=32, width=32)
+    assert calls == [3, 3, 3]  # guidance 1: no unconditional pass
+
+
+def test_decode_images_gives_pil_images(parts):
+    unet, vae = parts
+    emb = torch.randn(2, CFG.cond_tokens, CFG.cross_attention_dim)
+    images = decode_images(emb, unet=unet, vae=vae, steps=2, height=32, width=24, seed=7)
+    assert len(images) == 2 and all(isinstance(im, Image.Image) for im in images)
+    assert images[0].size == (24, 32) and images[0].mode == "RGB"
+    again = decode_images(emb, unet=unet, vae=vae, steps=2, height=32, width=24, seed=7)
+    other = decode_images(emb, unet=unet, vae=vae, steps=2, height=32, width=24, seed=8)
+    assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(other[0]))
+
+
+def test_decode_video_gives_uint8_frames(parts):
+    unet, vae = parts
+    video = inflate_unet(unet).eval()
+    emb = torch.randn(2, 1, CFG.cond_tokens, CFG.cross_attention_dim)  # one image per clip
+    clips = decode_video(emb, unet=video, vae=vae, frames=3, steps=2, height=16, width=16, seed=1)
+    assert len(clips) == 2
+    assert all(c.shape == (3, 16, 16, 3) and c.dtype == np.uint8 for c in clips)
+    assert not np.array_equal(clips[0][0], clips[0][1])  # each frame starts from its own noise
+
+
+def test_zero_image_embedding():
+    from emu2_engine.models.config import PRESETS
+    from emu2_engine.train.decoder import FrozenEncoder
+
+    encoder = FrozenEncoder(PRESETS["debug"])
+    got = zero_image_embedding(encoder, 64)
+    assert got.shape == (1, 16, 64)
+    torch.testing.assert_close(got, encoder(torch.zeros(1, 3, 64, 64)))
+
+
+# -- bad input --------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, message", [
+    ((2, CFG.cond_tokens, 32), "width 64"),
+    ((2, 10, CFG.cross_attention_dim), "16 visual embeddings"),
+    ((CFG.cond_tokens, CFG.cross_attention_dim), r"\(B, N, D\)"),
+])
+def test_bad_embeddings_fail_before_sampling(parts, calls, shape, message):
+    unet, vae = parts
+    with pytest.raises(ValueError, match=message):
+        decode_images(torch.randn(shape), unet=unet, vae=vae, steps=2, height=32, width=32)
+    assert calls == []
+
+
+def test_bad_arguments(parts):
+    unet, vae = parts
+    emb = torch.randn(2, CFG.cond_tokens, CFG.cross_attention_dim)
+    with pytest.raises(ValueError, match="multiples of the VAE's factor 4"):
+        decode_images(emb, unet=unet, vae=vae, steps=2, height=30, width=32)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        decode_images(emb, unet=unet, vae=vae, steps=0, height=32, width=32)
+    with pytest.raises(ValueError, match="guidance must be >= 1"):
+        decode_images(emb, unet=unet, vae=vae, steps=2, guidance=0.5, height=32, width=32)
+    with pytest.raises(ValueError, match="negative embeddings must have shape"):
+        decode_images(emb, unet=unet, vae=vae, steps=2, height=32, width=32, negative=torch.zeros(3, 16, 64))
+    video = inflate_unet(unet)
+    with pytest.raises(ValueError, match="use decode_video"):
+        decode_images(emb, unet=video, vae=vae, steps=2, height=32, width=32)
+    with pytest.raises(ValueError, match="needs a VideoUNet"):
+        decode_video(emb[:, None], unet=unet, vae=vae, steps=2, height=32, width=32)
+    with pytest.raises(ValueError, match="frames must be >= 1"):
+        decode_video(emb[:, None], unet=video, vae=vae, frames=0, steps=2, height=32, width=32)
+    with pytest.raises(ValueError, match=r"\(B, Fc >= 1, 16, 64\)"):
+        decode_video(emb, unet=video, vae=vae, frames=2, steps=2, height=32, width=32)
