@@ -29,19 +29,21 @@ class PatchEmbed(nn.Module):
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.heads = cfg.heads
+        self.head_dim = cfg.head_dim
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(cfg.width))
         self.v_bias = nn.Parameter(torch.zeros(cfg.width))
         self.proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor, span_ids: torch.Tensor) -> torch.Tensor:
-        N, T, C = x.shape
+        N, T, _ = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias).view(N, T, 3, self.heads, C // self.heads)
+        # The head count comes from the weight: under tensor parallelism this rank holds the
+        # q, k and v rows of its own heads only.
+        qkv = F.linear(x, self.qkv.weight, bias).view(N, T, 3, -1, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, T, D)
         out = modality_attention(q, k, v, doc_ids, span_ids, causal=False)
-        return self.proj(out.transpose(1, 2).reshape(N, T, C))
+        return self.proj(out.transpose(1, 2).reshape(N, T, -1))
 
 
 class VisionMLP(nn.Module):

@@ -1,0 +1,212 @@
+"""`parallelize`: split, shard and wrap an `Emu2Model` for the layout in `ParallelDims`, and the
+training-step pieces that depend on the layout (forward + backward over a step's
+micro-batches, gradient clipping).
+
+Order, as torchtitan applies it: pipeline split first (each stage is a separate copy of the
+model with the modules it does not own deleted), then per stage tensor parallelism,
+activation checkpointing, torch.compile, and FSDP last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from emu2_engine.data.batch import PackedBatch
+from emu2_engine.models.emu2 import Emu2Model
+from emu2_engine.parallel.dims import ParallelDims
+from emu2_engine.parallel.fsdp import AC_MODES, apply_ac, apply_compile, apply_fsdp
+from emu2_engine.parallel.pipeline import (SCHEDULES, Emu2Stage, MicroBatchShape, balance_layers,
+                                           build_schedule, check_layers_per_stage,
+                                           concat_microbatches, cut_stage, stage_costs,
+                                           stage_ids_of_rank, stage_inputs)
+from emu2_engine.parallel.tensor_parallel import apply_tp
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is wrapped for training, beyond the degrees in `ParallelDims`."""
+
+    activation_checkpoint: str = "none"
+    """none | selective | full (see `parallel.fsdp`)."""
+    compile: bool = False
+    """torch.compile each ViT and LLaMA block."""
+    param_dtype: str = "bfloat16"
+    """Dtype FSDP gathers parameters in for compute (float32 | bfloat16 | float16); the
+    sharded master copy stays float32. Used only with data parallelism (dp > 1)."""
+    reduce_dtype: str = "float32"
+    """Dtype of FSDP's gradient reduce-scatter / all-reduce."""
+    pp_schedule: str = "1f1b"
+    """1f1b | interleaved-1f1b | zero-bubble | zbv (see `parallel.pipeline`)."""
+    stages_per_rank: int = 1
+    """Pipeline stages per rank: 1 for 1f1b, >= 2 for interleaved-1f1b and zero-bubble, 2 for zbv."""
+    microbatches: int = 1
+    """Micro-batches per optimiser step on each data-parallel rank (gradient accumulation;
+    what a pipeline schedule splits the step into)."""
+    layers_per_stage: list[int] = field(default_factory=list)
+    """LLM blocks per pipeline stage, overriding the FLOP balance; empty: balanced."""
+
+    def validate(self, dims: ParallelDims) -> None:
+        """Raise ValueError with one line naming the first inconsistent setting."""
+        if self.activation_checkpoint not in AC_MODES:
+            raise ValueError(f"parallel.activation_checkpoint must be one of {AC_MODES}, got "
+                             f"{self.activation_checkpoint!r}")
+        for name in ("param_dtype", "reduce_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"parallel.{name} must be one of {sorted(_DTYPES)}, got "
+                                 f"{getattr(self, name)!r}")
+        if self.pp_schedule not in SCHEDULES:
+            raise ValueError(f"parallel.pp_schedule must be one of {sorted(SCHEDULES)}, got "
+                             f"{self.pp_schedule!r}")
+        if self.microbatches < 1:
+            raise ValueError(f"parallel.microbatches must be >= 1, got {self.microbatches}")
+        if dims.pp == 1:
+            if self.stages_per_rank != 1:
+                raise ValueError(f"parallel.stages_per_rank = {self.stages_per_rank} needs "
+                                 f"pipeline parallelism (pp > 1)")
+            return
+        want = {"1f1b": "== 1", "zbv": "== 2"}.get(self.pp_schedule, ">= 2")
+        if not eval(f"{self.stages_per_rank} {want}"):  # noqa: S307 -- a fixed comparison
+            raise ValueError(f"parallel.pp_schedule {self.pp_schedule!r} needs stages_per_rank "
+                             f"{want}, got {self.stages_per_rank}")
+        n_stages = dims.pp * self.stages_per_rank
+        if self.microbatches < dims.pp if self.pp_schedule != "1f1b" else self.microbatches < n_stages:
+            raise ValueError(f"parallel.microbatches ({self.microbatches}) must be at least pp "
+                             f"({dims.pp}) to fill the pipeline")
+        if self.pp_schedule != "1f1b" and self.microbatches % max(1, self.microbatches // dims.pp):
+            raise ValueError(f"parallel.microbatches ({self.microbatches}) must be a multiple of "
+                             f"microbatches // pp = {self.microbatches // dims.pp} for "
+                             f"{self.pp_schedule!r}")
+
+
+class ParallelModel:
+    """A model laid out over the mesh: `stages` are this rank's modules (one, the whole model,
+    without pipeline parallelism), `models` the `Emu2Model` inside each (what checkpoints and
+    optimiser groups read)."""
+
+    def __init__(self, stages: list[Emu2Stage], dims: ParallelDims, cfg: ParallelConfig,
+                 schedule=None):
+        self.stages = stages
+        self.models = [s.model for s in stages]
+        self.dims = dims
+        self.cfg = cfg
+        self.schedule = schedule
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for s in self.stages for p in s.parameters()]
+
+    @property
+    def has_last_stage(self) -> bool:
+        return any(s.is_last for s in self.stages)
+
+    def forward_backward(self, batches: list[PackedBatch]) -> torch.Tensor:
+        """Forward and backward over this rank's micro-batches of one step (`cfg.microbatches`
+        of them, the same on every rank of a TP group and of a pipeline); gradients are those of
+        the mean loss over the micro-batches of all data-parallel ranks. Returns that mean as
+        ``[total, ce, mse]`` (float32) on every rank."""
+        if len(batches) != self.cfg.microbatches:
+            raise ValueError(f"expected {self.cfg.microbatches} micro-batches (parallel.microbatches), "
+                             f"got {len(batches)}")
+        inputs = [stage_inputs(b) for b in batches]
+        if self.schedule is None:
+            losses = self._accumulate(inputs)
+        else:
+            merged = concat_microbatches(inputs)
+            dummy_target = torch.zeros(len(batches), device=merged["input_ids"].device)
+            out = self.schedule.step(target=dummy_target, **merged)
+            losses = torch.zeros(3, device=dummy_target.device)
+            if out is not None:  # the last stage's outputs, one [total, ce, mse] per micro-batch
+                losses = out.detach().view(len(batches), 3).float().mean(0)
+            dist.all_reduce(losses, group=self.dims.pp_mesh.get_group())  # only the last stage is non-zero
+        dp_mesh = self.dims.fsdp_mesh
+        if dp_mesh is not None:
+            for group in ([dp_mesh.get_group()] if dp_mesh.ndim == 1 else dp_mesh.get_all_groups()):
+                dist.all_reduce(losses, op=dist.ReduceOp.AVG, group=group)
+        return losses
+
+    def _accumulate(self, inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        stage = self.stages[0]
+        sharded = self.dims.fsdp_mesh is not None
+        total = None
+        for i, mb in enumerate(inputs):
+            if sharded:  # reduce gradients once, after the last micro-batch
+                stage.set_requires_gradient_sync(i == len(inputs) - 1)
+            losses = stage(**mb)
+            (losses[0] / len(inputs)).backward()
+            total = losses.detach().float() if total is None else total + losses.detach().float()
+        return total / len(inputs)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale every gradient so their global 2-norm is at most `max_norm` (inf: only
+        measure it); returns the norm before clipping, the same on every rank and equal to the
+        norm of the unsharded model's gradients. DTensor gradients are reduced over the
+        dimensions they are sharded on; pipeline stages add their squared norms."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        if self.dims.pp_mesh is not None:
+            square = norm.float() ** 2
+            dist.all_reduce(square, group=self.dims.pp_mesh.get_group())
+            norm = square.sqrt()
+        if max_norm != float("inf"):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+
+
+def parallelize(model: Emu2Model, dims: ParallelDims, mesh: DeviceMesh, cfg: ParallelConfig,
+                shape: MicroBatchShape | None = None) -> ParallelModel:
+    """Lay `model` out over `mesh` (built by `dims.build_mesh`): pipeline split, then per stage
+    TP (+SP), activation checkpointing, compile, FSDP. `shape` is the micro-batch the pipeline
+    split balances FLOPs for (needed with pp > 1 unless `cfg.layers_per_stage` is given).
+
+    Every rank passes the same `model` (same initialisation: for real sizes build it on the
+    meta device, then materialise the stages' parameters). The returned stages do not share
+    parameters with `model`."""
+    cfg.validate(dims)
+    dims.validate(mesh.size(), model.cfg)
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) \
+        if mesh.device_type == "cuda" else torch.device(mesh.device_type)
+    if dims.pp > 1:
+        n_stages = dims.pp * cfg.stages_per_rank
+        n_layers = model.cfg.llm.layers
+        if cfg.layers_per_stage:
+            counts = list(cfg.layers_per_stage)
+            check_layers_per_stage(counts, n_layers, n_stages)
+        elif shape is None:
+            raise ValueError("pipeline parallelism needs the micro-batch shape to balance the "
+                             "stages, or parallel.layers_per_stage")
+        else:
+            counts = balance_layers(n_layers, n_stages, *stage_costs(model.cfg, shape))
+        starts = [sum(counts[:i]) for i in range(n_stages + 1)]
+        style = "v" if cfg.pp_schedule == "zbv" else "loop"
+        pp_rank = dims.pp_mesh.get_local_rank()
+        stage_ids = stage_ids_of_rank(pp_rank, dims.pp, cfg.stages_per_rank, style)
+        stages = [Emu2Stage(cut_stage(model, range(starts[i], starts[i + 1]), n_stages, i))
+                  for i in stage_ids]
+    else:
+        stages = [Emu2Stage(model)]
+    for stage in stages:
+        if dims.tp > 1:
+            apply_tp(stage, stage.model, dims.tp_mesh)
+            stage.vocab_group = dims.tp_mesh.get_group()
+        apply_ac(stage.model, cfg.activation_checkpoint)
+        if cfg.compile:
+            apply_compile(stage.model)
+        if dims.fsdp_mesh is not None:
+            apply_fsdp(stage, stage.model, dims.fsdp_mesh, _DTYPES[cfg.param_dtype],
+                       _DTYPES[cfg.reduce_dtype], reshard_after_forward=dims.pp == 1)
+    schedule = None
+    if dims.pp > 1:
+        schedule = build_schedule(cfg.pp_schedule, stages, stage_ids, n_stages, cfg.microbatches,
+                                  dims.pp_mesh.get_group(), device)
+    return ParallelModel(stages, dims, cfg, schedule)

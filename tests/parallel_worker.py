@@ -1,0 +1,208 @@
+"""The distributed half of tests/test_parallel_gloo.py: every rank trains the same model on the
+same data under several parallel layouts, one after the other in one process group, and rank 0
+saves what each layout measured next to a single-process run of the same steps.
+
+Also runnable by hand: ``python tests/parallel_worker.py WORLD OUT_DIR LAYOUT...``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+
+from emu2_engine.data.packing import collate_packed
+from emu2_engine.data.sequences import Sample
+from emu2_engine.models import Emu2Config, Emu2Model
+from emu2_engine.parallel import MicroBatchShape, ParallelConfig, ParallelDims, parallelize
+
+STEPS = 3
+MICROBATCHES = 4  # per optimiser step, over all data-parallel ranks
+ROWS, SEQ_LEN, MAX_IMAGES = 2, 64, 3
+MAX_NORM = 0.5  # below the debug model's gradient norm, so clipping acts
+SEED = 0
+
+# name: (world size, ParallelDims fields, ParallelConfig fields, LLM layers (None: the preset's))
+LAYOUTS = {
+    "tp2": (2, dict(tp=2), {}, None),
+    "fsdp2": (2, dict(dp_shard=2), {}, None),
+    "pp2-1f1b": (2, dict(pp=2), dict(pp_schedule="1f1b"), None),
+    "pp2-interleaved": (2, dict(pp=2), dict(pp_schedule="interleaved-1f1b", stages_per_rank=2), 4),
+    "pp2-zero-bubble": (2, dict(pp=2), dict(pp_schedule="zero-bubble", stages_per_rank=2), 4),
+    "pp2-zbv": (2, dict(pp=2), dict(pp_schedule="zbv", stages_per_rank=2), 4),
+    "tp2-ac-full": (2, dict(tp=2), dict(activation_checkpoint="full"), None),
+    "fsdp2-ac-selective": (2, dict(dp_shard=2), dict(activation_checkpoint="selective"), None),
+    "tp2-pp2": (4, dict(tp=2, pp=2), {}, None),
+    "tp2-fsdp2": (4, dict(tp=2, dp_shard=2), {}, None),
+    "hsdp2x2": (4, dict(dp_replicate=2, dp_shard=2), {}, None),
+    "fsdp2-pp2": (4, dict(dp_shard=2, pp=2), {}, None),
+}
+
+
+def model_config(layers: int | None) -> Emu2Config:
+    cfg = Emu2Config.from_preset("debug")
+    return cfg if layers is None else replace(cfg, llm=replace(cfg.llm, layers=layers))
+
+
+def make_batches(cfg: Emu2Config, n: int, seed: int):
+    """`n` packed micro-batches of fixed shape (ROWS x SEQ_LEN, MAX_IMAGES images with
+    padding), with text, plain, bidirectional and regressed images, several documents per row."""
+    rng = np.random.default_rng(seed)
+    ids, nq, size = cfg.special_ids, cfg.n_query, cfg.vision.image_size
+    text_vocab = cfg.base_vocab_size
+    batches = []
+    for _ in range(n):
+        samples, rows = [], []
+        images_left = MAX_IMAGES
+        for _row in range(ROWS):
+            row, room = [], SEQ_LEN
+            for kind in rng.permutation(["image", "text", "image"]):
+                n_img = 1 if kind == "image" and images_left > 0 else 0
+                n_text = int(rng.integers(4, 12))
+                length = 2 + n_text + n_img * (nq + 2)
+                if length > room:
+                    continue
+                toks = [ids.bos] + rng.integers(3, text_vocab, n_text).tolist()
+                target = [True] * len(toks)
+                starts, regress, bidir, images = [], [], [], []
+                if n_img:
+                    pos = int(rng.integers(1, len(toks)))
+                    visual = [ids.img] + [ids.image] * nq + [ids.img_end]
+                    toks = toks[:pos] + visual + toks[pos:]
+                    target = target[:pos] + [False] * len(visual) + target[pos:]
+                    starts.append(pos)
+                    reg = bool(rng.random() < 0.5)
+                    regress.append(reg)
+                    bidir.append((not reg) and bool(rng.random() < 0.5))
+                    images.append(torch.from_numpy(rng.standard_normal((3, size, size)).astype(np.float32)))
+                    images_left -= 1
+                toks.append(ids.eos)
+                target.append(True)
+                samples.append(Sample(np.asarray(toks, dtype=np.int64), np.asarray(target),
+                                      images, starts, regress, bidir))
+                row.append(len(samples) - 1)
+                room -= length
+            rows.append(row)
+        batches.append(collate_packed(samples, rows, SEQ_LEN, ids, nq, size, max_images=MAX_IMAGES))
+    return batches
+
+
+def _build_model(cfg: Emu2Config) -> Emu2Model:
+    torch.manual_seed(SEED)
+    return Emu2Model(cfg)
+
+
+def _optimizer(params):
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+
+
+def reference_run(cfg: Emu2Config, batches) -> dict:
+    """The single-process run: each step averages the loss of MICROBATCHES micro-batches."""
+    model = _build_model(cfg)
+    opt = _optimizer(model.parameters())
+    losses, norms = [], []
+    for step in range(STEPS):
+        step_losses = []
+        for batch in batches[step * MICROBATCHES:(step + 1) * MICROBATCHES]:
+            out = model(batch)
+            (out.total / MICROBATCHES).backward()
+            step_losses.append(torch.stack([out.total, out.ce, out.mse]).detach())
+        losses.append(torch.stack(step_losses).mean(0))
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
+        opt.step()
+        opt.zero_grad()
+    return {"losses": torch.stack(losses), "norms": torch.stack(norms),
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def _plain_name(name: str) -> str:
+    """A parameter name inside a stage, as the unsplit model names it."""
+    return name.removeprefix("model.").replace("_checkpoint_wrapped_module.", "")
+
+
+def parallel_run(name: str, batches) -> dict:
+    world, dims_kw, cfg_kw, layers = LAYOUTS[name]
+    cfg = model_config(layers)
+    dims = ParallelDims(**dims_kw)
+    mesh = dims.build_mesh("cpu")
+    pcfg = ParallelConfig(param_dtype="float32", microbatches=MICROBATCHES // dims.dp, **cfg_kw)
+    shape = MicroBatchShape(ROWS, SEQ_LEN, MAX_IMAGES)
+    pm = parallelize(_build_model(cfg), dims, mesh, pcfg, shape)
+    opt = _optimizer(pm.parameters())
+    losses, norms = [], []
+    per_rank = MICROBATCHES // dims.dp
+    start = time.perf_counter()
+    for step in range(STEPS):
+        step_batches = batches[step * MICROBATCHES:(step + 1) * MICROBATCHES]
+        mine = step_batches[dims.dp_rank * per_rank:(dims.dp_rank + 1) * per_rank]
+        losses.append(pm.forward_backward(mine))
+        norms.append(pm.clip_grad_norm_(MAX_NORM))
+        opt.step()
+        opt.zero_grad()
+    seconds = time.perf_counter() - start
+    params = {}
+    for stage in pm.stages:
+        for pname, p in stage.named_parameters():
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            params[_plain_name(pname)] = full.detach().clone()
+    return {"losses": torch.stack(losses), "norms": torch.stack(norms), "params": params,
+            "seconds": seconds, "placements": {n: str(p.placements) for n, p in
+                                               pm.stages[0].named_parameters() if isinstance(p, DTensor)}}
+
+
+def run(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    references = {}
+    for name in names:
+        layers = LAYOUTS[name][3]
+        cfg = model_config(layers)
+        batches = make_batches(cfg, STEPS * MICROBATCHES, seed=1)
+        if layers not in references and rank == 0:
+            references[layers] = reference_run(cfg, batches)
+        try:
+            res = parallel_run(name, batches)
+        except Exception as e:  # noqa: BLE001 -- recorded, the test reports it
+            import traceback
+            res = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {k: v for k, v in res.items() if k != "placements"})
+        if rank == 0:
+            results[name] = {"ranks": gathered, "reference": references[layers],
+                             "placements": res.get("placements")}
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "results.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def launch(world: int, names: list[str], out_dir: str) -> dict:
+    """Run the named layouts (all of world size `world`) on `world` spawned gloo ranks."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(run, args=(world, os.path.join(tmp, "init"), out_dir, names), nprocs=world, join=True)
+    return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
+
+
+if __name__ == "__main__":
+    world, out = int(sys.argv[1]), sys.argv[2]
+    results = launch(world, sys.argv[3:], out)
+    for name, res in results.items():
+        ref = res["reference"]
+        for rank, r in enumerate(res["ranks"]):
+            if "error" in r:
+                print(name, rank, r["error"])
+                continue
+            dl = (r["losses"] - ref["losses"]).abs().max().item()
+            dn = (r["norms"] - ref["norms"]).abs().max().item()
+            dp = max(((v - ref["params"][k]).abs().max().item() for k, v in r["params"].items()), default=0)
+            print(f"{name} rank {rank}: loss diff {dl:.2e} norm diff {dn:.2e} param diff {dp:.2e} "
+                  f"({r['seconds']:.1f} s) losses {r['losses'][:, 0].tolist()}")
