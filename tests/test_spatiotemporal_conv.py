@@ -4,7 +4,7 @@ reference in fp64: outputs and all five gradients at fp32 and fp16 on awkward si
 frame, with and without biases, channels-last and contiguous inputs), with the default weight
 gradients (cuBLAS / cuDNN on CUDA, ATen on the CPU) and with the Triton wgrad kernel; the
 library wgrads read the tensors in place; the zero temporal kernel; bad input; the custom ops;
-the sm_90 compile (and the spill-free candidate tiles); bf16 and video-UNet sizes on CUDA."""
+the sm_90 compile (spill-free, the candidate tiles too); bf16 and video-UNet sizes on CUDA."""
 
 import re
 import subprocess
@@ -284,10 +284,11 @@ def compile_kernels_for_sm90():
 
     ints = dict(P="i32", NF="i32", H="i32", W="i32", C_IN="i32", N_OUT="i32")
     for dt, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        for n_out, c_in, taps in ((320, 320, (1, 3, 3)), (1280, 1280, (3, 1, 1)), (48, 32, (1, 1, 1))):
-            cfg = kernel._blocks(n_out, c_in, torch_dtype)
+        for n_out, c_in, taps, residual in ((320, 320, (1, 3, 3), False), (1280, 1280, (1, 3, 3), False),
+                                            (1280, 1280, (3, 1, 1), True), (48, 32, (1, 1, 1), True)):
+            cfg = kernel._blocks(n_out, c_in, torch_dtype, residual)
             opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-            consts = dict(KT=taps[0], KH=taps[1], KW=taps[2], HAS_BIAS=True, HAS_RES=True,
+            consts = dict(KT=taps[0], KH=taps[1], KW=taps[2], HAS_BIAS=True, HAS_RES=residual,
                           IEEE=dt == "fp32", **cfg)
             types = dict(in_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", res_ptr=f"*{dt}",
                          out_ptr=f"*{dt}", **ints)
@@ -305,6 +306,7 @@ def compile_kernels_for_sm90():
                 ptx = compiled.asm["ptx"]
                 if dt == "bf16" and n_out >= 128:  # narrow tiles may use mma.sync instead
                     assert "cp.async" in ptx and "wgmma" in ptx, (compiled.name, n_out, c_in)
+                    assert ptxas_usage(ptx)[1] == 0, (compiled.name, n_out, c_in)  # no spills
     # the candidate tiles the benchmark times on the 1280-channel spatial forward
     consts = dict(KT=1, KH=3, KW=3, HAS_BIAS=True, HAS_RES=False, IEEE=False)
     types = dict(in_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", res_ptr="*bf16", out_ptr="*bf16",
@@ -340,6 +342,7 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [
     (1, 320, 8, 32, 32, 320, 3, 3, 3),   # a video-UNet layer (fewer frames)
+    (1, 1280, 2, 16, 16, 1280, 3, 3, 3),  # the widest layer: 128 x 256 tiles in 16 bits
     (2, 40, 5, 17, 23, 24, 3, 3, 3),     # the awkward CPU shape, on the compiled kernels
 ])
 def test_cuda(dtype, shape, wgrad, monkeypatch):
