@@ -12,8 +12,8 @@ import torch
 
 from emu2_engine import train_decoder
 from emu2_engine.models.unet3d import VideoUNet
-from emu2_engine.train.decoder import (DecoderJobConfig, DecoderTrainer, make_batch, moving_shapes_clip,
-                                       offset_noise)
+from emu2_engine.train.decoder import (DecoderJobConfig, DecoderTrainer, build_vae, make_batch,
+                                       moving_shapes_clip, offset_noise)
 
 pytest.importorskip("diffusers")
 REPO = Path(__file__).resolve().parent.parent
@@ -129,6 +129,17 @@ def test_moving_shapes_clip_moves():
     assert not np.array_equal(arrays[0], arrays[-1])
     again = moving_shapes_clip(seed=3, index=7, frames=4, size=32)
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(arrays, again))
+
+
+def test_tiny_vae_latents_carry_the_image():
+    """The CPU's random VAE: narrow posterior (samples are the mean, as with a trained VAE) and
+    unit-variance scaled latents on shapes-world images."""
+    vae = build_vae("tiny-random", 64, seed=0)
+    pixels = make_batch(DecoderJobConfig.load(None, ["--data.batch_size=8"]), 64, 100, 99).vae_pixels
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+    assert posterior.std.max() < 1e-3
+    assert 0.7 < (posterior.mean * vae.config.scaling_factor).std() < 1.3
 
 
 def test_batches_are_deterministic(tmp_path):

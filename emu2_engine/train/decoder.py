@@ -319,8 +319,9 @@ class FrozenEncoder(nn.Module):
 
 def build_vae(spec: str, image_size: int, seed: int):
     """The frozen VAE: a diffusers AutoencoderKL folder, or "tiny-random" (see the config field).
-    The tiny VAE's scaling factor is set so that its latents of shapes-world images have unit
-    standard deviation, as 0.13025 does for the SDXL VAE on natural images."""
+    The tiny VAE's posterior is made narrow and its scaling factor set so that its latents of
+    shapes-world images have unit standard deviation, as 0.13025 does for the SDXL VAE on
+    natural images."""
     from diffusers import AutoencoderKL
 
     if spec != "tiny-random":
@@ -336,6 +337,13 @@ def build_vae(spec: str, image_size: int, seed: int):
                                 up_block_types=("UpDecoderBlock2D",) * 3,
                                 block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
                                 sample_size=image_size)
+            # A trained VAE's posterior is narrow (the SDXL VAE's std is ~1e-3 of its mean's);
+            # a random one's log-variance is ~0, whose samples would drown the image in noise
+            # the UNet cannot predict from the embeddings. Pin the log-variance to -20.
+            with torch.no_grad():
+                logvar = slice(vae.config.latent_channels, None)
+                vae.quant_conv.weight[logvar] = 0.0
+                vae.quant_conv.bias[logvar] = -20.0
         world = ShapesWorld(seed)
         probe = torch.stack([vae_pixels(world.sample(i, image_size).image, image_size) for i in range(16)])
         with torch.no_grad():
@@ -564,6 +572,7 @@ class DecoderTrainer:
         with open(self.run_dir / "metrics.jsonl", "a") as metrics:
             for record in records:
                 metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
             while self.step_count < end:
                 start = time.perf_counter()
                 result = self.step()
