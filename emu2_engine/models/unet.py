@@ -455,10 +455,15 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], w
     wrong = [f"{k}: given {tuple(v.shape)}, model {want[k]}" for k, v in state_dict.items()
              if k in want and tuple(v.shape) != want[k]]
     if missing or unexpected or wrong:
-        def part(title, items):
-            return f"\n  {title} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else "") if items else ""
+        parts = [_listing(title, items) for title, items in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
         raise ValueError(f"{what} does not match the UNet ({len(want)} tensors); nothing was loaded:"
-                         + part("missing", missing) + part("unexpected", unexpected) + part("wrong shape", wrong))
+                         + "".join(parts))
+
+
+def _listing(title: str, items: list[str], shown: int = 8) -> str:
+    more = " ..." if len(items) > shown else ""
+    return f"\n  {title} ({len(items)}): " + ", ".join(items[:shown]) + more
 
 
 def load_unet_state_dict(model: UNet, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> None:
