@@ -1,0 +1,327 @@
+"""Training checkpoints with torch.distributed.checkpoint (DCP): everything that has state.
+
+A checkpoint is one folder per step, ``<dir>/step-000123``, holding DCP's files (one or more
+``.distcp`` data files per rank and the ``.metadata`` index, written last). It contains:
+
+- ``model`` and ``optimizer``: through `get_state_dict` / `set_state_dict`
+  (torch.distributed.checkpoint.state_dict), so FSDP2 / DTensor parameters are saved as
+  shards and load into any sharding of the same model; optimiser states are keyed by
+  parameter name, not by position;
+- ``scheduler``: any object with ``state_dict``/``load_state_dict`` (an LR scheduler);
+- ``dataloader``: one entry per rank (each rank reads its own part of the data);
+- ``rng``: one entry per rank: Python's, NumPy's and torch's CPU generator, and every CUDA
+  device's when CUDA is initialised;
+- ``train``: the step and the world size that saved it.
+
+Writes are atomic: every rank writes into ``step-000123.tmp``; once DCP has written the index
+(its last collective has returned on every rank) and a barrier has passed, rank 0 renames the
+folder. `latest` therefore never sees a half-written checkpoint, and a crash leaves only a
+``.tmp`` folder, which the next save removes. After each rename, rank 0 deletes the oldest
+complete checkpoints beyond the newest `keep`. All ranks must see one shared filesystem.
+
+With ``async_save=True``, `save` returns once the state is staged in host memory and a
+background thread writes it (over a separate gloo group, so it never interleaves with the
+training's collectives); the next `save` (or `wait`) waits for it first, and rank 0 renames
+the folder as soon as its write completes.
+
+Resume is exact when the world size is unchanged: the next steps see the same parameters,
+optimiser moments, learning rate, batches and random numbers as an uninterrupted run. A
+checkpoint loaded by a different world size restores the model, optimiser, scheduler and step
+(DCP reshards them) but keeps the current RNG and data-loader states, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+import threading
+import warnings
+import re
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
+
+log = logging.getLogger(__name__)
+
+_STEP = re.compile(r"^step-(\d+)$")
+_TMP = ".tmp"
+_INDEX = ".metadata"  # DCP's index, written after every rank's data
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt, or does not match what loads it."""
+
+
+class HasState(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def step_folder(directory: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives (``step-000123``)."""
+    if step < 0:
+        raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    return Path(directory) / f"step-{step:06d}"
+
+
+def complete_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint in `directory`, oldest first: folders named
+    ``step-<n>`` that hold DCP's index. Temporary folders of unfinished saves are ignored."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = _STEP.match(path.name)
+        if match and path.is_dir() and (path / _INDEX).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint in `directory`, or None if there is none."""
+    found = complete_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier(group: dist.ProcessGroup | None = None) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+@contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns on every call made without a process group; here that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized, assuming")
+        yield
+
+
+class _ModelAndOptimizer(Stateful):
+    """Model and optimiser state as DCP sees them: named, and sharded where the parameters are."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return {"model": get_model_state_dict(self.model)}
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optim_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.optimizer is None:
+            set_model_state_dict(self.model, state["model"])
+        else:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators: Python, NumPy, torch CPU and (if initialised) CUDA."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _PerRank(Stateful):
+    """One entry per rank under a shared key: DCP keeps one copy of entries that every rank
+    saves under the same name, so per-rank state (RNG, the rank's data position) is named by
+    rank. Each entry is one pickled blob: DCP loads into a template of the same structure,
+    and a data loader's state may change shape from step to step."""
+
+    def __init__(self, get, put):
+        self.get, self.put = get, put
+
+    def state_dict(self) -> dict[str, bytes]:
+        return {f"rank{_rank()}": pickle.dumps(self.get())}
+
+    def load_state_dict(self, state: dict[str, bytes]) -> None:
+        self.put(pickle.loads(state[f"rank{_rank()}"]))
+
+
+class Checkpointer:
+    """Saves and restores the whole training state under one directory.
+
+    Call `save(step)` on every rank, `load()` on every rank to resume from the newest complete
+    checkpoint (or `load(step)` / `load(path)` for a given one), and `wait()` before exiting
+    when saving asynchronously."""
+
+    def __init__(self, directory: str | Path, model: nn.Module,
+                 optimizer: torch.optim.Optimizer | None = None, scheduler: HasState | None = None,
+                 dataloader: HasState | None = None, keep: int = 3, async_save: bool = False):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 (the newest checkpoint is always kept), got {keep}")
+        for name, obj in (("scheduler", scheduler), ("dataloader", dataloader)):
+            if obj is not None and not (callable(getattr(obj, "state_dict", None))
+                                        and callable(getattr(obj, "load_state_dict", None))):
+                raise ValueError(f"{name} must have state_dict() and load_state_dict(), got {type(obj).__name__}")
+        self.directory = Path(directory)
+        self.model, self.optimizer = model, optimizer
+        self.scheduler, self.dataloader = scheduler, dataloader
+        self.keep, self.async_save = keep, async_save
+        self._pending: tuple[Future, Path] | None = None
+        self._published = threading.Event()  # rank 0: the pending save is renamed (or failed)
+        self._failed: BaseException | None = None
+        # Async writes run their collectives in a background thread: on their own gloo group,
+        # so they never interleave with the training's NCCL (or gloo) collectives.
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+
+    # -- the state ------------------------------------------------------------------------
+    def _state(self, step: int) -> dict[str, Any]:
+        state: dict[str, Any] = {"app": _ModelAndOptimizer(self.model, self.optimizer),
+                                 "train": {"step": step, "world_size": _world()},
+                                 "rng": _PerRank(rng_state, set_rng_state)}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler
+        if self.dataloader is not None:
+            state["dataloader"] = _PerRank(self.dataloader.state_dict, self.dataloader.load_state_dict)
+        return state
+
+    # -- saving ---------------------------------------------------------------------------
+    def save(self, step: int) -> Path:
+        """Write the checkpoint of `step` (on every rank); returns its final folder. With async
+        saving the folder appears when the background write completes."""
+        self.wait()
+        final = step_folder(self.directory, step)
+        tmp = final.with_name(final.name + _TMP)
+        if _rank() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob(f"step-*{_TMP}"):  # unfinished saves (a crash)
+                shutil.rmtree(stale)
+            if final.exists():  # saving the same step again replaces it
+                shutil.rmtree(final)
+        _barrier()
+        kwargs = {"checkpoint_id": str(tmp), "no_dist": not dist.is_initialized()}
+        if self.async_save:
+            with _single_process_ok():
+                response = dcp.async_save(self._state(step), process_group=self._group, **kwargs)
+            future = getattr(response, "upload_completion", response)  # AsyncSaveResponse or Future
+            self._published.clear()
+            self._pending = (future, tmp)
+            if _rank() == 0:
+                future.add_done_callback(lambda f: self._finish_async(f, tmp, final))
+            return final
+        with _single_process_ok():
+            dcp.save(self._state(step), **kwargs)
+        _barrier()  # every rank has written, and DCP's index exists
+        if _rank() == 0:
+            self._finalize(tmp, final)
+        _barrier()  # nobody goes on before the folder has its final name
+        return final
+
+    def _finalize(self, tmp: Path, final: Path) -> None:
+        """Rank 0: publish a written checkpoint, then drop the oldest beyond `keep`."""
+        tmp.rename(final)
+        for _, old in complete_checkpoints(self.directory)[:-self.keep]:
+            shutil.rmtree(old)
+
+    def _finish_async(self, future: Future, tmp: Path, final: Path) -> None:
+        # Rank 0's write completes only after DCP's coordinator (rank 0) has gathered every
+        # rank's write results and written the index: the checkpoint is whole.
+        try:
+            future.result()
+            self._finalize(tmp, final)
+        except BaseException as err:  # reported by wait(), in the training thread
+            self._failed = err
+        finally:
+            self._published.set()
+
+    def wait(self) -> None:
+        """Block until the pending asynchronous save (if any) is written and published; raise
+        CheckpointError if it failed."""
+        if self._pending is None:
+            return
+        future, tmp = self._pending
+        self._pending = None
+        error = future.exception()
+        if _rank() == 0:
+            self._published.wait()
+            error = error or self._failed
+            self._failed = None
+        _barrier(self._group)
+        if error is not None:
+            raise CheckpointError(f"asynchronous save to {tmp} failed: {error}") from error
+
+    # -- loading --------------------------------------------------------------------------
+    def load(self, checkpoint: int | str | Path | None = None) -> int | None:
+        """Restore the state from a checkpoint and return its step.
+
+        checkpoint: a step of this directory, a checkpoint folder, or None for the newest
+        complete checkpoint of this directory (returns None when there is none: a fresh run)."""
+        self.wait()
+        if checkpoint is None:
+            path = latest(self.directory)
+            if path is None:
+                return None
+        elif isinstance(checkpoint, int):
+            path = step_folder(self.directory, checkpoint)
+        else:
+            path = Path(checkpoint)
+        if not (path / _INDEX).is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint (no {_INDEX}: missing, or "
+                                  f"its save did not finish)")
+        saved = self._saved_world_size(path)
+        state = self._state(step=-1)
+        if saved != _world():
+            log.warning("checkpoint %s was saved by %d ranks and is loaded by %d: the model, optimiser, "
+                        "scheduler and step are restored, the RNG and data-loader states are not "
+                        "(the run continues, but not bit for bit)", path, saved, _world())
+            state.pop("rng")
+            state.pop("dataloader", None)
+        try:
+            with _single_process_ok():
+                dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        except (Exception, dcp.CheckpointException) as err:  # the latter is a BaseException
+            raise CheckpointError(f"cannot load checkpoint {path} into this model: {_reason(err)}") from err
+        return int(state["train"]["step"])
+
+    @staticmethod
+    def _saved_world_size(path: Path) -> int:
+        probe = {"train": {"step": -1, "world_size": -1}}
+        try:
+            with _single_process_ok():  # every rank reads the small entry by itself
+                dcp.load(probe, checkpoint_id=str(path), no_dist=True)
+        except (Exception, dcp.CheckpointException) as err:
+            raise CheckpointError(f"cannot read checkpoint {path} (corrupt, or not written by "
+                                  f"this engine): {_reason(err)}") from err
+        return int(probe["train"]["world_size"])
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of what DCP said (its per-rank exceptions are long)."""
+    text = str(err).strip() or type(err).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    keep = [line for line in lines if "Error" in line or "mismatch" in line.lower() or "missing" in line.lower()]
+    return (keep or lines)[-1][:500]

@@ -1,0 +1,264 @@
+"""DCP checkpoints (`emu2_engine.checkpoint.dcp`): bit-exact resume in one process, keep-K,
+crashed and corrupt checkpoints, asynchronous saves, and FSDP2-sharded state on 2 gloo ranks
+(one spawn), reloaded by a single process."""
+
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from emu2_engine.checkpoint.dcp import CheckpointError, Checkpointer, complete_checkpoints, latest, step_folder
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny training run that uses every kind of state: parameters, AdamW moments, a warm-up
+# schedule, a data loader with a position and a generator, dropout (torch RNG), NumPy noise and
+# a Python-random loss scale.
+# ----------------------------------------------------------------------------------------------
+class TinyLoader:
+    """Batches drawn from its own generator; its state is the position and the generator."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.position = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.position += 1
+        x = torch.randn(8, 6, generator=self.generator)
+        return x, x.sum(dim=1, keepdim=True).sin()
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+        self.generator.set_state(state["generator"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_run(seed: int):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
+    return model, opt, sched, TinyLoader(seed)
+
+
+def train_step(model, opt, sched, loader) -> float:
+    x, y = loader.next()
+    x = x + torch.from_numpy(np.random.randn(*x.shape).astype(np.float32)) * 0.01
+    loss = ((model(x) - y) ** 2).mean() * (1.0 + 0.01 * random.random())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """Interrupted at step 3 and resumed into a differently initialised run with scrambled RNGs,
+    the next 3 losses equal the uninterrupted run's bit for bit."""
+    seed_everything(0)
+    run = make_run(0)
+    straight = [train_step(*run) for _ in range(6)]
+
+    seed_everything(0)
+    first = make_run(0)
+    saver = Checkpointer(tmp_path, *first[:2], scheduler=first[2], dataloader=first[3])
+    assert [train_step(*first) for _ in range(3)] == straight[:3]
+    path = saver.save(3)
+    assert path == tmp_path / "step-000003" and latest(tmp_path) == path
+
+    seed_everything(123)
+    second = make_run(7)
+    train_step(*second)  # moves every state away from the checkpoint's
+    loader = Checkpointer(tmp_path, *second[:2], scheduler=second[2], dataloader=second[3])
+    assert loader.load() == 3
+    for a, b in zip(first[0].parameters(), second[0].parameters()):
+        assert torch.equal(a, b)
+    assert second[2].last_epoch == 3 and second[3].position == 3
+    assert [train_step(*second) for _ in range(3)] == straight[3:]
+
+
+def test_keep_k_and_crashed_temp_folders(tmp_path):
+    model, opt, sched, data = make_run(0)
+    ck = Checkpointer(tmp_path, model, opt, scheduler=sched, dataloader=data, keep=2)
+    for step in range(1, 6):
+        train_step(model, opt, sched, data)
+        ck.save(step)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000004", "step-000005"]
+
+    # A save that crashed leaves a temp folder; a folder without DCP's index is not complete.
+    crashed = tmp_path / "step-000009.tmp"
+    crashed.mkdir()
+    (crashed / "__0_0.distcp").write_bytes(b"partial")
+    no_index = tmp_path / "step-000010"
+    no_index.mkdir()
+    (no_index / "__0_0.distcp").write_bytes(b"partial")
+    assert latest(tmp_path) == tmp_path / "step-000005"
+    assert Checkpointer(tmp_path, *make_run(1)[:2]).load() == 5
+    with pytest.raises(CheckpointError, match="step-000010 is not a complete checkpoint"):
+        ck.load(10)
+    ck.save(6)  # the next save clears the crashed temp folder
+    assert not crashed.exists() and latest(tmp_path) == step_folder(tmp_path, 6)
+    assert latest(tmp_path / "nothing-here") is None
+    assert Checkpointer(tmp_path / "nothing-here", model).load() is None
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path):
+    model, opt, sched, data = make_run(0)
+    train_step(model, opt, sched, data)
+    path = Checkpointer(tmp_path, model, opt).save(1)
+
+    wider = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 1))
+    with pytest.raises(CheckpointError, match=r"cannot load checkpoint .*step-000001 into this model: .*"):
+        Checkpointer(tmp_path, wider).load()
+    renamed = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))  # "3.weight" -> "2.weight"
+    with pytest.raises(CheckpointError, match=r"into this model: .*[Mm]issing key.*2\.weight"):
+        Checkpointer(tmp_path, renamed).load()
+
+    (path / ".metadata").write_bytes(b"\x00garbage, not a DCP index")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*step-000001 \(corrupt"):
+        Checkpointer(tmp_path, model, opt).load(path)
+
+
+def test_bad_arguments(tmp_path):
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        Checkpointer(tmp_path, model, keep=0)
+    with pytest.raises(ValueError, match="dataloader must have state_dict"):
+        Checkpointer(tmp_path, model, dataloader=object())
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        step_folder(tmp_path, -1)
+
+
+# DCP's background thread warns that no process group exists: that is the point here.
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_async_save_snapshots_the_state(tmp_path):
+    """The checkpoint holds the values at save() time although training goes on at once; it is
+    published (renamed) when written, the next save waits for it, keep-K applies."""
+    model, opt, sched, data = make_run(0)
+    train_step(model, opt, sched, data)
+    ck = Checkpointer(tmp_path, model, opt, scheduler=sched, dataloader=data, async_save=True, keep=2)
+    at_save = [p.detach().clone() for p in model.parameters()]
+    ck.save(1)
+    with torch.no_grad():  # training moves on while the write may still be running
+        for p in model.parameters():
+            p.add_(1.0)
+    ck.save(2)  # waits for step 1 first
+    ck.save(3)
+    ck.wait()
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [2, 3]
+    assert not list(tmp_path.glob("*.tmp"))
+
+    for step, want in ((2, [p.detach() for p in model.parameters()]), (3, None)):
+        fresh = make_run(5)
+        assert Checkpointer(tmp_path, fresh[0], fresh[1]).load(step) == step
+        for p, q in zip(want or model.parameters(), fresh[0].parameters()):
+            assert torch.equal(p, q)
+    # Step 1 (deleted by keep=2) held the values before the in-place update.
+    first = make_run(5)
+    ck1 = Checkpointer(tmp_path / "one", model, async_save=True)
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), at_save):
+            p.copy_(v)
+    ck1.save(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-3.0)
+    ck1.wait()
+    assert Checkpointer(tmp_path / "one", first[0]).load() == 1
+    for v, q in zip(at_save, first[0].parameters()):
+        assert torch.equal(v, q)
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2 on 2 gloo ranks
+# ----------------------------------------------------------------------------------------------
+def _sharded_run(seed: int, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return model, opt, TinyLoader(100 + dist.get_rank())  # each rank reads its own data
+
+
+def _sharded_step(model, opt, loader) -> float:
+    x, _ = loader.next()
+    x = torch.cat([x, x[:, :2]], dim=1)  # 8 features
+    loss = (model(x) - x[:, :4].cos()).square().mean() * (1.0 + 0.01 * random.random())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def _fsdp_worker(rank: int, world: int, init_file: str, directory: str, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        seed_everything(rank)
+        model, opt, data = _sharded_run(0, mesh)
+        for p in model.parameters():  # really sharded: each rank holds half the rows
+            assert isinstance(p, DTensor) and p.to_local().shape[0] == p.shape[0] // world
+        ck = Checkpointer(directory, model, opt, dataloader=data, keep=2)
+        for _ in range(2):
+            _sharded_step(model, opt, data)
+        ck.save(2)
+        straight = [_sharded_step(model, opt, data) for _ in range(2)]
+
+        seed_everything(50 + rank)
+        model2, opt2, data2 = _sharded_run(9, mesh)
+        assert Checkpointer(directory, model2, opt2, dataloader=data2).load() == 2
+        assert data2.position == 2
+        assert [_sharded_step(model2, opt2, data2) for _ in range(2)] == straight
+
+        # Asynchronous save of the sharded state: what the next process loads must be the
+        # state at save() time.
+        ck_async = Checkpointer(directory, model2, opt2, dataloader=data2, keep=2, async_save=True)
+        ck_async.save(4)
+        full = {k: v.full_tensor().clone() for k, v in model2.state_dict().items()}
+        _sharded_step(model2, opt2, data2)
+        ck_async.wait()
+        if rank == 0:
+            torch.save({"full": full, "steps": [s for s, _ in complete_checkpoints(directory)]}, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_save_and_load_on_two_gloo_ranks(tmp_path, caplog):
+    """Two ranks, FSDP2: save the shards, reload into a differently initialised sharded model,
+    identical next losses on both ranks; an async save; then one process loads the 2-rank
+    checkpoint into a plain model (DCP reshards) and is told the RNG/loader are not restored."""
+    directory, out = tmp_path / "ckpt", tmp_path / "full.pt"
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(directory), str(out)), nprocs=2, join=True)
+    result = torch.load(out)
+    assert result["steps"] == [2, 4]
+
+    plain = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    with caplog.at_level(logging.WARNING, logger="emu2_engine.checkpoint.dcp"):
+        assert Checkpointer(directory, plain, opt).load() == 4
+    assert "saved by 2 ranks and is loaded by 1" in caplog.text
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, result["full"][name]), name
+    assert all(opt.state[p]["exp_avg"].shape == p.shape for p in plain.parameters())
