@@ -25,6 +25,8 @@ version" report in benchmarks/results/h200-gpu-quick-2026-11-27-spatiotemporal_c
 wgrad 1.84 ms vs cuDNN 0.223 ms at 320 channels (16 frames of 64x64), 4.42 vs 0.675 ms at 1280
 channels (16 frames of 32x32); temporal wgrad 0.718 vs 0.135 and 1.70 vs 0.437 ms; so forward
 + backward took 3.79 / 9.30 ms against 1.63 / 3.45 ms for two conv3d calls on channels_last_3d.
+With the library weight gradients it took 1.86 / 4.44 ms, and 1.84 / 4.14 ms with the wide
+tiles of `_blocks` (same card type and day: the `library-wgrad/` and `wide-tiles/` reports).
 - temporal: for tap dt the rows p whose frame f has f + dt inside the clip are, per batch
   element, ONE contiguous range of pixel rows (frames max(0, -dt) .. F - max(0, dt)), so
   dW_t[:, :, tap] = sum_b dy_b.T @ s_b(shifted by dt frames) is one batched cuBLAS GEMM over

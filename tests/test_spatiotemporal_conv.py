@@ -2,9 +2,10 @@
 reference in fp64: outputs and all five gradients at fp32 and fp16 on awkward sizes (5 frames,
 17x23 frames, 40 -> 24 channels, 1x1 / 3x3 / 3x5 spatial and 1 / 3 / 5 temporal kernels, one
 frame, with and without biases, channels-last and contiguous inputs), with the default weight
-gradients (cuBLAS / cuDNN on CUDA, ATen on the CPU) and with the Triton wgrad kernel; the
-library wgrads read the tensors in place; the zero temporal kernel; bad input; the custom ops;
-the sm_90 compile (spill-free, the candidate tiles too); bf16 and video-UNet sizes on CUDA."""
+gradients (cuBLAS / cuDNN on CUDA, ATen on the CPU) and with the Triton wgrad kernel (and its
+split over rows); the library wgrads read the tensors in place; the zero temporal kernel; bad
+input; the custom ops; the sm_90 compile (spill-free, the candidate tiles too); bf16 and
+video-UNet sizes on CUDA."""
 
 import re
 import subprocess
@@ -88,10 +89,32 @@ def test_kernel_matches_reference(monkeypatch, dtype, shape, bias_s, bias_t, mem
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_wgrad_kernel_matches_reference(monkeypatch, dtype):
-    """WGRAD = "triton": the weight and bias gradients from `_tap_wgrad_kernel`, at a size
-    (1024 pixel rows, two clips) where the temporal wgrad splits its rows over two programs."""
-    check_against_reference(monkeypatch, dtype, (2, 16, 4, 8, 16, 24, 3, 3, 3), True, True,
+    """WGRAD = "triton": the weight and bias gradients from `_tap_wgrad_kernel` (two clips,
+    3x3 taps whose halo leaves the 5x7 frames, 12 -> 20 channels)."""
+    check_against_reference(monkeypatch, dtype, (2, 12, 3, 5, 7, 20, 3, 3, 3), True, True,
                             torch.channels_last_3d, wgrad="triton")
+
+
+def test_triton_wgrad_kernel_splits_rows(monkeypatch):
+    """With 1024 pixel rows the temporal wgrad splits its rows over two programs per tap (the
+    interpreter counts as 4 SMs: 3 taps x 1 tile is short of 2 waves, 16 K steps allow 2
+    splits); the split partials add up to the library's GEMMs and the bias to the row sum."""
+    grids, launch = [], kernel._tap_wgrad_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return launch[grid]
+
+    monkeypatch.setattr(kernel, "_tap_wgrad_kernel", Recorder())
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(2, 8, 4, 8, 16, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    dy = torch.randn(2, 8, 4, 8, 16, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    dw, db = kernel._tap_wgrad(kernel._rows(s), kernel._rows(dy), (4, 8, 16), (3, 1, 1), True)
+    assert grids == [(1, 3, 2)]
+    torch.testing.assert_close(dw.permute(2, 1, 0), kernel._temporal_wgrad_gemms(s, dy, 3),
+                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(db, kernel._rows(dy).sum(0), rtol=1e-5, atol=1e-4)
 
 
 def test_wgrad_choice_is_checked(monkeypatch):

@@ -9,7 +9,8 @@ kt (3 in the video decoder); the biases are (Cout,) or None. A zero w_t and b_t 
 layer exactly the 2D convolution on each frame, which is how an inflated UNet starts equal
 to the 2D one. This module holds the argument checks, the PyTorch reference and the public op,
 which runs the Triton kernel (`emu2_engine.kernels.spatiotemporal_conv`: implicit GEMMs over
-the channels-last tensor, forward and backward) or the reference (`ops.backend`).
+the channels-last tensor for the forward and the input gradients, the weight gradients on
+cuBLAS and cuDNN) or the reference (`ops.backend`).
 
 The kernel works on `torch.channels_last_3d` tensors (strides of B, F, H, W, C) and returns
 that format; other inputs are converted first (one copy, counted in the backward too).
