@@ -35,6 +35,8 @@ from functools import lru_cache
 from emu2_engine.models.config import Emu2Config, LlamaConfig, VisionConfig
 from emu2_engine.models.flops import (head_flops, llm_flops, peak_flops, projector_flops_per_image,
                                       vit_flops_per_image)
+from emu2_engine.parallel.dims import ParallelDims
+from emu2_engine.parallel.pipeline import MicroBatchShape, balance_layers, stage_costs
 
 GiB = 1024 ** 3
 GPUS_PER_NODE = 8
@@ -142,16 +144,18 @@ def model_params(cfg: Emu2Config) -> int:
 # Activations: what autograd saves in one forward of one micro-batch
 # ----------------------------------------------------------------------------------------------
 # `a` is the bytes of the activation dtype (bf16 under FSDP mixed precision; 4 in the fp32 CPU
-# test). Under tensor parallelism with sequence parallelism (DTensor plans), the residual
-# stream and the norms are sharded over the sequence (/tp) and the heads and FFN columns over
-# tp (/tp); the input of the first linear of each sublayer is all-gathered to the full
-# sequence and autograd saves that gathered copy, so those terms do not shrink with tp.
-# Flash attention (the Triton kernel) saves q, k, v, its output and the fp32 log-sum-exp,
-# never the score matrix.
+# test). Tensor parallelism follows `parallel/tensor_parallel.py`: LLaMA blocks are tensor +
+# sequence parallel (the residual stream and the RMSNorms hold 1/tp of the sequence; heads and
+# FFN columns are split over tp; the input of each sublayer's first linears is all-gathered to
+# the full sequence and autograd saves that gathered copy, so those terms do not shrink with
+# tp); ViT blocks are tensor parallel without sequence parallelism (the stream and the
+# LayerNorms stay full and replicated). Flash attention (the Triton kernel) saves q, k, v,
+# its output and the fp32 log-sum-exp, never the score matrix.
 #
-# selective: the outputs of the matmuls and of the attention kernel are kept, the elementwise
-# work between them (norms, RoPE, SiLU x up, GELU, the all-gathers) is recomputed in backward.
-# full: each block keeps only its input and recomputes its whole forward in backward.
+# Checkpointing modes are those of `parallel/fsdp.py`: full keeps each block's input and
+# recomputes the block in backward; selective keeps the outputs of the matmuls, of attention
+# and of the collectives, and recomputes the elementwise work between them (norms, RoPE,
+# SiLU x up, GELU, residual adds, casts).
 
 def llama_layer_activations(llm: LlamaConfig, tokens: int, ac: str = "none", a: int = BF16,
                             tp: int = 1) -> int:
@@ -162,11 +166,14 @@ def llama_layer_activations(llm: LlamaConfig, tokens: int, ac: str = "none", a: 
         return tokens * a * H // tp  # the block input (sequence-sharded under SP)
     if ac == "selective":
         per_token = (a * H // tp  # the block input, held by the checkpoint
-                     + a * (q + 2 * kv) // tp  # q_proj, k_proj, v_proj outputs
+                     + a * (q + 2 * kv) // tp  # q_proj, k_proj, v_proj outputs (local heads)
                      + a * q // tp + FP32 * llm.heads // tp  # attention output and log-sum-exp
-                     + a * H // tp  # o_proj output (rebuilds the residual x + attn)
                      + 2 * a * F // tp  # gate_proj and up_proj outputs
-                     + a * H // tp)  # down_proj output
+                     # o_proj and down_proj outputs: under TP the full-sequence partial sums
+                     # that the reduce-scatter consumes, so full size at any tp
+                     + 2 * a * H)
+        if tp > 1:  # the collectives' outputs: two all-gathered inputs, two reduce-scattered outputs
+            per_token += 2 * a * H + 2 * a * H // tp
         return tokens * per_token
     # RMSNorm computes in fp32: x.float() is saved by pow and the product with rsqrt (a new
     # fp32 tensor in bf16; x itself in fp32, when the cast is a no-op), rsqrt per token, and the
@@ -197,29 +204,30 @@ def vit_block_activations(v: VisionConfig, images: int, ac: str = "none", a: int
     C, M = v.width, v.mlp_hidden
     tokens = images * (v.n_patches + 1)  # patches + CLS
     if ac == "full":
-        return tokens * a * C // tp
+        return tokens * a * C  # the block input (replicated: no SP in the ViT)
     if ac == "selective":
-        per_token = (a * C // tp  # the block input
-                     + 3 * a * C // tp  # qkv output
+        per_token = (a * C  # the block input
+                     + 3 * a * C // tp  # qkv output (local heads)
                      + a * C // tp + FP32 * v.heads // tp  # attention output and log-sum-exp
-                     + a * C // tp  # proj output
                      + a * M // tp  # fc1 output
-                     + a * C // tp)  # fc2 output
+                     + 2 * a * C)  # proj and fc2 outputs (under TP the partial sums, full size)
+        if tp > 1:
+            per_token += 2 * a * C  # the all-reduced proj and fc2 outputs
         return tokens * per_token
     per_token = (
-        a * C  # block input x, saved by the fused qkv linear (all-gathered under SP)
+        a * C  # block input x, saved by the fused qkv linear
         + 3 * a * C // tp  # qkv output: attention saves q, k, v, which are views of it
         + a * C // tp  # attention output (also proj's input: a view, as in the LLaMA block)
         + FP32 * v.heads // tp  # attention log-sum-exp
-        + (a * C + 2 * FP32) // tp  # proj output, saved by LayerNorm norm1 with fp32 mean, rstd
-        + a * C  # x + norm1(..): fc1's input (all-gathered under SP)
+        + a * C + 2 * FP32  # proj output (all-reduced under TP), saved by LayerNorm norm1 with its fp32 mean, rstd
+        + a * C  # x + norm1(..): fc1's input
         + a * M // tp  # fc1 output (saved by GELU)
         + a * M // tp  # GELU output (saved by fc2)
-        + (a * C + 2 * FP32) // tp)  # fc2 output, saved by norm2 with its mean and rstd
+        + a * C + 2 * FP32)  # fc2 output (all-reduced under TP), saved by norm2 with mean and rstd
     return tokens * per_token
 
 
-def vision_stem_activations(cfg: Emu2Config, images: int, a: int = BF16, tp: int = 1) -> int:
+def vision_stem_activations(cfg: Emu2Config, images: int, a: int = BF16) -> int:
     """Bytes saved outside the ViT blocks on the vision side (stage 0)."""
     v = cfg.vision
     return (images * 3 * v.image_size ** 2 * a  # pixels (cast to the parameter dtype), saved by the conv
@@ -298,7 +306,8 @@ class Layout:
 
     @property
     def schedule(self) -> str:
-        return "-" if self.pp == 1 else ("1f1b" if self.virtual == 1 else f"interleaved-{self.virtual}")
+        """`parallel.ParallelConfig.pp_schedule`'s name for it."""
+        return "-" if self.pp == 1 else ("1f1b" if self.virtual == 1 else "interleaved-1f1b")
 
 
 @dataclass(frozen=True)
@@ -358,36 +367,14 @@ def recompute_flops(cfg: Emu2Config, wl: Workload, c: Chunk, ac: str) -> int:
 
 @lru_cache(maxsize=256)
 def split_chunks(cfg: Emu2Config, wl: Workload, n_chunks: int) -> tuple[Chunk, ...] | None:
-    """Contiguous LLaMA layers per chunk minimising the largest chunk's FLOPs; stage 0 also
-    holds the whole ViT (DESIGN.md), so it may get no LLaMA layer; every other chunk gets at
-    least one. None if there are too few layers."""
-    L = cfg.llm.layers
-    if n_chunks - 1 > L:
+    """The engine's split (`parallel.pipeline.balance_layers`): contiguous LLaMA layers per
+    stage balancing forward FLOPs, the whole ViT on stage 0 (which may get no LLaMA layer).
+    None if there are too few layers."""
+    if n_chunks - 1 > cfg.llm.layers:
         return None
-    layer = chunk_flops(cfg, wl, Chunk(1, 1, False, False))
-    stem = chunk_flops(cfg, wl, Chunk(0, 0, True, False))
-    head = chunk_flops(cfg, wl, Chunk(1, 0, False, True))
-
-    def cost(index: int, layers: int) -> int:
-        return layers * layer + (stem if index == 0 else 0) + (head if index == n_chunks - 1 else 0)
-
-    # best[c][l]: the smallest largest-chunk cost that places the first l layers in chunks 0..c
-    # (chunks 1..c at least one layer each); take[c][l]: how many of them chunk c gets.
-    inf = float("inf")
-    best = [[cost(0, l) for l in range(L + 1)]] + [[inf] * (L + 1) for _ in range(n_chunks - 1)]
-    take = [list(range(L + 1))] + [[0] * (L + 1) for _ in range(n_chunks - 1)]
-    for c in range(1, n_chunks):
-        for l in range(c, L + 1):
-            for k in range(1, l - c + 2):
-                value = max(best[c - 1][l - k], cost(c, k))
-                if value < best[c][l]:
-                    best[c][l], take[c][l] = value, k
-    layers, left = [], L
-    for c in range(n_chunks - 1, -1, -1):
-        layers.append(take[c][left])
-        left -= take[c][left]
-    layers.reverse()
-    return tuple(Chunk(i, n, i == 0, i == n_chunks - 1) for i, n in enumerate(layers))
+    costs = stage_costs(cfg, MicroBatchShape(wl.micro_batch, wl.seq_len, wl.images))
+    counts = balance_layers(cfg.llm.layers, n_chunks, *costs)
+    return tuple(Chunk(i, n, i == 0, i == n_chunks - 1) for i, n in enumerate(counts))
 
 
 def in_flight(pp: int, virtual: int, microbatches: int, rank: int) -> list[int]:
@@ -474,7 +461,7 @@ def chunk_activations(cfg: Emu2Config, wl: Workload, c: Chunk, ac: str, tp: int 
         n += llm_stem_activations(cfg, wl.tokens, wl.images * cfg.n_query, c.stem, a)
     if c.stem and not wl.freeze_vision:
         n += cfg.vision.depth * vit_block_activations(cfg.vision, wl.images, ac, a, tp)
-        n += vision_stem_activations(cfg, wl.images, a, tp)
+        n += vision_stem_activations(cfg, wl.images, a)
     if c.head:
         n += head_activations(cfg, wl.tokens, a, tp)
     return n
@@ -502,10 +489,11 @@ def estimate(cfg: Emu2Config, wl: Workload, lay: Layout, gpu: GPU) -> Estimate |
     rate = gpu.peak * COMPUTE_EFFICIENCY
     tp_bw = _collective_bandwidth(gpu, lay.tp)
     per_collective = (lay.tp - 1) / lay.tp / tp_bw
-    # Sequence-parallel collectives per block: all-gather + reduce-scatter per sublayer in
-    # forward, the same in backward; full recomputation repeats the forward's four, selective
-    # its two all-gathers.
-    n_coll = 8 + {"none": 0, "selective": 2, "full": 4}[lay.ac]
+    # Collectives per block, in units of one all-gather or reduce-scatter of the block's
+    # activations (an all-reduce costs two): per sublayer an all-gather and a reduce-scatter
+    # (LLaMA, SP) or one all-reduce (ViT) in forward, the same in backward; full recomputation
+    # repeats the forward's; selective keeps their outputs.
+    n_coll = 8 + (4 if lay.ac == "full" else 0)
     vit_tokens = wl.images * (cfg.vision.n_patches + 1)
     times = []
     for c in chunks:
@@ -557,25 +545,16 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def tp_problem(cfg: Emu2Config, tp: int) -> str | None:
-    """Why `tp` cannot split this model (one line), or None."""
-    sizes = {"llm.heads": cfg.llm.heads, "llm.kv_heads": cfg.llm.kv_heads, "llm.ffn_hidden": cfg.llm.ffn_hidden,
-             "vision.heads": cfg.vision.heads, "vision.mlp_hidden": cfg.vision.mlp_hidden}
-    for name, size in sizes.items():
-        if size % tp:
-            return f"tp={tp} does not divide {name}={size}"
-    return None
-
-
 def candidates(cfg: Emu2Config, gpus: int, wl: Workload) -> tuple[list[Layout], list[str]]:
     """Every layout of `gpus` GPUs to evaluate, and one line per tp or pp ruled out up front."""
     layouts, refused = [], []
     for tp in (1, 2, 4, 8):
         if gpus % tp or tp > GPUS_PER_NODE:
             continue
-        problem = tp_problem(cfg, tp)
-        if problem:
-            refused.append(problem)
+        try:  # the engine's own check (heads, kv heads, FFN and MLP widths, vocabulary)
+            ParallelDims(tp=tp).validate(tp, cfg)
+        except ValueError as err:
+            refused.append(str(err))
             continue
         for pp in _divisors(gpus // tp):
             dp = gpus // (tp * pp)
@@ -592,6 +571,8 @@ def candidates(cfg: Emu2Config, gpus: int, wl: Workload) -> tuple[list[Layout], 
                 if pp * v - 1 > cfg.llm.layers:
                     continue
                 for dps in _divisors(dp):
+                    if dps == 1 and dp > 1:
+                        continue  # replication without sharding: the engine runs it as dp_shard = dp
                     for ac in AC_MODES:
                         layouts.append(Layout(tp, pp, dps, dp // dps, ac, v))
     return layouts, refused
@@ -614,14 +595,15 @@ def _gib(n: int) -> str:
 
 
 def format_table(rows: list[Estimate]) -> str:
-    head = (f"{'tp':>3} {'pp':>3} {'dp_sh':>5} {'dp_rep':>6} {'schedule':>13} {'ac':>9} | "
+    head = (f"{'tp':>3} {'pp':>3} {'dp_sh':>5} {'dp_rep':>6} {'schedule':>16} {'v':>2} {'ac':>9} | "
             f"{'params':>7} {'grads':>7} {'optim':>7} {'working':>7} {'activ':>7} {'total':>7} GiB | "
             f"{'bubble':>6} {'est.eff':>7} fits")
     lines = [head, "-" * len(head)]
     for e in rows:
         lay = e.layout
         lines.append(
-            f"{lay.tp:>3} {lay.pp:>3} {lay.dp_shard:>5} {lay.dp_replicate:>6} {lay.schedule:>13} {lay.ac:>9} | "
+            f"{lay.tp:>3} {lay.pp:>3} {lay.dp_shard:>5} {lay.dp_replicate:>6} {lay.schedule:>16} "
+            f"{lay.virtual:>2} {lay.ac:>9} | "
             f"{_gib(e.params)} {_gib(e.grads)} {_gib(e.optimizer)} {_gib(e.working)} {_gib(e.activations)} "
             f"{_gib(e.total)}     | {e.bubble:6.1%} {e.efficiency:7.1%} {'yes' if e.fits else 'no'}")
     return "\n".join(lines)
@@ -670,9 +652,13 @@ def main(argv: list[str] | None = None) -> int:
               f"a GPU with more memory, shorter sequences or a smaller micro-batch")
         return 1
     lay = best.layout
-    print(f"recommended: tp={lay.tp} pp={lay.pp} dp_shard={lay.dp_shard} dp_replicate={lay.dp_replicate} "
-          f"schedule={lay.schedule} ac={lay.ac}: {best.total / GiB:.1f} GiB per GPU, bubble "
-          f"{best.bubble:.1%}, estimated efficiency {best.efficiency:.0%} (a model, not a measurement)")
+    microbatches = wl.global_batch // (lay.dp_shard * lay.dp_replicate * wl.micro_batch)
+    schedule = f" pp_schedule={lay.schedule} stages_per_rank={lay.virtual}" if lay.pp > 1 else ""
+    print(f"recommended (ParallelDims / ParallelConfig fields): tp={lay.tp} pp={lay.pp} "
+          f"dp_shard={lay.dp_shard} dp_replicate={lay.dp_replicate}{schedule} "
+          f"activation_checkpoint={lay.ac} microbatches={microbatches}")
+    print(f"  {best.total / GiB:.1f} GiB on the fullest GPU, bubble {best.bubble:.1%}, estimated "
+          f"efficiency {best.efficiency:.0%} (a model, not a measurement)")
     return 0
 
 

@@ -12,20 +12,18 @@ Measured, on the CPU:
 """
 
 import gc
-from functools import partial
 
 import pytest
 import torch
-import torch.nn as nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from emu2_engine import plan
 from emu2_engine.data.batch import PackedBatch
 from emu2_engine.models import Emu2Config, Emu2Model
-from emu2_engine.kernels import attention as _attention_kernel  # noqa: F401  (registers emu2:: ops)
+from emu2_engine.parallel.fsdp import apply_ac
+from emu2_engine.kernels import attention as _attention_kernel
 
 REL = 0.10  # the issue's tolerance
 
@@ -140,7 +138,7 @@ class _Created(TorchDispatchMode):
         return out
 
 
-def _measure_activations(model: nn.Module, batch: PackedBatch) -> int:
+def _measure_activations(model: Emu2Model, batch: PackedBatch) -> int:
     """Bytes of the distinct storages one forward leaves for backward (see the module doc)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -161,37 +159,6 @@ def _measure_activations(model: nn.Module, batch: PackedBatch) -> int:
     return total
 
 
-class _Checkpointed(nn.Module):
-    """A block run under torch.utils.checkpoint (non-reentrant), optionally selective."""
-
-    def __init__(self, block: nn.Module, context_fn=None):
-        super().__init__()
-        self.block, self.context_fn = block, context_fn
-
-    def forward(self, *args):
-        kwargs = {"context_fn": self.context_fn} if self.context_fn else {}
-        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
-
-
-# Selective checkpointing as docs/plan.md defines it: keep the outputs of the matmuls and of
-# the attention kernel, recompute everything else.
-_KEEP = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
-         torch.ops.emu2.modality_attention_fwd.default}
-
-
-def _selective_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _KEEP else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _apply_checkpointing(model: Emu2Model, ac: str) -> None:
-    if ac == "none":
-        return
-    context_fn = partial(create_selective_checkpoint_contexts, _selective_policy) if ac == "selective" else None
-    for blocks in (model.visual.blocks, model.llm.layers):
-        for key in list(blocks):
-            blocks[key] = _Checkpointed(blocks[key], context_fn)
-
-
 @pytest.mark.parametrize("ac, dtype", [("none", torch.float32), ("full", torch.float32),
                                        ("selective", torch.float32), ("none", torch.bfloat16)])
 def test_activations_match_measured(debug, monkeypatch, ac, dtype):
@@ -206,7 +173,7 @@ def test_activations_match_measured(debug, monkeypatch, ac, dtype):
     cfg, batch = debug
     torch.manual_seed(0)
     model = Emu2Model(cfg).to(dtype)
-    _apply_checkpointing(model, ac)
+    apply_ac(model, ac)  # the engine's checkpointing (parallel/fsdp.py)
     measured = _measure_activations(model, batch)
     whole = plan.Chunk(0, cfg.llm.layers, stem=True, head=True)
     want = plan.chunk_activations(cfg, _workload(batch), whole, ac, tp=1, a=dtype.itemsize)
@@ -283,7 +250,8 @@ def test_emu2_37b_on_64_h100(capsys):
     best = rows[0]
     assert best.fits and best.total <= plan.usable_memory(gpu) < 80 * 1e9
     assert best.layout.gpus == 64
-    assert "tp=8 does not divide llm.heads=52" in refused
+    assert all(e.layout.dp_shard > 1 or e.layout.dp_replicate == 1 for e in rows)  # HSDP needs sharding
+    assert "parallel.tp = 8 must divide llm.heads (52) of the model 'emu2-37b'" in refused
     assert all(e.layout.tp in (1, 2, 4) for e in rows)
     fitting = [e for e in rows if e.fits]
     assert best.efficiency == max(e.efficiency for e in fitting)
@@ -291,8 +259,9 @@ def test_emu2_37b_on_64_h100(capsys):
     assert plan.main(["--preset", "emu2-37b", "--gpus", "64", "--gpu", "h100-80gb", "--top", "5"]) == 0
     out = capsys.readouterr().out
     lay = best.layout
-    assert (f"recommended: tp={lay.tp} pp={lay.pp} dp_shard={lay.dp_shard} "
-            f"dp_replicate={lay.dp_replicate} schedule={lay.schedule} ac={lay.ac}") in out
+    assert (f"tp={lay.tp} pp={lay.pp} dp_shard={lay.dp_shard} dp_replicate={lay.dp_replicate}"
+            in out.split("recommended")[1])
+    assert f"activation_checkpoint={lay.ac} microbatches={2048 // (lay.dp_shard * lay.dp_replicate)}" in out
     assert sum(line.endswith((" yes", " no")) for line in out.splitlines()) == 5  # --top 5 rows
 
 
