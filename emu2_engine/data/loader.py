@@ -78,9 +78,11 @@ class PackedLoader:
 
     def __init__(self, tokenizer, model_cfg: Emu2Config, cfg: DataSection,
                  streams: list[RecordStream], rank: int = 0, world_size: int = 1):
-        if tokenizer.vocab_size != model_cfg.llm.vocab_size:
+        # A model may have more embedding rows than the tokenizer has tokens (a real-size
+        # preset trained on the shapes world): the extra rows are never used. Fewer is an error.
+        if tokenizer.vocab_size > model_cfg.llm.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                             f"vocabulary is {model_cfg.llm.vocab_size}")
+                             f"vocabulary is only {model_cfg.llm.vocab_size}")
         if len(streams) != len(cfg.datasets):
             raise ValueError(f"one record stream per dataset: {len(cfg.datasets)} datasets, "
                              f"{len(streams)} streams")

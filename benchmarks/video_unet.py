@@ -1,0 +1,118 @@
+"""One training step (forward + backward) of the video decoder: the UNet inflated to 3D.
+
+    python -m benchmarks.run --suite gpu-quick --only video_unet
+
+Providers: "kernels" runs the engine's Triton ops (`spatiotemporal_conv` for every resnet conv
+with its temporal conv, `modality_attention` for the spatial-temporal self-attention; the
+`EMU2_KERNELS=auto` default on CUDA); "reference" runs the same model with
+`EMU2_KERNELS=reference` (cuDNN conv2d + conv1d per resnet conv, the PyTorch attention
+reference). The two differ in both ops at once: the per-op benchmarks (`spatiotemporal_conv`,
+`attention`) separate them.
+
+- cpu: the `debug` UNet inflated (8 frames of 16x16 latents), fp32, reference only (the Triton
+  path runs on a CPU only in the interpreter).
+- gpu-quick: `emu2-video` (320/640/1280/1280 channels) on 16 frames of 32x32 latents (256 px
+  through the VAE), batch 1, bf16 weights and activations; gpu-full adds 64x64 latents.
+FLOPs are counted once per case with FlopCounterMode (the custom ops carry FLOP formulas).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.common import BenchResult, time_cpu, time_cuda
+from emu2_engine.models.config import UNetConfig
+from emu2_engine.models.unet3d import VideoUNet
+
+SUITES = ("cpu", "gpu-quick", "gpu-full")
+
+
+@contextmanager
+def _backend(name: str):
+    old = os.environ.get("EMU2_KERNELS")
+    os.environ["EMU2_KERNELS"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("EMU2_KERNELS", None)
+        else:
+            os.environ["EMU2_KERNELS"] = old
+
+
+def _inputs(cfg: UNetConfig, batch: int, frames: int, side: int, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    latents = torch.randn(batch, cfg.in_channels, frames, side, side, generator=g, device=device, dtype=dtype)
+    cond = torch.randn(batch, 1, cfg.cond_tokens, cfg.cross_attention_dim, generator=g, device=device,
+                       dtype=dtype)
+    t = torch.randint(0, 1000, (batch,), generator=g, device=device)
+    time_ids = torch.randn(batch, 6, generator=g, device=device, dtype=dtype) if cfg.text_time else None
+    return latents, t, cond, time_ids
+
+
+def _case(result: BenchResult, preset: str, batch: int, frames: int, side: int, dtype, device,
+          providers, timer) -> None:
+    cfg = UNetConfig.from_preset(preset)
+    torch.manual_seed(0)
+    model = VideoUNet(cfg).to(device=device, dtype=dtype)
+    latents, t, cond, time_ids = _inputs(cfg, batch, frames, side, dtype, device)
+    target = torch.randn_like(latents)
+    case = f"{preset} B{batch} F{frames} {side}x{side}"
+    params = {"preset": preset, "batch": batch, "frames": frames, "side": side}
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(latents, t, cond, time_ids)
+        torch.nn.functional.mse_loss(out.float(), target.float()).backward()
+
+    flops = None
+    for provider in providers:
+        with _backend(provider_backend[provider]):
+            try:
+                if flops is None:
+                    with FlopCounterMode(display=False) as counter:
+                        step()
+                    flops = counter.get_total_flops()
+                ms = timer(step)
+            except Exception as e:  # noqa: BLE001 - out of memory or a missing kernel: keep the others
+                result.skipped.append(f"{case} {provider}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+        result.add(benchmark="video_unet", case=f"{case} fwd+bwd", provider=provider, metric="time",
+                   value=ms, unit="ms", params=params)
+        result.add(benchmark="video_unet", case=f"{case} fwd+bwd", provider=provider, metric="tflops",
+                   value=flops / (ms * 1e-3) / 1e12, unit="TFLOP/s", params=params)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+provider_backend = {"kernels": "auto", "reference": "reference"}
+
+
+def run(suite: str, out_dir: Path) -> BenchResult:
+    """The `suite` measurements (out_dir is unused: the harness writes the report)."""
+    result = BenchResult(ours="kernels")
+    if suite == "cpu":
+        result.skipped.append("kernels: the Triton ops run on a CPU only in the interpreter")
+        _case(result, "debug", 1, 8, 16, torch.float32, "cpu", ["reference"],
+              lambda step: time_cpu(step, warmup=1, repeats=3))
+    elif not torch.cuda.is_available():
+        result.skipped.append(f"{suite}: no CUDA device on this machine")
+    else:
+        sides = [32] if suite == "gpu-quick" else [32, 64]
+        for side in sides:
+            _case(result, "emu2-video", 1, 16, side, torch.bfloat16, "cuda", ["kernels", "reference"],
+                  lambda step: time_cuda(step, warmup=2, repeats=5))
+    return result
+
+
+if __name__ == "__main__":
+    from benchmarks.run import main
+
+    sys.exit(main(["--suite", "cpu", "--only", "video_unet"]))
