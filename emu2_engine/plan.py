@@ -219,7 +219,7 @@ def vit_block_activations(v: VisionConfig, images: int, ac: str = "none", a: int
         + 3 * a * C // tp  # qkv output: attention saves q, k, v, which are views of it
         + a * C // tp  # attention output (also proj's input: a view, as in the LLaMA block)
         + FP32 * v.heads // tp  # attention log-sum-exp
-        + a * C + 2 * FP32  # proj output (all-reduced under TP), saved by LayerNorm norm1 with its fp32 mean, rstd
+        + a * C + 2 * FP32  # proj output (all-reduced under TP), saved by norm1 with fp32 mean, rstd
         + a * C  # x + norm1(..): fc1's input
         + a * M // tp  # fc1 output (saved by GELU)
         + a * M // tp  # GELU output (saved by fc2)
@@ -292,11 +292,14 @@ class Workload:
 
 @dataclass(frozen=True)
 class Layout:
+    """One way to place the model on the GPUs (the degrees of `parallel.ParallelDims`)."""
+
     tp: int
     pp: int
     dp_shard: int
     dp_replicate: int
     ac: str
+    """Activation checkpointing: none, selective or full."""
     virtual: int = 1
     """Stages per pipeline rank: 1 is 1F1B, 2 interleaved 1F1B."""
 
@@ -325,6 +328,7 @@ class Chunk:
 
 def chunk_params(cfg: Emu2Config, c: Chunk, trainable_only: bool = False,
                  freeze_vision: bool = False) -> int:
+    """Parameters of a chunk; with trainable_only, without a frozen encoder's."""
     n = c.layers * llama_layer_params(cfg.llm)
     if c.stem:
         vision = vit_stem_params(cfg.vision) + cfg.vision.depth * vit_block_params(cfg.vision)
@@ -360,8 +364,9 @@ def recompute_flops(cfg: Emu2Config, wl: Workload, c: Chunk, ac: str) -> int:
         return 0
     n = c.layers * _layer_flops(cfg, wl)
     if c.stem and not wl.freeze_vision:
-        blocks = vit_flops_per_image(cfg.vision) - 2 * cfg.vision.n_patches * 3 * cfg.vision.patch_size ** 2 * cfg.vision.width
-        n += wl.images * blocks
+        v = cfg.vision
+        patch_embed = 2 * v.n_patches * 3 * v.patch_size ** 2 * v.width  # not in a block
+        n += wl.images * (vit_flops_per_image(v) - patch_embed)
     return n
 
 
@@ -441,8 +446,10 @@ def _rank_memory(cfg: Emu2Config, wl: Workload, lay: Layout, chunks: tuple[Chunk
         acts += n * chunk_activations(cfg, wl, c, lay.ac, lay.tp)
         if lay.ac != "none":
             # Backward of a checkpointed block first rebuilds its full set of activations.
-            extra = [llama_layer_activations(cfg.llm, wl.tokens, "none", BF16, lay.tp)
-                     - llama_layer_activations(cfg.llm, wl.tokens, lay.ac, BF16, lay.tp)] if c.layers else []
+            extra = []
+            if c.layers:
+                extra.append(llama_layer_activations(cfg.llm, wl.tokens, "none", BF16, lay.tp)
+                             - llama_layer_activations(cfg.llm, wl.tokens, lay.ac, BF16, lay.tp))
             if c.stem and not wl.freeze_vision:
                 extra.append(vit_block_activations(cfg.vision, wl.images, "none", BF16, lay.tp)
                              - vit_block_activations(cfg.vision, wl.images, lay.ac, BF16, lay.tp))

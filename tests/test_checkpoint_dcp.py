@@ -133,6 +133,25 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
         Checkpointer(tmp_path, model, opt).load(path)
 
 
+def test_checkpointed_emu2_model_loads_into_a_plain_one(tmp_path):
+    """The debug Emu2 model wrapped by the engine's activation checkpointing (which renames
+    parameters) saves under the plain names: a model without the wrappers loads it."""
+    from emu2_engine.models import Emu2Config, Emu2Model
+    from emu2_engine.parallel.fsdp import apply_ac
+
+    cfg = Emu2Config.from_preset("debug")
+    torch.manual_seed(0)
+    wrapped = Emu2Model(cfg)
+    apply_ac(wrapped, "full")
+    Checkpointer(tmp_path, wrapped, torch.optim.AdamW(wrapped.parameters())).save(7)
+    torch.manual_seed(1)
+    plain = Emu2Model(cfg)
+    assert Checkpointer(tmp_path, plain, torch.optim.AdamW(plain.parameters())).load() == 7
+    want = wrapped.state_dict()
+    assert set(want) == set(plain.state_dict())
+    assert all(torch.equal(want[k], v) for k, v in plain.state_dict().items())
+
+
 def test_bad_arguments(tmp_path):
     model = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="keep must be >= 1"):

@@ -186,7 +186,8 @@ class Checkpointer:
         for name, obj in (("scheduler", scheduler), ("dataloader", dataloader)):
             if obj is not None and not (callable(getattr(obj, "state_dict", None))
                                         and callable(getattr(obj, "load_state_dict", None))):
-                raise ValueError(f"{name} must have state_dict() and load_state_dict(), got {type(obj).__name__}")
+                raise ValueError(f"{name} must have state_dict() and load_state_dict(), "
+                                 f"got {type(obj).__name__}")
         self.directory = Path(directory)
         self.model, self.optimizer = model, optimizer
         self.scheduler, self.dataloader = scheduler, dataloader
@@ -320,8 +321,8 @@ class Checkpointer:
 
 
 def _reason(err: BaseException) -> str:
-    """The first line of what DCP said (its per-rank exceptions are long)."""
-    text = str(err).strip() or type(err).__name__
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    keep = [line for line in lines if "Error" in line or "mismatch" in line.lower() or "missing" in line.lower()]
-    return (keep or lines)[-1][:500]
+    """The line that says what went wrong: DCP wraps each rank's exception with its whole
+    traceback, whose last "...Error: ..." line is the message."""
+    lines = [line.strip() for line in (str(err).strip() or type(err).__name__).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line]
+    return (errors or lines)[-1][:500]
