@@ -2,6 +2,7 @@
 shapes (so released Emu2-Gen weights load), same outputs; bad input and bad checkpoints."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -20,8 +21,10 @@ SD_SHAPED = UNetConfig(name="sd-shaped", block_out_channels=(16, 32, 32), cross_
                        cross_attention_dim=24, cond_tokens=4, text_time=False, norm_groups=8)
 
 
+@functools.lru_cache(maxsize=None)
 def _pair(cfg: UNetConfig):
-    """diffusers' model with random weights, and ours loaded from its state dict."""
+    """diffusers' model with random weights, and ours loaded from its state dict (built once
+    per config; tests must not change them)."""
     ref = diffusers.UNet2DConditionModel(**diffusers_unet_config(cfg)).eval()
     with torch.no_grad():
         for p in ref.parameters():  # diffusers' init leaves some zeros; make every weight count
@@ -60,12 +63,16 @@ def test_matches_diffusers(cfg, size):
 
 def test_gradients_match_diffusers():
     ref, ours = _pair(DEBUG)
+    ref.zero_grad(set_to_none=True)
+    ours.zero_grad(set_to_none=True)
     x, t, cond, ids = _inputs(DEBUG, 2, 8, 8)
     _reference(ref, DEBUG, x, t, cond, ids).square().mean().backward()
     ours(x, t, cond, ids).square().mean().backward()
     ref_grads = dict(ref.named_parameters())
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+    ref.zero_grad(set_to_none=True)
+    ours.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("preset", ["emu2-gen", "emu2-video"])
