@@ -35,6 +35,7 @@ from functools import lru_cache
 from emu2_engine.models.config import Emu2Config, LlamaConfig, VisionConfig
 from emu2_engine.models.flops import (head_flops, llm_flops, peak_flops, projector_flops_per_image,
                                       vit_flops_per_image)
+from emu2_engine.parallel.apply import ParallelConfig
 from emu2_engine.parallel.dims import ParallelDims
 from emu2_engine.parallel.pipeline import MicroBatchShape, balance_layers, stage_costs
 
@@ -553,36 +554,41 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidates(cfg: Emu2Config, gpus: int, wl: Workload) -> tuple[list[Layout], list[str]]:
-    """Every layout of `gpus` GPUs to evaluate, and one line per tp or pp ruled out up front."""
-    layouts, refused = [], []
+    """Every layout of `gpus` GPUs the engine accepts (`ParallelDims.validate`,
+    `ParallelConfig.validate`), and one line per reason something was ruled out."""
+    layouts: list[Layout] = []
+    refused: dict[str, None] = {}  # ordered, without repeats
     for tp in (1, 2, 4, 8):
         if gpus % tp or tp > GPUS_PER_NODE:
             continue
-        try:  # the engine's own check (heads, kv heads, FFN and MLP widths, vocabulary)
+        try:  # heads, kv heads, FFN and MLP widths, vocabulary
             ParallelDims(tp=tp).validate(tp, cfg)
         except ValueError as err:
-            refused.append(str(err))
+            refused[str(err)] = None
             continue
         for pp in _divisors(gpus // tp):
             dp = gpus // (tp * pp)
             if wl.global_batch % (dp * wl.micro_batch):
-                refused.append(f"tp={tp} pp={pp}: global batch {wl.global_batch} is not a multiple of "
-                               f"dp x micro-batch = {dp} x {wl.micro_batch}")
+                refused[f"tp={tp} pp={pp}: global batch {wl.global_batch} is not a multiple of "
+                        f"dp x micro-batch = {dp} x {wl.micro_batch}"] = None
                 continue
             m = wl.global_batch // (dp * wl.micro_batch)
-            virtuals = [1] if pp == 1 else [v for v in (1, 2) if v == 1 or m % pp == 0]
-            if pp > 1 and m < pp:
-                refused.append(f"tp={tp} pp={pp}: {m} micro-batches per step are fewer than the {pp} stages")
-                continue
-            for v in virtuals:
+            for v in ((1,) if pp == 1 else (1, 2)):
                 if pp * v - 1 > cfg.llm.layers:
                     continue
+                schedule = "1f1b" if v == 1 else "interleaved-1f1b"
                 for dps in _divisors(dp):
                     if dps == 1 and dp > 1:
-                        continue  # replication without sharding: the engine runs it as dp_shard = dp
-                    for ac in AC_MODES:
-                        layouts.append(Layout(tp, pp, dps, dp // dps, ac, v))
-    return layouts, refused
+                        continue  # replication needs sharding (HSDP): the same as dp_shard = dp
+                    dims = ParallelDims(dp_replicate=dp // dps, dp_shard=dps, tp=tp, pp=pp)
+                    try:
+                        dims.validate(gpus, cfg)
+                        ParallelConfig(pp_schedule=schedule, stages_per_rank=v, microbatches=m).validate(dims)
+                    except ValueError as err:
+                        refused[f"tp={tp} pp={pp} {schedule}: {err}"] = None
+                        continue
+                    layouts += [Layout(tp, pp, dps, dp // dps, ac, v) for ac in AC_MODES]
+    return layouts, list(refused)
 
 
 def plan(cfg: Emu2Config, gpus: int, gpu: GPU, wl: Workload) -> tuple[list[Estimate], list[str]]:

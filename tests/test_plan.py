@@ -265,6 +265,20 @@ def test_emu2_37b_on_64_h100(capsys):
     assert sum(line.endswith((" yes", " no")) for line in out.splitlines()) == 5  # --top 5 rows
 
 
+def test_layouts_the_engine_refuses_are_ruled_out():
+    """12 sequences on 16 GPUs: dp must divide the batch, and a pipeline needs at least pp
+    micro-batches (the engine's ParallelConfig check, message and all)."""
+    cfg = Emu2Config.from_preset("emu2-37b")
+    rows, refused = plan.plan(cfg, 16, plan.GPUS["h100-80gb"], plan.Workload(global_batch=12))
+    assert "tp=1 pp=1: global batch 12 is not a multiple of dp x micro-batch = 16 x 1" in refused
+    assert ("tp=1 pp=4 1f1b: parallel.microbatches (3) must be at least pp (4) to fill the pipeline"
+            in refused)
+    for e in rows:
+        lay = e.layout
+        m = 12 // (lay.dp_shard * lay.dp_replicate)
+        assert 12 % (lay.dp_shard * lay.dp_replicate) == 0 and (lay.pp == 1 or m >= lay.pp)
+
+
 def test_impossible_request_says_nothing_fits(capsys):
     assert plan.main(["--preset", "emu2-37b", "--gpus", "1", "--global-batch", "8"]) == 1
     out = capsys.readouterr().out
