@@ -112,6 +112,11 @@ def test_keep_k_and_crashed_temp_folders(tmp_path):
         ck.load(10)
     ck.save(6)  # the next save clears the crashed temp folder
     assert not crashed.exists() and latest(tmp_path) == step_folder(tmp_path, 6)
+    train_step(model, opt, sched, data)
+    ck.save(6)  # saving a step again replaces it
+    fresh = make_run(3)
+    assert Checkpointer(tmp_path, fresh[0]).load(6) == 6
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh[0].parameters()))
     assert latest(tmp_path / "nothing-here") is None
     assert Checkpointer(tmp_path / "nothing-here", model).load() is None
 

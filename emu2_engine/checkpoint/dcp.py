@@ -221,8 +221,6 @@ class Checkpointer:
             self.directory.mkdir(parents=True, exist_ok=True)
             for stale in self.directory.glob(f"step-*{_TMP}"):  # unfinished saves (a crash)
                 shutil.rmtree(stale)
-            if final.exists():  # saving the same step again replaces it
-                shutil.rmtree(final)
         _barrier()
         kwargs = {"checkpoint_id": str(tmp), "no_dist": not dist.is_initialized()}
         if self.async_save:
@@ -243,7 +241,11 @@ class Checkpointer:
         return final
 
     def _finalize(self, tmp: Path, final: Path) -> None:
-        """Rank 0: publish a written checkpoint, then drop the oldest beyond `keep`."""
+        """Rank 0: publish a written checkpoint, then drop the oldest beyond `keep`. A
+        checkpoint of the same step saved earlier is replaced only now that the new one is
+        complete."""
+        if final.exists():
+            shutil.rmtree(final)
         tmp.rename(final)
         for _, old in complete_checkpoints(self.directory)[:-self.keep]:
             shutil.rmtree(old)
