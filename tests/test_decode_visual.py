@@ -51,7 +51,8 @@ def test_batched_guidance_equals_separate_passes(parts):
     scheduler = euler_scheduler()
     scheduler.set_timesteps(steps)
     assert scheduler.timesteps.tolist() == [751.0, 501.0, 251.0, 1.0]  # "leading" spacing, offset 1
-    latents = torch.randn((B, 4, 8, 8), generator=torch.Generator().manual_seed(3)) * scheduler.init_noise_sigma
+    latents = torch.randn((B, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    latents = latents * scheduler.init_noise_sigma
     with torch.no_grad():
         for t in scheduler.timesteps:
             x = scheduler.scale_model_input(latents, t)

@@ -28,8 +28,9 @@ def test_loss_falls_on_the_debug_config(tmp_path, capsys):
     """30 steps of the default run at batch 4 (a few seconds): the held-out denoising loss,
     measured with fixed noise and timesteps before and after, falls by a fifth at least (1.09 ->
     0.33 on our machine)."""
-    rc = train_decoder.main(["--no-progress", "--train.steps=30", "--train.log_every=1", "--data.batch_size=4",
-                             "--train.eval_batches=1", "--train.save_every=30", f"--train.run_dir={tmp_path}"])
+    rc = train_decoder.main(["--no-progress", "--train.steps=30", "--train.log_every=1",
+                             "--data.batch_size=4", "--train.eval_batches=1", "--train.save_every=30",
+                             f"--train.run_dir={tmp_path}"])
     assert rc == 0
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     before, steps, after = lines[0], lines[1:-1], lines[-1]
@@ -118,7 +119,8 @@ def test_video_decoder_trains(tmp_path):
     assert latents.shape == (2, 4, 3, 16, 16) and cond.shape == (2, 3, 16, 64)
     records = trainer.train(progress=False)
     assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
-    temporal = [v for k, v in trainer.unet.state_dict().items() if "temporal_conv" in k and k.endswith("weight")]
+    temporal = [v for k, v in trainer.unet.state_dict().items()
+                if "temporal_conv" in k and k.endswith("weight")]
     assert temporal and all(w.abs().sum() > 0 for w in temporal)  # the temporal convs learnt
 
 

@@ -121,8 +121,8 @@ def test_spatial_temporal_attention_by_hand():
     static = frame.expand(4, -1, -1, -1)
     moving = torch.randn(4, 32, 3, 5)
     with torch.no_grad():
-        torch.testing.assert_close(block(static, cond, frames=4), block(static, cond.expand(4, -1, -1), frames=1),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(block(static, cond, frames=4),
+                                   block(static, cond.expand(4, -1, -1), frames=1), atol=1e-5, rtol=1e-5)
         diff = block(moving, cond, frames=4) - block(moving, cond.expand(4, -1, -1), frames=1)
     assert diff.abs().max() > 0.1
 

@@ -48,7 +48,8 @@ def zero_image_embedding(encode: Callable[[torch.Tensor], torch.Tensor], image_s
 
 def size_ids(height: int, width: int, batch: int, device) -> torch.Tensor:
     """SDXL's six size/crop ids for an uncropped image generated at its own size."""
-    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device).expand(batch, 6)
+    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
+    return ids.expand(batch, 6)
 
 
 def _vae_factor(vae) -> int:
@@ -124,7 +125,8 @@ def _pixel_size(unet: UNet, vae, height: int | None, width: int | None) -> tuple
     height = height or unet.cfg.sample_size * factor
     width = width or unet.cfg.sample_size * factor
     if height % factor or width % factor:
-        raise ValueError(f"height and width must be multiples of the VAE's factor {factor}, got {height}x{width}")
+        raise ValueError(f"height and width must be multiples of the VAE's factor {factor}, "
+                         f"got {height}x{width}")
     return height, width, factor
 
 

@@ -358,7 +358,9 @@ class UNet(nn.Module):
         widths = cfg.block_out_channels
         self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(widths[0], cfg.time_embed_dim)
-        self.add_embedding = TimestepEmbedding(cfg.add_embed_in_dim, cfg.time_embed_dim) if cfg.text_time else None
+        self.add_embedding = None
+        if cfg.text_time:
+            self.add_embedding = TimestepEmbedding(cfg.add_embed_in_dim, cfg.time_embed_dim)
         down, c = {}, widths[0]
         for i, width in enumerate(widths):
             down[str(i)] = DownBlock(c, width, cfg, i, temporal_kernel)
@@ -384,7 +386,8 @@ class UNet(nn.Module):
         cfg = self.cfg
         B, C = latents.shape[:2]
         if C != cfg.in_channels:
-            raise ValueError(f"latents must have {cfg.in_channels} channels, got shape {tuple(latents.shape)}")
+            raise ValueError(f"latents must have {cfg.in_channels} channels, got shape "
+                             f"{tuple(latents.shape)}")
         if min(latents.shape[-2:]) < 1:
             raise ValueError(f"latents must have a non-empty spatial size, got shape {tuple(latents.shape)}")
         if cond.dim() != 3 or cond.shape[0] != B:
@@ -397,7 +400,8 @@ class UNet(nn.Module):
             raise ValueError(f"each image is conditioned on {cfg.cond_tokens} visual embeddings; "
                              f"got {cond.shape[1]} per sample")
         if timesteps.dim() > 1 or (timesteps.dim() == 1 and timesteps.shape[0] not in (1, B)):
-            raise ValueError(f"timesteps must be a scalar, (1,) or (B={B},), got shape {tuple(timesteps.shape)}")
+            raise ValueError(f"timesteps must be a scalar, (1,) or (B={B},), got shape "
+                             f"{tuple(timesteps.shape)}")
         if cfg.text_time:
             if time_ids is None or tuple(time_ids.shape) != (B, TIME_IDS):
                 got = None if time_ids is None else tuple(time_ids.shape)
@@ -413,7 +417,8 @@ class UNet(nn.Module):
         t = timesteps.to(cond.device).reshape(-1).expand(batch)
         emb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(dtype))
         if self.add_embedding is not None:
-            ids = timestep_embedding(time_ids.reshape(-1), self.cfg.addition_time_embed_dim).reshape(batch, -1)
+            ids = timestep_embedding(time_ids.reshape(-1), self.cfg.addition_time_embed_dim)
+            ids = ids.reshape(batch, -1)
             pooled = cond.mean(dim=1)  # the Emu2-Gen pipeline's pooled "text" embedding
             emb = emb + self.add_embedding(torch.cat([pooled, ids.to(pooled.dtype)], dim=-1).to(emb.dtype))
         return emb

@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 
 from emu2_engine.data.sequences import to_pixels
 from emu2_engine.data.shapes import BACKGROUNDS, COLOURS, KINDS, ShapesWorld
-from emu2_engine.inference.decode import zero_image_embedding
+from emu2_engine.inference.decode import size_ids, zero_image_embedding
 from emu2_engine.models.config import PRESETS, UNET_PRESETS, Emu2Config, UNetConfig
 from emu2_engine.models.projector import Projector
 from emu2_engine.models.unet import UNet, load_unet_weights
@@ -202,7 +202,8 @@ class DecoderJobConfig(JobConfig):
             (z.null_condition in ("zero-image", "zeros"),
              f"diffusion.null_condition must be zero-image or zeros, got {z.null_condition!r}"),
             (o.lr > 0, f"optim.lr must be positive, got {o.lr}"),
-            (o.schedule in ("linear", "cosine"), f"optim.schedule must be linear or cosine, got {o.schedule!r}"),
+            (o.schedule in ("linear", "cosine"),
+             f"optim.schedule must be linear or cosine, got {o.schedule!r}"),
             (0 <= o.warmup_steps < t.steps,
              f"optim.warmup_steps ({o.warmup_steps}) must be in [0, train.steps = {t.steps})"),
             (0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}"),
@@ -212,7 +213,8 @@ class DecoderJobConfig(JobConfig):
             (t.save_every > 0, f"train.save_every must be positive, got {t.save_every}"),
             (t.keep > 0, f"train.keep must be positive, got {t.keep}"),
             (t.eval_batches >= 0, f"train.eval_batches must be >= 0, got {t.eval_batches}"),
-            (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}"),
+            (t.device in ("auto", "cpu", "cuda"),
+             f"train.device must be auto, cpu or cuda, got {t.device!r}"),
             (t.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}"),
         ]
         for ok, message in checks:
@@ -365,7 +367,8 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def offset_noise(shape: torch.Size | tuple[int, ...], offset: float, generator: torch.Generator) -> torch.Tensor:
+def offset_noise(shape: torch.Size | tuple[int, ...], offset: float,
+                 generator: torch.Generator) -> torch.Tensor:
     """Gaussian noise plus `offset` x a Gaussian constant per (sample, channel), shared by every
     pixel (and frame): the noise offset that lets the model shift an image's mean brightness,
     which plain noise at the last timesteps leaves nearly untouched."""
@@ -394,7 +397,9 @@ class DecoderTrainer:
         cfg.validate()
         self.cfg = cfg
         self.device = pick_device(cfg.train.device)
-        dtype = cfg.train.dtype if cfg.train.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        dtype = cfg.train.dtype
+        if dtype == "auto":
+            dtype = "bf16" if self.device.type == "cuda" else "fp32"
         self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
         self.run_dir = Path(cfg.train.run_dir)
 
@@ -436,14 +441,16 @@ class DecoderTrainer:
         if self.cfg.diffusion.null_condition == "zeros":
             return torch.zeros(self.encoder_cfg.n_query, self.encoder_cfg.vision.width, device=self.device)
         with self.autocast():
-            return zero_image_embedding(self.encoder, self.encoder_cfg.vision.image_size, self.device)[0].float()
+            null = zero_image_embedding(self.encoder, self.encoder_cfg.vision.image_size, self.device)
+        return null[0].float()
 
     def batch(self, step: int, held_out: bool = False) -> DecoderBatch:
         seed = self.cfg.data.seed + (_HELD_OUT_SEED_OFFSET if held_out else 0)
         return make_batch(self.cfg, self.encoder_cfg.vision.image_size, step * self.cfg.data.batch_size, seed)
 
     @torch.no_grad()
-    def conditions(self, batch: DecoderBatch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def conditions(self, batch: DecoderBatch,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents x scaling, embeddings) of a batch: images give (B, C, h, w) and (B, n, D);
         clips (B, C, F, h, w) and (B, F, n, D). Latents are sampled from the VAE's posterior."""
         enc = batch.encoder_pixels.to(self.device)
@@ -476,7 +483,7 @@ class DecoderTrainer:
         time_ids = None
         if self.unet_cfg.text_time:
             R = self.cfg.data.image_size
-            time_ids = torch.tensor([[R, R, 0, 0, R, R]], dtype=torch.float32, device=self.device).expand(B, 6)
+            time_ids = size_ids(R, R, B, self.device)
         with self.autocast():
             pred = self.unet(noisy, t, cond, time_ids)
         return F.mse_loss(pred.float(), noise.float())
@@ -581,7 +588,8 @@ class DecoderTrainer:
                 bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
                 if self.step_count % cfg.train.log_every == 0 or self.step_count == end:
                     record = {"step": self.step_count, "loss": result.loss, "grad_norm": result.grad_norm,
-                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": result.samples / elapsed}
+                              "lr": self.scheduler.get_last_lr()[0],
+                              "samples_per_s": result.samples / elapsed}
                     records.append(record)
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
