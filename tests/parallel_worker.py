@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -160,7 +161,9 @@ def parallel_run(name: str, batches) -> dict:
 
 def run(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A layout that fails on one rank must not leave the others waiting forever.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     results = {}
     references = {}
     for name in names:

@@ -71,6 +71,10 @@ class ParallelDims:
                 if size % self.tp:
                     raise ValueError(f"parallel.tp = {self.tp} must divide {what} ({size}) of "
                                      f"the model {model.name!r}")
+            if self.dp_shard > 1 and vision.width % self.dp_shard:
+                # FSDP splits the TP-split fused qkv weight along its input width (parallel/fsdp.py).
+                raise ValueError(f"with tp > 1, parallel.dp_shard = {self.dp_shard} must divide "
+                                 f"vision.width ({vision.width}) of the model {model.name!r}")
 
     # -- the mesh ------------------------------------------------------------------------------
     def build_mesh(self, device_type: str) -> DeviceMesh:

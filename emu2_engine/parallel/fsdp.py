@@ -25,6 +25,8 @@ import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from emu2_engine.models.emu2 import Emu2Model
@@ -92,7 +94,19 @@ def apply_fsdp(stage: nn.Module, model: Emu2Model, mesh: DeviceMesh, param_dtype
     gathered blocks until their backward (pipeline schedules run several micro-batches before
     a backward, which would otherwise gather each block again per micro-batch)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    kw = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+              shard_placement_fn=_fsdp_placement)
     for container, key in blocks_of(model):
-        fully_shard(container[key], mesh=mesh, mp_policy=policy,
-                    reshard_after_forward=reshard_after_forward)
-    fully_shard(stage, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(container[key], **kw)
+    fully_shard(stage, **kw)
+
+
+def _fsdp_placement(param: nn.Parameter) -> Shard | None:
+    """FSDP shards dim 0, except for a parameter that TP already splits with a strided layout
+    on dim 0 (the ViT's fused qkv, `_StridedShard(0, 3)`): stacking FSDP's own strided split on
+    top gives a DTensor whose global view is wrong (the training step is still right, but
+    `full_tensor` and checkpoints are not), so FSDP takes dim 1 (the input width) instead."""
+    if isinstance(param, DTensor) and any(isinstance(p, _StridedShard) and p.dim == 0
+                                          for p in param.placements):
+        return Shard(1)
+    return None

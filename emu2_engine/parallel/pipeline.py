@@ -99,6 +99,8 @@ class Emu2Stage(nn.Module):
         super().__init__()
         self.model = model
         self.vocab_group: dist.ProcessGroup | None = None
+        self.split_backward = False
+        """Set for zero-bubble schedules: see `_loss`."""
 
     @property
     def is_first(self) -> bool:
@@ -121,7 +123,8 @@ class Emu2Stage(nn.Module):
             hidden, pooled = carry
         hidden = model.llm(hidden, mb["position_ids"], mb["doc_ids"], mb["span_ids"])
         if not self.is_last:
-            return hidden, pooled
+            # Zero-bubble schedules detach stage outputs in place, which a view does not allow.
+            return tuple(t.clone() if t._base is not None else t for t in (hidden, pooled))
         return self._loss(hidden, pooled, mb)
 
     def _embed(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,9 +145,41 @@ class Emu2Stage(nn.Module):
         reg = mb["reg_mask"]
         target = pooled[reg].reshape(-1, pooled.shape[-1])
         index = mb["reg_positions"][reg].reshape(-1)
-        out = emu2_head_loss(hidden, model.lm_head.weight, mb["labels"], model.project_down.weight,
-                             index, target, model.cfg.regression_weight, group=self.vocab_group)
-        return torch.stack([out.total, out.ce.detach(), out.mse.detach()])
+        weights = (model.lm_head.weight, model.project_down.weight)
+        if not self.split_backward:
+            out = emu2_head_loss(hidden, *weights[:1], mb["labels"], weights[1], index, target,
+                                 model.cfg.regression_weight, group=self.vocab_group)
+            return torch.stack([out.total, out.ce.detach(), out.mse.detach()])
+        # Zero-bubble schedules run the backward in two passes, one for the stage's inputs and
+        # one for its weights, and the second re-runs every node where the two paths meet. The
+        # fused head loss computes its gradients in the forward and hands them over once, so it
+        # must not be such a node: run it on detached leaves, take its gradients now, and
+        # attach them with one node per path.
+        leaves = [t.detach().requires_grad_() for t in (hidden, *weights)]
+        out = emu2_head_loss(leaves[0], leaves[1], mb["labels"], leaves[2], index, target,
+                             model.cfg.regression_weight, group=self.vocab_group)
+        grads = torch.autograd.grad(out.total, leaves, allow_unused=True)
+        d_hidden = grads[0] if grads[0] is not None else torch.zeros_like(hidden)
+        total = _Precomputed.apply(out.total.detach(), d_hidden, hidden)
+        for weight, grad in zip(weights, grads[1:]):
+            if grad is not None:
+                total = total + _Precomputed.apply(out.total.new_zeros(()), grad, weight)
+        return torch.stack([total, out.ce.detach(), out.mse.detach()])
+
+
+class _Precomputed(torch.autograd.Function):
+    """Forward: `value`. Backward: the incoming gradient times `grad`, the gradient of `value`
+    with respect to `x` computed beforehand. Can run more than once (nothing is consumed)."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return None, None, grad * grad_output
 
 
 # -- splitting ---------------------------------------------------------------------------------
@@ -249,6 +284,8 @@ def build_schedule(name: str, stages: list[Emu2Stage], stage_ids: list[int], n_s
     gradients by 1 / n_microbatches, so a step's gradient is that of the micro-batch mean."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {name!r}; expected one of {sorted(SCHEDULES)}")
+    for stage in stages:
+        stage.split_backward = name in ("zero-bubble", "zbv")
     pipeline_stages = [PipelineStage(stage, i, n_stages, device, group=group)
                        for stage, i in zip(stages, stage_ids)]
     cls = SCHEDULES[name]
@@ -258,5 +295,6 @@ def build_schedule(name: str, stages: list[Emu2Stage], stage_ids: list[int], n_s
 
 
 def _total(output: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
-    """The schedule's loss function: the stage already computed the loss."""
-    return output[0]
+    """The schedule's loss function: the stage already computed the loss (a copy, not a view:
+    zero-bubble schedules detach it in place)."""
+    return output[0].clone()
