@@ -26,24 +26,25 @@ from emu2_engine.models import Emu2Config, Emu2Model
 from emu2_engine.parallel import MicroBatchShape, ParallelConfig, ParallelDims, parallelize
 
 STEPS = 3
-MICROBATCHES = 4  # per optimiser step, over all data-parallel ranks
+MICROBATCHES = 2  # per optimiser step, over all data-parallel ranks (see micro_batches)
 ROWS, SEQ_LEN, MAX_IMAGES = 2, 64, 3
 MAX_NORM = 0.5  # below the debug model's gradient norm, so clipping acts
 SEED = 0
 
-# name: (world size, ParallelDims fields, ParallelConfig fields, LLM layers (None: the preset's))
+# name: (world size, ParallelDims fields, ParallelConfig fields, LLM layers (None: the preset's 2;
+# the interleaved and zero-bubble schedules need 4 stages, so 3 or more layers))
 LAYOUTS = {
     "tp2": (2, dict(tp=2), {}, None),
     "fsdp2": (2, dict(dp_shard=2), {}, None),
     "pp2-1f1b": (2, dict(pp=2), dict(pp_schedule="1f1b"), None),
     "pp2-interleaved": (2, dict(pp=2), dict(pp_schedule="interleaved-1f1b", stages_per_rank=2), 4),
     "pp2-zero-bubble": (2, dict(pp=2), dict(pp_schedule="zero-bubble", stages_per_rank=2), 4),
-    "pp2-zbv": (2, dict(pp=2), dict(pp_schedule="zbv", stages_per_rank=2), 4),
-    "tp2-ac-full": (2, dict(tp=2), dict(activation_checkpoint="full"), None),
-    "fsdp2-ac-selective": (2, dict(dp_shard=2), dict(activation_checkpoint="selective"), None),
+    "pp2-zbv-ac-full": (2, dict(pp=2), dict(pp_schedule="zbv", stages_per_rank=2,
+                                           activation_checkpoint="full"), 4),
     "tp2-pp2": (4, dict(tp=2, pp=2), {}, None),
     "tp2-fsdp2": (4, dict(tp=2, dp_shard=2), {}, None),
-    "hsdp2x2": (4, dict(dp_replicate=2, dp_shard=2), {}, None),
+    "hsdp2x2-ac-selective": (4, dict(dp_replicate=2, dp_shard=2),
+                             dict(activation_checkpoint="selective"), None),
     "fsdp2-pp2": (4, dict(dp_shard=2, pp=2), {}, None),
 }
 
@@ -105,16 +106,23 @@ def _optimizer(params):
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
 
 
-def reference_run(cfg: Emu2Config, batches) -> dict:
-    """The single-process run: each step averages the loss of MICROBATCHES micro-batches."""
+def micro_batches(name: str) -> int:
+    """Micro-batches per step of a layout, over all its data-parallel ranks: at least
+    MICROBATCHES, at least one per rank, and per rank at least one per pipeline rank (1F1B)."""
+    dims = ParallelDims(**LAYOUTS[name][1])
+    return dims.dp * max(dims.pp, -(-MICROBATCHES // dims.dp))
+
+
+def reference_run(cfg: Emu2Config, batches, n_micro: int) -> dict:
+    """The single-process run: each step averages the loss of `n_micro` micro-batches."""
     model = _build_model(cfg)
     opt = _optimizer(model.parameters())
     losses, norms = [], []
     for step in range(STEPS):
         step_losses = []
-        for batch in batches[step * MICROBATCHES:(step + 1) * MICROBATCHES]:
+        for batch in batches[step * n_micro:(step + 1) * n_micro]:
             out = model(batch)
-            (out.total / MICROBATCHES).backward()
+            (out.total / n_micro).backward()
             step_losses.append(torch.stack([out.total, out.ce, out.mse]).detach())
         losses.append(torch.stack(step_losses).mean(0))
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
@@ -134,15 +142,16 @@ def parallel_run(name: str, batches) -> dict:
     cfg = model_config(layers)
     dims = ParallelDims(**dims_kw)
     mesh = dims.build_mesh("cpu")
-    pcfg = ParallelConfig(param_dtype="float32", microbatches=MICROBATCHES // dims.dp, **cfg_kw)
+    n_micro = micro_batches(name)
+    pcfg = ParallelConfig(param_dtype="float32", microbatches=n_micro // dims.dp, **cfg_kw)
     shape = MicroBatchShape(ROWS, SEQ_LEN, MAX_IMAGES)
     pm = parallelize(_build_model(cfg), dims, mesh, pcfg, shape)
     opt = _optimizer(pm.parameters())
     losses, norms = [], []
-    per_rank = MICROBATCHES // dims.dp
+    per_rank = n_micro // dims.dp
     start = time.perf_counter()
     for step in range(STEPS):
-        step_batches = batches[step * MICROBATCHES:(step + 1) * MICROBATCHES]
+        step_batches = batches[step * n_micro:(step + 1) * n_micro]
         mine = step_batches[dims.dp_rank * per_rank:(dims.dp_rank + 1) * per_rank]
         losses.append(pm.forward_backward(mine))
         norms.append(pm.clip_grad_norm_(MAX_NORM))
@@ -154,9 +163,10 @@ def parallel_run(name: str, batches) -> dict:
         for pname, p in stage.named_parameters():
             full = p.full_tensor() if isinstance(p, DTensor) else p
             params[_plain_name(pname)] = full.detach().clone()
+    layout = {_plain_name(n): (str(p.placements), tuple(p.to_local().shape))
+              for stage in pm.stages for n, p in stage.named_parameters() if isinstance(p, DTensor)}
     return {"losses": torch.stack(losses), "norms": torch.stack(norms), "params": params,
-            "seconds": seconds, "placements": {n: str(p.placements) for n, p in
-                                               pm.stages[0].named_parameters() if isinstance(p, DTensor)}}
+            "seconds": seconds, "layout": layout}
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -> None:
@@ -167,21 +177,20 @@ def run(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -
     results = {}
     references = {}
     for name in names:
-        layers = LAYOUTS[name][3]
+        layers, n_micro = LAYOUTS[name][3], micro_batches(name)
         cfg = model_config(layers)
-        batches = make_batches(cfg, STEPS * MICROBATCHES, seed=1)
-        if layers not in references and rank == 0:
-            references[layers] = reference_run(cfg, batches)
+        batches = make_batches(cfg, STEPS * n_micro, seed=1)
+        if (layers, n_micro) not in references and rank == 0:
+            references[layers, n_micro] = reference_run(cfg, batches, n_micro)
         try:
             res = parallel_run(name, batches)
         except Exception as e:  # noqa: BLE001 -- recorded, the test reports it
             import traceback
             res = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
         gathered = [None] * world
-        dist.all_gather_object(gathered, {k: v for k, v in res.items() if k != "placements"})
+        dist.all_gather_object(gathered, res)
         if rank == 0:
-            results[name] = {"ranks": gathered, "reference": references[layers],
-                             "placements": res.get("placements")}
+            results[name] = {"ranks": gathered, "reference": references[layers, n_micro]}
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
     dist.barrier()

@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from emu2_engine.data.batch import PackedBatch
+from emu2_engine.models.config import Emu2Config
 from emu2_engine.models.emu2 import Emu2Model
 from emu2_engine.parallel.dims import ParallelDims
 from emu2_engine.parallel.fsdp import AC_MODES, apply_ac, apply_compile, apply_fsdp
@@ -53,8 +54,9 @@ class ParallelConfig:
     layers_per_stage: list[int] = field(default_factory=list)
     """LLM blocks per pipeline stage, overriding the FLOP balance; empty: balanced."""
 
-    def validate(self, dims: ParallelDims) -> None:
-        """Raise ValueError with one line naming the first inconsistent setting."""
+    def validate(self, dims: ParallelDims, model: Emu2Config | None = None) -> None:
+        """Raise ValueError with one line naming the first inconsistent setting (with `model`,
+        also more pipeline stages than the LLM has layers to give them)."""
         if self.activation_checkpoint not in AC_MODES:
             raise ValueError(f"parallel.activation_checkpoint must be one of {AC_MODES}, got "
                              f"{self.activation_checkpoint!r}")
@@ -72,18 +74,26 @@ class ParallelConfig:
                 raise ValueError(f"parallel.stages_per_rank = {self.stages_per_rank} needs "
                                  f"pipeline parallelism (pp > 1)")
             return
-        want = {"1f1b": "== 1", "zbv": "== 2"}.get(self.pp_schedule, ">= 2")
-        if not eval(f"{self.stages_per_rank} {want}"):  # noqa: S307 -- a fixed comparison
+        allowed = {"1f1b": "exactly 1", "zbv": "exactly 2"}.get(self.pp_schedule, "at least 2")
+        ok = {"1f1b": self.stages_per_rank == 1, "zbv": self.stages_per_rank == 2}
+        if not ok.get(self.pp_schedule, self.stages_per_rank >= 2):
             raise ValueError(f"parallel.pp_schedule {self.pp_schedule!r} needs stages_per_rank "
-                             f"{want}, got {self.stages_per_rank}")
-        n_stages = dims.pp * self.stages_per_rank
-        if self.microbatches < dims.pp if self.pp_schedule != "1f1b" else self.microbatches < n_stages:
+                             f"{allowed}, got {self.stages_per_rank}")
+        if self.pp_schedule == "1f1b" and self.microbatches < dims.pp:
             raise ValueError(f"parallel.microbatches ({self.microbatches}) must be at least pp "
-                             f"({dims.pp}) to fill the pipeline")
-        if self.pp_schedule != "1f1b" and self.microbatches % max(1, self.microbatches // dims.pp):
+                             f"({dims.pp}) for 1f1b")
+        rounds = max(1, self.microbatches // dims.pp)
+        if self.pp_schedule != "1f1b" and self.microbatches % rounds:
             raise ValueError(f"parallel.microbatches ({self.microbatches}) must be a multiple of "
-                             f"microbatches // pp = {self.microbatches // dims.pp} for "
-                             f"{self.pp_schedule!r}")
+                             f"microbatches // pp = {rounds} for {self.pp_schedule!r}")
+        n_stages = dims.pp * self.stages_per_rank
+        if model is not None and n_stages - 1 > model.llm.layers:
+            raise ValueError(f"{n_stages} pipeline stages (pp x stages_per_rank) need at least "
+                             f"{n_stages - 1} LLM layers (stage 0 may hold only the ViT), the "
+                             f"model has {model.llm.layers}")
+        if self.layers_per_stage:
+            check_layers_per_stage(self.layers_per_stage, model.llm.layers if model else
+                                   sum(self.layers_per_stage), n_stages)
 
 
 class ParallelModel:
@@ -170,9 +180,9 @@ def parallelize(model: Emu2Model, dims: ParallelDims, mesh: DeviceMesh, cfg: Par
     split balances FLOPs for (needed with pp > 1 unless `cfg.layers_per_stage` is given).
 
     Every rank passes the same `model` (same initialisation: for real sizes build it on the
-    meta device, then materialise the stages' parameters). The returned stages do not share
-    parameters with `model`."""
-    cfg.validate(dims)
+    meta device, then materialise the stages' parameters). Without pipeline parallelism the
+    one stage wraps `model` itself; with it, each stage is a pruned copy."""
+    cfg.validate(dims, model.cfg)
     dims.validate(mesh.size(), model.cfg)
     device = torch.device(mesh.device_type, torch.cuda.current_device()) \
         if mesh.device_type == "cuda" else torch.device(mesh.device_type)
@@ -181,7 +191,6 @@ def parallelize(model: Emu2Model, dims: ParallelDims, mesh: DeviceMesh, cfg: Par
         n_layers = model.cfg.llm.layers
         if cfg.layers_per_stage:
             counts = list(cfg.layers_per_stage)
-            check_layers_per_stage(counts, n_layers, n_stages)
         elif shape is None:
             raise ValueError("pipeline parallelism needs the micro-batch shape to balance the "
                              "stages, or parallel.layers_per_stage")

@@ -49,7 +49,8 @@ class ParallelDims:
     def validate(self, world_size: int, model: Emu2Config | None = None) -> None:
         """Raise ValueError with one line naming the first problem: a degree below 1, a product
         that is not the world size, or (with `model`) a tensor-parallel degree that does not
-        divide the heads, kv heads, FFN or MLP widths or the vocabulary."""
+        divide the heads, kv heads or FFN/MLP widths. The vocabulary may split unevenly (the
+        embedding and `emu2_head_loss` take blocks of any size)."""
         for name in ("dp_replicate", "dp_shard", "tp", "pp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -67,7 +68,7 @@ class ParallelDims:
             vision, llm = model.vision, model.llm
             for what, size in (("vision.heads", vision.heads), ("vision.mlp_hidden", vision.mlp_hidden),
                                ("llm.heads", llm.heads), ("llm.kv_heads", llm.kv_heads),
-                               ("llm.ffn_hidden", llm.ffn_hidden), ("llm.vocab_size", llm.vocab_size)):
+                               ("llm.ffn_hidden", llm.ffn_hidden)):
                 if size % self.tp:
                     raise ValueError(f"parallel.tp = {self.tp} must divide {what} ({size}) of "
                                      f"the model {model.name!r}")

@@ -206,34 +206,42 @@ def stage_costs(cfg: Emu2Config, shape: MicroBatchShape) -> tuple[int, int, int]
 
 
 def balance_layers(n_layers: int, n_stages: int, first: float, block: float, last: float) -> list[int]:
-    """Blocks per stage, in stage order, minimising the most expensive stage; stage 0 costs
-    `first` more and the last stage `last` more. Stage 0 may get no block (a ViT that
-    outweighs a stage's share); every other stage gets at least one. Ties go to the earlier
-    split. An O(stages x layers^2) dynamic programme: tiny for any real model."""
+    """Blocks per stage, in stage order: the split whose most expensive stage is cheapest, and
+    among those the most even one (least sum of squared stage costs). Stage 0 costs `first`
+    more and the last stage `last` more; stage 0 may get no block (a ViT that outweighs a
+    stage's share), every other stage gets at least one. Two O(stages x layers^2) dynamic
+    programmes (min-max, then min sum of squares under that max): tiny for any real model."""
     if n_stages == 1:
         return [n_layers]
     if n_stages - 1 > n_layers:
         raise ValueError(f"{n_stages} pipeline stages need at least {n_stages - 1} LLM layers "
                          f"(stage 0 may hold only the ViT), the model has {n_layers}")
+
+    def cost(stage: int, n: int) -> float:
+        return n * block + (first if stage == 0 else 0.0) + (last if stage == n_stages - 1 else 0.0)
+
+    def solve(combine, limit: float) -> tuple[float, list[int]]:
+        # best[k]: objective of stages 0..s holding the first k blocks; choice[s][k]: stage s's count.
+        best = [combine(0.0, cost(0, k)) if cost(0, k) <= limit else inf for k in range(n_layers + 1)]
+        choice = [list(range(n_layers + 1))]
+        for s in range(1, n_stages):
+            new, pick = [inf] * (n_layers + 1), [0] * (n_layers + 1)
+            for k in range(s, n_layers + 1):
+                for n in range(1, k + 1):
+                    c = cost(s, n)
+                    if c <= limit and best[k - n] < inf and combine(best[k - n], c) < new[k]:
+                        new[k], pick[k] = combine(best[k - n], c), n
+            best = new
+            choice.append(pick)
+        counts, k = [], n_layers
+        for s in range(n_stages - 1, -1, -1):
+            counts.append(choice[s][k])
+            k -= choice[s][k]
+        return best[n_layers], counts[::-1]
+
     inf = float("inf")
-    # best[s][k]: the smallest max-cost of stages 0..s holding the first k blocks.
-    best = [[inf] * (n_layers + 1) for _ in range(n_stages)]
-    take = [[0] * (n_layers + 1) for _ in range(n_stages)]
-    for k in range(n_layers + 1):
-        best[0][k] = first + k * block
-    for s in range(1, n_stages):
-        extra = last if s == n_stages - 1 else 0.0
-        for k in range(s, n_layers + 1):
-            for n in range(1, k + 1):  # blocks of stage s
-                cost = max(best[s - 1][k - n], n * block + extra)
-                if cost < best[s][k]:
-                    best[s][k], take[s][k] = cost, n
-    counts, k = [], n_layers
-    for s in range(n_stages - 1, 0, -1):
-        counts.append(take[s][k])
-        k -= take[s][k]
-    counts.append(k)
-    return counts[::-1]
+    top, _ = solve(max, inf)
+    return solve(lambda acc, c: acc + c * c, top * (1 + 1e-12))[1]
 
 
 def check_layers_per_stage(counts: list[int], n_layers: int, n_stages: int) -> None:
