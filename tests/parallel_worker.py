@@ -35,6 +35,7 @@ SEED = 0
 # the interleaved and zero-bubble schedules need 4 stages, so 3 or more layers))
 LAYOUTS = {
     "tp2": (2, dict(tp=2), {}, None),
+    "tp2-ac-selective": (2, dict(tp=2), dict(activation_checkpoint="selective"), None),
     "fsdp2": (2, dict(dp_shard=2), {}, None),
     "pp2-1f1b": (2, dict(pp=2), dict(pp_schedule="1f1b"), None),
     "pp2-interleaved": (2, dict(pp=2), dict(pp_schedule="interleaved-1f1b", stages_per_rank=2), 4),
@@ -46,6 +47,8 @@ LAYOUTS = {
     "hsdp2x2-ac-selective": (4, dict(dp_replicate=2, dp_shard=2),
                              dict(activation_checkpoint="selective"), None),
     "fsdp2-pp2": (4, dict(dp_shard=2, pp=2), {}, None),
+    # Not run by the tests (inductor compiles every block on every rank: minutes on 2 cores).
+    "tp2-compile": (2, dict(tp=2), dict(compile=True), None),
 }
 
 
@@ -55,45 +58,30 @@ def model_config(layers: int | None) -> Emu2Config:
 
 
 def make_batches(cfg: Emu2Config, n: int, seed: int):
-    """`n` packed micro-batches of fixed shape (ROWS x SEQ_LEN, MAX_IMAGES images with
-    padding), with text, plain, bidirectional and regressed images, several documents per row."""
+    """`n` packed micro-batches of fixed shape: ROWS x SEQ_LEN tokens, MAX_IMAGES images of which
+    one is padding. Row 0 packs a document with a regressed image and a text document, row 1 a
+    text document and one with a bidirectional image; lengths, image positions, tokens and
+    pixels are random."""
     rng = np.random.default_rng(seed)
     ids, nq, size = cfg.special_ids, cfg.n_query, cfg.vision.image_size
-    text_vocab = cfg.base_vocab_size
+
+    def document(image: str | None) -> Sample:
+        text = [ids.bos] + rng.integers(3, cfg.base_vocab_size, int(rng.integers(4, 12))).tolist()
+        target = [True] * len(text)
+        if image is None:
+            return Sample(np.asarray(text + [ids.eos]), np.asarray(target + [True]))
+        at = int(rng.integers(1, len(text)))
+        visual = [ids.img] + [ids.image] * nq + [ids.img_end]
+        pixels = torch.from_numpy(rng.standard_normal((3, size, size)).astype(np.float32))
+        return Sample(np.asarray(text[:at] + visual + text[at:] + [ids.eos]),
+                      np.asarray(target[:at] + [False] * len(visual) + target[at:] + [True]),
+                      [pixels], [at], [image == "regressed"], [image == "bidirectional"])
+
     batches = []
     for _ in range(n):
-        samples, rows = [], []
-        images_left = MAX_IMAGES
-        for _row in range(ROWS):
-            row, room = [], SEQ_LEN
-            for kind in rng.permutation(["image", "text", "image"]):
-                n_img = 1 if kind == "image" and images_left > 0 else 0
-                n_text = int(rng.integers(4, 12))
-                length = 2 + n_text + n_img * (nq + 2)
-                if length > room:
-                    continue
-                toks = [ids.bos] + rng.integers(3, text_vocab, n_text).tolist()
-                target = [True] * len(toks)
-                starts, regress, bidir, images = [], [], [], []
-                if n_img:
-                    pos = int(rng.integers(1, len(toks)))
-                    visual = [ids.img] + [ids.image] * nq + [ids.img_end]
-                    toks = toks[:pos] + visual + toks[pos:]
-                    target = target[:pos] + [False] * len(visual) + target[pos:]
-                    starts.append(pos)
-                    reg = bool(rng.random() < 0.5)
-                    regress.append(reg)
-                    bidir.append((not reg) and bool(rng.random() < 0.5))
-                    images.append(torch.from_numpy(rng.standard_normal((3, size, size)).astype(np.float32)))
-                    images_left -= 1
-                toks.append(ids.eos)
-                target.append(True)
-                samples.append(Sample(np.asarray(toks, dtype=np.int64), np.asarray(target),
-                                      images, starts, regress, bidir))
-                row.append(len(samples) - 1)
-                room -= length
-            rows.append(row)
-        batches.append(collate_packed(samples, rows, SEQ_LEN, ids, nq, size, max_images=MAX_IMAGES))
+        samples = [document("regressed"), document(None), document(None), document("bidirectional")]
+        batches.append(collate_packed(samples, [[0, 1], [2, 3]], SEQ_LEN, ids, nq, size,
+                                      max_images=MAX_IMAGES))
     return batches
 
 

@@ -206,8 +206,7 @@ def parallelize(model: Emu2Model, dims: ParallelDims, mesh: DeviceMesh, cfg: Par
         stages = [Emu2Stage(model)]
     for stage in stages:
         if dims.tp > 1:
-            apply_tp(stage, stage.model, dims.tp_mesh)
-            stage.vocab_group = dims.tp_mesh.get_group()
+            apply_tp(stage, dims.tp_mesh)
         apply_ac(stage.model, cfg.activation_checkpoint)
         if cfg.compile:
             apply_compile(stage.model)

@@ -93,7 +93,7 @@ def concat_microbatches(inputs: list[dict[str, torch.Tensor]]) -> dict[str, torc
 class Emu2Stage(nn.Module):
     """Runs the pieces of `model` it still has (see the module docstring): the whole model
     when nothing was deleted. `vocab_group` is the tensor-parallel group over which the LM
-    head is split by vocabulary rows (set by `tensor_parallel.apply_tp`'s caller)."""
+    head is split by vocabulary rows (set by `tensor_parallel.apply_tp`)."""
 
     def __init__(self, model: Emu2Model):
         super().__init__()

@@ -41,7 +41,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from emu2_engine.models.emu2 import Emu2Model
+from emu2_engine.parallel.pipeline import Emu2Stage
 
 
 class LocalShards(ParallelStyle):
@@ -104,12 +104,6 @@ class LocalShards(ParallelStyle):
         return module
 
 
-def replicated(module: nn.Module, names: list[str] | None = None) -> LocalShards:
-    """`LocalShards` replicating `names` (default: every parameter of `module`)."""
-    names = [n for n, _ in module.named_parameters()] if names is None else names
-    return LocalShards({n: Replicate() for n in names})
-
-
 # -- plans, one per block type ------------------------------------------------------------------
 def llama_block_plan() -> dict[str, ParallelStyle]:
     """TP + SP for one `LlamaBlock`: its input and output are this rank's sequence shard."""
@@ -143,30 +137,25 @@ def vit_block_plan() -> dict[str, ParallelStyle]:
     }
 
 
-def apply_tp(part: nn.Module, model: Emu2Model, tp_mesh: DeviceMesh) -> None:
-    """Apply the plans to `model`, one pipeline part (all of the model without PP), in place.
-    `part` is the module whose forward runs `model`'s pieces (`pipeline.Emu2Stage`): the
-    projector, ``project_down`` and the LM head are used there, so it holds their local views.
+def apply_tp(stage: Emu2Stage, tp_mesh: DeviceMesh) -> None:
+    """Apply the plans to the model of `stage` (one pipeline stage, all of the model without
+    PP), in place. The projector, ``project_down`` and the LM head are used by the stage's
+    forward (`Emu2Stage`), so the stage holds their local views, and passes the TP group to the
+    vocabulary-parallel head loss.
 
-    The decoder's input is this rank's sequence shard: on the part that embeds the tokens it
-    arrives full (the embedding output with the visual rows in it), on later pipeline parts it
-    arrives as the shard the previous part sent. Its output leaves as that shard, or full on
-    the part with the final norm, for the head loss."""
-    tp = tp_mesh.size()
-    llm = model.llm
-    if llm.layers:
-        any_layer = next(iter(llm.layers.values()))
-        kv_out = any_layer.self_attn.k_proj.out_features
-        if (kv_out // llm.cfg.head_dim) % tp:
-            raise ValueError(f"tp = {tp} must divide the kv heads ({kv_out // llm.cfg.head_dim})")
+    The decoder's input is this rank's sequence shard: on the stage that embeds the tokens it
+    arrives full (the embedding output with the visual rows in it), on later stages it arrives
+    as the shard the previous stage sent. Its output leaves as that shard, or full on the stage
+    with the final norm, for the head loss."""
+    model, llm = stage.model, stage.model.llm
     for block in (model.visual.blocks.values() if model.visual is not None else ()):
         parallelize_module(block, tp_mesh, vit_block_plan())
     for block in llm.layers.values():
         parallelize_module(block, tp_mesh, llama_block_plan())
     plan: dict[str, ParallelStyle] = {}
     if model.visual is not None:
-        plan["visual"] = replicated(model.visual, ["cls_token", "pos_embed", "patch_embed.proj.weight",
-                                                   "patch_embed.proj.bias"])
+        plan["visual"] = LocalShards({n: Replicate() for n in (
+            "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias")})
     if llm.embed_tokens is not None:
         plan["llm.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if llm.norm is not None:
@@ -181,24 +170,14 @@ def apply_tp(part: nn.Module, model: Emu2Model, tp_mesh: DeviceMesh) -> None:
     parallelize_module(model, tp_mesh, plan)
     heads: dict[str, Placement] = {}
     if model.projector is not None:
-        heads["projector.project_up.weight"] = Replicate()
+        heads["model.projector.project_up.weight"] = Replicate()
     if model.lm_head is not None:
-        heads["lm_head.weight"] = Shard(0)  # vocabulary-parallel
-        heads["project_down.weight"] = Replicate()
+        heads["model.lm_head.weight"] = Shard(0)  # vocabulary-parallel
+        heads["model.project_down.weight"] = Replicate()
     if heads:
-        prefix = _prefix_of(part, model)
-        LocalShards({prefix + k: v for k, v in heads.items()})._apply(part, tp_mesh)
+        LocalShards(heads)._apply(stage, tp_mesh)
+    stage.vocab_group = tp_mesh.get_group()
     leftover = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
     if leftover:
-        raise ValueError(f"the TP plans leave parameters that are not DTensors: {leftover[:4]}")
-
-
-def _prefix_of(part: nn.Module, model: nn.Module) -> str:
-    """The name prefix of `model`'s parameters inside `part` ("" if they are the same)."""
-    if part is model:
-        return ""
-    for name, child in part.named_modules():
-        if child is model:
-            return name + "."
-    raise ValueError("the pipeline part does not contain the model it runs")
-
+        raise RuntimeError(f"the TP plans leave parameters that are not DTensors (a new module "
+                           f"needs a plan entry): {leftover[:4]}")
