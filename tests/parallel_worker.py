@@ -47,6 +47,7 @@ LAYOUTS = {
     "hsdp2x2-ac-selective": (4, dict(dp_replicate=2, dp_shard=2),
                              dict(activation_checkpoint="selective"), None),
     "fsdp2-pp2": (4, dict(dp_shard=2, pp=2), {}, None),
+    "tp2-fsdp2-bf16": (4, dict(tp=2, dp_shard=2), dict(param_dtype="bfloat16"), None),
     # Not run by the tests (inductor compiles every block on every rank: minutes on 2 cores).
     "tp2-compile": (2, dict(tp=2), dict(compile=True), None),
 }
@@ -131,7 +132,7 @@ def parallel_run(name: str, batches) -> dict:
     dims = ParallelDims(**dims_kw)
     mesh = dims.build_mesh("cpu")
     n_micro = micro_batches(name)
-    pcfg = ParallelConfig(param_dtype="float32", microbatches=n_micro // dims.dp, **cfg_kw)
+    pcfg = ParallelConfig(**{"param_dtype": "float32", "microbatches": n_micro // dims.dp, **cfg_kw})
     shape = MicroBatchShape(ROWS, SEQ_LEN, MAX_IMAGES)
     pm = parallelize(_build_model(cfg), dims, mesh, pcfg, shape)
     opt = _optimizer(pm.parameters())
