@@ -150,7 +150,8 @@ def test_emu2_37b_size_on_meta():
     assert 36.5e9 <= total <= 37.5e9, total
     assert 4.3e9 <= vit <= 4.4e9, vit  # EMU2_FACTS: about 4.35B in the ViT
     assert model.visual.blocks["0"].mlp.fc1.out_features == 15360
-    assert model.visual.blocks["0"].attn.heads * 112 == 1792
+    attn = model.visual.blocks["0"].attn  # 16 heads of 112 (EMU2_FACTS)
+    assert attn.head_dim == 112 and attn.qkv.out_features == 3 * 16 * 112
 
 
 def test_chat_preset_and_unknown_preset():
