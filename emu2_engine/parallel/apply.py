@@ -112,10 +112,6 @@ class ParallelModel:
     def parameters(self) -> list[nn.Parameter]:
         return [p for s in self.stages for p in s.parameters()]
 
-    @property
-    def has_last_stage(self) -> bool:
-        return any(s.is_last for s in self.stages)
-
     def forward_backward(self, batches: list[PackedBatch]) -> torch.Tensor:
         """Forward and backward over this rank's micro-batches of one step (`cfg.microbatches`
         of them, the same on every rank of a TP group and of a pipeline); gradients are those of
@@ -182,6 +178,8 @@ def parallelize(model: Emu2Model, dims: ParallelDims, mesh: DeviceMesh, cfg: Par
     Every rank passes the same `model` (same initialisation: for real sizes build it on the
     meta device, then materialise the stages' parameters). Without pipeline parallelism the
     one stage wraps `model` itself; with it, each stage is a pruned copy."""
+    if mesh is not dims.mesh:
+        raise ValueError("parallelize needs the mesh that dims.build_mesh returned")
     cfg.validate(dims, model.cfg)
     dims.validate(mesh.size(), model.cfg)
     device = torch.device(mesh.device_type, torch.cuda.current_device()) \
