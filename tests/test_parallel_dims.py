@@ -88,7 +88,10 @@ def test_mesh_needs_a_process_group():
      r"'zbv' needs stages_per_rank exactly 2, got 3"),
     (dict(pp_schedule="interleaved-1f1b", microbatches=4), ParallelDims(pp=2),
      r"'interleaved-1f1b' needs stages_per_rank at least 2, got 1"),
-    (dict(microbatches=3), ParallelDims(pp=4), r"microbatches \(3\) must be at least pp \(4\) for 1f1b"),
+    (dict(microbatches=3), ParallelDims(pp=4), r"microbatches \(3\) must be at least pp \(4\) to "
+                                               r"fill the pipeline"),
+    (dict(pp_schedule="zbv", stages_per_rank=2, microbatches=3), ParallelDims(pp=4),
+     r"microbatches \(3\) must be at least pp \(4\)"),
     (dict(pp_schedule="zero-bubble", stages_per_rank=2, microbatches=5), ParallelDims(pp=2),
      r"microbatches \(5\) must be a multiple of microbatches // pp = 2 for 'zero-bubble'"),
     (dict(pp_schedule="interleaved-1f1b", stages_per_rank=2, microbatches=4), ParallelDims(pp=2),
@@ -102,8 +105,8 @@ def test_parallel_config_errors(kw, dims, message):
 
 
 def test_schedules_that_fit():
-    ParallelConfig(pp_schedule="interleaved-1f1b", stages_per_rank=2, microbatches=3).validate(
-        ParallelDims(pp=4), EMU2)  # fewer micro-batches than ranks: one round
+    ParallelConfig(pp_schedule="interleaved-1f1b", stages_per_rank=3, microbatches=6).validate(
+        ParallelDims(pp=4), EMU2)  # 6 micro-batches in one round of 6
     ParallelConfig(pp_schedule="zbv", stages_per_rank=2, microbatches=8).validate(ParallelDims(pp=4), EMU2)
 
 

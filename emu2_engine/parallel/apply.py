@@ -79,10 +79,10 @@ class ParallelConfig:
         if not ok.get(self.pp_schedule, self.stages_per_rank >= 2):
             raise ValueError(f"parallel.pp_schedule {self.pp_schedule!r} needs stages_per_rank "
                              f"{allowed}, got {self.stages_per_rank}")
-        if self.pp_schedule == "1f1b" and self.microbatches < dims.pp:
+        if self.microbatches < dims.pp:
             raise ValueError(f"parallel.microbatches ({self.microbatches}) must be at least pp "
-                             f"({dims.pp}) for 1f1b")
-        rounds = max(1, self.microbatches // dims.pp)
+                             f"({dims.pp}) to fill the pipeline")
+        rounds = self.microbatches // dims.pp
         if self.pp_schedule != "1f1b" and self.microbatches % rounds:
             raise ValueError(f"parallel.microbatches ({self.microbatches}) must be a multiple of "
                              f"microbatches // pp = {rounds} for {self.pp_schedule!r}")
