@@ -274,11 +274,12 @@ def test_data_config_lists_and_checks():
     assert JobConfig.load(None).data == DataSection()
     for override, message in [
         ('--data.datasets=["image_text", "audio"]', r"kinds among .* got \['audio'\]"),
-        ("--data.weights=[1, 2]", r"one entry per dataset \(4\), got 2 and 4"),
-        ("--data.weights=[0, 0, 0, 0]", "not all 0"),
+        ("--data.weights=[1, 2]", r"one entry per dataset \(3\), got 2 and 3"),
+        ("--data.weights=[0, 0, 0]", "not all 0"),
         ("--data.too_long=cut", "truncate or drop"),
         ("--data.text_len=300", r"data.text_len \(300\) must lie in \[3, data.seq_len = 256\]"),
         ("--data.max_images=0", "max_images must be positive"),
+        ("--data.shapes_scale=0", "shapes_scale must be positive"),
         ("--data.datasets=image_text", "data.datasets must be a list"),
     ]:
         with pytest.raises(ValueError, match=message):

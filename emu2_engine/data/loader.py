@@ -255,8 +255,9 @@ class PackedLoader:
 
 
 def shapes_world_root(cfg: DataSection) -> Path:
-    """The shapes world of `cfg.seed` under `cfg.cache_dir`, generated there on first use."""
-    return ensure_shapes_world(Path(cfg.cache_dir).expanduser(), seed=cfg.seed)
+    """The shapes world of `cfg.seed` and `cfg.shapes_scale` under `cfg.cache_dir`, generated
+    there on first use."""
+    return ensure_shapes_world(Path(cfg.cache_dir).expanduser(), seed=cfg.seed, scale=cfg.shapes_scale)
 
 
 def build_loader(cfg: DataSection, tokenizer, model_cfg: Emu2Config, rank: int = 0,

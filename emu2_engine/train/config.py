@@ -35,23 +35,26 @@ class DataSection:
     sequence layouts and packed into rows. Datasets with an empty path read the shapes world,
     generated on first use into `cache_dir`."""
 
-    datasets: list[str] = field(default_factory=lambda: ["image_text", "grounded", "interleaved", "text"])
+    datasets: list[str] = field(default_factory=lambda: ["image_text", "grounded", "text"])
     """Kind of each blended dataset: image_text, video_text, interleaved, grounded, text or vqa."""
-    weights: list[float] = field(default_factory=lambda: [0.85, 0.05, 0.05, 0.05])
+    weights: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])
     """Relative share of samples drawn from each dataset (Emu2 stage 2: 12800, 6400, 3200, 800)."""
-    paths: list[str] = field(default_factory=lambda: ["", "", "", ""])
+    paths: list[str] = field(default_factory=lambda: ["", "", ""])
     """Shard directory (or .tar file) of each dataset; "" reads the shapes world's split of that kind."""
     heldout_path: str = ""
     """Held-out image-text shards for the end-of-run check; "" reads the shapes world's held-out split."""
     cache_dir: str = "~/.cache/emu2_engine"
-    """Where the shapes world is generated on first use (one folder per seed)."""
+    """Where the shapes world is generated on first use (one folder per seed and scale)."""
+    shapes_scale: int = 1
+    """Size of the generated shapes world: 2,000 training image-caption pairs (and 300 of each
+    other kind) times this."""
     seq_len: int = 256
     """Tokens per packed row."""
     rows: int = 4
     """Packed rows per micro-batch."""
     max_images: int = 24
     """Images (video frames count one each) per micro-batch; fewer are padded, so shapes are
-    fixed. The debug blend averages 23.6 images in 4 rows of 256 when uncapped."""
+    fixed. The debug blend averages 24 images in 4 rows of 256 when uncapped."""
     too_long: str = "truncate"
     """A sample longer than a row or with more than max_images images: truncate (at a boundary
     that splits no image) or drop."""
@@ -186,6 +189,7 @@ class JobConfig:
              f"{len(d.weights)} and {len(d.paths)}"),
             (all(w >= 0 for w in d.weights) and sum(d.weights) > 0,
              f"data.weights must be >= 0 and not all 0, got {d.weights}"),
+            (d.shapes_scale > 0, f"data.shapes_scale must be positive, got {d.shapes_scale}"),
             (d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}"),
             (d.rows > 0, f"data.rows must be positive, got {d.rows}"),
             (d.max_images > 0, f"data.max_images must be positive, got {d.max_images}"),
