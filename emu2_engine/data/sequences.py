@@ -187,8 +187,7 @@ class SampleBuilder:
             firsts = [bool(x) for x in rng.random(len(images)) < self.image_first_prob]
             return [self.build_interleaved(texts, images, image_at, firsts, regress)]
         if isinstance(record, Grounded):
-            n_boxes = len(record.phrases)
-            firsts = [bool(x) for x in rng.random(n_boxes) < self.phrase_first_prob]
+            firsts = [bool(x) for x in rng.random(len(record.phrases)) < self.phrase_first_prob]
             return [self.build_grounded(record.image, record.caption, record.phrases, firsts, regress)]
         if isinstance(record, Text):
             return self.build_text(record.text)
