@@ -214,6 +214,9 @@ class ShardStream:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.shards = list_shards(shards)
+        # Computed once: the loader asks for the state before every record it takes.
+        self._fingerprint = _fingerprint(self.shards)
+        self._epoch_order: tuple[int, list[str]] | None = None
         self.decoder, self.rank, self.world_size = decoder, rank, world_size
         self.seed, self.shuffle, self.batch_size, self.log = seed, shuffle, batch_size, log
         stats = getattr(decoder, "stats", None)
@@ -223,13 +226,16 @@ class ShardStream:
         self._start_reading(*self._position)
 
     def epoch_shards(self, epoch: int) -> list[str]:
-        """This rank's shards in epoch `epoch`, in reading order."""
+        """This rank's shards in epoch `epoch`, in reading order (the last epoch's is cached)."""
+        if self._epoch_order is not None and self._epoch_order[0] == epoch:
+            return self._epoch_order[1]
         order = np.arange(len(self.shards))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         if not self._strided:
             order = order[self.rank::self.world_size]
-        return [self.shards[i] for i in order]
+        self._epoch_order = (epoch, [self.shards[i] for i in order])
+        return self._epoch_order[1]
 
     def _start_reading(self, epoch: int, shard_pos: int, consumed: int) -> None:
         self._read_epoch, self._read_pos, self._skip = epoch, shard_pos, consumed
@@ -287,14 +293,14 @@ class ShardStream:
         return {"version": self.STATE_VERSION, "epoch": epoch, "shard_position": shard_pos,
                 "consumed": consumed, "rank": self.rank, "world_size": self.world_size,
                 "seed": self.seed, "shuffle": self.shuffle, "n_shards": len(self.shards),
-                "shards_sha256": _fingerprint(self.shards)}
+                "shards_sha256": self._fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (from `state_dict`). Raises ValueError if it was saved by a
         stream over other shards or with another rank layout, seed or shuffle."""
         if state.get("version") != self.STATE_VERSION:
             raise ValueError(f"shard stream state version {state.get('version')!r}, expected {self.STATE_VERSION}")
-        if state["n_shards"] != len(self.shards) or state["shards_sha256"] != _fingerprint(self.shards):
+        if state["n_shards"] != len(self.shards) or state["shards_sha256"] != self._fingerprint:
             raise ValueError(f"shard stream state was saved over another shard list ({state['n_shards']} "
                              f"shards) than this stream's ({len(self.shards)} shards); resuming would "
                              "repeat or skip data")
