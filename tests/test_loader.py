@@ -297,3 +297,17 @@ def test_stage2_config_blends_every_kind_with_regression(tok, shapes_cfg):
         assert b.images.shape[0] == 32 and b.reg_images.numel() > 0
     reads = np.array(loader._reads)
     assert reads.sum() > 30 and abs(reads[0] / reads.sum() - 9600 / 23200) < 0.05
+
+
+def test_model_vocabulary_may_exceed_the_tokenizer_but_not_the_reverse(tok):
+    """A real-size preset (vocabulary 32,272) trains on the shapes world's 784-token
+    tokenizer: the extra embedding rows are unused. A tokenizer larger than the model is refused."""
+    data = make(tok, [ListStream([])]).cfg
+    big = replace(MODEL, llm=replace(MODEL.llm, vocab_size=tok.vocab_size + 100))
+    batch = next(PackedLoader(tok, big, data, [ListStream(pairs(4))]))
+    batch.validate(big.llm.vocab_size, NQ, SIZE)
+    assert int(batch.input_ids.max()) < tok.vocab_size
+    small = replace(MODEL, llm=replace(MODEL.llm, vocab_size=tok.vocab_size - 1))
+    with pytest.raises(ValueError, match=f"tokenizer has {tok.vocab_size} tokens but the model's "
+                                         f"vocabulary is only {tok.vocab_size - 1}"):
+        PackedLoader(tok, small, data, [ListStream(pairs(4))])
