@@ -29,26 +29,55 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 when the run finished or was stopped by a signal (with a checkpoint),
+    1 when it stopped on non-finite losses, 2 for a config that cannot work."""
     try:
         cfg, progress = parse_args(argv)
     except (ValueError, FileNotFoundError) as e:
         print(f"pretrain: {e}", file=sys.stderr)
         return 2
-    from emu2_engine.train.trainer import Trainer
+    import torch.distributed as dist
 
-    trainer = Trainer(cfg)
-    records = trainer.train(progress=progress)
+    from emu2_engine.train.trainer import NonFiniteError, Trainer
+
+    try:
+        try:
+            trainer = Trainer(cfg)
+        except ValueError as e:  # a config that only the world size rules out
+            print(f"pretrain: {e}", file=sys.stderr)
+            return 2
+        try:
+            records = trainer.train(progress=progress)
+        except NonFiniteError as e:
+            print(f"pretrain: {e}", file=sys.stderr)
+            return 1
+        if trainer.rank == 0:
+            report(trainer, records)
+        return 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def report(trainer, records: list[dict]) -> None:
+    """The end-of-run summary on rank 0."""
     steps = [r for r in records if "loss" in r]
-    first, last = steps[0], steps[-1]
-    print(f"done: {last['step']} steps, loss {first['loss']:.3f} -> {last['loss']:.3f}; "
-          f"{last['tokens_per_s']:,.0f} tokens/s, {last['images_per_s']:,.0f} images/s; "
-          f"metrics in {trainer.run_dir}/metrics.jsonl")
+    if trainer.step_count < trainer.cfg.train.steps:
+        return  # stopped by a signal: the trainer said where its checkpoint is
+    if not steps:
+        print(f"done: the run was already complete at step {trainer.step_count} "
+              f"(checkpoints in {trainer.checkpointer.directory})")
+    else:
+        first, last = steps[0], steps[-1]
+        mfu = "MFU n/a (no peak rate for this device)" if last["mfu"] is None else f"MFU {last['mfu']:.1%}"
+        print(f"done: {last['step']} steps, loss {first['loss']:.3f} -> {last['loss']:.3f}; "
+              f"{last['tokens_per_s']:,.0f} tokens/s, {last['images_per_s']:,.0f} images/s, "
+              f"{mfu}; metrics in {trainer.run_dir}/metrics.jsonl")
     print(f"data: {trainer.loader.skip_summary()}")
     if "heldout_caption_ce" in records[-1]:
         ev = records[-1]
         print(f"held-out captions: loss {ev['heldout_caption_ce']:.3f} with their own images, "
               f"{ev['heldout_caption_ce_wrong_images']:.3f} with another sample's image")
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_default_pretrain_30_steps_loss_goes_down(tmp_path, capsys):
-    rc = pretrain.main(["--no-progress", "--train.steps=30", "--train.log_every=1",
+    rc = pretrain.main(["--no-progress", "--train.steps=30", "--metrics.log_interval=1",
                         "--train.eval_batches=2", f"--train.run_dir={tmp_path}"])
     assert rc == 0
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -117,10 +117,10 @@ def test_parameter_groups_and_freezing():
     assert all(not g["name"].startswith("vision") for g in opt.param_groups)
 
 
-def test_single_process_only(monkeypatch):
+def test_world_size_must_match_the_degrees(monkeypatch):
     from emu2_engine.train.trainer import Trainer
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="this trainer runs one process"):
+    with pytest.raises(ValueError, match=r"1 x 1 x 1 x 1 = 1 must equal the world size 2"):
         Trainer(JobConfig.load(None))
 
 
@@ -138,7 +138,7 @@ def test_bf16_autocast_step_runs_the_fused_ops(tmp_path):
                                 f"--train.run_dir={tmp_path}"])
     trainer = Trainer(cfg)
     batch = next(trainer.loader)
-    first = trainer.step(batch)
-    second = trainer.step(batch)
+    first = trainer.step([batch])
+    second = trainer.step([batch])
     assert math.isfinite(first.loss) and math.isfinite(second.grad_norm)
     assert second.loss < first.loss  # the same batch again, after one step

@@ -115,12 +115,86 @@ class TrainSection:
     """auto (first GPU if any, else CPU), cpu or cuda."""
     dtype: str = "auto"
     """Compute dtype: auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16."""
-    log_every: int = 10
-    """Steps between metric records (the progress bar updates every step)."""
+    max_nonfinite: int = 5
+    """Stop the run after this many steps in a row whose loss or gradient norm is not finite
+    (each such step is skipped: no optimiser update)."""
     eval_batches: int = 8
     """Held-out batches for the end-of-run grounding check (0 skips it)."""
     run_dir: str = "runs/debug"
-    """Where the resolved config and the metrics are written."""
+    """Where the resolved config, the metrics and (by default) the checkpoints are written."""
+
+
+@dataclass
+class ParallelSection:
+    """How the ranks split the work (`emu2_engine.parallel`, docs/parallel.md). The product
+    dp_replicate x dp_shard x tp x pp must be the torchrun world size."""
+
+    dp_replicate: int = 1
+    """HSDP replicas (needs dp_shard > 1)."""
+    dp_shard: int = 1
+    """FSDP degree: ranks that shard parameters, gradients and optimiser state."""
+    tp: int = 1
+    """Tensor + sequence parallel degree (ranks of one node)."""
+    pp: int = 1
+    """Pipeline degree."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: 1f1b, interleaved-1f1b, zero-bubble or zbv."""
+    stages_per_rank: int = 1
+    """Pipeline stages per rank: 1 for 1f1b, 2 for zbv, >= 2 for the others."""
+    microbatches: int = 1
+    """Micro-batches (of data.rows rows each) per optimiser step on each data-parallel rank."""
+    activation_checkpoint: str = "none"
+    """none, selective or full."""
+    compile: bool = False
+    """torch.compile each ViT and LLaMA block."""
+    param_dtype: str = "bfloat16"
+    """Dtype FSDP gathers parameters in for compute (float32, bfloat16, float16); dp > 1 only."""
+
+    def dims(self):
+        """The `ParallelDims` of these degrees."""
+        from emu2_engine.parallel import ParallelDims
+
+        return ParallelDims(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, tp=self.tp,
+                            pp=self.pp)
+
+    def parallel_config(self):
+        """The `ParallelConfig` that `parallelize` takes."""
+        from emu2_engine.parallel import ParallelConfig
+
+        return ParallelConfig(activation_checkpoint=self.activation_checkpoint,
+                              compile=self.compile, param_dtype=self.param_dtype,
+                              pp_schedule=self.pp_schedule, stages_per_rank=self.stages_per_rank,
+                              microbatches=self.microbatches)
+
+
+@dataclass
+class CheckpointSection:
+    """Distributed checkpoints (`emu2_engine.checkpoint.dcp`): model, optimiser, schedule,
+    data-loader position, RNG and step, one folder per step."""
+
+    dir: str = ""
+    """Checkpoint directory; "" is run_dir/checkpoints."""
+    interval: int = 500
+    """Steps between checkpoints (0: none during the run); the last step, and a step
+    interrupted by SIGTERM or SIGINT, are always saved."""
+    keep: int = 2
+    """Newest complete checkpoints kept."""
+    async_save: bool = False
+    """Write checkpoints in a background thread once the state is staged in host memory."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in dir if there is one (what a rank
+    restarted by torchrun --max-restarts does); none: start afresh; else a checkpoint folder."""
+
+
+@dataclass
+class MetricsSection:
+    """Per-step records: run_dir/metrics.jsonl and, if the package is installed, TensorBoard."""
+
+    log_interval: int = 10
+    """Steps between metric records (the progress bar updates every step)."""
+    tensorboard: bool = True
+    """Also write the records to run_dir/tensorboard (skipped, with one message, if the
+    tensorboard package is missing)."""
 
 
 @dataclass
@@ -131,6 +205,9 @@ class JobConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -167,8 +244,9 @@ class JobConfig:
                                      f"{sorted(hints)}")
                 setattr(section, key, _coerce(value, hints[key], f"{section_name}.{key}", where))
 
-    def validate(self) -> None:
-        """One line for the first value that cannot work."""
+    def validate(self, world_size: int | None = None) -> None:
+        """One line for the first value that cannot work. With `world_size`, also the parallel
+        degrees against it (`pretrain` checks that once torchrun has set WORLD_SIZE)."""
         from emu2_engine.models.config import PRESETS
 
         if self.model.preset not in PRESETS:
@@ -205,7 +283,15 @@ class JobConfig:
              f"data.text_len ({d.text_len}) must lie in [3, data.seq_len = {d.seq_len}]"),
             (d.video_frames > 0, f"data.video_frames must be positive, got {d.video_frames}"),
             (self.train.steps > 0, f"train.steps must be positive, got {self.train.steps}"),
-            (self.train.log_every > 0, f"train.log_every must be positive, got {self.train.log_every}"),
+            (self.metrics.log_interval > 0,
+             f"metrics.log_interval must be positive, got {self.metrics.log_interval}"),
+            (self.train.max_nonfinite > 0,
+             f"train.max_nonfinite must be positive, got {self.train.max_nonfinite}"),
+            (self.checkpoint.interval >= 0,
+             f"checkpoint.interval must be >= 0, got {self.checkpoint.interval}"),
+            (self.checkpoint.keep > 0, f"checkpoint.keep must be positive, got {self.checkpoint.keep}"),
+            (self.checkpoint.resume != "",
+             'checkpoint.resume must be auto, none or a checkpoint folder, got ""'),
             (self.train.eval_batches >= 0, f"train.eval_batches must be >= 0, got {self.train.eval_batches}"),
             (self.train.device in ("auto", "cpu", "cuda"),
              f"train.device must be auto, cpu or cuda, got {self.train.device!r}"),
@@ -224,6 +310,19 @@ class JobConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self._validate_parallel(PRESETS[self.model.preset], world_size)
+
+    def _validate_parallel(self, model_cfg, world_size: int | None) -> None:
+        """The engine's own checks (`ParallelDims.validate`, `ParallelConfig.validate`), and
+        what the trainer adds: the micro-batches and the schedule fit."""
+        p = self.parallel
+        dims = p.dims()
+        # the world-size check only once the world is known; the product stands in until then
+        dims.validate(dims.world_size if world_size is None else world_size, model_cfg)
+        p.parallel_config().validate(dims, model_cfg)
+        if p.pp > 1 and p.stages_per_rank > 1:
+            raise ValueError(f"parallel.stages_per_rank = {p.stages_per_rank}: the trainer "
+                             f"checkpoints one pipeline stage per rank; use pp_schedule = 1f1b")
 
     # -- output ---------------------------------------------------------------------------
     def to_dict(self) -> dict:

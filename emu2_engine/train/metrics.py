@@ -1,11 +1,20 @@
-"""Throughput metrics: tokens/s, images/s, TFLOP/s and MFU over a window of training steps.
+"""Training metrics: throughput (tokens/s, images/s, TFLOP/s, MFU), memory and data-loader wait
+over a window of steps, and where the records go (JSONL, optionally TensorBoard).
 
 The FLOPs are model FLOPs (`emu2_engine.models.flops.training_flops`): the work the model
-needs, recomputation and padding excluded. Every number is per rank: feed each rank's own
-batches, and the MFU is that of its device.
+needs, recomputation and padding excluded. The trainer feeds the whole job's totals (summed
+over the ranks, each rank counting its share of the model); rates are then the job's, and
+TFLOP/s and MFU are per device, against the peak of the device in `models/flops.py`'s table.
 """
 
 from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
 
 from emu2_engine.models.flops import mfu
 
@@ -13,26 +22,91 @@ from emu2_engine.models.flops import mfu
 class ThroughputMeter:
     """Accumulate steps with `update`, read rates with `report`, start a new window with `reset`.
 
-    device_name: `torch.cuda.get_device_name()`, or None on the CPU (MFU is then None)."""
+    device_name: `torch.cuda.get_device_name()`, or None on the CPU (MFU is then None);
+    devices: how many devices share the FLOPs fed in (the world size)."""
 
-    def __init__(self, device_name: str | None = None):
+    def __init__(self, device_name: str | None = None, devices: int = 1):
         self.device_name = device_name
+        self.devices = devices
         self.reset()
 
     def reset(self) -> None:
-        self.tokens = self.images = self.flops = 0
-        self.seconds = 0.0
+        self.tokens = self.images = self.flops = 0.0
+        self.seconds = self.data_seconds = 0.0
 
-    def update(self, tokens: int, images: int, flops: int, seconds: float) -> None:
-        """One step: real (non-padding) tokens, images, training FLOPs and its wall time (the
-        caller synchronises the device before reading the clock)."""
+    def update(self, tokens: float, images: float, flops: float, seconds: float,
+               data_seconds: float = 0.0) -> None:
+        """One step: real (non-padding) tokens, images and training FLOPs of the whole job, its
+        wall time (the caller synchronises the device before reading the clock) and the part
+        of it spent waiting for the data loader."""
         self.tokens += tokens
         self.images += images
         self.flops += flops
         self.seconds += seconds
+        self.data_seconds += data_seconds
 
     def report(self) -> dict[str, float | None]:
-        """tokens_per_s, images_per_s, tflops (achieved TFLOP/s) and mfu (None if unknown)."""
+        """tokens_per_s and images_per_s (the job's), tflops (achieved TFLOP/s per device), mfu
+        (per device; None where the device has no peak in the table, as on a CPU) and
+        data_wait (fraction of the wall time spent waiting for batches)."""
         s = max(self.seconds, 1e-12)
+        per_device = self.flops / s / self.devices
         return {"tokens_per_s": self.tokens / s, "images_per_s": self.images / s,
-                "tflops": self.flops / s / 1e12, "mfu": mfu(self.flops / s, self.device_name)}
+                "tflops": per_device / 1e12, "mfu": mfu(per_device, self.device_name),
+                "data_wait": self.data_seconds / s}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process in GiB: CUDA memory allocated by tensors since the last
+    call on a GPU (the peak counter is reset); resident set size since the start on a CPU."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 2**20
+
+
+class MetricsWriter:
+    """Writes records to run_dir/metrics.jsonl and, with `tensorboard` (and the package
+    installed), to run_dir/tensorboard. Only one rank writes; others make a disabled writer.
+
+    `keep_until`: on resume, the records of steps up to it are kept (those written after the
+    checkpoint by the interrupted run are dropped, as their steps will run again); None
+    starts a new file."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, keep_until: int | None):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        kept: list[str] = []
+        if keep_until is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                record = json.loads(line)
+                if "loss" in record and record["step"] <= keep_until:
+                    kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("metrics: the tensorboard package is not installed; metrics go to "
+                      f"{self.path} only", file=sys.stderr)
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=keep_until)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

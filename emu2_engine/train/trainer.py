@@ -1,31 +1,45 @@
-"""The training loop: build, then step, with a progress bar and a metrics file.
+"""The training loop: build (parallel layout, optimiser, loader, checkpoints), then step, with a
+progress bar, a metrics file, checkpoints and fault handling.
 
-One process, one device for now. The parallel trainer grows this in place: `Trainer.build`
-is where parallel plans are applied (TP, activation checkpointing, compile, FSDP, in that
-order), `Trainer.step` where gradient accumulation and pipelining go.
+One process (WORLD_SIZE 1) trains the plain model. Under torchrun with WORLD_SIZE > 1 the
+trainer initialises the process group (NCCL on CUDA, gloo on the CPU), builds `ParallelDims`
+and its mesh from the [parallel] section and lays the model out with `parallelize` (TP/SP,
+activation checkpointing, compile, FSDP, pipeline). Each data-parallel rank reads its own
+share of the data; the ranks of one TP group or pipeline read the same batches.
+
+Faults: SIGTERM or SIGINT ends the run after the current step with a checkpoint; a step whose
+loss or gradient norm is not finite is skipped (no optimiser update, counted in the metrics)
+and `train.max_nonfinite` of them in a row stop the run (`NonFiniteError`). A rank restarted by
+`torchrun --max-restarts` resumes from the newest complete checkpoint (checkpoint.resume = auto).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import os
+import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from emu2_engine.checkpoint.dcp import Checkpointer
 from emu2_engine.data.batch import PackedBatch
 from emu2_engine.data.loader import build_loader, heldout_caption_loader
 from emu2_engine.data.tokenizer import Emu2Tokenizer
 from emu2_engine.models import Emu2Config, Emu2Model
 from emu2_engine.models.flops import batch_flops, training_flops
 from emu2_engine.train.config import JobConfig
-from emu2_engine.train.metrics import ThroughputMeter
+from emu2_engine.train.metrics import MetricsWriter, ThroughputMeter, peak_memory_gib
 from emu2_engine.train.optim import build_optimizer, build_scheduler
 
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient norm."""
 
 
 @dataclass
@@ -36,6 +50,8 @@ class StepResult:
     grad_norm: float
     tokens: int
     images: int
+    skipped: bool
+    """The loss or the gradient norm was not finite: no optimiser update."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -49,10 +65,7 @@ def pick_device(name: str) -> torch.device:
 class Trainer:
     def __init__(self, cfg: JobConfig):
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world != 1:
-            raise ValueError(f"this trainer runs one process (WORLD_SIZE={world}); data, tensor and "
-                             f"pipeline parallelism come with the parallel trainer. Use "
-                             f"--nproc_per_node=1")
+        cfg.validate(world_size=world)
         self.cfg = cfg
         self.device = pick_device(cfg.train.device)
         if self.device.type == "cuda":
@@ -64,92 +77,213 @@ class Trainer:
 
         self.model_cfg: Emu2Config = replace(Emu2Config.from_preset(cfg.model.preset),
                                              regression_weight=cfg.model.regression_weight)
-        torch.manual_seed(cfg.train.seed)
-        self.model = Emu2Model(self.model_cfg).to(self.device)
+        self.world = world
+        self.dims = self.parallel = None
+        if world > 1:
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.dims = cfg.parallel.dims()
+            self.dims.build_mesh(self.device.type)
+        torch.manual_seed(cfg.train.seed)  # every rank builds the same initial model
+        model = Emu2Model(self.model_cfg).to(self.device)
+        if self.dims is not None:
+            from emu2_engine.parallel import MicroBatchShape, parallelize
+
+            shape = MicroBatchShape(rows=cfg.data.rows, seq_len=cfg.data.seq_len,
+                                    images=cfg.data.max_images)
+            self.parallel = parallelize(model, self.dims, self.dims.mesh,
+                                        cfg.parallel.parallel_config(), shape)
+            model = self.parallel.models[0]  # this rank's pipeline stage (config: one per rank)
+        self.model = model
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         self.tokenizer = Emu2Tokenizer(chat=self.model_cfg.chat)
-        self.loader = build_loader(cfg.data, self.tokenizer, self.model_cfg)
+        dp_rank, dp = (self.dims.dp_rank, self.dims.dp) if self.dims else (0, 1)
+        self.loader = build_loader(cfg.data, self.tokenizer, self.model_cfg, rank=dp_rank, world_size=dp)
         self.step_count = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
         self.run_dir = Path(cfg.train.run_dir)
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint.dir or self.run_dir / "checkpoints", self.model, self.optimizer,
+            scheduler=self.scheduler, dataloader=self.loader, keep=cfg.checkpoint.keep,
+            async_save=cfg.checkpoint.async_save)
+        self._stop_signal: str | None = None
 
+    # -- one step ---------------------------------------------------------------------------
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def step(self, batch: PackedBatch) -> StepResult:
-        """One optimiser step on one micro-batch."""
-        self.model.train()
-        batch = batch.to(self.device, non_blocking=True)
+    def forward_backward(self, batches: list[PackedBatch]) -> torch.Tensor:
+        """Forward and backward over one step's micro-batches; gradients of their mean loss.
+        Returns that mean as ``[total, ce, mse]`` (the same on every rank)."""
         with self.autocast():
-            out = self.model(batch)
-        out.total.backward()
-        clip = self.cfg.optim.grad_clip
+            if self.parallel is not None:
+                return self.parallel.forward_backward(batches)
+            losses = torch.zeros(3, device=self.device)
+            for batch in batches:
+                out = self.model(batch)
+                (out.total / len(batches)).backward()
+                losses += torch.stack([out.total, out.ce, out.mse]).detach().float() / len(batches)
+            return losses
+
+    def clip_grad_norm(self) -> torch.Tensor:
+        """The global gradient norm before clipping; clips to optim.grad_clip (0: no clipping)."""
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        if self.parallel is not None:
+            return self.parallel.clip_grad_norm_(clip)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+
+    def step(self, batches: list[PackedBatch]) -> StepResult:
+        """One optimiser step on this rank's micro-batches (`parallel.microbatches` of them).
+        A non-finite loss or gradient norm skips the update; the schedule advances anyway, so
+        the learning rate stays a function of the step."""
+        self.model.train()
+        batches = [b.to(self.device, non_blocking=True) for b in batches]
+        losses = self.forward_backward(batches)
+        norm = self.clip_grad_norm()
+        loss, ce, mse = losses.tolist()
+        grad_norm = float(norm)
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+        else:
+            self.nonfinite_in_a_row = 0
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step_count += 1
-        return StepResult(loss=out.total.item(), ce=out.ce.item(), mse=out.mse.item(),
-                          grad_norm=norm.item(), tokens=batch.n_tokens, images=batch.n_images)
+        return StepResult(loss=loss, ce=ce, mse=mse, grad_norm=grad_norm,
+                          tokens=sum(b.n_tokens for b in batches),
+                          images=sum(b.n_images for b in batches), skipped=skipped)
 
-    def train(self, progress: bool = True) -> list[dict]:
-        """Run `train.steps` steps; return the metric records (also in run_dir/metrics.jsonl)."""
+    # -- the run ----------------------------------------------------------------------------
+    def resume(self) -> int | None:
+        """Restore the newest checkpoint (checkpoint.resume = auto) or the named one; returns
+        its step, or None for a fresh start."""
+        how = self.cfg.checkpoint.resume
+        if how == "none":
+            return None
+        step = self.checkpointer.load(None if how == "auto" else how)
+        if step is not None:
+            self.step_count = step
+        return step
+
+    def train(self, progress: bool = True, stop_at: int | None = None) -> list[dict]:
+        """Run to `train.steps` (from the checkpoint that `checkpoint.resume` picks); return
+        the metric records (also in run_dir/metrics.jsonl). `stop_at`: end after that step
+        with a checkpoint, as SIGTERM would (the learning-rate schedule still spans
+        train.steps)."""
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.run_dir / "config.toml")
-        metrics_path = self.run_dir / "metrics.jsonl"
+        lead = self.rank == 0
+        resumed = self.resume()
+        if lead:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.toml")
+        writer = MetricsWriter(self.run_dir, enabled=lead, tensorboard=cfg.metrics.tensorboard,
+                               keep_until=resumed)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
-        meter = ThroughputMeter(device_name)
+        meter = ThroughputMeter(device_name, devices=self.world)
+        vision_trainable = cfg.optim.lr_vision > 0
+        model_share = self.dims.tp * self.dims.pp if self.dims else 1  # ranks that split one batch
+        end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
         records: list[dict] = []
-        bar = tqdm(total=cfg.train.steps, disable=not progress, dynamic_ncols=True,
-                   desc=f"{self.model_cfg.name} on {device_name or 'cpu'}", mininterval=0.5)
-        vision_trainable = any(p.requires_grad for p in self.model.visual.parameters())
-        with open(metrics_path, "w") as metrics_file:
-            while self.step_count < cfg.train.steps:
+        if resumed is not None and lead:
+            print(f"resumed from step {resumed} ({self.checkpointer.directory})")
+        bar = tqdm(initial=self.step_count, total=cfg.train.steps, disable=not (progress and lead),
+                   dynamic_ncols=True, desc=f"{self.model_cfg.name} on {device_name or 'cpu'}",
+                   mininterval=0.5)
+        stop = False
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while self.step_count < end:
                 start = time.perf_counter()
-                batch = next(self.loader)
-                batch.validate(self.model_cfg.llm.vocab_size, self.model_cfg.n_query,
-                               self.model_cfg.vision.image_size)
-                flops = training_flops(batch_flops(self.model_cfg, batch), vision_trainable)
-                result = self.step(batch)
+                batches = [next(self.loader) for _ in range(cfg.parallel.microbatches)]
+                data_seconds = time.perf_counter() - start
+                flops = 0
+                for batch in batches:
+                    batch.validate(self.model_cfg.llm.vocab_size, self.model_cfg.n_query,
+                                   self.model_cfg.vision.image_size)
+                    flops += training_flops(batch_flops(self.model_cfg, batch), vision_trainable)
+                result = self.step(batches)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
-                meter.update(tokens=result.tokens, images=result.images, flops=flops, seconds=elapsed)
+                # the job's totals (each rank counts its share of its batches) and whether any
+                # rank was signalled, in one reduction, so every rank stops at the same step
+                totals = torch.tensor([result.tokens, result.images, flops,
+                                       float(self._stop_signal is not None)], dtype=torch.float64)
+                totals[:3] /= model_share
+                if dist.is_initialized():
+                    totals = totals.to(self.device)
+                    dist.all_reduce(totals)
+                    totals = totals.cpu()
+                stop = totals[3].item() > 0
+                meter.update(tokens=totals[0].item(), images=totals[1].item(), flops=totals[2].item(),
+                             seconds=elapsed, data_seconds=data_seconds)
                 bar.update(1)
                 rates = meter.report()
                 bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{rates['tokens_per_s']:,.0f}",
-                                img_s=f"{rates['images_per_s']:,.0f}", refresh=False)
-                if self.step_count % cfg.train.log_every == 0 or self.step_count == cfg.train.steps:
+                                mfu="n/a" if rates["mfu"] is None else f"{rates['mfu']:.1%}",
+                                refresh=False)
+                if (self.step_count % cfg.metrics.log_interval == 0 or self.step_count == end
+                        or result.skipped):
                     record = {"step": self.step_count, "loss": result.loss, "ce": result.ce,
                               "mse": result.mse, "grad_norm": result.grad_norm,
-                              "lr": self.scheduler.get_last_lr()[0], **rates}
+                              "lr": self.scheduler.get_last_lr()[0], **rates,
+                              "memory_gib": peak_memory_gib(self.device),
+                              "nonfinite_steps": self.nonfinite_total}
                     records.append(record)
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                    writer.write(record)
                     meter.reset()
-        bar.close()
+                if self.nonfinite_in_a_row >= cfg.train.max_nonfinite:
+                    raise NonFiniteError(
+                        f"{self.nonfinite_in_a_row} steps in a row (up to step {self.step_count}) "
+                        f"had a non-finite loss or gradient norm (last: loss {result.loss}, grad "
+                        f"norm {result.grad_norm}); their updates were skipped. Stopping: lower "
+                        f"optim.lr, check the data, or resume from the last checkpoint")
+                interval = cfg.checkpoint.interval
+                if stop or (interval and self.step_count % interval == 0) or self.step_count == end:
+                    self.checkpointer.save(self.step_count)
+                if stop:
+                    if lead:
+                        bar.close()
+                        print(f"pretrain: {self._stop_signal or 'a signal on another rank'}: "
+                              f"checkpoint of step {self.step_count} saved in "
+                              f"{self.checkpointer.directory}; run the same command to resume")
+                    break
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.checkpointer.wait()
+            bar.close()
+            writer.close()
+        if stop or self.step_count < cfg.train.steps:
+            return records
         data = {"step": self.step_count, "skipped": dict(self.loader.skip_counts()),
                 "truncated": self.loader.truncated}
         records.append(data)
-        with open(metrics_path, "a") as metrics_file:
-            metrics_file.write(json.dumps(data) + "\n")
-        if cfg.train.eval_batches:
+        writer.write(data)
+        if cfg.train.eval_batches and self.parallel is None:
             record = {"step": self.step_count, **self.evaluate_grounding(cfg.train.eval_batches)}
             records.append(record)
-            with open(metrics_path, "a") as metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
+            writer.write(record)
         return records
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self._stop_signal = f"received {signal.Signals(signum).name}"
 
     @torch.no_grad()
     def evaluate_grounding(self, n_batches: int) -> dict:
         """Caption loss on held-out image-caption pairs (`heldout_caption_loader`), image
         first, with each sample's own image and with another sample's image. A model that
         reads its images does better with the right ones; a captioner that ignores them
-        scores the same on both."""
+        scores the same on both. Single process only (the parallel trainer skips it)."""
         loader = heldout_caption_loader(self.cfg.data, self.tokenizer, self.model_cfg)
         self.model.eval()
         right = wrong = 0.0
