@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -156,7 +157,9 @@ class Trainer:
             self.nonfinite_in_a_row = 0
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step: the schedule still advances
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.scheduler.step()
         self.step_count += 1
         return StepResult(loss=loss, ce=ce, mse=mse, grad_norm=grad_norm,
                           tokens=sum(b.n_tokens for b in batches),

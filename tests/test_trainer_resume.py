@@ -1,0 +1,124 @@
+"""Exact resume, SIGTERM and non-finite steps of the pretraining trainer, on the CPU."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from emu2_engine.checkpoint.dcp import complete_checkpoints
+from emu2_engine.train.config import JobConfig
+from emu2_engine.train.trainer import NonFiniteError, Trainer
+
+TINY = ["--data.seq_len=128", "--data.rows=2", "--data.max_images=8", "--data.text_len=128",
+        "--data.interleaved_len=128", "--optim.warmup_steps=1", "--train.eval_batches=0",
+        "--metrics.log_interval=1", "--metrics.tensorboard=false", "--checkpoint.interval=0"]
+
+
+def tiny_config(run_dir, *extra: str) -> JobConfig:
+    return JobConfig.load(None, TINY + [f"--train.run_dir={run_dir}", *extra])
+
+
+def losses(run_dir) -> dict[int, tuple[float, float, float, float]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["ce"], r["mse"], r["grad_norm"]) for r in lines if "loss" in r}
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """2k steps in one go against k steps, a checkpoint, and a fresh trainer resuming to 2k
+    (microbatches = 2, so the loader position inside a step and the pool matter): the losses
+    and gradient norms of every step agree bit for bit, and so do the final parameters."""
+    k = 3
+    extra = [f"--train.steps={2 * k}", "--parallel.microbatches=2"]
+    whole = Trainer(tiny_config(tmp_path / "whole", *extra))
+    whole.train(progress=False)
+
+    first = Trainer(tiny_config(tmp_path / "split", *extra))
+    first.train(progress=False, stop_at=k)
+    assert [s for s, _ in complete_checkpoints(tmp_path / "split" / "checkpoints")] == [k]
+    assert sorted(losses(tmp_path / "split")) == list(range(1, k + 1))
+    second = Trainer(tiny_config(tmp_path / "split", *extra))
+    second.train(progress=False)
+    assert second.step_count == 2 * k
+
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    assert sorted(losses(tmp_path / "whole")) == list(range(1, 2 * k + 1))
+    for (name, a), b in zip(whole.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # the last step is always checkpointed; keep = 2 leaves the newest two
+    assert [s for s, _ in complete_checkpoints(tmp_path / "split" / "checkpoints")] == [k, 2 * k]
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    """A NaN loss at step 2 leaves the parameters as they were (no update), is counted in the
+    metrics, and the run goes on."""
+    trainer = Trainer(tiny_config(tmp_path, "--train.steps=4"))
+    real = trainer.forward_backward
+    seen = []
+
+    def nan_at_step_2(batches):
+        out = real(batches)
+        seen.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+        return out * float("nan") if trainer.step_count == 1 else out
+
+    monkeypatch.setattr(trainer, "forward_backward", nan_at_step_2)
+    trainer.train(progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["nonfinite_steps"] for r in steps] == [0, 1, 1, 1]
+    assert math.isnan(steps[1]["loss"]) and all(math.isfinite(r["loss"]) for r in steps[2:])
+    # parameters before step 3 (after skipped step 2) equal those before step 2
+    for name, before in seen[1].items():
+        assert torch.equal(before, seen[2][name]), name
+    assert any(not torch.equal(seen[0][n], seen[1][n]) for n in seen[0])  # step 1 did update
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):
+    """A NaN gradient every step: after train.max_nonfinite = 3 of them the run stops with a
+    message; `pretrain` turns that into exit status 1 and one line on stderr."""
+    from emu2_engine import pretrain
+
+    original = Trainer.clip_grad_norm
+    monkeypatch.setattr(Trainer, "clip_grad_norm", lambda self: original(self) * float("nan"))
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row \(up to step 3\) had a non-finite"):
+        Trainer(tiny_config(tmp_path / "a", "--train.steps=10", "--train.max_nonfinite=3")).train(progress=False)
+    rc = pretrain.main(["--no-progress", *TINY, f"--train.run_dir={tmp_path / 'b'}", "--train.steps=10",
+                        "--train.max_nonfinite=2"])
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pretrain: 2 steps in a row (up to step 2) had a non-finite loss or gradient norm")
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0_then_resume_continues(tmp_path):
+    """SIGTERM to `python -m emu2_engine.pretrain` mid-run: the step under way finishes, its
+    checkpoint is written, the exit status is 0 with a message; a new trainer resumes from it
+    and its first record is the next step."""
+    run = tmp_path / "run"
+    args = TINY + [f"--train.run_dir={run}", "--train.steps=500", "--optim.warmup_steps=5"]
+    proc = subprocess.Popen([sys.executable, "-m", "emu2_engine.pretrain", "--no-progress", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run did not reach step 2 in 120 s"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    saved = [s for s, _ in complete_checkpoints(run / "checkpoints")]
+    assert len(saved) == 1 and 2 <= saved[0] < 500
+    assert (f"pretrain: received SIGTERM: checkpoint of step {saved[0]} saved in "
+            f"{run / 'checkpoints'}; run the same command to resume") in out
+    assert max(losses(run)) == saved[0]  # every finished step was logged, none after
+
+    resumed = Trainer(JobConfig.load(None, args))
+    records = resumed.train(progress=False, stop_at=saved[0] + 2)
+    assert [r["step"] for r in records] == [saved[0] + 1, saved[0] + 2]
+    assert sorted(losses(run)) == list(range(1, saved[0] + 3))
