@@ -53,6 +53,8 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +122,45 @@ def _single_process_ok() -> Iterator[None]:
 
 
 class _ModelAndOptimizer(Stateful):
-    """Model and optimiser state as DCP sees them: named, and sharded where the parameters are."""
+    """Model and optimiser state as DCP sees them: named, and sharded where the parameters are.
+
+    A DTensor split only by `_StridedShard` (the ViT's fused qkv under tensor parallelism
+    without FSDP: each rank holds a third of q, of k and of v) is not one contiguous chunk,
+    which DCP's save plan cannot describe; it is saved whole (gathered) and split again when
+    loaded."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
         self.model, self.optimizer = model, optimizer
+        self._gathered: dict[tuple[str, ...], DTensor] = {}  # path -> the DTensor it came from
 
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:
-            return {"model": get_model_state_dict(self.model)}
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return {"model": model_state, "optimizer": optim_state}
+            state = {"model": get_model_state_dict(self.model)}
+        else:
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            state = {"model": model_state, "optimizer": optim_state}
+        self._gathered.clear()
+        return self._gather_strided(state, ())
+
+    def _gather_strided(self, node: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(node, dict):
+            return {k: self._gather_strided(v, path + (k,)) for k, v in node.items()}
+        if isinstance(node, DTensor) and any(isinstance(p, _StridedShard) for p in node.placements) \
+                and not any(type(p) is Shard for p in node.placements):
+            self._gathered[path] = node
+            return node.full_tensor()
+        return node
+
+    def _split_gathered(self, state: dict[str, Any]) -> dict[str, Any]:
+        for path, like in self._gathered.items():
+            parent = state
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = distribute_tensor(parent[path[-1]], like.device_mesh, like.placements)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = self._split_gathered(state)
         if self.optimizer is None:
             set_model_state_dict(self.model, state["model"])
         else:
