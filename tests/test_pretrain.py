@@ -142,3 +142,57 @@ def test_bf16_autocast_step_runs_the_fused_ops(tmp_path):
     second = trainer.step([batch])
     assert math.isfinite(first.loss) and math.isfinite(second.grad_norm)
     assert second.loss < first.loss  # the same batch again, after one step
+
+
+PRETRAIN_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.toml") if not p.name.startswith("decoder_"))
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.stem)
+def test_every_pretrain_config_loads_and_validates(path):
+    """Each recipe in configs/ loads, passes every check at the world size its degrees span
+    (including the model checks: tp divides the heads, pipeline stages fit the layers), and
+    its batch is whole micro-batches of at least pp each."""
+    cfg = JobConfig.load(path)
+    dims = cfg.parallel.dims()
+    cfg.validate(world_size=dims.world_size)
+    assert cfg.parallel.microbatches >= dims.pp
+    assert JobConfig.load(None, []).to_toml().count("[") == cfg.to_toml().count("[")  # every section
+
+
+def test_the_37b_recipes_spell_out_their_layout():
+    layouts = {p.stem: JobConfig.load(p).parallel for p in PRETRAIN_CONFIGS if "37b" in p.stem}
+    assert set(layouts) == {"stage1_37b", "stage2_37b", "chat_37b", "gen_37b"}
+    assert all(p.dims().world_size == 64 for p in layouts.values())
+    stage1, stage2 = JobConfig.load(REPO / "configs/stage1_37b.toml"), JobConfig.load(REPO / "configs/stage2_37b.toml")
+    assert stage1.data.regress == [] and min(stage1.optim.lr, stage1.optim.lr_vision, stage1.optim.lr_projector) > 0
+    assert len({stage1.optim.lr, stage1.optim.lr_vision}) == 2  # separate peak LRs
+    assert stage2.optim.lr_vision == 0.0 and stage2.data.regress
+    assert stage2.data.weights == [9600.0, 3200.0, 6400.0, 3200.0, 800.0]  # 12800 : 6400 : 3200 : 800
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--parallel.tp=3"], r"parallel.tp = 3 must divide vision.heads \(4\) of the model 'debug'"),
+    (["--parallel.pp=2"], r"parallel.microbatches \(1\) must be at least pp \(2\) to fill the pipeline"),
+    (["--parallel.pp=2", "--parallel.microbatches=2", "--parallel.pp_schedule=zbv",
+      "--parallel.stages_per_rank=2"], r"4 pipeline stages \(pp x stages_per_rank\) need at least 3 LLM layers"),
+    (["--model.preset=proxy-1b", "--parallel.pp=2", "--parallel.microbatches=2",
+      "--parallel.pp_schedule=zbv", "--parallel.stages_per_rank=2"],
+     "the trainer checkpoints one pipeline stage per rank"),
+    (["--parallel.activation_checkpoint=some"], "parallel.activation_checkpoint must be one of"),
+    (["--parallel.dp_replicate=2"], r"dp_replicate = 2 needs dp_shard > 1"),
+    (["--parallel.microbatches=0"], r"parallel.microbatches must be >= 1, got 0"),
+    (["--train.max_nonfinite=0"], "train.max_nonfinite must be positive, got 0"),
+    (["--checkpoint.keep=0"], "checkpoint.keep must be positive, got 0"),
+    (["--checkpoint.interval=-1"], "checkpoint.interval must be >= 0, got -1"),
+    (["--metrics.log_interval=0"], "metrics.log_interval must be positive, got 0"),
+])
+def test_parallel_and_run_config_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        JobConfig.load(None, overrides)
+
+
+def test_world_size_must_be_the_product_of_the_degrees():
+    cfg = JobConfig.load(None, ["--parallel.tp=2", "--parallel.dp_shard=2"])
+    cfg.validate(world_size=4)
+    with pytest.raises(ValueError, match=r"1 x 2 x 2 x 1 = 4 must equal the world size 8"):
+        cfg.validate(world_size=8)
