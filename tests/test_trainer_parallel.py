@@ -55,3 +55,39 @@ def test_fsdp2_two_microbatches_runs_and_checkpoints(tmp_path):
     assert 0 <= steps[-1]["data_wait"] < 1
     assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [3]
     assert JobConfig.load(tmp_path / "config.toml").parallel.dp_shard == 2
+
+
+def test_rank_killed_under_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
+    """SIGKILL to the worker of `torchrun --max-restarts=1` after step 5, checkpoints every 3
+    steps: torchrun restarts it, it resumes from step 3 (resume = auto), finishes with exit
+    status 0, and the per-step losses equal those of an uninterrupted run bit for bit."""
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "killed"
+    args = [*TINY[:-1], "--train.steps=10", "--checkpoint.interval=3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           "--max-restarts=1", "-m", "emu2_engine.pretrain", "--no-progress", *args,
+           f"--train.run_dir={run}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run did not reach step 5 in 120 s"
+        time.sleep(0.05)
+    worker = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(worker) == 1
+    os.kill(int(worker[0]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    resumed_at = int(out.split("resumed from step ")[1].split()[0])
+    assert resumed_at in (3, 6)  # the newest complete checkpoint when the worker died
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    got = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert sorted(got) == list(range(1, 11))
+
+    whole = Trainer(JobConfig.load(None, args + [f"--train.run_dir={tmp_path / 'whole'}"]))
+    want = {r["step"]: r["loss"] for r in whole.train(progress=False) if "loss" in r}
+    assert got == want
