@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from emu2_engine.checkpoint.dcp import complete_checkpoints
 from emu2_engine.train.config import JobConfig
@@ -41,6 +42,29 @@ def test_tp2_matches_one_process(tmp_path):
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
     assert records[-1]["mfu"] is None and records[-1]["tokens_per_s"] > 0
     assert [s for s, _ in complete_checkpoints(tmp_path / "tp2" / "checkpoints")] == [3]
+
+
+def test_pp2_interleaved_matches_one_process_and_its_checkpoint_loads_anywhere(tmp_path):
+    """pp = 2 with the interleaved 1F1B schedule (4 stages, two per rank, the debug model made
+    4 layers deep): the same data as one process, so the same losses; each rank's two stages
+    are checkpointed under the whole model's names, so one process resumes from it."""
+    deep = ["--model.llm_layers=4", "--parallel.microbatches=2"]
+    records = [r for r in torchrun(tmp_path / "pp2", *deep, "--parallel.pp=2",
+                                   "--parallel.pp_schedule=interleaved-1f1b",
+                                   "--parallel.stages_per_rank=2") if "loss" in r]
+    single = Trainer(JobConfig.load(None, TINY + deep + [f"--train.run_dir={tmp_path / 'one'}"]))
+    reference = [r for r in single.train(progress=False) if "loss" in r]
+    for got, want in zip(records, reference, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-5)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    # the whole model's parameters and optimiser moments, from the two ranks' four stages
+    reloaded = Trainer(JobConfig.load(None, TINY + deep + [
+        f"--train.run_dir={tmp_path / 'reload'}",
+        f"--checkpoint.resume={tmp_path / 'pp2' / 'checkpoints' / 'step-000003'}"]))
+    assert reloaded.resume() == 3
+    for (name, a), b in zip(single.model.state_dict().items(), reloaded.model.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    assert reloaded.scheduler.get_last_lr() == single.scheduler.get_last_lr()
 
 
 def test_fsdp2_two_microbatches_runs_and_checkpoints(tmp_path):

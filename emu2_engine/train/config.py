@@ -23,6 +23,21 @@ class ModelSection:
     """A preset of `emu2_engine.models.config.PRESETS`."""
     regression_weight: float = 1.0
     """Weight of the image-regression MSE against the text cross-entropy."""
+    llm_layers: int = 0
+    """LLM blocks, overriding the preset's count (0 keeps it): a shallower or deeper proxy of
+    a preset, e.g. the debug model deep enough for a 4-stage pipeline."""
+
+    def build_config(self):
+        """The `Emu2Config` of this section: the preset with its overrides."""
+        from dataclasses import replace
+
+        from emu2_engine.models.config import PRESETS
+
+        cfg = replace(PRESETS[self.preset], regression_weight=self.regression_weight)
+        if self.llm_layers:
+            cfg = replace(cfg, llm=replace(cfg.llm, layers=self.llm_layers))
+        cfg.validate()
+        return cfg
 
 
 DATASET_KINDS = ("image_text", "video_text", "interleaved", "grounded", "text", "vqa")
@@ -283,6 +298,7 @@ class JobConfig:
              f"data.text_len ({d.text_len}) must lie in [3, data.seq_len = {d.seq_len}]"),
             (d.video_frames > 0, f"data.video_frames must be positive, got {d.video_frames}"),
             (self.train.steps > 0, f"train.steps must be positive, got {self.train.steps}"),
+            (self.model.llm_layers >= 0, f"model.llm_layers must be >= 0, got {self.model.llm_layers}"),
             (self.metrics.log_interval > 0,
              f"metrics.log_interval must be positive, got {self.metrics.log_interval}"),
             (self.train.max_nonfinite > 0,
@@ -310,19 +326,15 @@ class JobConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        self._validate_parallel(PRESETS[self.model.preset], world_size)
+        self._validate_parallel(self.model.build_config(), world_size)
 
     def _validate_parallel(self, model_cfg, world_size: int | None) -> None:
-        """The engine's own checks (`ParallelDims.validate`, `ParallelConfig.validate`), and
-        what the trainer adds: the micro-batches and the schedule fit."""
-        p = self.parallel
-        dims = p.dims()
+        """The engine's own checks (`ParallelDims.validate`, `ParallelConfig.validate`): degrees,
+        world size, the model's divisibility, micro-batches against the schedule."""
+        dims = self.parallel.dims()
         # the world-size check only once the world is known; the product stands in until then
         dims.validate(dims.world_size if world_size is None else world_size, model_cfg)
-        p.parallel_config().validate(dims, model_cfg)
-        if p.pp > 1 and p.stages_per_rank > 1:
-            raise ValueError(f"parallel.stages_per_rank = {p.stages_per_rank}: the trainer "
-                             f"checkpoints one pipeline stage per rank; use pp_schedule = 1f1b")
+        self.parallel.parallel_config().validate(dims, model_cfg)
 
     # -- output ---------------------------------------------------------------------------
     def to_dict(self) -> dict:

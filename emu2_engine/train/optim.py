@@ -64,6 +64,21 @@ def lr_factor(step: int, total_steps: int, cfg: OptimSection) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
-                    cfg: OptimSection) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+class WarmupDecay(torch.optim.lr_scheduler.LambdaLR):
+    """`lr_factor` as a LambdaLR whose state is only its step: the peak of each group comes
+    from the config, not the checkpoint, so a checkpoint loads whatever groups this rank's
+    optimiser has (a pipeline rank holds only some components; DCP keeps one copy of the
+    scheduler state for all ranks)."""
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = int(state["last_epoch"])
+        for group, base, factor in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
+            group["lr"] = base * factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimSection) -> WarmupDecay:
+    return WarmupDecay(optimizer, lambda step: lr_factor(step, total_steps, cfg))

@@ -21,14 +21,15 @@ import os
 import signal
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from tqdm import tqdm
 
-from emu2_engine.checkpoint.dcp import Checkpointer
+from emu2_engine.checkpoint.dcp import Checkpointer, latest
 from emu2_engine.data.batch import PackedBatch
 from emu2_engine.data.loader import build_loader, heldout_caption_loader
 from emu2_engine.data.tokenizer import Emu2Tokenizer
@@ -63,6 +64,27 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def merge_stages(models: list[nn.Module | None]) -> nn.Module | None:
+    """This rank's pipeline stages (pruned copies of one `Emu2Model`) as one module whose
+    parameters keep the whole model's names, for the optimiser groups and the checkpoints:
+    a submodule held by one stage is taken as it is; one that several stages hold (the LLM,
+    its ``layers`` dict) holds no parameters of its own and is rebuilt from the union of their
+    children. One stage is returned unchanged."""
+    present = [m for m in models if m is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+    if any(True for m in present for _ in m.parameters(recurse=False)):
+        raise ValueError(f"{type(present[0]).__name__} holds parameters of its own in "
+                         f"{len(present)} pipeline stages; they cannot be merged")
+    merged = nn.ModuleDict() if isinstance(present[0], nn.ModuleDict) else nn.Module()
+    names = list(dict.fromkeys(name for m in present for name in m._modules))
+    for name in names:
+        child = merge_stages([m._modules.get(name) for m in present])
+        if child is not None:
+            merged.add_module(name, child)
+    return merged
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig):
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -76,8 +98,7 @@ class Trainer:
             dtype = "bf16" if self.device.type == "cuda" else "fp32"
         self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
 
-        self.model_cfg: Emu2Config = replace(Emu2Config.from_preset(cfg.model.preset),
-                                             regression_weight=cfg.model.regression_weight)
+        self.model_cfg: Emu2Config = cfg.model.build_config()
         self.world = world
         self.dims = self.parallel = None
         if world > 1:
@@ -94,7 +115,7 @@ class Trainer:
                                     images=cfg.data.max_images)
             self.parallel = parallelize(model, self.dims, self.dims.mesh,
                                         cfg.parallel.parallel_config(), shape)
-            model = self.parallel.models[0]  # this rank's pipeline stage (config: one per rank)
+            model = merge_stages(self.parallel.models)
         self.model = model
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -175,6 +196,9 @@ class Trainer:
         step = self.checkpointer.load(None if how == "auto" else how)
         if step is not None:
             self.step_count = step
+            if self.rank == 0:
+                source = latest(self.checkpointer.directory) if how == "auto" else how
+                print(f"resumed from step {step} ({source})")
         return step
 
     def train(self, progress: bool = True, stop_at: int | None = None) -> list[dict]:
@@ -196,8 +220,6 @@ class Trainer:
         model_share = self.dims.tp * self.dims.pp if self.dims else 1  # ranks that split one batch
         end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
         records: list[dict] = []
-        if resumed is not None and lead:
-            print(f"resumed from step {resumed} ({self.checkpointer.directory})")
         bar = tqdm(initial=self.step_count, total=cfg.train.steps, disable=not (progress and lead),
                    dynamic_ncols=True, desc=f"{self.model_cfg.name} on {device_name or 'cpu'}",
                    mininterval=0.5)
