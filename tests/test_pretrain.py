@@ -176,6 +176,11 @@ def test_the_37b_recipes_spell_out_their_layout():
     (["--parallel.pp=2", "--parallel.microbatches=2", "--parallel.pp_schedule=zbv",
       "--parallel.stages_per_rank=2"], r"4 pipeline stages \(pp x stages_per_rank\) need at least 3 LLM layers"),
     (["--model.llm_layers=-1"], "model.llm_layers must be >= 0, got -1"),
+    (["--train.global_batch=10", "--parallel.tp=2"],
+     r"train.global_batch \(10\) must be dp \(1\) x parallel.microbatches \(1\) x data.rows \(4\) = 4: "
+     r"10 rows do not split into micro-batches of 4 rows on 1 data-parallel ranks"),
+    (["--train.global_batch=32", "--parallel.dp_shard=2"],
+     r"= 8: set parallel.microbatches = 4"),
     (["--parallel.activation_checkpoint=some"], "parallel.activation_checkpoint must be one of"),
     (["--parallel.dp_replicate=2"], r"dp_replicate = 2 needs dp_shard > 1"),
     (["--parallel.microbatches=0"], r"parallel.microbatches must be >= 1, got 0"),

@@ -130,6 +130,10 @@ class TrainSection:
     """auto (first GPU if any, else CPU), cpu or cuda."""
     dtype: str = "auto"
     """Compute dtype: auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16."""
+    global_batch: int = 0
+    """Packed rows per optimiser step over all data-parallel ranks, as the recipe intends it;
+    a layout that does not give dp x parallel.microbatches x data.rows rows is refused, with
+    the micro-batch count that would. 0: no check."""
     max_nonfinite: int = 5
     """Stop the run after this many steps in a row whose loss or gradient norm is not finite
     (each such step is skipped: no optimiser update)."""
@@ -335,6 +339,18 @@ class JobConfig:
         # the world-size check only once the world is known; the product stands in until then
         dims.validate(dims.world_size if world_size is None else world_size, model_cfg)
         self.parallel.parallel_config().validate(dims, model_cfg)
+        wanted, rows = self.train.global_batch, self.data.rows
+        if wanted < 0:
+            raise ValueError(f"train.global_batch must be >= 0, got {wanted}")
+        got = dims.dp * self.parallel.microbatches * rows
+        if wanted and wanted != got:
+            per_rank = dims.dp * rows
+            fix = (f"set parallel.microbatches = {wanted // per_rank}" if wanted % per_rank == 0 else
+                   f"{wanted} rows do not split into micro-batches of {rows} rows on {dims.dp} "
+                   f"data-parallel ranks")
+            raise ValueError(f"train.global_batch ({wanted}) must be dp ({dims.dp}) x "
+                             f"parallel.microbatches ({self.parallel.microbatches}) x data.rows "
+                             f"({rows}) = {got}: {fix}")
 
     # -- output ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
