@@ -2,7 +2,10 @@
 
 With no arguments: the debug preset on the shapes-world shards (generated on first use into
 `data.cache_dir`), on the first GPU if there is one, else on the CPU, for the steps in
-configs/debug.toml's defaults.
+configs/debug.toml's defaults. With `--nproc_per_node=N` the ranks split the work as
+[parallel] says (its degrees must multiply to N x nodes). A run resumes from its newest
+checkpoint, stops cleanly on SIGTERM/SIGINT, and writes metrics to <run_dir>/metrics.jsonl
+(docs/training.md).
 """
 
 from __future__ import annotations

@@ -86,6 +86,9 @@ def merge_stages(models: list[nn.Module | None]) -> nn.Module | None:
 
 
 class Trainer:
+    """One rank of a training run: `train()` runs it (resume, steps, checkpoints, metrics),
+    `step()` is one optimiser step. Every rank of a torchrun job builds one."""
+
     def __init__(self, cfg: JobConfig):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world_size=world)
