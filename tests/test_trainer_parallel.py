@@ -67,11 +67,13 @@ def test_pp2_interleaved_matches_one_process_and_its_checkpoint_loads_anywhere(t
     assert reloaded.scheduler.get_last_lr() == single.scheduler.get_last_lr()
 
 
-def test_fsdp2_two_microbatches_runs_and_checkpoints(tmp_path):
-    """dp_shard = 2 with 2 micro-batches per rank: the ranks read different data (so the loss
-    differs from one process); the run completes, logs every step and checkpoints the end."""
+def test_fsdp2_two_microbatches_meta_init_runs_and_checkpoints(tmp_path):
+    """dp_shard = 2 with 2 micro-batches per rank, the model built on the meta device and each
+    rank's shards initialised in place (as the 37B recipes do): the ranks read different data
+    (so the loss differs from one process); the run completes, learns, logs every step and
+    checkpoints the end."""
     records = torchrun(tmp_path, "--parallel.dp_shard=2", "--parallel.microbatches=2",
-                       "--parallel.param_dtype=float32")
+                       "--parallel.param_dtype=float32", "--parallel.meta_init=true")
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)

@@ -35,11 +35,14 @@ class Emu2Model(nn.Module):
         nn.init.normal_(self.project_down.weight, std=0.02)
 
     def init_weights(self) -> None:
-        """Fresh initialisation of every parameter and buffer (after `to_empty` from meta)."""
-        self.visual.init_weights()
+        """Fresh initialisation of every parameter and buffer (after `to_empty` from meta),
+        skipping the parts a pipeline stage does not hold."""
+        if self.visual is not None:
+            self.visual.init_weights()
         self.llm.init_weights()
-        for m in (self.projector.project_up, self.lm_head, self.project_down):
-            nn.init.normal_(m.weight, std=0.02)
+        for m in (self.projector and self.projector.project_up, self.lm_head, self.project_down):
+            if m is not None:
+                nn.init.normal_(m.weight, std=0.02)
         for m in self.modules():
             if isinstance(m, RotaryEmbedding):
                 m.reset_buffers()

@@ -168,6 +168,10 @@ class ParallelSection:
     """torch.compile each ViT and LLaMA block."""
     param_dtype: str = "bfloat16"
     """Dtype FSDP gathers parameters in for compute (float32, bfloat16, float16); dp > 1 only."""
+    meta_init: bool = False
+    """Build the model on the meta device and initialise only this rank's shards, in place
+    (real sizes: the whole model fits no device). Off: every rank builds the whole model, so a
+    run starts from the same weights as a one-process run."""
 
     def dims(self):
         """The `ParallelDims` of these degrees."""

@@ -110,7 +110,9 @@ class Trainer:
             self.dims = cfg.parallel.dims()
             self.dims.build_mesh(self.device.type)
         torch.manual_seed(cfg.train.seed)  # every rank builds the same initial model
-        model = Emu2Model(self.model_cfg).to(self.device)
+        meta = self.dims is not None and cfg.parallel.meta_init
+        with torch.device("meta" if meta else self.device):
+            model = Emu2Model(self.model_cfg)
         if self.dims is not None:
             from emu2_engine.parallel import MicroBatchShape, parallelize
 
@@ -118,6 +120,10 @@ class Trainer:
                                     images=cfg.data.max_images)
             self.parallel = parallelize(model, self.dims, self.dims.mesh,
                                         cfg.parallel.parallel_config(), shape)
+            if meta:  # materialise this rank's shards; DTensor initialisers draw per shard
+                for stage_model in self.parallel.models:
+                    stage_model.to_empty(device=self.device)
+                    stage_model.init_weights()
             model = merge_stages(self.parallel.models)
         self.model = model
         self.rank = dist.get_rank() if dist.is_initialized() else 0
