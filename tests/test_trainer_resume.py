@@ -52,6 +52,10 @@ def test_resume_is_bit_exact(tmp_path):
         assert torch.equal(a, b), name
     # the last step is always checkpointed; keep = 2 leaves the newest two
     assert [s for s, _ in complete_checkpoints(tmp_path / "split" / "checkpoints")] == [k, 2 * k]
+    # run again: already complete, nothing trained, the metrics of the run kept
+    again = Trainer(tiny_config(tmp_path / "split", *extra))
+    assert not any("loss" in r for r in again.train(progress=False)) and again.step_count == 2 * k
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
 
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path, monkeypatch):
