@@ -44,6 +44,7 @@ from emu2_engine.models.config import PRESETS, UNET_PRESETS, Emu2Config, UNetCon
 from emu2_engine.models.projector import Projector
 from emu2_engine.models.unet import UNet, load_unet_weights
 from emu2_engine.models.unet3d import VideoUNet, inflate_unet
+from emu2_engine.train.trainer import pick_device
 from emu2_engine.models.vit import EVAVisionTransformer
 from emu2_engine.train.config import JobConfig
 from emu2_engine.train.optim import build_scheduler
@@ -358,15 +359,6 @@ def build_vae(spec: str, image_size: int, seed: int):
 # ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------
-def pick_device(name: str) -> torch.device:
-    """auto: the first GPU if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device = cuda, but no CUDA device is visible")
-    return torch.device(name)
-
-
 def offset_noise(shape: torch.Size | tuple[int, ...], offset: float,
                  generator: torch.Generator) -> torch.Tensor:
     """Gaussian noise plus `offset` x a Gaussian constant per (sample, channel), shared by every

@@ -57,6 +57,7 @@ class StepResult:
 
 
 def pick_device(name: str) -> torch.device:
+    """auto: the first GPU if there is one, else the CPU; cuda without a GPU is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
