@@ -89,6 +89,11 @@ def environment() -> dict:
             env["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
         except (OSError, subprocess.TimeoutExpired, IndexError):
             pass
+    # A copy of the tree sent to another machine may carry stale git metadata (the device
+    # tool's does): whoever sends it can name the commit in EMU2_COMMIT.
+    if os.environ.get("EMU2_COMMIT"):
+        env["git_commit"] = os.environ["EMU2_COMMIT"] + " (EMU2_COMMIT)"
+        return env
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, timeout=10)

@@ -5,7 +5,8 @@
 # brings back no more), printing the summary tables last.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
-# TESTS=none skips the GPU tests.
+# TESTS=none skips the GPU tests. EMU2_COMMIT=<hash> names the commit measured in the reports
+# (the device tool's copy of the tree carries stale git metadata).
 #   OUT=... TESTS="tests/test_x.py" MODULES="attention:170 head_loss" PYTEST_S=150 MODULE_S=90 bash benchmarks/gpu_check.sh
 # (a module written name:seconds gets its own cap instead of MODULE_S)
 set -uo pipefail

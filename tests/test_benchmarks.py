@@ -79,3 +79,13 @@ def test_compare_reports(tmp_path):
     assert row.rstrip().endswith("B/A    0.500")
     with pytest.raises(FileNotFoundError, match="no such report"):
         compare.load(tmp_path / "missing")
+
+
+def test_environment_names_the_commit_given_in_emu2_commit(monkeypatch):
+    """A copied tree with stale git metadata (the GPU machine's) reports the commit it is told."""
+    from benchmarks.common import environment
+
+    monkeypatch.setenv("EMU2_COMMIT", "0123abc")
+    assert environment()["git_commit"] == "0123abc (EMU2_COMMIT)"
+    monkeypatch.delenv("EMU2_COMMIT")
+    assert environment()["git_commit"] != "0123abc (EMU2_COMMIT)"
