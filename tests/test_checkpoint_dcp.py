@@ -121,6 +121,36 @@ def test_keep_k_and_crashed_temp_folders(tmp_path):
     assert Checkpointer(tmp_path / "nothing-here", model).load() is None
 
 
+def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    """Save 100 and 200, resume from 100, save 150: step 200 belongs to the abandoned history.
+    It is moved aside (not counted by keep, not picked by resume=auto), and with keep=1 saving
+    160 keeps 160 itself, not the older-history 200."""
+    model, opt, sched, data = make_run(0)
+    ck = Checkpointer(tmp_path, model, opt, scheduler=sched, dataloader=data, keep=2)
+    ck.save(100)
+    train_step(model, opt, sched, data)
+    ck.save(200)
+    assert ck.load(100) == 100
+    train_step(model, opt, sched, data)
+    ck.save(150)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [100, 150]
+    assert latest(tmp_path) == step_folder(tmp_path, 150)
+    aside = tmp_path / "abandoned-step-000200"
+    assert (aside / ".metadata").is_file()  # its data is kept, under a name latest() ignores
+    assert Checkpointer(tmp_path, make_run(1)[0]).load(str(aside)) == 200
+
+    # keep=1 from a history that again holds a later step (the abandoned name is taken: -2).
+    train_step(model, opt, sched, data)
+    ck.save(200)
+    assert ck.load(150) == 150
+    ck_one = Checkpointer(tmp_path, model, opt, scheduler=sched, dataloader=data, keep=1)
+    ck_one.save(160)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [160]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "abandoned-step-000200", "abandoned-step-000200-2", "step-000160"]
+    assert Checkpointer(tmp_path, make_run(1)[0]).load() == 160
+
+
 def test_corrupt_and_mismatched_checkpoints(tmp_path):
     model, opt, sched, data = make_run(0)
     train_step(model, opt, sched, data)

@@ -19,6 +19,12 @@ folder. `latest` therefore never sees a half-written checkpoint, and a crash lea
 ``.tmp`` folder, which the next save removes. After each rename, rank 0 deletes the oldest
 complete checkpoints beyond the newest `keep`. All ranks must see one shared filesystem.
 
+A run resumed from an older checkpoint (load step 100 while step 200 exists) starts a new
+history: when it saves step s, the complete checkpoints of steps after s belong to the
+abandoned one. They are renamed ``abandoned-step-000200`` (kept on disk, never deleted by
+retention, ignored by `latest` so ``resume=auto`` continues the new history), and retention
+counts only steps up to s, so it never deletes the checkpoint just written.
+
 With ``async_save=True``, `save` returns once the state is staged in host memory and a
 background thread writes it (over a separate gloo group, so it never interleaves with the
 training's collectives); the next `save` (or `wait`) waits for it first, and rank 0 renames
@@ -61,6 +67,7 @@ log = logging.getLogger(__name__)
 _STEP = re.compile(r"^step-(\d+)$")
 _TMP = ".tmp"
 _INDEX = ".metadata"  # DCP's index, written after every rank's data
+_ABANDONED = "abandoned-"  # prefix of checkpoints of steps after the one a run resumed from
 
 
 class CheckpointError(ValueError):
@@ -98,6 +105,21 @@ def latest(directory: str | Path) -> Path | None:
     """The newest complete checkpoint in `directory`, or None if there is none."""
     found = complete_checkpoints(directory)
     return found[-1][1] if found else None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename the checkpoint folder ``step-000200`` to ``abandoned-step-000200`` (or
+    ``abandoned-step-000200-2``, ... if that name is taken): `latest` and retention no longer
+    see it, and its data stays on disk for whoever wants it back (rename it, or delete it)."""
+    target = path.with_name(_ABANDONED + path.name)
+    copy = 2
+    while target.exists():
+        target = path.with_name(f"{_ABANDONED}{path.name}-{copy}")
+        copy += 1
+    log.warning("checkpoint %s is newer than the step being saved (the run resumed from an "
+                "older checkpoint): moved aside to %s", path, target.name)
+    path.rename(target)
+    return target
 
 
 def _rank() -> int:
@@ -270,13 +292,21 @@ class Checkpointer:
         return final
 
     def _finalize(self, tmp: Path, final: Path) -> None:
-        """Rank 0: publish a written checkpoint, then drop the oldest beyond `keep`. A
-        checkpoint of the same step saved earlier is replaced only now that the new one is
-        complete."""
+        """Rank 0: publish a written checkpoint, set aside those of later steps (a run resumed
+        from an older checkpoint abandoned them), then drop the oldest beyond `keep`; the
+        folder just written is never dropped. A checkpoint of the same step saved earlier is
+        replaced only now that the new one is complete."""
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for _, old in complete_checkpoints(self.directory)[:-self.keep]:
+        step = int(_STEP.match(final.name).group(1))
+        kept = []
+        for saved_step, path in complete_checkpoints(self.directory):
+            if saved_step > step:
+                _set_aside(path)
+            else:
+                kept.append(path)
+        for old in kept[:-self.keep]:  # `final` is the newest of `kept`: never dropped
             shutil.rmtree(old)
 
     def _finish_async(self, future: Future, tmp: Path, final: Path) -> None:
