@@ -149,6 +149,24 @@ def test_truncated_tar_keeps_complete_samples_and_counts_once(tmp_path, cut):
     assert stats.counts == {"truncated_tar": 1}
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_corrupt_member_header_drops_rest_of_shard_and_is_counted(tmp_path, compress):
+    # tarfile stops quietly at a header with a bad checksum, as at the end-of-archive block:
+    # the half-read sample "b" (its .txt header is the garbage one) must not come out whole
+    # or partial, and the damage must be counted.
+    path = tmp_path / "corrupt.tar"
+    write_tar(path, [("a", {"jpg": b"x" * 10, "txt": b"cap a"}), ("b", {"jpg": b"y" * 10, "txt": b"cap b"}),
+                     ("c", {"jpg": b"z", "txt": b"c"})])
+    data = bytearray(path.read_bytes())
+    header = 3 * 1024  # each member: one 512-byte header + one 512-byte data block
+    assert data[header:header + 5] == b"b.txt"
+    data[header + 100:header + 108] = b"garbage!"  # the mode field: the checksum no longer matches
+    path.write_bytes(gzip.compress(bytes(data), mtime=0) if compress else bytes(data))
+    stats = SkipStats()
+    assert list(iter_tar_samples(str(path), stats, log=None)) == [("a", {"jpg": b"x" * 10, "txt": b"cap a"})]
+    assert stats.counts == {"corrupt_tar": 1}
+
+
 def test_complete_tars_plain_padded_and_gzipped_are_not_truncated(tmp_path):
     (path,) = _text_shards(tmp_path, 1, 10)
     data = open(path, "rb").read()

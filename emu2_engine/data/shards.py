@@ -17,6 +17,7 @@ What the reader refuses, each skipped and counted by kind in a `SkipStats`:
 | `duplicate_member` | a sample with two members of the same extension |
 | `stray_member` | a member with no extension (not part of any sample) |
 | `truncated_tar` | the shard ends before its end-of-archive block, or is not a tar: counted once, the samples read before stay, the rest of the shard is skipped |
+| `corrupt_tar` | a member header inside the shard is not a tar header (bad checksum, garbage): counted once like `truncated_tar` (the sample being read when it shows is dropped) |
 | `unreadable_shard` | the shard cannot be opened |
 
 A sample with a refused member is dropped whole (counted once, as the first reason), so a
@@ -114,6 +115,29 @@ def unsafe_name(name: str) -> bool:
     return name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) is not None or ".." in parts
 
 
+class _HeaderRecordingTarInfo(tarfile.TarInfo):
+    """TarInfo that remembers on its `_ShardTar` why reading a header failed: tarfile ends
+    the member iteration quietly on a garbage header just as on the end-of-archive block of
+    zeros, and only this tells the two apart."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as e:
+            tar.header_error = e
+            raise
+
+
+class _ShardTar(tarfile.TarFile):
+    """A TarFile whose `header_error` is the error of the last header that failed to read:
+    EOFHeaderError after a complete archive (its zero block), another HeaderError when the
+    shard is cut short (EmptyHeaderError, TruncatedHeaderError) or corrupt."""
+
+    tarinfo = _HeaderRecordingTarInfo
+    header_error: tarfile.HeaderError | None = None
+
+
 def iter_tar_samples(path: str, stats: SkipStats, log: Callable[[str], None] | None = print
                      ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Samples of one shard, in tar order: (key, {extension: bytes}).
@@ -121,8 +145,8 @@ def iter_tar_samples(path: str, stats: SkipStats, log: Callable[[str], None] | N
     Reads the tar as a stream and never writes anything. Members refused (see the module
     docstring) are counted in `stats` by kind, the first of each kind logged through `log`;
     a truncated or corrupt tar yields the samples complete before the damage (not the one
-    being read when it shows: it may lack members), is counted once as `truncated_tar`, and
-    ends."""
+    being read when it shows: it may lack members), is counted once as `truncated_tar` (cut
+    short, or not a tar) or `corrupt_tar` (a garbage member header inside it), and ends."""
     try:
         file = open(path, "rb")
     except OSError as e:
@@ -140,7 +164,7 @@ def iter_tar_samples(path: str, stats: SkipStats, log: Callable[[str], None] | N
             return key, members
 
         try:
-            tar = tarfile.open(fileobj=file, mode="r|*")
+            tar = _ShardTar.open(fileobj=file, mode="r|*")
             for info in tar:
                 if info.isdir():
                     continue
@@ -167,10 +191,15 @@ def iter_tar_samples(path: str, stats: SkipStats, log: Callable[[str], None] | N
                     refused = ("duplicate_member", f"two members named {info.name!r}")
                 else:
                     members[ext] = tar.extractfile(info).read()
-            # The loop also ends quietly at a plain end of file; a complete tar has an
-            # end-of-archive block of zeros there, which the last header read consumed.
-            if tar.fileobj.tell() - tar.offset != tarfile.BLOCKSIZE:
-                raise tarfile.ReadError("no end-of-archive block")
+            # The loop ends quietly at a plain end of file and at a garbage header too; only a
+            # complete tar ends at its end-of-archive block of zeros.
+            end = tar.header_error
+            if isinstance(end, tarfile.InvalidHeaderError):
+                stats.skip("corrupt_tar", path, f"member header at byte {tar.offset} is not a tar header "
+                           f"({end}); rest of the shard skipped", log)
+                return
+            if not isinstance(end, tarfile.EOFHeaderError):
+                raise tarfile.ReadError(f"no end-of-archive block ({end})")
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             stats.skip("truncated_tar", path, f"{type(e).__name__}: {e}; rest of the shard skipped", log)
             return
