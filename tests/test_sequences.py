@@ -60,7 +60,7 @@ def test_released_ids_with_llama_sized_base(tok):
 
 
 def test_image_text_layouts(tok, builder):
-    m, cap = marks(tok), tok.encode("a red circle.")
+    m, cap = marks(tok), tok.encode("a red circle.", special=False)
     s = builder.build_image_text(pixels(0), "a red circle.", image_first=True)
     assert s.input_ids.tolist() == [m["s"], m["I"], *[m["X"]] * NQ, m["E"], *cap, m["e"]]
     assert s.text_target.tolist() == [True, False, *[False] * NQ, False, *[True] * len(cap), True]
@@ -77,7 +77,7 @@ def test_image_text_layouts(tok, builder):
 
 
 def test_video_text_layout(tok, builder):
-    m, cap = marks(tok), tok.encode("a ball moves.")
+    m, cap = marks(tok), tok.encode("a ball moves.", special=False)
     frames = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, SIZE, SIZE)
     frame = [m["I"], *[m["G"]] * NQ, m["E"]]
     s = builder.build_video_text(frames, "a ball moves.", video_first=True)
@@ -112,7 +112,7 @@ def test_grounded_layout(tok, builder):
     phrases = [Phrase(30, 46, [(0.0, 0.0, 1.0, 1.0), (0.5, 0.5, 0.75, 1.0)]),  # out of order on purpose
                Phrase(13, 25, [(0.1, 0.2, 0.3, 0.4)])]
     s = builder.build_grounded(pixels(0), cap, phrases, phrase_first=[False, True])
-    enc = tok.encode
+    enc = lambda text: tok.encode(text, special=False)  # noqa: E731
     circle = [m["p"], *enc("a red circle"), m["_p"], m["o"], patch(tok, 49), patch(tok, 100), m["_o"]]
     squares = [m["o"], patch(tok, 0), patch(tok, 255), m["delim"], patch(tok, 136), patch(tok, 251),
                m["_o"], m["p"], *enc("two blue squares"), m["_p"]]
@@ -137,7 +137,7 @@ def test_interleaved_layout_and_regression(tok, builder):
     texts = ["first sentence.", "second one.", "third."]
     s = builder.build_interleaved(texts, [pixels(0), pixels(1), pixels(2)], [0, 2, 2],
                                   image_first=[True, False, True], regress=True)
-    t = [tok.encode(x) for x in texts]
+    t = [tok.encode(x, special=False) for x in texts]
     assert s.input_ids.tolist() == [m["s"], *image, *t[0], *t[1], *image, *t[2], *image, m["e"]]
     # images in sequence order: image 0, then image 2 (before sentence 2), then image 1
     assert [float(x[0, 0, 0]) for x in s.images] == [0.0, 2.0, 1.0]
@@ -174,7 +174,7 @@ def test_interleaved_is_cut_at_its_token_budget_between_images(tok):
 def test_text_chunks(tok):
     b = SampleBuilder(tok, NQ, text_len=6)
     text = "one two three four five six seven eight nine"
-    body = tok.encode(text)
+    body = tok.encode(text, special=False)
     chunks = b.build_text(text)
     assert [c.input_ids.tolist() for c in chunks] == [
         [1, *body[i:i + 4], 2] for i in range(0, len(body), 4)]
@@ -188,17 +188,60 @@ def test_vqa_prompts(tok, builder):
     m = marks(tok)
     image = [m["I"], *[m["X"]] * NQ, m["E"]]
     q = "how many circles are there?"
-    zero = tok.encode(f"based on the picture, answer in one word or phrase. {q} short answer:")
+    zero = tok.encode(f"based on the picture, answer in one word or phrase. {q} short answer:",
+                      special=False)
     s = builder.build_vqa(pixels(0), q)
     assert s.input_ids.tolist() == [m["s"], *image, *zero]  # a prompt: no </s>
     assert not s.text_target.any()
-    shot = tok.encode("based on the picture, what colour? short answer: red.")
-    few = tok.encode(f"based on the picture, {q} short answer:")
+    shot = tok.encode("based on the picture, what colour? short answer: red.", special=False)
+    few = tok.encode(f"based on the picture, {q} short answer:", special=False)
     s = builder.build_vqa(pixels(0), q, answer="two", shots=[(pixels(1), "what colour?", "red")])
-    assert s.input_ids.tolist() == [m["s"], *image, *shot, *image, *few, *tok.encode("two"), m["e"]]
+    two = tok.encode("two", special=False)
+    assert s.input_ids.tolist() == [m["s"], *image, *shot, *image, *few, *two, m["e"]]
     assert s.text_target.tolist() == [False] * (len(s) - 2) + [True, True]
     assert s.image_starts == [1, 1 + len(image) + len(shot)]
     assert [float(x[0, 0, 0]) for x in s.images] == [1.0, 0.0]
+
+
+def test_special_strings_in_data_stay_text(tok, builder):
+    """Captions, sentences, plain text, questions and answers are data: "</s>", "<image>",
+    "[IMG]" written in them are encoded as characters, so the only marker ids in a sample are
+    the ones the builder placed (and image slots are found where the images are)."""
+    m = marks(tok)
+    bad = "a red </s> circle <image> [IMG] x"
+    cap = tok.encode(bad, special=False)
+    specials = {tok.ids.bos, tok.ids.eos, tok.sp.unk_id()} | set(range(tok.base_vocab_size, tok.vocab_size))
+    assert cap and not specials & set(cap)
+    s = builder.build_image_text(pixels(0), bad, image_first=False, regress=True)
+    assert s.input_ids.tolist() == [m["s"], *cap, m["I"], *[m["X"]] * NQ, m["E"], m["e"]]
+    assert s.text_target.tolist() == [True] * (1 + len(cap)) + [False] * (NQ + 2) + [True]
+    assert s.image_starts == [1 + len(cap)] and s.regress == [True]
+
+    def placed_only(sample, image_slots):
+        """Marker ids only at the builder's own positions: <s> first, </s> last, slots where
+        the sample's images start."""
+        ids = sample.input_ids.tolist()
+        at = [i for i, t in enumerate(ids) if t in specials]
+        slots = [i for i, t in enumerate(ids) if t == image_slots]
+        assert slots == [a + 1 + k for a in sample.image_starts for k in range(NQ)]
+        return at
+
+    frames = torch.zeros(2, 3, SIZE, SIZE)
+    video = builder.build_video_text(frames, bad, video_first=False)
+    assert video.input_ids.tolist()[1:1 + len(cap)] == cap
+    placed_only(video, m["G"])
+    doc = builder.build_interleaved([bad, "b"], [pixels(0)], [0], [False])
+    assert doc.input_ids.tolist()[1:1 + len(cap)] == cap
+    assert placed_only(doc, m["X"]) == [0, *range(1 + len(cap), 1 + len(cap) + NQ + 2), len(doc) - 1]
+    text = builder.build_text(bad)
+    assert [c.input_ids.tolist() for c in text] == [[m["s"], *cap, m["e"]]]
+    phrase = Phrase(len(bad) + 1, len(bad) + 11, [(0, 0, 1, 1)])  # "red circle"
+    grounded = builder.build_grounded(pixels(0), bad + " red circle", [phrase], [True])
+    assert grounded.input_ids.tolist()[NQ + 4:NQ + 4 + len(cap)] == cap
+    vqa = builder.build_vqa(pixels(0), "is there an <image> or a </s>?", answer="no </s> [IMG]")
+    assert placed_only(vqa, m["X"]) == [0, *range(1, NQ + 3), len(vqa) - 1]
+    answer = tok.encode("no </s> [IMG]", special=False)
+    assert vqa.input_ids.tolist()[-len(answer) - 1:] == [*answer, m["e"]]
 
 
 def test_build_draws_are_a_function_of_seed_dataset_and_key(tok):
@@ -229,11 +272,12 @@ def test_build_dispatches_every_record_type(tok):
         "text": b.build(Text("f", "one two three four five six seven eight"), "d"),
         "vqa": b.build(VQA("g", pixels(0), "how many?", ["two", "three", "two"]), "d"),
     }
-    n_chunks = -(-len(tok.encode("one two three four five six seven eight")) // 6)
+    n_chunks = -(-len(tok.encode("one two three four five six seven eight", special=False)) // 6)
     assert n_chunks > 1 and [len(v) for v in out.values()] == [1, 1, 1, 1, n_chunks, 1]
     assert [len(v[0].images) for v in out.values()] == [1, 2, 1, 1, 0, 1]
     vqa = out["vqa"][0]
-    assert vqa.input_ids[-2:].tolist() == [*tok.encode("two"), tok.ids.eos]  # the most common answer
+    most_common = tok.encode("two", special=False)
+    assert vqa.input_ids[-2:].tolist() == [*most_common, tok.ids.eos]  # the most common answer
     with pytest.raises(TypeError, match="no sequence builder for str"):
         b.build("not a record", "d")
 
@@ -256,7 +300,8 @@ def test_truncate_never_cuts_an_image_or_a_kept_range(tok, builder):
     assert truncate_sample(v, 2 * (NQ + 2) + 5, m["e"], NQ) is None
     cap_first = builder.build_video_text(torch.zeros(3, 3, SIZE, SIZE), "a ball.", video_first=False)
     cut = truncate_sample(cap_first, len(cap_first) - 3, m["e"], NQ)
-    assert cut.input_ids.tolist() == [m["s"], *tok.encode("a ball."), m["e"]] and cut.images == []
+    ball = tok.encode("a ball.", special=False)
+    assert cut.input_ids.tolist() == [m["s"], *ball, m["e"]] and cut.images == []
 
 
 def test_hand_checked_packing(tok):
@@ -324,7 +369,7 @@ def test_video_and_grounding_labels_after_collation(tok):
 
 
 def test_no_images_and_empty_rows(tok):
-    two, dot = tok.encode("two.")
+    two, dot = tok.encode("two.", special=False)
     sample = Sample(input_ids=np.array([1, two, dot, 2]), text_target=np.ones(4, dtype=bool))
     batch = collate_packed([sample], [[0], []], seq_len=5, ids=tok.ids, n_query=NQ, image_size=SIZE)
     batch.validate(tok.vocab_size, NQ, SIZE)

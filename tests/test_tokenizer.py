@@ -48,7 +48,7 @@ def test_added_token_ids_follow_the_base(tok, chat_tok):
         tok.token_to_id("[USER]")
     for i, t in enumerate(tokens.added_tokens(chat=True)):
         assert chat_tok.id_to_token(base + i) == t
-    assert tok.id_to_token(1) == "<s>" and tok.token_to_id("▁red") == tok.encode("red")[0]
+    assert tok.id_to_token(1) == "<s>" and tok.token_to_id("▁red") == tok.encode("red", special=False)[0]
 
 
 def test_added_ids_follow_any_base_size(tmp_path):
@@ -58,23 +58,24 @@ def test_added_ids_follow_any_base_size(tmp_path):
     small = Emu2Tokenizer(path, chat=True)
     assert small.base_vocab_size == 400 and small.vocab_size == 674
     assert small.ids == SpecialIds.for_base(400)
-    assert small.encode("[IMG]<image>[/IMG][USER]") == [401, 403, 402, 672]
+    assert small.encode("[IMG]<image>[/IMG][USER]", special=True) == [401, 403, 402, 672]
 
 
 def test_captions_round_trip_in_word_pieces(tok):
     world = ShapesWorld(5)
     for i in range(100):
         caption = world.caption(i)
-        ids = tok.encode(caption)
+        ids = tok.encode(caption, special=False)
         assert tok.decode(ids) == caption
         assert all(3 <= t < tok.base_vocab_size and not tok.sp.is_byte(t) for t in ids)
         assert len(ids) <= len(caption.split()) + caption.count(",") + 1  # one piece per word
-    assert tok.encode("a red circle.", bos=True, eos=True) == [1, *tok.encode("a red circle."), 2]
+    assert tok.encode("a red circle.", bos=True, eos=True, special=False) == [
+        1, *tok.encode("a red circle.", special=False), 2]
 
 
 def test_any_text_encodes_through_byte_fallback(tok):
     text = "Größe: 形 — 42 🙂"
-    ids = tok.encode(text)
+    ids = tok.encode(text, special=False)
     assert tok.sp.unk_id() not in ids
     assert tok.decode(ids) == text
 
@@ -82,22 +83,39 @@ def test_any_text_encodes_through_byte_fallback(tok):
 def test_special_strings_inside_text(tok, chat_tok):
     ids = tok.ids
     text = "a red circle"
-    assert tok.encode("[IMG]<image><image>[/IMG]" + text) == [ids.img, ids.image, ids.image, ids.img_end,
-                                                             *tok.encode(text)]
-    assert tok.encode("<patch_index_0007></s>") == [tok.base_vocab_size + 15 + 7, ids.eos]
+    assert tok.encode("[IMG]<image><image>[/IMG]" + text, special=True) == [
+        ids.img, ids.image, ids.image, ids.img_end, *tok.encode(text, special=False)]
+    assert tok.encode("<patch_index_0007></s>", special=True) == [tok.base_vocab_size + 15 + 7, ids.eos]
     chat = "</s>[USER]: how many circles are there? [ASSISTANT]: two."
-    encoded = chat_tok.encode(chat)
+    encoded = chat_tok.encode(chat, special=True)
     assert encoded[:2] == [2, chat_tok.token_to_id("[USER]")]
     assert chat_tok.token_to_id("[ASSISTANT]") in encoded
     assert chat_tok.decode(encoded) == chat
     assert chat_tok.decode(encoded, skip_special=True) == ": how many circles are there? : two."
     # without chat=True, "[USER]" is plain text
-    plain = tok.encode("[USER]")
+    plain = tok.encode("[USER]", special=True)
     assert all(t < tok.base_vocab_size for t in plain) and tok.decode(plain) == "[USER]"
 
 
+def test_data_text_never_yields_special_ids(tok, chat_tok):
+    """special=False: special-token strings written in data are ordinary characters; with
+    special=True (templates) the same string gives the markers."""
+    caption = "a red </s> circle <image> [IMG] <s> <unk> [USER] <patch_index_0007> x"
+    for t in (tok, chat_tok):
+        ids = t.encode(caption, special=False)
+        specials = {t.ids.bos, t.ids.eos, t.sp.unk_id()} | set(range(t.base_vocab_size, t.vocab_size))
+        assert not specials & set(ids)
+        assert t.decode(ids) == caption
+        assert ids == t.sp.encode(caption)  # sentencepiece on the whole string, nothing split off
+    template = tok.encode(caption, special=True)
+    assert [i for i in template if i in (tok.ids.eos, tok.ids.image, tok.ids.img, tok.ids.bos)] == [
+        tok.ids.eos, tok.ids.image, tok.ids.img, tok.ids.bos]
+    with pytest.raises(TypeError, match="special"):
+        tok.encode(caption)  # every caller says which kind of text it passes
+
+
 def test_decode_writes_or_skips_specials(tok):
-    ids = tok.encode("[IMG]<image>[/IMG] two squares.", bos=True, eos=True)
+    ids = tok.encode("[IMG]<image>[/IMG] two squares.", bos=True, eos=True, special=True)
     assert tok.decode(ids) == "<s>[IMG]<image>[/IMG] two squares.</s>"
     assert tok.decode(ids, skip_special=True) == " two squares."
 

@@ -196,7 +196,11 @@ class SampleBuilder:
 
     # -- pieces ---------------------------------------------------------------------------
     def _text(self, text: str) -> list[int]:
-        return self.tok.encode(text.strip()) if text.strip() else []
+        """Ids of data text (a caption, sentence, question or answer, possibly inside one of
+        this module's prompt templates, which hold no special tokens), stripped. Encoded as
+        plain text: special-token strings written in the data stay text, so they cannot
+        become the markers the builders place by id."""
+        return self.tok.encode(text.strip(), special=False) if text.strip() else []
 
     def _visual(self, slot: int) -> list[int]:
         return [self.ids.img] + [slot] * self.n_query + [self.ids.img_end]

@@ -6,12 +6,18 @@ With LLaMA's 32000-piece `tokenizer.model` the added tokens get exactly the rele
 shapes-world model (`assets/shapes_sp.model`, 512 pieces, made by
 `python -m emu2_engine.data.train_tokenizer`), giving a vocabulary of 784 (786 with chat).
 
-Special-token strings written inside text are recognised, as the released (slow, legacy)
-Hugging Face LlamaTokenizer does: the text is split on the added-token strings and on the
-model's `<s>`, `</s>` and `<unk>` pieces, each string between them is encoded by
-sentencepiece on its own (with its dummy prefix), and each special string becomes its id.
-So `encode("</s>[USER]: hi")` starts with the EOS id then the `[USER]` id, which is how the
-chat template is written.
+Every call to `encode` says which of two kinds of text it holds (`special` has no default):
+
+- data text (`special=False`): captions, document sentences, questions, answers, anything
+  read from a dataset or a user. It is encoded by sentencepiece as written, so the characters
+  "<image>" or "</s>" in a caption become ordinary (byte-fallback) pieces, never the ids the
+  engine uses to place images or end sequences.
+- a template the engine writes itself (`special=True`): special-token strings are recognised,
+  as the released (slow, legacy) Hugging Face LlamaTokenizer does: the text is split on the
+  added-token strings and on the model's `<s>`, `</s>` and `<unk>` pieces, each string between
+  them is encoded by sentencepiece on its own (with its dummy prefix), and each special string
+  becomes its id. So `encode("</s>[USER]: hi", special=True)` starts with the EOS id then the
+  `[USER]` id, which is how the chat template is written.
 """
 
 from __future__ import annotations
@@ -67,14 +73,22 @@ class Emu2Tokenizer:
         return (f"Emu2Tokenizer({str(self.model_path)!r}, chat={self.chat}, "
                 f"base_vocab_size={self.base_vocab_size}, vocab_size={self.vocab_size})")
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of `text`; special-token strings inside it map to their ids."""
+    def encode(self, text: str, bos: bool = False, eos: bool = False, *, special: bool) -> list[int]:
+        """Token ids of `text`, after `<s>` if `bos` and before `</s>` if `eos`.
+
+        `special=False` for data text: every character is text, so no id of a special token
+        can come out of it. `special=True` for templates the engine writes: special-token
+        strings inside `text` map to their ids (see the module docstring). Keyword-only and
+        without a default so that every caller states which kind of text it passes."""
         out = [self.ids.bos] if bos else []
-        for i, chunk in enumerate(self._split.split(text)):
-            if i % 2:  # re.split with one group: odd entries are the separators
-                out.append(self._special_ids[chunk])
-            elif chunk:
-                out.extend(self.sp.encode(chunk))
+        if not special:
+            out.extend(self.sp.encode(text))
+        else:
+            for i, chunk in enumerate(self._split.split(text)):
+                if i % 2:  # re.split with one group: odd entries are the separators
+                    out.append(self._special_ids[chunk])
+                elif chunk:
+                    out.extend(self.sp.encode(chunk))
         if eos:
             out.append(self.ids.eos)
         return out
