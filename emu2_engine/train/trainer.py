@@ -65,6 +65,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def init_stage_weights(models: list[nn.Module], seed: int, device: torch.device) -> None:
+    """Materialise pipeline-stage models built on the meta device and initialise each from
+    its own random stream, keyed by the first LLaMA block it holds.
+
+    One stream per rank would give every stage after the first (none holds the ViT) the same
+    draws, so their k-th blocks would start identical. The values still differ from a model
+    initialised whole, and on a CPU mesh DTensor's random ops draw the same values for every
+    shard (DTensor's RNG tracker runs on CUDA only): meta initialisation is for GPU runs of
+    models too large to build whole (docs/training.md)."""
+    for model in models:
+        model.to_empty(device=device)
+        first = min((int(k) for k in model.llm.layers), default=-1)
+        torch.manual_seed(seed * 1_000_003 + first + 1)
+        model.init_weights()
+
+
 def merge_stages(models: list[nn.Module | None]) -> nn.Module | None:
     """This rank's pipeline stages (pruned copies of one `Emu2Model`) as one module whose
     parameters keep the whole model's names, for the optimiser groups and the checkpoints:
@@ -122,9 +138,7 @@ class Trainer:
             self.parallel = parallelize(model, self.dims, self.dims.mesh,
                                         cfg.parallel.parallel_config(), shape)
             if meta:  # materialise this rank's shards; DTensor initialisers draw per shard
-                for stage_model in self.parallel.models:
-                    stage_model.to_empty(device=self.device)
-                    stage_model.init_weights()
+                init_stage_weights(self.parallel.models, cfg.train.seed, self.device)
             model = merge_stages(self.parallel.models)
         self.model = model
         self.rank = dist.get_rank() if dist.is_initialized() else 0
