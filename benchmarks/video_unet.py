@@ -5,15 +5,17 @@
 Providers: "kernels" runs the engine's Triton ops (`spatiotemporal_conv` for every resnet conv
 with its temporal conv, `modality_attention` for the spatial-temporal self-attention; the
 `EMU2_KERNELS=auto` default on CUDA); "reference" runs the same model with
-`EMU2_KERNELS=reference` (cuDNN conv2d + conv1d per resnet conv, the PyTorch attention
-reference). The two differ in both ops at once: the per-op benchmarks (`spatiotemporal_conv`,
+`EMU2_KERNELS=reference` (cuDNN conv2d + conv1d per resnet conv; for the UNet's one document
+per row the attention reference runs PyTorch's fused SDPA, flash attention on an H100). The two differ in both ops at once: the per-op benchmarks (`spatiotemporal_conv`,
 `attention`) separate them.
 
 - cpu: the `debug` UNet inflated (8 frames of 16x16 latents), fp32, reference only (the Triton
   path runs on a CPU only in the interpreter).
 - gpu-quick: `emu2-video` (320/640/1280/1280 channels) on 16 frames of 32x32 latents (256 px
   through the VAE), batch 1, bf16 weights and activations; gpu-full adds 64x64 latents.
-FLOPs are counted once per case with FlopCounterMode (the custom ops carry FLOP formulas).
+FLOPs are counted once per case with FlopCounterMode on the reference path. The H200 run of
+2026-11-27 counted them on the kernels path, which left attention out (its TFLOP/s are ~1.6x
+low; its times are right).
 """
 
 from __future__ import annotations
@@ -71,14 +73,14 @@ def _case(result: BenchResult, preset: str, batch: int, frames: int, side: int, 
         out = model(latents, t, cond, time_ids)
         torch.nn.functional.mse_loss(out.float(), target.float()).backward()
 
-    flops = None
+    # FLOPs are counted on the reference path: the attention custom ops carry no FLOP formula
+    # (theirs depends on the mask), so a count under the kernels would leave attention out.
+    with _backend("reference"), FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
     for provider in providers:
         with _backend(provider_backend[provider]):
             try:
-                if flops is None:
-                    with FlopCounterMode(display=False) as counter:
-                        step()
-                    flops = counter.get_total_flops()
                 ms = timer(step)
             except Exception as e:  # noqa: BLE001 - out of memory or a missing kernel: keep the others
                 result.skipped.append(f"{case} {provider}: {type(e).__name__}: {str(e)[:200]}")
