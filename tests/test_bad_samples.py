@@ -8,6 +8,7 @@ import tarfile
 
 import av
 import pytest
+from PIL import EpsImagePlugin, Image
 
 from emu2_engine.data.decode import Decoder, dali_available
 from emu2_engine.data.make_shapes import encode_jpeg, encode_webm, sample_members
@@ -228,3 +229,38 @@ def test_truncated_shard_between_good_shards(tmp_path):
     assert keys == [f"s0k{i}" for i in range(6)] + [f"s1k{i}" for i in range(4)] + [f"s2k{i}" for i in range(6)]
     assert dict(stats.counts) == {"truncated_tar": 1}
     assert stats.summary() == "skipped samples: truncated_tar=1"
+
+
+def test_only_jpeg_png_webp_are_opened(monkeypatch):
+    """Formats PIL knows but the shards never carry are refused without PIL's plugin for
+    them running (EPS would start Ghostscript)."""
+    eps_opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: eps_opened.append(1))
+    bmp = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(bmp, format="BMP")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    for backend in ("pil",) + (("dali",) if dali_available() else ()):
+        decoder = Decoder("image_text", 16, backend=backend, log=None)
+        assert decoder.decode_batch([("bmp", {"jpg": bmp.getvalue(), "txt": CAPTION}),
+                                     ("eps", {"jpg": eps, "txt": CAPTION})]) == [None, None]
+        assert decoder.stats.counts == {"corrupt_image": 2}
+    assert eps_opened == []
+
+
+def test_jpeg_with_trailing_bytes_decodes_and_cut_jpeg_does_not():
+    jpeg = encode_jpeg(ShapesWorld(5).sample(0, 48).image)
+    decoder = Decoder("image_text", 16, backend="pil", log=None)
+    reference = decoder.decode("k", {"jpg": jpeg, "txt": CAPTION}).image
+    # data after the end-of-image marker (a second JPEG's scan start, padding, metadata)
+    trailer = b"\xff\xd8\xff\xda\x00\x08junk" + bytes(40)
+    appended = decoder.decode("k", {"jpg": jpeg + trailer, "txt": CAPTION})
+    assert appended is not None and (appended.image == reference).all()
+    # a thumbnail (EXIF, JFXX) is a whole JPEG inside an APPn segment of the header: its own
+    # end marker does not make a main image cut inside its scan complete
+    thumb = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(thumb, format="JPEG")
+    with_app = jpeg[:2] + b"\xff\xe1" + (len(thumb.getvalue()) + 2).to_bytes(2, "big") + thumb.getvalue() + jpeg[2:]
+    assert decoder.decode("k", {"jpg": with_app, "txt": CAPTION}) is not None
+    for cut in (with_app[:len(with_app) - 100], jpeg[:len(jpeg) - 2], jpeg[:jpeg.index(b"\xff\xda") + 6]):
+        assert decoder.decode("k", {"jpg": cut, "txt": CAPTION}) is None
+    assert decoder.stats.counts == {"corrupt_image": 3}

@@ -246,3 +246,35 @@ def test_oversized_video_frames_are_refused_before_decoding(monkeypatch):
     decoder = Decoder("video_text", 16, backend="pil", log=None)
     assert decoder.decode("v", {"webm": _video_bytes(0), "txt": b"c"}) is None
     assert decoder.stats.counts == {"image_too_large": 1}
+
+
+def _encode(image, fmt, **options):
+    out = io.BytesIO()
+    image.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exif_orientation_is_applied(backend):
+    # a wide image, left half white; EXIF orientation 6 says "rotate 90 degrees clockwise
+    # to display": upright it is tall with the white half on top
+    pixels = np.zeros((40, 80, 3), np.uint8)
+    pixels[:, :40] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    jpeg = _encode(Image.fromarray(pixels), "JPEG", exif=exif.tobytes(), quality=95)
+    image = Decoder("image_text", 32, backend=backend, log=None).decode("k", _image_sample(jpeg)).image
+    white, black = [(v - m) / s for v, m, s in zip((1.0, 0.0), CLIP_MEAN[:1] * 2, CLIP_STD[:1] * 2)]
+    assert image[0, :12].mean() > white - 0.1 and image[0, 20:].mean() < black + 0.1
+    upright = Image.open(io.BytesIO(jpeg)).transpose(Image.Transpose.ROTATE_270)
+    torch.testing.assert_close(image, to_pixels(upright, 32), atol=0.05 if backend == "dali" else 0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sixteen_bit_grayscale_png_is_scaled_not_saturated(backend):
+    levels = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    png = _encode(Image.fromarray(levels), "PNG")
+    image = Decoder("image_text", 32, backend=backend, log=None).decode("k", {"png": png, "txt": b"c"}).image
+    eight_bit = np.round(levels / 257).astype(np.uint8)  # 0 -> 0, 65535 -> 255
+    expected = to_pixels(Image.fromarray(eight_bit), 32)
+    torch.testing.assert_close(image, expected, atol=1e-4, rtol=0)

@@ -30,7 +30,7 @@ Bad samples, each skipped and counted once (the first problem found):
 | `bad_utf8` | a caption, text or JSON that is not UTF-8 |
 | `bad_json` | JSON that does not parse or lacks the fields of its kind (e.g. a malformed interleaved document, a phrase span outside its caption) |
 | `bad_box` | a grounding box outside [0, 1] image coordinates or empty |
-| `corrupt_image` | image bytes that do not decode (including a JPEG cut short) |
+| `corrupt_image` | image bytes that do not decode (including a JPEG cut short), or an image in a format other than JPEG, PNG, WebP |
 | `image_too_large` | header dimensions (of an image or of video frames) above MAX_IMAGE_SIDE a side or MAX_IMAGE_PIXELS (a decompression bomb), refused before decoding |
 | `corrupt_video` | a video that does not open or decode |
 | `truncated_video` | fewer frames in the file than its duration and frame rate promise |
@@ -47,7 +47,7 @@ from collections.abc import Callable
 import av
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from emu2_engine.data.records import (VQA, Grounded, ImageText, Interleaved, Phrase, Record,
                                       SkipStats, Text, VideoText)
@@ -55,6 +55,11 @@ from emu2_engine.data.sequences import CLIP_MEAN, CLIP_STD, to_pixels
 
 KINDS = ("image_text", "video_text", "interleaved", "grounded", "vqa", "text")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# The formats PIL may open: those of IMAGE_EXTENSIONS. Without the list PIL would try every
+# format it knows on untrusted bytes (EPS, for one, runs Ghostscript).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+# PIL modes of one 16-bit channel (a 16-bit grayscale PNG): convert("RGB") would clip them at 255.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 VIDEO_EXTENSIONS = ("webm", "mp4", "mkv", "mov", "avi")
 MAX_IMAGE_SIDE = 16384
 MAX_IMAGE_PIXELS = 1 << 26  # 67M pixels, e.g. 8192 x 8192: 200 MB as RGB
@@ -90,35 +95,69 @@ def uniform_frame_indices(n_available: int, n_frames: int) -> list[int]:
 def check_image_header(data: bytes) -> tuple[int, int]:
     """(width, height) from the image header, read without decoding the pixels.
 
-    Raises BadSample: `empty_file`, `corrupt_image` (no known header; a JPEG with no
-    end-of-image marker after its last scan, i.e. cut short), `image_too_large`."""
+    Raises BadSample: `empty_file`, `corrupt_image` (not a JPEG, PNG or WebP header; a JPEG
+    whose first image ends before its end-of-image marker, i.e. cut short), `image_too_large`."""
     if not data:
         raise BadSample("empty_file", "zero-byte image")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             width, height, fmt = *image.size, image.format
     except Image.DecompressionBombError as e:
         raise BadSample("image_too_large", str(e)) from None
+    except Image.UnidentifiedImageError:
+        raise BadSample("corrupt_image", f"not a readable {', '.join(IMAGE_FORMATS)} image (the formats accepted)") from None
     except Exception as e:  # PIL raises many types for garbage (UnidentifiedImageError, SyntaxError, ...)
         raise BadSample("corrupt_image", f"unreadable image header ({type(e).__name__}: {e})") from None
     if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
         raise BadSample("image_too_large", f"{width}x{height} pixels, more than {MAX_IMAGE_SIDE} a side "
                         f"or {MAX_IMAGE_PIXELS} in all")
-    # Entropy-coded JPEG data never holds FF D9 (FF is always stuffed), so a complete JPEG has
-    # its end-of-image marker after the start of its last scan. Checked here so that every
-    # backend refuses a cut-short JPEG (decoders differ: some fill the missing rows with grey).
-    if fmt == "JPEG" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+    # Checked here so that every backend refuses a cut-short JPEG (decoders differ: some fill
+    # the missing rows with grey).
+    if fmt == "JPEG" and _jpeg_cut_short(data):
         raise BadSample("corrupt_image", "JPEG data ends before its end-of-image marker (cut short)")
     return width, height
 
 
+def _jpeg_cut_short(data: bytes) -> bool:
+    """True when the first image of a JPEG ends before its end-of-image marker (FF D9).
+
+    Walks the markers from the start: marker segments are skipped by their length (so an
+    EXIF thumbnail's own markers are never seen), and in entropy-coded data every FF is
+    stuffed (FF 00) or a restart marker (FF D0..D7), so the next other marker is the real
+    one. Bytes appended after the end-of-image marker are ignored, as decoders do."""
+    position = 2  # after the start-of-image marker FF D8
+    while True:
+        position = data.find(b"\xff", position)
+        if position < 0 or position + 1 >= len(data):
+            return True
+        marker = data[position + 1]
+        if marker == 0xD9:
+            return False
+        if marker == 0xFF:  # a fill byte before a marker
+            position += 1
+        elif marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD7:  # stuffed FF, TEM, restart: no length
+            position += 2
+        elif position + 4 > len(data):
+            return True
+        else:  # a marker segment (SOS included: its entropy-coded data follows the header)
+            position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+
+
 def decode_image_pil(data: bytes, image_size: int) -> torch.Tensor:
-    """PIL path: (3, image_size, image_size) float32, normalised (`sequences.to_pixels`)."""
+    """PIL path: (3, image_size, image_size) float32, normalised (`sequences.to_pixels`).
+
+    As DALI's decoder does, and as viewers show the image: the EXIF orientation is applied,
+    and 16-bit grayscale is scaled to 8 bits (level / 257, rounded: DALI's values) instead
+    of saturating at 255."""
     check_image_header(data)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             image.load()
-            return to_pixels(image, image_size)
+            upright = ImageOps.exif_transpose(image)
+            if upright.mode in _SIXTEEN_BIT_MODES:
+                levels = np.asarray(upright).astype(np.float64).clip(0, 65535)
+                upright = Image.fromarray(np.round(levels / 257).astype(np.uint8))
+            return to_pixels(upright, image_size)
     except Exception as e:
         raise BadSample("corrupt_image", f"image does not decode ({type(e).__name__}: {e})") from None
 
