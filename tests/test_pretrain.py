@@ -170,6 +170,9 @@ def test_the_37b_recipes_spell_out_their_layout():
     assert stage2.data.weights == [9600.0, 3200.0, 6400.0, 3200.0, 800.0]  # 12800 : 6400 : 3200 : 800
 
 
+VIDEO_BLEND = ["--data.datasets=['video_text', 'text']", "--data.weights=[1.0, 1.0]", "--data.paths=['', '']"]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["--parallel.tp=3"], r"parallel.tp = 3 must divide vision.heads \(4\) of the model 'debug'"),
     (["--parallel.pp=2"], r"parallel.microbatches \(1\) must be at least pp \(2\) to fill the pipeline"),
@@ -188,10 +191,31 @@ def test_the_37b_recipes_spell_out_their_layout():
     (["--checkpoint.keep=0"], "checkpoint.keep must be positive, got 0"),
     (["--checkpoint.interval=-1"], "checkpoint.interval must be >= 0, got -1"),
     (["--metrics.log_interval=0"], "metrics.log_interval must be positive, got 0"),
+    # the debug model has 16 visual tokens per image: an image span is 20 tokens, a video of
+    # 4 frames 1 + 4 x 18 + 2 = 75; neither is ever cut, so a row that cannot hold it is refused
+    (["--data.seq_len=19", "--data.text_len=19", "--data.interleaved_len=19"],
+     r"data.seq_len \(19\) cannot hold one image of the debug model \(16 visual tokens\): needs >= 20"),
+    ([*VIDEO_BLEND, "--data.max_images=3"],
+     r"data.video_frames \(4\) exceeds data.max_images \(3\): every video of the video_text"),
+    ([*VIDEO_BLEND, "--data.seq_len=74", "--data.text_len=74", "--data.interleaved_len=74"],
+     r"data.seq_len \(74\) cannot hold one video of 4 frames of the debug model \(16 visual "
+     r"tokens each\): needs >= 75"),
 ])
 def test_parallel_and_run_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         JobConfig.load(None, overrides)
+
+
+def test_video_and_image_spans_that_just_fit_load():
+    """The limits are exact: 20 tokens hold one debug image, 75 one 4-frame video, and 4
+    frames fit max_images = 4; a video dataset with weight 0 is not drawn, so not checked."""
+    JobConfig.load(None, ["--data.seq_len=20", "--data.text_len=20", "--data.interleaved_len=20"])
+    JobConfig.load(None, [*VIDEO_BLEND, "--data.max_images=4",
+                          "--data.seq_len=75", "--data.text_len=75", "--data.interleaved_len=75"])
+    JobConfig.load(None, ["--data.datasets=['video_text', 'text']", "--data.weights=[0.0, 1.0]",
+                          "--data.paths=['', '']", "--data.max_images=3"])
+    with pytest.raises(ValueError, match=r"data.video_frames \(4\) exceeds data.max_images \(3\)"):
+        JobConfig.load(REPO / "configs/stage2_debug.toml", ["--data.max_images=3"])
 
 
 def test_world_size_must_be_the_product_of_the_degrees():

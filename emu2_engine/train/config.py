@@ -334,7 +334,33 @@ class JobConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        self._validate_parallel(self.model.build_config(), world_size)
+        model_cfg = self.model.build_config()
+        self._validate_visual_spans(model_cfg.n_query)
+        self._validate_parallel(model_cfg, world_size)
+
+    def _validate_visual_spans(self, n_query: int) -> None:
+        """A row must hold one whole image and, when videos are drawn, one whole video:
+        truncation never cuts inside an image span nor a video, so a config that cannot fit
+        them would silently drop every such sample (and the held-out check's images)."""
+        d = self.data
+        image_span = n_query + 4  # <s> [IMG] n_query slots [/IMG] </s>
+        if d.seq_len < image_span:
+            raise ValueError(f"data.seq_len ({d.seq_len}) cannot hold one image of the "
+                             f"{self.model.preset} model ({n_query} visual tokens): needs >= "
+                             f"{image_span} (<s> [IMG] slots [/IMG] </s>)")
+        if not any(kind == "video_text" and w > 0 for kind, w in zip(d.datasets, d.weights)):
+            return
+        if d.video_frames > d.max_images:
+            raise ValueError(f"data.video_frames ({d.video_frames}) exceeds data.max_images "
+                             f"({d.max_images}): every video of the video_text dataset would be "
+                             f"dropped (a video is never cut)")
+        video_span = 1 + d.video_frames * (n_query + 2) + 2  # [VIDEO] frames, <s> and </s>
+        if d.seq_len < video_span:
+            raise ValueError(f"data.seq_len ({d.seq_len}) cannot hold one video of "
+                             f"{d.video_frames} frames of the {self.model.preset} model "
+                             f"({n_query} visual tokens each): needs >= {video_span} "
+                             f"(<s> [VIDEO] frames x [IMG] slots [/IMG] </s>); every video of the "
+                             f"video_text dataset would be dropped (a video is never cut)")
 
     def _validate_parallel(self, model_cfg, world_size: int | None) -> None:
         """The engine's own checks (`ParallelDims.validate`, `ParallelConfig.validate`): degrees,
