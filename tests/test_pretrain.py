@@ -40,6 +40,24 @@ def test_default_pretrain_30_steps_loss_goes_down(tmp_path, capsys):
     assert "data: no samples skipped; 0 samples truncated to fit" in out
 
 
+def test_image_check_is_skipped_for_real_shards_without_heldout_path(tmp_path, capsys):
+    """With every dataset read from named shards and no held-out shards named, the end-of-run
+    image check would read the shapes world, a different world: it is skipped and says so."""
+    from emu2_engine.data.loader import shapes_world_root
+
+    data = JobConfig.load(None).data
+    root = shapes_world_root(data)
+    paths = ",".join(f'"{root / kind / "train"}"' for kind in data.datasets)
+    rc = pretrain.main(["--no-progress", "--train.steps=2", "--optim.warmup_steps=0",
+                        "--train.eval_batches=2", f"--data.paths=[{paths}]",
+                        f"--train.run_dir={tmp_path}"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "end-of-run image check skipped" in out and "held-out captions" not in out
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "heldout_caption_ce" not in last
+
+
 @pytest.mark.slow
 def test_default_run_learns_to_read_its_images(tmp_path):
     """The whole default run (1000 steps, about a minute on 2 cores): on held-out samples the
