@@ -97,17 +97,23 @@ def _sizes(P: int, n_query: int) -> tuple[int, int, int]:
     return grid, side, grid // side
 
 
+def _launch(kernel, src: torch.Tensor, n_query: int, n_patches: int, rows_out: int) -> torch.Tensor:
+    """Run `kernel` (one program per pooled row and BLOCK_C channels) from `src` into a new
+    (N, rows_out, C) tensor: the pool (rows_out = n_query) or the unpool (rows_out = P)."""
+    N, C = src.shape[0], src.shape[2]
+    grid, side, window = _sizes(n_patches, n_query)
+    out = src.new_empty(N, rows_out, C)
+    if N * n_query and C:
+        kernel[(N * n_query, triton.cdiv(C, BLOCK_C))](
+            src, out, C, grid, side, window, n_query, 1.0 / window ** 2,
+            BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+    return out
+
+
 @torch.library.custom_op("emu2::pool_patches_fwd", mutates_args=())
 def _pool_patches_fwd(x: torch.Tensor, n_query: int) -> torch.Tensor:
     """x (N, P, C) contiguous -> pooled (N, n_query, C), window means in fp32, stored in x's dtype."""
-    N, P, C = x.shape
-    grid, side, window = _sizes(P, n_query)
-    pooled = x.new_empty(N, n_query, C)
-    if N * n_query and C:
-        _pool_kernel[(N * n_query, triton.cdiv(C, BLOCK_C))](
-            x, pooled, C, grid, side, window, n_query, 1.0 / window ** 2,
-            BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
-    return pooled
+    return _launch(_pool_kernel, x, n_query, x.shape[1], n_query)
 
 
 @_pool_patches_fwd.register_fake
@@ -118,14 +124,7 @@ def _(x, n_query):
 @torch.library.custom_op("emu2::pool_patches_bwd", mutates_args=())
 def _pool_patches_bwd(dpooled: torch.Tensor, n_patches: int) -> torch.Tensor:
     """dpooled (N, n_query, C) contiguous -> dx (N, n_patches, C)."""
-    N, n_query, C = dpooled.shape
-    grid, side, window = _sizes(n_patches, n_query)
-    dx = dpooled.new_empty(N, n_patches, C)
-    if N * n_query and C:
-        _unpool_kernel[(N * n_query, triton.cdiv(C, BLOCK_C))](
-            dpooled, dx, C, grid, side, window, n_query, 1.0 / window ** 2,
-            BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
-    return dx
+    return _launch(_unpool_kernel, dpooled, dpooled.shape[1], n_patches, n_patches)
 
 
 @_pool_patches_bwd.register_fake
