@@ -65,9 +65,13 @@ def test_compile_fullgraph_forward_and_backward(monkeypatch, backend):
 
 
 @pytest.mark.parametrize("setting,kernel", [("auto", False), ("reference", False),
-                                            pytest.param("triton", True, marks=interpreted)])
+                                            pytest.param("triton", True, marks=interpreted),
+                                            ("dense_attention=triton", False),
+                                            pytest.param("reference,modality_attention=triton", True,
+                                                         marks=interpreted)])
 def test_backend_choice(monkeypatch, setting, kernel):
-    """auto: the reference on CPU tensors (Triton on CUDA ones); EMU2_KERNELS overrides."""
+    """auto: the reference on CPU tensors (Triton on CUDA ones); EMU2_KERNELS overrides, per op
+    entries over the global one."""
     calls = []
     original = K.modality_attention_triton
     monkeypatch.setattr(K, "modality_attention_triton", lambda *a: calls.append(1) or original(*a))
@@ -117,9 +121,71 @@ def test_vit_on_the_kernel(monkeypatch):
     monkeypatch.setenv("EMU2_KERNELS", "reference")
     want_out, want = _grads(model, lambda: model(pixels))
     monkeypatch.setenv("EMU2_KERNELS", "triton")
+    A.tile_maps.clear()  # the ViT's ids are cached per shape: an earlier test may have mapped them
     builds = A.tile_maps.builds
     got_out, got = _grads(model, lambda: model(pixels))
     assert A.tile_maps.builds - builds == 1
     torch.testing.assert_close(got_out, want_out, atol=2e-5, rtol=1e-4)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=2e-5, rtol=1e-3, msg=name)
+
+
+# ------------------------------------------------------------------------------------------
+# No ids: dense attention (the ViT, the UNets)
+# ------------------------------------------------------------------------------------------
+def test_backend_entries_per_op(monkeypatch):
+    from emu2_engine.ops.backend import requested_backend, use_triton
+
+    monkeypatch.setenv("EMU2_KERNELS", "spatiotemporal_conv=reference, triton")
+    assert requested_backend("spatiotemporal_conv") == "reference"
+    assert requested_backend("pool_project") == "triton" and requested_backend() == "triton"
+    cuda = type("FakeCuda", (), {"is_cuda": True})()  # use_triton reads only .is_cuda
+    monkeypatch.setenv("EMU2_KERNELS", "auto")
+    assert use_triton("modality_attention", cuda, has_kernel=True)
+    assert not use_triton("dense_attention", cuda, has_kernel=True)  # SDPA's fused kernels first
+    monkeypatch.setenv("EMU2_KERNELS", "dense_attention=triton")
+    assert use_triton("dense_attention", cuda, has_kernel=True)
+    for bad, message in (("fastest", "bad choice 'fastest'"), ("attention=triton", "names op 'attention'"),
+                         ("pool_project=fast", "bad choice 'fast'")):
+        monkeypatch.setenv("EMU2_KERNELS", bad)
+        with pytest.raises(ValueError, match=message):
+            requested_backend("pool_project")
+
+
+def _dense_inputs(S, Hq=4, Hkv=2, D=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(2, h, S, D, generator=g, dtype=dtype, requires_grad=True) for h in (Hq, Hkv, Hkv)]
+
+
+@pytest.mark.parametrize("setting", ["auto", pytest.param("dense_attention=triton", marks=interpreted)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_no_ids_equals_one_document_per_row(monkeypatch, setting, causal):
+    """None ids mean one document per row with no spans: outputs and gradients equal the masked
+    reference given those ids, on SDPA and on the kernel."""
+    from emu2_engine.ops.attention import modality_attention_reference
+
+    S = 37
+    q, k, v = _dense_inputs(S)
+    doc = torch.zeros(2, S, dtype=torch.int32)
+    want = modality_attention_reference(q, k, v, doc, doc - 1, causal, 0.3)
+    want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    calls = []
+    original = K.modality_attention_triton
+    monkeypatch.setattr(K, "modality_attention_triton", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setenv("EMU2_KERNELS", setting)
+    got = modality_attention(q, k, v, None, None, causal=causal, scale=0.3)
+    got_grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    assert bool(calls) == (setting != "auto")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-3)
+
+
+def test_no_ids_input_errors():
+    q = torch.randn(1, 2, 8, 16)
+    doc = torch.zeros(1, 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="both be tensors, or both None"):
+        modality_attention(q, q, q, doc, None)
+    with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
+        k = torch.randn(1, 3, 8, 16)
+        modality_attention(q, k, k, None, None)

@@ -18,9 +18,10 @@ Conditioning: the timestep's sinusoidal embedding through `time_embedding`; with
 as the Emu2-Gen pipeline computes it -- and the six size/crop ids; cross-attention reads the
 (B, N, C) visual embeddings themselves.
 
-Attention: self-attention runs through `modality_attention(causal=False)` with one document per
-image -- or per clip in the video UNet, where the tokens of all frames of a clip form one
-sequence (spatial-temporal attention). `modality_attention` needs queries and keys of one
+Attention: self-attention runs through `modality_attention(causal=False)` with no ids (one
+document per image -- or per clip in the video UNet, where the tokens of all frames of a clip
+form one sequence: spatial-temporal attention), which runs SDPA's fused kernels unless
+EMU2_KERNELS selects the Triton kernel (`ops.backend`, dense_attention). `modality_attention` needs queries and keys of one
 length, so cross-attention (image tokens against the N conditioning embeddings) uses
 `F.scaled_dot_product_attention`.
 
@@ -33,7 +34,6 @@ kernel (the video UNet, `unet3d.py`) follow each 3x3 conv with a temporal conv t
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 
@@ -129,17 +129,6 @@ class ResnetBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Transformers
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=16)
-def _one_document_ids(batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(doc_ids, span_ids) saying every row is one document with no spans. Cached, so every
-    attention layer of a step (and later steps) passes the same tensors and `modality_attention`
-    finds its tile map instead of rebuilding it per layer. Made outside inference mode so that
-    training may save them for backward after a sampling call created them."""
-    with torch.inference_mode(False):
-        doc = torch.zeros(batch, length, dtype=torch.int32, device=device)
-        return doc, torch.full_like(doc, -1)
-
-
 class Attention(nn.Module):
     """Multi-head attention with bias-free q/k/v and a biased output (diffusers' `Attention`;
     `to_out.0` keeps its key name). Self-attention when `context` is None."""
@@ -159,8 +148,7 @@ class Attention(nn.Module):
         k = self.to_k(src).view(B, src.shape[1], self.heads, -1).transpose(1, 2)
         v = self.to_v(src).view(B, src.shape[1], self.heads, -1).transpose(1, 2)
         if context is None:  # one document per row: the image, or the clip's frames x positions
-            doc, span = _one_document_ids(B, S, x.device)
-            out = modality_attention(q, k, v, doc, span, causal=False)
+            out = modality_attention(q, k, v, None, None, causal=False)
         else:  # N conditioning keys against S queries: lengths differ, see the module docstring
             out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out["0"](out.transpose(1, 2).reshape(B, S, C))

@@ -35,14 +35,14 @@ class VisionAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(cfg.width))
         self.proj = nn.Linear(cfg.width, cfg.width)
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor, span_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, T, _ = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         # The head count comes from the weight: under tensor parallelism this rank holds the
         # q, k and v rows of its own heads only.
         qkv = F.linear(x, self.qkv.weight, bias).view(N, T, 3, -1, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, T, D)
-        out = modality_attention(q, k, v, doc_ids, span_ids, causal=False)
+        out = modality_attention(q, k, v, None, None, causal=False)  # each image: one document, no mask
         return self.proj(out.transpose(1, 2).reshape(N, T, -1))
 
 
@@ -67,8 +67,8 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(cfg)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor, span_ids: torch.Tensor) -> torch.Tensor:
-        x = x + self.norm1(self.attn(x, doc_ids, span_ids))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.norm1(self.attn(x))
         return x + self.norm2(self.mlp(x))
 
 
@@ -109,9 +109,6 @@ class EVAVisionTransformer(nn.Module):
                              f"got {tuple(pixels.shape)}")
         x = self.patch_embed(pixels.to(self.pos_embed.dtype))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        # Every image is its own document; no causal mask, no spans.
-        ids = torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device)
-        spans = torch.full_like(ids, -1)
         for block in self.blocks.values():
-            x = block(x, ids, spans)
+            x = block(x)
         return x[:, 1:]

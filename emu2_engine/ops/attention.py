@@ -19,6 +19,7 @@ elsewhere; ``EMU2_KERNELS`` overrides):
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -214,21 +215,59 @@ def _single_document(doc_ids: torch.Tensor, span_ids: torch.Tensor) -> bool:
     return bool((doc_ids == doc_ids[:, :1]).all() and (doc_ids[:, 0] >= 0).all() and (span_ids < 0).all())
 
 
-def modality_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor,
-                       span_ids: torch.Tensor, causal: bool = True,
+@functools.lru_cache(maxsize=16)
+def one_document_ids(batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(doc_ids, span_ids) saying every row is one document with no spans. Cached, so every layer
+    of a step (and later steps) gets the same tensors and the Triton path finds its tile map
+    instead of rebuilding it per layer. Made outside inference mode so that training may save
+    them for backward after a sampling call created them."""
+    with torch.inference_mode(False):
+        doc = torch.zeros(batch, length, dtype=torch.int32, device=device)
+        return doc, torch.full_like(doc, -1)
+
+
+def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                     scale: float | None) -> torch.Tensor:
+    """Attention with no mask but causality: every row one document, no spans, no padding."""
+    B, S = q.shape[0], q.shape[2]
+    if use_triton("dense_attention", q, has_kernel=True):
+        doc, span = one_document_ids(B, S, q.device)
+        _check(q, k, v, doc, span)
+        from emu2_engine.kernels.attention import modality_attention_triton
+        scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+        return modality_attention_triton(q, k, v, doc, span, causal, scale)
+    # _check wants ids only for their shapes; these views cost nothing.
+    ids = torch.zeros((), dtype=torch.int32, device=q.device).expand(B, S)
+    _check(q, k, v, ids, ids)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def modality_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
+                       span_ids: torch.Tensor | None, causal: bool = True,
                        scale: float | None = None) -> torch.Tensor:
     """Attention under the interleaved-modality mask; q (B, Hq, S, D), k/v (B, Hkv, S, D).
+
+    `doc_ids` and `span_ids` both None say that every row is one document with no spans and no
+    padding (the ViT's images, the UNets' self-attention): the op then runs as the
+    ``dense_attention`` backend entry, whose auto choice is SDPA's fused kernels on every device
+    (`ops.backend`), with no ids to build or read.
 
     `scale` defaults to D ** -0.5. On the Triton path the output (and each gradient) has the
     memory layout of q (of k, v), so (B, S, H, D) projections need no copies.
     """
+    if doc_ids is None or span_ids is None:
+        if doc_ids is not None or span_ids is not None:
+            raise ValueError("doc_ids and span_ids must both be tensors, or both None (every row one "
+                             f"document), got {type(doc_ids).__name__} and {type(span_ids).__name__}")
+        return _dense_attention(q, k, v, causal, scale)
     _check(q, k, v, doc_ids, span_ids)
     if use_triton("modality_attention", q, has_kernel=True):
         from emu2_engine.kernels.attention import modality_attention_triton
         scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
         return modality_attention_triton(q, k, v, doc_ids, span_ids, causal, scale)
     if not torch.compiler.is_compiling() and _single_document(doc_ids, span_ids):
-        # The whole row is one document (the ViT, unpacked inference): no mask to build, and
+        # The whole row is one document (unpacked inference): no mask to build, and
         # SDPA picks its fused kernels. (The test reads the ids, which a compiled graph cannot
         # branch on; compiled, the masked form below gives the same result.)
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,

@@ -1,9 +1,18 @@
 """Which implementation an op runs: the Triton kernel or the PyTorch reference.
 
-`EMU2_KERNELS=auto|triton|reference` (default auto). auto runs Triton on CUDA tensors and the
-reference elsewhere; triton forces the kernel (on the CPU that needs TRITON_INTERPRET=1);
-reference forces PyTorch. An op whose kernel has not been written yet runs the reference
-under auto and refuses `triton` with a clear error.
+``EMU2_KERNELS`` (default ``auto``) is a comma-separated list. Each entry is either a choice for
+every op, ``auto``, ``triton`` or ``reference``, or a choice for one op, ``op=choice``; a per-op
+entry wins over the global one, whatever the order. Examples::
+
+    EMU2_KERNELS=reference                                  # PyTorch everywhere
+    EMU2_KERNELS=auto,spatiotemporal_conv=reference         # A/B one op inside a whole model
+    EMU2_KERNELS=dense_attention=triton                     # the Triton kernel for unmasked attention
+
+``auto`` runs an op's Triton kernel on CUDA tensors and the reference elsewhere, except for the
+ops in `_LIBRARY_FIRST`, whose reference calls a fused library kernel that auto prefers on
+every device; ``triton`` forces the kernel (on the CPU that needs TRITON_INTERPRET=1);
+``reference`` forces PyTorch. An op whose kernel has not been written yet runs the reference
+under auto and refuses ``triton`` with a clear error.
 """
 
 from __future__ import annotations
@@ -14,26 +23,57 @@ import torch
 
 _CHOICES = ("auto", "triton", "reference")
 
+OPS = ("modality_attention", "dense_attention", "emu2_head_loss", "pool_project", "spatiotemporal_conv")
+"""The op names an ``op=choice`` entry may name."""
 
-def requested_backend() -> str:
-    """The value of EMU2_KERNELS, checked."""
-    value = os.environ.get("EMU2_KERNELS", "auto").strip().lower() or "auto"
-    if value not in _CHOICES:
-        raise ValueError(f"EMU2_KERNELS must be one of {_CHOICES}, got {value!r}")
-    return value
+_LIBRARY_FIRST = frozenset({"dense_attention"})
+"""Ops whose reference is itself a fused library kernel, which ``auto`` picks on CUDA too.
+``dense_attention`` is attention with no mask but causality (the ViT, the UNets): its reference
+is SDPA, which runs FlashAttention / cuDNN attention on the GPU; the Triton kernel's tile map
+has nothing to skip there, and on the H200 the video UNet with it ran at 0.61x the reference
+path (docs/decoders.md). ``dense_attention=triton`` selects the kernel for comparison."""
+
+
+def requested_backends() -> tuple[str, dict[str, str]]:
+    """The global choice and the per-op choices in EMU2_KERNELS, checked."""
+    raw = os.environ.get("EMU2_KERNELS", "auto").strip().lower()
+    glob, per_op = "auto", {}
+    for entry in (e.strip() for e in raw.split(",")):
+        if not entry:
+            continue
+        op, sep, choice = entry.partition("=")
+        op, choice = op.strip(), choice.strip()
+        if not sep:
+            op, choice = "", op
+        if choice not in _CHOICES:
+            raise ValueError(f"EMU2_KERNELS must be one of {_CHOICES} or a comma-separated list of "
+                             f"them and op=choice entries, got {raw!r} (bad choice {choice!r})")
+        if not op:
+            glob = choice
+        elif op in OPS:
+            per_op[op] = choice
+        else:
+            raise ValueError(f"EMU2_KERNELS names op {op!r}, which is not one of {OPS}")
+    return glob, per_op
+
+
+def requested_backend(op: str | None = None) -> str:
+    """The choice that applies to `op` (the global one when `op` is None or not named)."""
+    glob, per_op = requested_backends()
+    return per_op.get(op, glob) if op is not None else glob
 
 
 def use_triton(op: str, x: torch.Tensor, has_kernel: bool) -> bool:
     """Whether `op` should run its Triton kernel on input `x`."""
-    want = requested_backend()
+    want = requested_backend(op)
     if want == "reference":
         return False
     if want == "triton":
         if not has_kernel:
-            raise NotImplementedError(f"EMU2_KERNELS=triton, but {op} has no Triton kernel yet; "
-                                      f"use EMU2_KERNELS=auto or reference")
+            raise NotImplementedError(f"EMU2_KERNELS asks for triton, but {op} has no Triton kernel yet; "
+                                      f"use auto or reference for it")
         return True
-    return has_kernel and x.is_cuda
+    return has_kernel and x.is_cuda and op not in _LIBRARY_FIRST
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
