@@ -5,7 +5,9 @@ One process (WORLD_SIZE 1) trains the plain model. Under torchrun with WORLD_SIZ
 trainer initialises the process group (NCCL on CUDA, gloo on the CPU), builds `ParallelDims`
 and its mesh from the [parallel] section and lays the model out with `parallelize` (TP/SP,
 activation checkpointing, compile, FSDP, pipeline). Each data-parallel rank reads its own
-share of the data; the ranks of one TP group or pipeline read the same batches.
+share of the data; the ranks of one TP group or pipeline read the same batches. The loader
+runs `data.prefetch` micro-batches ahead in a background thread (`data.prefetch.Prefetcher`);
+the checkpoints save its position after the last micro-batch trained on.
 
 Faults: SIGTERM or SIGINT ends the run after the current step with a checkpoint; a step whose
 loss or gradient norm is not finite is skipped (no optimiser update, counted in the metrics)
@@ -32,6 +34,7 @@ from tqdm import tqdm
 from emu2_engine.checkpoint.dcp import Checkpointer, latest
 from emu2_engine.data.batch import PackedBatch
 from emu2_engine.data.loader import build_loader, heldout_caption_loader
+from emu2_engine.data.prefetch import Prefetcher
 from emu2_engine.data.tokenizer import Emu2Tokenizer
 from emu2_engine.models import Emu2Config, Emu2Model
 from emu2_engine.models.flops import batch_flops, training_flops
@@ -146,7 +149,11 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         self.tokenizer = Emu2Tokenizer(chat=self.model_cfg.chat)
         dp_rank, dp = (self.dims.dp_rank, self.dims.dp) if self.dims else (0, 1)
-        self.loader = build_loader(cfg.data, self.tokenizer, self.model_cfg, rank=dp_rank, world_size=dp)
+        loader = build_loader(cfg.data, self.tokenizer, self.model_cfg, rank=dp_rank, world_size=dp)
+        # The checkpoints save the loader's state through this object: a prefetcher gives the
+        # position after the last batch trained on, not that of the batches built ahead.
+        self.loader = Prefetcher(loader, depth=cfg.data.prefetch, device=self.device) \
+            if cfg.data.prefetch else loader
         self.step_count = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -310,6 +317,8 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.checkpointer.wait()
+            if isinstance(self.loader, Prefetcher):
+                self.loader.close()  # no thread outlives the run; the position is kept
             bar.close()
             writer.close()
         if stop or self.step_count < cfg.train.steps:
