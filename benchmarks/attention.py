@@ -9,12 +9,20 @@ Cases (issue 3; sizes as in docs/benchmarks.md's roofline table):
 - packed: Emu2 training rows of S = 4096 / 8192 tokens, 52 heads of 128, documents of
   256..2048 tokens each holding 64-token images (one per started 512 tokens), whose spans are
   bidirectional ("bi") or causal like the rest ("causal");
-- vit: 32 images x 1025 tokens, 16 heads of 112, non-causal, one document per image.
+- dense (no mask but one document per row, non-causal): "vit" 32 images x 1025 tokens, 16
+  heads of 112 (Emu2's encoder), and "unet" 2 clips x 4096 tokens (16 frames of 16x16), 10
+  heads of 64 (the video UNet's spatial-temporal attention at 640 channels). These calls pass no
+  ids in the models, and `modality_attention` runs SDPA for them unless EMU2_KERNELS says
+  dense_attention=triton: this family is the A/B behind that default.
 Providers: ours, `triton` (`modality_attention` on the kernel: atomic-dQ backward) and
 `triton-det` (the deterministic backward); `sdpa-mask` (SDPA with the dense boolean mask);
 `sdpa-flash`, `sdpa-efficient`, `sdpa-cudnn` (SDPA `is_causal` or unmasked, one backend each,
 where the case has no documents or spans); `flex` (compiled FlexAttention with the equivalent
 BlockMask); `flash-attn` where it is importable and the case has no documents or spans.
+
+gpu-quick runs the dense cases first and skips FlexAttention on them (a compile per case, and
+nothing to skip without a mask), so a capped run still reports them; each case's numbers are also
+printed as they are measured (the log keeps them if the module is stopped).
 
 Metrics per case and phase (fwd, fwd+bwd, and bwd = their difference): time (ms, median of
 `triton.testing.do_bench`), tflops counting only allowed score elements (forward 4 x allowed x D
@@ -45,7 +53,7 @@ SUITES = ("cpu", "gpu-quick", "gpu-full")
 @dataclass
 class Case:
     name: str
-    family: str  # causal | packed | vit
+    family: str  # causal | packed | dense
     B: int
     Hq: int
     Hkv: int
@@ -56,12 +64,13 @@ class Case:
 
 
 def cases(suite: str) -> list[Case]:
+    out = [Case("vit 32x1025", "dense", 32, 16, 16, 1025, 112, False),
+           Case("unet 2x4096", "dense", 2, 10, 10, 4096, 64, False)]
     causal_S = (4096,) if suite == "gpu-quick" else (1024, 2048, 4096, 8192, 16384)
-    out = [Case(f"causal S={S}", "causal", max(1, 4096 // S), 32, 32, S, 128, True) for S in causal_S]
+    out += [Case(f"causal S={S}", "causal", max(1, 4096 // S), 32, 32, S, 128, True) for S in causal_S]
     packed_S = (8192,) if suite == "gpu-quick" else (4096, 8192)
     out += [Case(f"packed S={S} {'bi' if bi else 'causal'}", "packed", 1, 52, 52, S, 128, True, bi)
             for S in packed_S for bi in (True, False)]
-    out.append(Case("vit 32x1025", "vit", 32, 16, 16, 1025, 112, False))
     return out
 
 
@@ -101,7 +110,7 @@ def flops(case: Case, allowed: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 # Implementations: name -> callable (q, k, v) -> out, or a reason it does not apply
 # ----------------------------------------------------------------------------------------------
-def implementations(case: Case, doc: torch.Tensor, span: torch.Tensor) -> dict[str, object]:
+def implementations(case: Case, doc: torch.Tensor, span: torch.Tensor, flex: bool = True) -> dict[str, object]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     impls: dict[str, object] = {}
@@ -127,6 +136,8 @@ def implementations(case: Case, doc: torch.Tensor, span: torch.Tensor) -> dict[s
                 return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa)
         impls[f"sdpa-{name}"] = sdpa
     try:
+        if not flex:
+            raise RuntimeError("skipped in gpu-quick for this family")
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -182,7 +193,7 @@ def _measure(fn, q, k, v, dout, deterministic: bool) -> dict:
     return {"fwd": fwd_ms, "fwd+bwd": fwdbwd_ms, "bwd": fwdbwd_ms - fwd_ms, "peak": peak}
 
 
-def run_case(case: Case, result: BenchResult, dtype: torch.dtype = torch.bfloat16) -> None:
+def run_case(case: Case, result: BenchResult, dtype: torch.dtype = torch.bfloat16, flex: bool = True) -> None:
     from emu2_engine.kernels import attention as K
 
     doc, span = layout(case)
@@ -199,7 +210,7 @@ def run_case(case: Case, result: BenchResult, dtype: torch.dtype = torch.bfloat1
     q, k, v = (torch.randn(case.B, h, case.S, case.D, generator=g, device="cuda", dtype=dtype, requires_grad=True)
                for h in (case.Hq, case.Hkv, case.Hkv))
     dout = torch.randn(case.B, case.Hq, case.S, case.D, generator=g, device="cuda", dtype=dtype)
-    impls = implementations(case, doc, span)
+    impls = implementations(case, doc, span, flex)
     with torch.no_grad():
         want = impls["sdpa-mask"](q, k, v).float()
     for name, impl in impls.items():
@@ -218,6 +229,8 @@ def run_case(case: Case, result: BenchResult, dtype: torch.dtype = torch.bfloat1
         for phase in ("fwd", "fwd+bwd", "bwd"):
             add(name, "time", t[phase], "ms", phase)
             add(name, "tflops", fl[phase] / t[phase] / 1e9, "TFLOP/s", phase)
+        print(f"[attention] {case.name} {name}: fwd {t['fwd']:.3f} ms, fwd+bwd {t['fwd+bwd']:.3f} ms, "
+              f"{fl['fwd+bwd'] / t['fwd+bwd'] / 1e9:.0f} TFLOP/s fwd+bwd", flush=True)
         add(name, "peak_memory", t["peak"], "MiB", "fwd+bwd")
         if name == "triton":
             add(name, "max_abs_diff", diff, f"vs sdpa-mask ({str(dtype).removeprefix('torch.')})", "fwd")
@@ -268,7 +281,7 @@ def run(suite: str, out_dir: Path) -> BenchResult:
     K.AUTOTUNE = suite == "gpu-full"
     try:
         for case in cases(suite):
-            run_case(case, result)
+            run_case(case, result, flex=not (suite == "gpu-quick" and case.family == "dense"))
     finally:
         K.AUTOTUNE = True
     return result

@@ -134,3 +134,66 @@ def time_cuda(fn: Callable[[], object], warmup: int = 5, repeats: int = 20) -> f
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+# Kernel families of a profile, by substrings of the kernel's name, tried in this order: cuDNN's
+# attention kernels contain "fprop" like its convolutions, which contain "gemm" (implicit GEMM).
+_FAMILIES = (
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn", "_fwd_kernel", "_bwd_dkdv", "_bwd_dq", "_bwd_delta")),
+    ("conv", ("fprop", "dgrad", "wgrad", "conv", "_tap_")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "::mm", "addmm", "bmm")),
+    ("norm", ("norm",)),
+    ("copy", ("copy", "transpose", "cat", "memcpy", "memset")),
+)
+
+
+def kernel_family(name: str) -> str:
+    """conv, attention, gemm, norm, copy or other, from a CUDA kernel's name (`_FAMILIES`)."""
+    lower = name.lower()
+    for family, keys in _FAMILIES:
+        if any(k in lower for k in keys):
+            return family
+    return "other"
+
+
+def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: str = "cuda",
+                    top: int = 30) -> dict[str, float]:
+    """Profile one call of fn() (after one warm-up call). On "cuda" it ranks the GPU kernels by
+    total device time; on "cpu" (where there are no kernels, and tests run this path) the aten
+    ops by self CPU time. Appends the `top` of them (ms, calls, family, name) under `title` to
+    `path`, and returns the milliseconds per family (`kernel_family`) plus their sum, "total"."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        sync()
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if cuda and event.device_type == torch.autograd.DeviceType.CUDA:
+            ms = event.time_range.elapsed_us() / 1e3
+        elif not cuda and event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith("aten::"):
+            ms = event.self_cpu_time_total / 1e3
+        else:
+            continue
+        entry = kernels.setdefault(event.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += ms
+    families: dict[str, float] = {}
+    for name, (_, ms) in kernels.items():
+        family = kernel_family(name)
+        families[family] = families.get(family, 0.0) + ms
+    families["total"] = sum(ms for _, ms in kernels.values())
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
+    lines = [f"## {title}", "",
+             "families (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(families.items())), "",
+             "| ms | calls | family | kernel |", "|---:|---:|---|---|"]
+    lines += [f"| {ms:.3f} | {calls} | {kernel_family(name)} | `{name[:140]}` |"
+              for name, (calls, ms) in ranked]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n\n")
+    return families

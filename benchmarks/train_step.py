@@ -4,7 +4,11 @@
 - gpu-quick / gpu-full: `proxy-1b` (and, in gpu-full, `emu2-37b-slice`) in bf16 autocast.
 
 Batches are built before timing and reused, so the numbers are the step's alone (the data
-loader has its own benchmark). FLOPs come from `emu2_engine.models.flops` (ViT per image, LLM
+loader has its own benchmark). Per component: the ViT's forward + backward is timed alone on the
+same images (every image slot, padding included, as the step runs it), with its TFLOP/s over the
+real images; `image_fill` is the share of image slots holding real images. One more step is
+profiled: the top kernels go to `kernels.md` in the output folder, the time per kernel family
+(`benchmarks.common.kernel_family`) into the report as `family_ms`. FLOPs come from `emu2_engine.models.flops` (ViT per image, LLM
 per token over the real document lengths, heads; backward = 2x forward); MFU is reported only
 for a device in the peak table.
 """
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import BenchResult, device_name
+from benchmarks.common import BenchResult, device_name, profile_kernels, time_cpu, time_cuda
 from emu2_engine.models.flops import batch_flops, mfu, training_flops
 from emu2_engine.train.config import JobConfig
 from emu2_engine.train.trainer import Trainer
@@ -39,7 +43,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(preset: str, overrides: list[str], steps: int, result: BenchResult) -> None:
+def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, out_dir: Path) -> None:
     cfg = JobConfig.load(None, [f"--model.preset={preset}", f"--train.steps={steps + 2}",
                                 "--optim.warmup_steps=0", "--train.eval_batches=0", *overrides])
     trainer = Trainer(cfg)
@@ -90,6 +94,7 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult) 
     else:
         result.add(benchmark="train_step", case=case, provider="engine", metric="mfu",
                    value=100 * achieved, unit="%", params=params)
+    _components(trainer, batches, flops, case, params, result, out_dir)
     total = sum(flops[0][k] for k in ("vit", "projector", "llm_linear", "llm_attention", "heads"))
     for k in ("vit", "projector", "llm_linear", "llm_attention", "heads"):
         result.add(benchmark="train_step", case=case, provider=k, metric="flops_share",
@@ -97,6 +102,50 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult) 
     del trainer, model, opt, batches
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _components(trainer: Trainer, batches, flops, case: str, params: dict, result: BenchResult,
+                out_dir: Path) -> None:
+    """The ViT's share of the step, image-slot fill, and the step's kernel profile."""
+    model, device, batch = trainer.model, trainer.device, batches[0]
+    images = batch.images
+    slots = images.shape[0]
+    result.add(benchmark="train_step", case=case, provider="engine", metric="image_fill",
+               value=100 * batch.n_images / max(slots, 1), unit="% of image slots", params=params)
+    if slots and model.visual is not None:
+        grad = None
+
+        def vit_step():
+            nonlocal grad
+            with trainer.autocast():
+                out = model.visual(images)
+            if grad is None:
+                grad = torch.randn_like(out)
+            out.backward(grad)
+
+        timer = (lambda f: time_cuda(f, warmup=2, repeats=5)) if device.type == "cuda" else \
+            (lambda f: time_cpu(f, warmup=1, repeats=3))
+        ms = timer(vit_step)
+        model.zero_grad(set_to_none=True)
+        result.add(benchmark="train_step", case=case, provider="vit", metric="time", value=ms, unit="ms",
+                   params=params)
+        result.add(benchmark="train_step", case=case, provider="vit", metric="tflops",
+                   value=3 * flops[0]["vit"] / (ms * 1e-3) / 1e12, unit="TFLOP/s", params=params)
+
+    def train_step():
+        with trainer.autocast():
+            out = model(batch)
+        out.total.backward()
+        model.zero_grad(set_to_none=True)
+
+    try:
+        families = profile_kernels(train_step, out_dir / "kernels.md", f"train_step {case}", device.type)
+    except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the timings
+        result.skipped.append(f"{case} profile: {type(e).__name__}: {str(e)[:200]}")
+        return
+    for family, ms in families.items():
+        result.add(benchmark="train_step", case=f"{case} {family}", provider="engine", metric="family_ms",
+                   value=ms, unit="ms", params=params)
 
 
 def run(suite: str, out_dir: Path) -> BenchResult:
@@ -110,7 +159,7 @@ def run(suite: str, out_dir: Path) -> BenchResult:
         result.skipped.append(f"{suite}: no CUDA device on this machine")
         return result
     for preset, overrides, steps in _CASES[suite]:
-        measure(preset, overrides, steps, result)
+        measure(preset, overrides, steps, result, out_dir)
     return result
 
 

@@ -2,20 +2,26 @@
 
     python -m benchmarks.run --suite gpu-quick --only video_unet
 
-Providers: "kernels" runs the engine's Triton ops (`spatiotemporal_conv` for every resnet conv
-with its temporal conv, `modality_attention` for the spatial-temporal self-attention; the
-`EMU2_KERNELS=auto` default on CUDA); "reference" runs the same model with
-`EMU2_KERNELS=reference` (cuDNN conv2d + conv1d per resnet conv; for the UNet's one document
-per row the attention reference runs PyTorch's fused SDPA, flash attention on an H100). The two differ in both ops at once: the per-op benchmarks (`spatiotemporal_conv`,
-`attention`) separate them.
+Providers (the same model under three `EMU2_KERNELS` settings, so each op is A/B'd alone):
+- "kernels" (`auto`, the default): `spatiotemporal_conv`'s Triton kernel for every resnet conv
+  with its temporal conv; the spatial-temporal self-attention has no mask, so it runs SDPA's
+  fused kernels (flash / cuDNN attention; `ops.backend`, dense_attention);
+- "reference" (`reference`): cuDNN conv2d + conv1d per resnet conv, the same SDPA attention:
+  against "kernels" only the convolution differs;
+- "triton-attention" (`auto,dense_attention=triton`): as "kernels" but the attention on the
+  engine's Triton kernel: against "kernels" only the attention differs.
+On a GPU each provider's step is also profiled once: the top kernels by device time and the time
+per family (conv, attention, gemm, norm, copy, other) go to `kernels.md` in the output folder,
+the families into the report as `family_ms`.
 
 - cpu: the `debug` UNet inflated (8 frames of 16x16 latents), fp32, reference only (the Triton
-  path runs on a CPU only in the interpreter).
+  path runs on a CPU only in the interpreter), profiled on the CPU (aten ops).
 - gpu-quick: `emu2-video` (320/640/1280/1280 channels) on 16 frames of 32x32 latents (256 px
   through the VAE), batch 1, bf16 weights and activations; gpu-full adds 64x64 latents.
-FLOPs are counted once per case with FlopCounterMode on the reference path. The H200 run of
-2026-11-27 counted them on the kernels path, which left attention out (its TFLOP/s are ~1.6x
-low; its times are right).
+FLOPs are counted once per case with FlopCounterMode on the reference path. History: the H200
+run of 2026-11-27 (run3, commit 2a00336) ran the attention on the Triton kernel under
+"kernels" (197 ms against 120 ms for "reference"), and counted FLOPs on the kernels path, which
+left attention out (its TFLOP/s are ~1.6x low; its times are right).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import BenchResult, time_cpu, time_cuda
+from benchmarks.common import BenchResult, profile_kernels, time_cpu, time_cuda
 from emu2_engine.models.config import UNetConfig
 from emu2_engine.models.unet3d import VideoUNet
 
@@ -59,7 +65,7 @@ def _inputs(cfg: UNetConfig, batch: int, frames: int, side: int, dtype, device):
 
 
 def _case(result: BenchResult, preset: str, batch: int, frames: int, side: int, dtype, device,
-          providers, timer) -> None:
+          providers, timer, out_dir: Path) -> None:
     cfg = UNetConfig.from_preset(preset)
     torch.manual_seed(0)
     model = VideoUNet(cfg).to(device=device, dtype=dtype)
@@ -89,28 +95,38 @@ def _case(result: BenchResult, preset: str, batch: int, frames: int, side: int, 
                    value=ms, unit="ms", params=params)
         result.add(benchmark="video_unet", case=f"{case} fwd+bwd", provider=provider, metric="tflops",
                    value=flops / (ms * 1e-3) / 1e12, unit="TFLOP/s", params=params)
+        try:
+            with _backend(provider_backend[provider]):
+                families = profile_kernels(step, out_dir / "kernels.md", f"{case} fwd+bwd, {provider}", device)
+        except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the timings
+            result.skipped.append(f"{case} {provider} profile: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        for family, fms in families.items():
+            result.add(benchmark="video_unet", case=f"{case} {family}", provider=provider,
+                       metric="family_ms", value=fms, unit="ms", params=params)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
 
 
-provider_backend = {"kernels": "auto", "reference": "reference"}
+provider_backend = {"kernels": "auto", "reference": "reference", "triton-attention": "auto,dense_attention=triton"}
 
 
 def run(suite: str, out_dir: Path) -> BenchResult:
-    """The `suite` measurements (out_dir is unused: the harness writes the report)."""
+    """The `suite` measurements; the kernel profiles go to out_dir/kernels.md."""
     result = BenchResult(ours="kernels")
     if suite == "cpu":
         result.skipped.append("kernels: the Triton ops run on a CPU only in the interpreter")
         _case(result, "debug", 1, 8, 16, torch.float32, "cpu", ["reference"],
-              lambda step: time_cpu(step, warmup=1, repeats=3))
+              lambda step: time_cpu(step, warmup=1, repeats=3), out_dir)
     elif not torch.cuda.is_available():
         result.skipped.append(f"{suite}: no CUDA device on this machine")
     else:
         sides = [32] if suite == "gpu-quick" else [32, 64]
         for side in sides:
-            _case(result, "emu2-video", 1, 16, side, torch.bfloat16, "cuda", ["kernels", "reference"],
-                  lambda step: time_cuda(step, warmup=2, repeats=5))
+            _case(result, "emu2-video", 1, 16, side, torch.bfloat16, "cuda",
+                  ["kernels", "reference", "triton-attention"], lambda step: time_cuda(step, warmup=2, repeats=5),
+                  out_dir)
     return result
 
 

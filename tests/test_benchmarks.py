@@ -66,6 +66,24 @@ def test_cpu_training_step_benchmark(tmp_path):
     shares = [v for (p, m), v in by.items() if m == "flops_share"]
     assert sum(shares) == pytest.approx(100.0)
     assert any("MFU not applicable" in s for s in bench["skipped"])
+    # components: the ViT alone, the image-slot fill, and one profiled step
+    assert 0 < by[("vit", "time")] < by[("step", "time")] * 1.5 and by[("vit", "tflops")] > 0
+    assert 0 < by[("engine", "image_fill")] <= 100
+    families = {m["case"].rsplit(" ", 1)[1]: m["value"] for m in bench["measurements"] if m["metric"] == "family_ms"}
+    assert families["gemm"] > 0 and families["total"] == pytest.approx(sum(v for k, v in families.items()
+                                                                           if k != "total"))
+    table = (tmp_path / "kernels.md").read_text()
+    assert table.startswith("## train_step debug") and "| gemm | `aten::mm` |" in table
+
+
+def test_kernel_families():
+    from benchmarks.common import kernel_family
+    names = {"sm90_xmma_fprop_implicit_gemm_bf16f32": "conv", "flash_fwd_kernel": "attention",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_fprop": "attention", "_bwd_dkdv_kernel": "attention",
+             "_tap_conv_kernel": "conv", "nvjet_tst_256x128_64x4": "gemm", "aten::addmm": "gemm",
+             "vectorized_layer_norm_kernel": "norm", "CatArrayBatchedCopy": "copy",
+             "elementwise_kernel<gelu>": "other"}
+    assert {n: kernel_family(n) for n in names} == names
 
 
 def test_compare_reports(tmp_path):
