@@ -192,8 +192,8 @@ class Prefetcher:
         stop = threading.Event()
         self._thread = threading.Thread(target=_produce, name="emu2-data-prefetch", daemon=True,
                                         args=(self.loader, self._queue, stop, self._pin_device))
-        self._thread.start()
         self._finalizer = weakref.finalize(self, _halt, stop, self._thread, self.close_timeout)
+        self._thread.start()
 
     def _stop(self, wait: bool) -> None:
         """Stop the producer and drop its read-ahead batches; `wait`: until it has stopped,
