@@ -21,11 +21,13 @@ Providers (ours is "triton"); each computes y = s + temporal(s), s = spatial(x):
 Suites (`run(suite, out_dir)` for `benchmarks.run`):
 - cpu: the reference only at a tiny size in fp32 (the Triton kernel runs on a CPU only in the
   interpreter; correctness is tests/test_spatiotemporal_conv.py's business).
-- gpu-quick (CUDA): bf16, kt = 3, 3x3 spatial, two video-UNet layers: 320 channels at 16
-  frames of 64x64 and 1280 channels at 16 frames of 32x32, batch 1; forward and
+- gpu-quick (CUDA): bf16, kt = 3, 3x3 spatial, four video-UNet layers: 320 channels at 16
+  frames of 64x64, 1280 channels at 16 frames of 32x32, and the deep levels of 32x32 latents,
+  1280 channels at 16 frames of 8x8 and 4x4 (too few pixel rows to fill the GPU with tiles:
+  the K loop is split, `_conv_split`), batch 1; forward and
   forward + backward; time, TFLOP/s (both convolutions' multiply-adds x 2; backward counted
   as 2x forward), and the fraction of the device's bf16 peak.
-- gpu-full: 320/640/1280 channels x 64x64/32x32 latents x batch 1 and 2.
+- gpu-full: 320/640/1280 channels x 64x64/32x32 latents x batch 1 and 2, and the two deep ones.
 Both GPU suites also time each pass of the op alone ("<case> pass spatial-fwd", ...) against
 the cuDNN call doing the same convolution (`_measure_passes`), to show which pass is short:
 "triton" is what the op runs for that pass (for the two wgrad passes: the cuBLAS GEMMs and the
@@ -218,10 +220,11 @@ def run(suite: str, out_dir: Path) -> BenchResult:
     elif not torch.cuda.is_available():
         result.skipped.append(f"{suite}: no CUDA device on this machine")
     else:
-        shapes = [(1, 320, 16, 64, 64, 3), (1, 1280, 16, 32, 32, 3)]
+        deep = [(1, 1280, 16, 8, 8, 3), (1, 1280, 16, 4, 4, 3)]
+        shapes = [(1, 320, 16, 64, 64, 3), (1, 1280, 16, 32, 32, 3)] + deep
         if suite == "gpu-full":
             shapes = [(b, c, 16, side, side, 3) for b in (1, 2) for c in (320, 640, 1280)
-                      for side in (64, 32)]
+                      for side in (64, 32)] + deep
         providers = list(PROVIDERS) if suite == "gpu-full" else [p for p in PROVIDERS if p != "eager"]
         if suite != "gpu-full":
             result.skipped.append("eager (the reference): gpu-full only")
@@ -229,7 +232,7 @@ def run(suite: str, out_dir: Path) -> BenchResult:
             timer = lambda step: time_cuda(step, warmup=3, repeats=10)  # noqa: E731
             _measure(result, providers, shape, torch.bfloat16, "cuda", timer)
             _measure_passes(result, shape, torch.bfloat16, timer,
-                            sweep=suite == "gpu-quick" and shape[1] == 1280)
+                            sweep=suite == "gpu-quick" and shape[1] == 1280 and shape[3] == 32)
             torch.cuda.empty_cache()
     return result
 

@@ -45,6 +45,12 @@ the g tiles they load anyway. It is kept, tested in the interpreter and on GPUs,
 the benchmark ("triton-wgrad-kernel"), as the starting point for a wgrad that fuses more than
 the libraries can; why it loses by that much has not been profiled yet.
 
+Small frames (the video UNet's deepest levels: 16 frames of 8x8 or 4x4 latents are 1024 or 256
+pixel rows) give too few (pixel tile, channel tile) programs to fill the GPU, so the tap GEMMs
+split their K loop over a second grid axis (`_conv_split`): each slice writes fp32 partial sums,
+which torch adds in a fixed order (deterministic) before the bias and the residual. Unmeasured
+on a GPU as of this writing; the gpu-quick benchmark times both deep shapes.
+
 Why two forward kernels, not one fused pass: the temporal GEMM reduces over all Cout channels
 of s at kt frames, so a fused tile would have to compute s for every output channel at kt
 frames (kt x the spatial FLOPs, or a cross-program exchange of the s tiles); at 320-1280
@@ -151,12 +157,17 @@ def _num_sms(device: torch.device) -> int:
 # -- kernels -------------------------------------------------------------------------------------
 @triton.jit
 def _tap_conv_kernel(in_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, P, NF, H, W, C_IN, N_OUT,
+                     ITERS_PER_SPLIT,
                      KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+                     SPLIT_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # out[p, n] = bias[n] + res[p, n] + sum_{tap, c} in[p + shift(tap), c] * w[tap, c, n]
     # in (P, C_IN), res/out (P, N_OUT) row-major; w (KT*KH*KW, C_IN, N_OUT) row-major.
+    # SPLIT_K: program_id(1) sums only its ITERS_PER_SPLIT steps of the K loop and writes fp32
+    # partial sums to out (split, P, N_OUT), with no bias and no residual (the launcher adds them).
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     tiles_n = tl.cdiv(N_OUT, BLOCK_N)
     pid_m = pid // tiles_n  # output-channel tiles fastest: they share the same input rows in L2
     pid_n = pid % tiles_n
@@ -170,7 +181,13 @@ def _tap_conv_kernel(in_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, P, NF, H, W, C_I
     chunks = tl.cdiv(C_IN, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # One flat loop over (tap, channel chunk) so the compiler pipelines all of K at once.
-    for it in range(0, KT * KH * KW * chunks):
+    total = KT * KH * KW * chunks
+    first = 0
+    last = total
+    if SPLIT_K:
+        first = split * ITERS_PER_SPLIT
+        last = tl.minimum(first + ITERS_PER_SPLIT, total)
+    for it in range(first, last):
         tap = it // chunks
         c = (it % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
         dt = tap // (KH * KW) - KT // 2
@@ -192,6 +209,8 @@ def _tap_conv_kernel(in_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, P, NF, H, W, C_I
         acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_offs = m.to(tl.int64)[:, None] * N_OUT + n[None, :]
     mn = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K:
+        out_offs += split.to(tl.int64) * P * N_OUT
     if HAS_RES:
         acc += tl.load(res_ptr + out_offs, mask=mn, other=0.0).to(tl.float32)
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mn)
@@ -249,25 +268,61 @@ def _tap_wgrad_kernel(in_ptr, g_ptr, dw_ptr, db_ptr, P, NF, H, W, C_IN, N_OUT, R
 
 
 # -- launchers -----------------------------------------------------------------------------------
-def _tap_conv(inp, weight, bias, residual, geometry, taps, cfg=None):
+def _conv_split(P: int, n_out: int, c_in: int, n_taps: int, cfg: dict, device: torch.device) -> int:
+    """How many slices of the K loop (taps x channel chunks) a tap GEMM is split into: 1 when its
+    (pixel tile, channel tile) grid fills the GPU, else enough slices for about one wave, with at
+    least `_MIN_SPLIT_ITERS` K steps each. The video UNet's deepest levels need it: 16 frames of
+    4x4 latents at 1280 channels are 256 pixel rows, 10 programs of 128 x 256 on 132 SMs; split
+    14 ways they fill the GPU for the price of writing and re-reading fp32 partial sums
+    (14 x 256 x 1280 x 4 B = 18 MB) against 7.5 GFLOP of products."""
+    tiles = triton.cdiv(P, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"])
+    iters = n_taps * triton.cdiv(c_in, cfg["BLOCK_K"])
+    sms = _num_sms(device)
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), iters // _MIN_SPLIT_ITERS))
+
+
+_MIN_SPLIT_ITERS = 4
+"""Fewest K steps per split slice: below that the pipeline's prologue and the partial-sum
+traffic outweigh what the extra programs add."""
+
+
+def _tap_conv(inp, weight, bias, residual, geometry, taps, cfg=None, split=None):
     """One tap GEMM: inp (P, C_IN), weight (taps[0]*taps[1]*taps[2], C_IN, N_OUT) contiguous ->
     (P, N_OUT) in inp's dtype. geometry = (F, H, W) of the pixel rows; taps = (KT, KH, KW);
-    cfg: tiles and launch options (default `_blocks`; the benchmark passes its candidates)."""
+    cfg: tiles and launch options (default `_blocks`; the benchmark passes its candidates);
+    split: slices of the K loop (default `_conv_split`). Split, the slices' fp32 partial sums
+    are added by torch (in a fixed order: deterministic), then the bias and the residual."""
     P, c_in = inp.shape
     n_out = weight.shape[2]
     out = inp.new_empty(P, n_out)
     if P == 0:
         return out
     cfg = cfg or _blocks(n_out, c_in, inp.dtype, residual is not None)
-    grid = (triton.cdiv(P, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
-    dummy = out  # never read when the matching HAS_ flag is off
-    _tap_conv_kernel[grid](
-        inp, weight, bias.contiguous() if bias is not None else dummy,
-        residual if residual is not None else dummy, out, P, *geometry, c_in, n_out,
-        KT=taps[0], KH=taps[1], KW=taps[2],
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, IEEE=inp.dtype == torch.float32,
-        **cfg)
-    return out
+    n_taps = taps[0] * taps[1] * taps[2]
+    iters = n_taps * triton.cdiv(c_in, cfg["BLOCK_K"])
+    split = split or _conv_split(P, n_out, c_in, n_taps, cfg, inp.device)
+    per_split = triton.cdiv(iters, split)
+    split = triton.cdiv(iters, per_split)  # no empty slice
+    tiles = triton.cdiv(P, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"])
+    partial = split > 1
+    target = torch.empty(split, P, n_out, device=inp.device, dtype=torch.float32) if partial else out
+    dummy = target  # never read when the matching HAS_ flag is off
+    _tap_conv_kernel[(tiles, split)](
+        inp, weight, bias.contiguous() if bias is not None and not partial else dummy,
+        residual if residual is not None and not partial else dummy, target, P, *geometry, c_in, n_out,
+        per_split, KT=taps[0], KH=taps[1], KW=taps[2],
+        HAS_BIAS=bias is not None and not partial, HAS_RES=residual is not None and not partial,
+        IEEE=inp.dtype == torch.float32, SPLIT_K=partial, **cfg)
+    if not partial:
+        return out
+    acc = target.sum(0)
+    if bias is not None:
+        acc += bias.float()
+    if residual is not None:
+        acc += residual.float()
+    return out.copy_(acc)
 
 
 def _tap_wgrad(inp, grad, geometry, taps, with_bias: bool):

@@ -312,11 +312,15 @@ def compile_kernels_for_sm90():
             cfg = kernel._blocks(n_out, c_in, torch_dtype, residual)
             opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
             consts = dict(KT=taps[0], KH=taps[1], KW=taps[2], HAS_BIAS=True, HAS_RES=residual,
-                          IEEE=dt == "fp32", **cfg)
+                          IEEE=dt == "fp32", SPLIT_K=False, **cfg)
             types = dict(in_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", res_ptr=f"*{dt}",
-                         out_ptr=f"*{dt}", **ints)
+                         out_ptr=f"*{dt}", ITERS_PER_SPLIT="i32", **ints)
             aligned = [n for n, t in types.items() if t.startswith("*")] + ["C_IN", "N_OUT"]
             conv = compile_for_sm90(kernel._tap_conv_kernel, types, consts, aligned, **opts)
+            # split K (small frames): fp32 partial sums out, no bias or residual in the epilogue
+            split = compile_for_sm90(kernel._tap_conv_kernel, dict(types, out_ptr="*fp32"),
+                                     dict(consts, HAS_BIAS=False, HAS_RES=False, SPLIT_K=True),
+                                     aligned, **opts)
             cfg = kernel._wgrad_blocks(c_in, n_out, torch_dtype)
             opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
             consts = dict(KT=taps[0], KH=taps[1], KW=taps[2], HAS_DB=True, IEEE=dt == "fp32", **cfg)
@@ -324,16 +328,16 @@ def compile_kernels_for_sm90():
                          ROWS_PER_SPLIT="i32", **ints)
             aligned = [n for n, t in types.items() if t.startswith("*")] + ["C_IN", "N_OUT", "ROWS_PER_SPLIT"]
             wgrad = compile_for_sm90(kernel._tap_wgrad_kernel, types, consts, aligned, **opts)
-            for compiled in (conv, wgrad):
+            for compiled in (conv, split, wgrad):
                 assert "cubin" in compiled.asm
                 ptx = compiled.asm["ptx"]
                 if dt == "bf16" and n_out >= 128:  # narrow tiles may use mma.sync instead
                     assert "cp.async" in ptx and "wgmma" in ptx, (compiled.name, n_out, c_in)
                     assert ptxas_usage(ptx)[1] == 0, (compiled.name, n_out, c_in)  # no spills
     # the candidate tiles the benchmark times on the 1280-channel spatial forward
-    consts = dict(KT=1, KH=3, KW=3, HAS_BIAS=True, HAS_RES=False, IEEE=False)
+    consts = dict(KT=1, KH=3, KW=3, HAS_BIAS=True, HAS_RES=False, IEEE=False, SPLIT_K=False)
     types = dict(in_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", res_ptr="*bf16", out_ptr="*bf16",
-                 **ints)
+                 ITERS_PER_SPLIT="i32", **ints)
     aligned = [n for n, t in types.items() if t.startswith("*")] + ["C_IN", "N_OUT"]
     for cfg in kernel.WIDE_TILE_CANDIDATES:
         cfg = dict(cfg)
@@ -387,3 +391,34 @@ def test_cuda(dtype, shape, wgrad, monkeypatch):
     got = run(spatiotemporal_conv, args, grad, dtype, torch.channels_last_3d)
     for name, a, b, r in zip(NAMES, got, low, ref):
         assert_within_rule(a, b, r, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_k_on_small_frames(monkeypatch, dtype):
+    """A deep-level shape (3 frames of 4x4, 40 channels, kt = 5): 48 pixel rows x 2 channel tiles
+    are short of the interpreter's 4 "SMs", so every tap GEMM splits its K loop (forward spatial
+    and temporal, both dgrads) and the op still matches the reference in every output and
+    gradient."""
+    grids, launch = [], kernel._tap_conv_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return launch[grid]
+
+    monkeypatch.setattr(kernel, "_tap_conv_kernel", Recorder())
+    check_against_reference(monkeypatch, dtype, (1, 40, 3, 4, 4, 40, 3, 3, 5), True, True,
+                            torch.channels_last_3d, seed=11)
+    assert len(grids) == 4 and all(tiles == 2 and split > 1 for tiles, split in grids), grids
+
+
+def test_split_k_equals_one_pass():
+    """The split partial sums, bias and residual added by torch equal the one-pass epilogue."""
+    g = torch.Generator().manual_seed(12)
+    rows = torch.randn(48, 24, generator=g)
+    w = torch.randn(9, 24, 16, generator=g) / 15
+    bias, res = torch.randn(16, generator=g), torch.randn(48, 16, generator=g)
+    one = kernel._tap_conv(rows, w, bias, res, (3, 4, 4), (1, 3, 3), split=1)
+    for split in (2, 3, 9):
+        torch.testing.assert_close(kernel._tap_conv(rows, w, bias, res, (3, 4, 4), (1, 3, 3), split=split),
+                                   one, rtol=1e-5, atol=1e-5)
