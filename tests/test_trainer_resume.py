@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,66 @@ def test_sigterm_saves_a_checkpoint_and_exits_0_then_resume_continues(tmp_path):
     records = resumed.train(progress=False, stop_at=saved[0] + 2)
     assert [r["step"] for r in records] == [saved[0] + 1, saved[0] + 2]
     assert sorted(losses(run)) == list(range(1, saved[0] + 3))
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_a_second_launch_finishes(tmp_path):
+    """SIGTERM to `torchrun --nproc_per_node=2` (gloo; dp_shard = 2, so each rank reads its own
+    data, prefetched) mid-run. The agent forwards it to both workers; they finish the step under
+    way, agree through the all-reduced stop flag, and save one checkpoint of that step: both
+    ranks' shards, each rank's data position after the batches it trained on (not the
+    prefetcher's read-ahead), no .tmp folder, and no worker killed by the agent. torchrun itself
+    exits 1: its agent re-raises the signal it forwarded (SignalException) whatever the workers
+    did (torch 2.13; docs/multinode.md). A second launch resumes from the step and finishes."""
+    import pickle
+    import re
+
+    import torch.distributed.checkpoint as dcp
+
+    from emu2_engine.data.loader import build_loader
+    from emu2_engine.data.tokenizer import Emu2Tokenizer
+
+    run = tmp_path / "run"
+    args = TINY + [f"--train.run_dir={run}", "--train.steps=20", "--parallel.dp_shard=2",
+                   "--parallel.param_dtype=float32"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "emu2_engine.pretrain", "--no-progress", *args]
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run did not reach step 2 in 120 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "got signal: 15" in err, err[-4000:]
+    assert "forcefully exiting" not in err  # the agent had to SIGKILL no worker
+    saved = [s for s, _ in complete_checkpoints(run / "checkpoints")]
+    assert len(saved) == 1 and 2 <= saved[0] < 20, (saved, out, err[-4000:])
+    step = saved[0]
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    said = r"pretrain: (received SIGTERM|a signal on another rank): "
+    assert re.search(said + f"saving a checkpoint of step {step}\n", out), out
+    assert re.search(said + f"checkpoint of step {step} saved in ", out), out
+    assert max(losses(run)) == step
+
+    folder = run / "checkpoints" / f"step-{step:06d}"
+    assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    with warnings.catch_warnings():  # DCP warns when loading without a process group
+        warnings.simplefilter("ignore")
+        state = {"dataloader": {"rank0": b"", "rank1": b""}, "train": {"step": -1}}
+        dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    assert state["train"]["step"] == step
+    cfg = JobConfig.load(None, args)
+    for rank in range(2):
+        loader = build_loader(cfg.data, Emu2Tokenizer(), cfg.model.build_config(), rank=rank, world_size=2)
+        for _ in range(step):
+            next(loader)
+        assert pickle.loads(state["dataloader"][f"rank{rank}"]) == loader.state_dict(), rank
+
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=300)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert f"resumed from step {step} " in second.stdout and "done: 20 steps" in second.stdout
+    assert sorted(losses(run)) == list(range(1, 21))
+    assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [step, 20]

@@ -304,14 +304,18 @@ class Trainer:
                         f"norm {result.grad_norm}); their updates were skipped. Stopping: lower "
                         f"optim.lr, check the data, or resume from the last checkpoint")
                 interval = cfg.checkpoint.interval
+                reason = self._stop_signal or "a signal on another rank"
+                if stop and lead:  # said before the save: a launcher may kill us during it
+                    bar.close()
+                    print(f"pretrain: {reason}: saving a checkpoint of step {self.step_count}",
+                          flush=True)
                 if stop or (interval and self.step_count % interval == 0) or self.step_count == end:
                     self.checkpointer.save(self.step_count)
                 if stop:
                     if lead:
-                        bar.close()
-                        print(f"pretrain: {self._stop_signal or 'a signal on another rank'}: "
-                              f"checkpoint of step {self.step_count} saved in "
-                              f"{self.checkpointer.directory}; run the same command to resume")
+                        print(f"pretrain: {reason}: checkpoint of step {self.step_count} saved in "
+                              f"{self.checkpointer.directory}; run the same command to resume",
+                              flush=True)
                     break
         finally:
             for sig, handler in previous.items():
