@@ -70,13 +70,15 @@ def producer_is_ahead(prefetcher: Prefetcher) -> bool:
 
 class CountingLoader:
     """An endless loader of 1-element tensors 0, 1, 2, ... with a position and statistics
-    (one "odd" skip per odd batch, one truncation per batch); `fail_at` raises there."""
+    (one "odd" skip per odd batch, one truncation per batch); `fail_at` raises there, `end_at`
+    ends there, and each batch takes `seconds`."""
 
-    def __init__(self, fail_at: int | None = None, end_at: int | None = None):
-        self.position, self.fail_at, self.end_at = 0, fail_at, end_at
+    def __init__(self, fail_at: int | None = None, end_at: int | None = None, seconds: float = 0.0):
+        self.position, self.fail_at, self.end_at, self.seconds = 0, fail_at, end_at, seconds
         self.odd = 0
 
     def __next__(self) -> torch.Tensor:
+        time.sleep(self.seconds)
         if self.position == self.end_at:
             raise StopIteration
         if self.position == self.fail_at:
@@ -258,6 +260,8 @@ def test_a_producer_stuck_in_the_loader_does_not_hang_the_interpreter_exit():
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match=r"prefetch depth must be an integer >= 1, got 0"):
         Prefetcher(CountingLoader(), depth=0)
+    with pytest.raises(ValueError, match=r"close_timeout must be a positive number of seconds, got 0"):
+        Prefetcher(CountingLoader(), close_timeout=0)
     with pytest.raises(ValueError, match=r"list has no state_dict\(\)"):
         Prefetcher([1, 2, 3])
     with pytest.raises(ValueError, match=r"data.prefetch must be >= 0 .* got -1"):
@@ -283,6 +287,21 @@ def test_trainer_with_prefetching_matches_without(tmp_path):
     assert isinstance(trainer.loader, Prefetcher) and len(with_prefetch) == 3
     assert with_prefetch == without
     assert not trainer.loader._thread.is_alive()
+
+
+def test_a_close_that_times_out_is_waited_out_before_the_loader_is_touched(caplog):
+    """close() gives up on a producer busy in a slow batch (and says so); the next
+    load_state_dict waits for that producer to finish before loading, so the loader ends up
+    exactly at the loaded state, and iteration goes on from it."""
+    loader = CountingLoader(seconds=0.5)
+    prefetcher = Prefetcher(loader, depth=1, close_timeout=0.02)
+    assert next(prefetcher).item() == 0
+    prefetcher.close()  # the producer is in the middle of batch 1 or 2
+    assert prefetcher._thread.is_alive() and "still building a batch" in caplog.text
+    prefetcher.load_state_dict({"position": 5, "odd": 2})
+    assert not prefetcher._thread.is_alive() and loader.position == 5
+    assert next(prefetcher).item() == 5
+    prefetcher.close()
 
 
 @pytest.mark.gpu

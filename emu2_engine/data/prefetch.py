@@ -133,7 +133,7 @@ def _produce(loader: ResumableLoader, out: queue.Queue, stop: threading.Event,
                 batch = pin_batch(batch)
             if not _put(out, (batch, _position(loader)), stop):
                 return
-    except BaseException as error:  # noqa: BLE001 -- every error goes to the consumer
+    except BaseException as error:  # every error (SystemExit too) is the consumer's to raise
         _put(out, _Failure(error), stop)
 
 
@@ -164,6 +164,8 @@ class Prefetcher:
                  close_timeout: float = 10.0):
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
             raise ValueError(f"prefetch depth must be an integer >= 1, got {depth!r}")
+        if not close_timeout > 0:
+            raise ValueError(f"close_timeout must be a positive number of seconds, got {close_timeout!r}")
         for method in ("state_dict", "load_state_dict"):
             if not callable(getattr(loader, method, None)):
                 raise ValueError(f"the loader must have state_dict() and load_state_dict() for "
@@ -183,8 +185,7 @@ class Prefetcher:
     # -- the producer -------------------------------------------------------------------------
     def _start(self) -> None:
         """A new producer from the consumer's position."""
-        if self._thread is not None:
-            self._thread.join()  # a stopped producer that close() did not wait out
+        self._stop(wait=True)  # a producer that close() did not wait out
         if self._loader_ahead:
             self.loader.load_state_dict(copy.deepcopy(self._position.state))
             self._loader_ahead = False
@@ -196,15 +197,14 @@ class Prefetcher:
         self._thread.start()
 
     def _stop(self, wait: bool) -> None:
-        """Stop the producer and drop its read-ahead batches; `wait`: until it has stopped,
-        else at most `close_timeout`."""
-        if self._queue is None:
-            return
-        self._finalizer()
-        if wait:
+        """Stop the producer and drop its read-ahead batches; `wait`: until it has stopped
+        (before anyone touches the loader), else at most `close_timeout`."""
+        if self._queue is not None:
+            self._finalizer()
+            self._queue = None
+            self._loader_ahead = True
+        if wait and self._thread is not None:
             self._thread.join()
-        self._queue = None
-        self._loader_ahead = True
 
     # -- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
