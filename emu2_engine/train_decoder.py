@@ -3,7 +3,10 @@
 Trains a visual decoder (the image UNet, or with --model.video=true the inflated video UNet)
 to reconstruct images from their Emu2 visual embeddings. With no arguments: the debug UNet on
 the shapes world with a tiny random VAE and a random frozen encoder, on the first GPU if there
-is one, else on the CPU (configs/decoder_debug.toml equals these defaults).
+is one, else on the CPU (configs/decoder_debug.toml equals these defaults). With
+`--nproc_per_node=N` the UNet is sharded over the N ranks (FSDP2) and data.batch_size, the
+global batch, is split among them. A run resumes from its newest checkpoint and stops cleanly
+on SIGTERM/SIGINT (docs/decoders.md).
 """
 
 from __future__ import annotations
@@ -30,24 +33,45 @@ def parse_args(argv: list[str] | None = None) -> tuple[DecoderJobConfig, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 when the run finished or was stopped by SIGTERM/SIGINT (with a
+    checkpoint), 2 for a config that cannot work. Under torchrun only rank 0 prints."""
     try:
         cfg, progress = parse_args(argv)
-        from emu2_engine.train.decoder import DecoderTrainer
-
-        trainer = DecoderTrainer(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"train_decoder: {e}", file=sys.stderr)
         return 2
-    records = trainer.train(progress=progress)
+    import torch.distributed as dist
+
+    from emu2_engine.train.decoder import DecoderTrainer
+
+    try:
+        try:
+            trainer = DecoderTrainer(cfg)
+        except (ValueError, FileNotFoundError) as e:  # also what only the world size rules out
+            print(f"train_decoder: {e}", file=sys.stderr)
+            return 2
+        records = trainer.train(progress=progress)
+        if trainer.rank == 0 and trainer.step_count == cfg.train.steps:
+            report(trainer, records)
+        return 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def report(trainer, records: list[dict]) -> None:
+    """The end-of-run summary (a run stopped by a signal has said where its checkpoint is)."""
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "heldout_loss" in r]
     if steps:
         print(f"done: step {steps[-1]['step']}, loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}; "
               f"metrics in {trainer.run_dir}/metrics.jsonl, checkpoints in {trainer.checkpoint_dir}")
+    else:
+        print(f"done: the run was already complete at step {trainer.step_count} "
+              f"(checkpoints in {trainer.checkpoint_dir})")
     if len(evals) == 2:
         print(f"held-out denoising loss: {evals[0]['heldout_loss']:.4f} -> {evals[1]['heldout_loss']:.4f} "
               f"(with another sample's embeddings: {evals[1]['heldout_loss_wrong_cond']:.4f})")
-    return 0
 
 
 if __name__ == "__main__":

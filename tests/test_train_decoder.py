@@ -1,16 +1,24 @@
 """Decoder training on the CPU: the loss falls, resume repeats the uninterrupted run exactly,
-checkpoints are atomic and pruned, CFG dropout and the noise offset do what they say, the
-video decoder trains, and bad configs are refused in one line."""
+checkpoints (DCP) are atomic and pruned, SIGTERM stops with a checkpoint, CFG dropout and the
+noise offset do what they say, the video decoder trains, and bad configs are refused in one
+line. Two gloo ranks (one spawn, `tests/decoder_worker.py`) train with the UNet sharded by
+FSDP2 like one process, stop together when one of them is signalled, and resume exactly."""
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from torch.distributed.tensor import Shard
+
+import decoder_worker as worker
 from emu2_engine import train_decoder
+from emu2_engine.checkpoint.dcp import complete_checkpoints
 from emu2_engine.models.unet3d import VideoUNet
 from emu2_engine.train.decoder import (DecoderJobConfig, DecoderTrainer, build_vae, make_batch,
                                        moving_shapes_clip, offset_noise)
@@ -40,7 +48,7 @@ def test_loss_falls_on_the_debug_config(tmp_path, capsys):
     assert after["heldout_loss"] < 0.8 * before["heldout_loss"], (before, after)
     assert sum(losses[-10:]) / 10 < sum(losses[:5]) / 5, losses
     assert all(r["grad_norm"] > 0 for r in steps) and steps[-1]["lr"] == 0.0  # linear decay to 0
-    assert (tmp_path / "checkpoints" / "step_00000030" / "state.pt").is_file()
+    assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [30]
     assert DecoderJobConfig.load(tmp_path / "config.toml").train.steps == 30
     assert "held-out denoising loss" in capsys.readouterr().out
 
@@ -64,17 +72,77 @@ def test_resume_repeats_the_uninterrupted_losses(tmp_path):
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
-    trainer = DecoderTrainer(_cfg(tmp_path, "--train.steps=5", "--train.save_every=2", "--train.keep=2",
-                                  "--train.eval_batches=0", "--data.batch_size=1"))
+    import torch.distributed.checkpoint as dcp
+
+    args = ["--train.steps=5", "--train.save_every=2", "--train.keep=2", "--train.eval_batches=0",
+            "--data.batch_size=1", "--data.image_size=32"]
+    trainer = DecoderTrainer(_cfg(tmp_path, *args))
     trainer.train(progress=False)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["step_00000004", "step_00000005"]  # every 2 steps and the last; newest 2 kept
-    state = torch.load(tmp_path / "checkpoints" / "step_00000005" / "state.pt", weights_only=True)
-    assert state["step"] == 5 and set(state) == {"step", "unet", "optimizer", "scheduler", "config"}
+    assert names == ["step-000004", "step-000005"]  # every 2 steps and the last; newest 2 kept
+    saved = dcp.FileSystemReader(str(tmp_path / "checkpoints" / "step-000005")).read_metadata()
+    keys = set(saved.state_dict_metadata)
+    assert {k.split(".")[0] for k in keys} == {"app", "train", "rng", "scheduler"}
+    assert {f"app.model.{n}" for n, _ in trainer.unet.named_parameters()} <= keys
+    assert any(k.startswith("app.optimizer.state.") and k.endswith("exp_avg_sq") for k in keys)
+    assert not any("encoder" in k or "vae" in k for k in keys)  # the frozen parts are not saved
     # A half-written checkpoint (a crash before the rename) is never picked up.
-    (tmp_path / "checkpoints" / ".tmp_step_00000009").mkdir()
-    (tmp_path / "checkpoints" / "step_00000009").mkdir()  # a folder without state.pt
-    assert [p.name for p in trainer.checkpoints()] == names
+    (tmp_path / "checkpoints" / "step-000009.tmp").mkdir()
+    (tmp_path / "checkpoints" / "step-000009").mkdir()  # a folder without DCP's index
+    assert [p.name for _, p in complete_checkpoints(tmp_path / "checkpoints")] == names
+    again = DecoderTrainer(_cfg(tmp_path, *args))  # the run is complete: resumes at 5, trains nothing
+    assert again.train(progress=False) == [{"resumed_from": 5}]
+    for (name, a), b in zip(trainer.unet.state_dict().items(), again.unet.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert again.scheduler.get_last_lr() == trainer.scheduler.get_last_lr()
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, monkeypatch, capsys):
+    """SIGTERM arriving during step 2 (sent by the process to itself, as a scheduler would):
+    step 2 finishes, its checkpoint is written, `main` prints where and returns 0; the same
+    command resumes at step 3."""
+    args = ["--no-progress", "--train.steps=4", "--train.log_every=1", "--train.eval_batches=0",
+            "--data.batch_size=1", "--data.image_size=32", "--optim.warmup_steps=1",
+            f"--train.run_dir={tmp_path}"]
+    real = DecoderTrainer.step
+
+    def step_with_signal(self):
+        if self.step_count == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    monkeypatch.setattr(DecoderTrainer, "step", step_with_signal)
+    assert train_decoder.main(args) == 0
+    out = capsys.readouterr().out
+    assert (f"train_decoder: received SIGTERM: checkpoint of step 2 saved in {tmp_path / 'checkpoints'}; "
+            f"run the same command to resume") in out and "done:" not in out
+    assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [2]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back
+
+    monkeypatch.setattr(DecoderTrainer, "step", real)
+    assert train_decoder.main(args) == 0
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[2] == {"resumed_from": 2} and [r["step"] for r in lines[3:]] == [3, 4]
+    assert "done: step 4" in capsys.readouterr().out
+
+
+def test_a_rank_slice_draws_what_one_process_draws(tmp_path):
+    """Rank 1 of 2 (global batch 4) reads samples 2 and 3 of the step and draws their latents,
+    noise and timesteps exactly as one process does for them; the evaluation's shifted batch
+    gives rank 0 the samples 3 and 0 (the global batch rolled by one)."""
+    trainer = DecoderTrainer(_cfg(tmp_path, "--data.batch_size=4", "--data.image_size=32"))
+    whole = trainer.batch(5)
+    latents, cond = trainer.conditions(whole, trainer.generators(5))
+    trainer.rank, trainer.local_batch = 1, 2  # what the trainer sets on rank 1 of 2
+    part = trainer.batch(5)
+    assert torch.equal(part.vae_pixels, whole.vae_pixels[2:])
+    part_latents, part_cond = trainer.conditions(part, trainer.generators(5))
+    assert torch.equal(part_latents, latents[2:]) and torch.equal(part_cond, cond[2:])
+    trainer.rank = 0
+    shifted = trainer.batch(5, shift=1)
+    assert torch.equal(shifted.encoder_pixels, whole.encoder_pixels[[3, 0]])
 
 
 def test_cfg_dropout_uses_the_null_condition(tmp_path, monkeypatch):
@@ -83,11 +151,11 @@ def test_cfg_dropout_uses_the_null_condition(tmp_path, monkeypatch):
     forward = trainer.unet.forward
     monkeypatch.setattr(trainer.unet, "forward", lambda x, t, c, ids: seen.append(c) or forward(x, t, c, ids))
     batch = trainer.batch(0)
-    trainer.loss(batch, trainer._generator(0))
+    trainer.loss(batch, trainer.generators(0))
     null = trainer.encoder(torch.zeros(1, 3, 64, 64))[0]  # the zero-image embedding
     assert torch.allclose(seen[-1], null.expand(3, -1, -1))
-    trainer.loss(batch, trainer._generator(0), drop=False)
-    _, cond = trainer.conditions(batch, trainer._generator(0))
+    trainer.loss(batch, trainer.generators(0), drop=False)
+    _, cond = trainer.conditions(batch, trainer.generators(0))
     assert torch.equal(seen[-1], cond) and not torch.allclose(cond, null.expand(3, -1, -1))
 
     zeros = DecoderTrainer(_cfg(tmp_path / "z", "--diffusion.null_condition=\"zeros\""))
@@ -115,7 +183,7 @@ def test_video_decoder_trains(tmp_path):
     trainer = DecoderTrainer(_cfg(tmp_path, "--model.video=true", "--data.batch_size=2", "--data.frames=3",
                                   "--train.steps=3", "--train.eval_batches=0"))
     assert isinstance(trainer.unet, VideoUNet)
-    latents, cond = trainer.conditions(trainer.batch(0), trainer._generator(0))
+    latents, cond = trainer.conditions(trainer.batch(0), trainer.generators(0))
     assert latents.shape == (2, 4, 3, 16, 16) and cond.shape == (2, 3, 16, 64)
     records = trainer.train(progress=False)
     assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
@@ -137,7 +205,7 @@ def test_tiny_vae_latents_carry_the_image():
     """The CPU's random VAE: narrow posterior (samples are the mean, as with a trained VAE) and
     unit-variance scaled latents on shapes-world images."""
     vae = build_vae("tiny-random", 64, seed=0)
-    pixels = make_batch(DecoderJobConfig.load(None, ["--data.batch_size=8"]), 64, 100, 99).vae_pixels
+    pixels = make_batch(DecoderJobConfig.load(None), 64, range(100, 108), 99).vae_pixels
     with torch.no_grad():
         posterior = vae.encode(pixels).latent_dist
     assert posterior.std.max() < 1e-3
@@ -146,7 +214,7 @@ def test_tiny_vae_latents_carry_the_image():
 
 def test_batches_are_deterministic(tmp_path):
     cfg = _cfg(tmp_path, "--data.batch_size=2")
-    a, b = make_batch(cfg, 64, 4, 1234), make_batch(cfg, 64, 4, 1234)
+    a, b = make_batch(cfg, 64, [4, 5], 1234), make_batch(cfg, 64, [4, 5], 1234)
     assert torch.equal(a.encoder_pixels, b.encoder_pixels) and torch.equal(a.vae_pixels, b.vae_pixels)
     assert a.vae_pixels.min() >= -1 and a.vae_pixels.max() <= 1 and a.encoder_pixels.shape == (2, 3, 64, 64)
 
@@ -182,12 +250,107 @@ def test_cli_reports_bad_config(capsys):
     assert "model.unet must be one of" in capsys.readouterr().err
 
 
-def test_world_size_above_one_refused(tmp_path, monkeypatch):
+def test_global_batch_not_divisible_by_the_ranks_refused(tmp_path, monkeypatch, capsys):
+    """Refused before any process group or model is built (torchrun sets WORLD_SIZE)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="WORLD_SIZE=2.*FSDP"):
-        DecoderTrainer(_cfg(tmp_path))
+    message = ("data.batch_size is the global batch and must divide by the number of ranks "
+               "(WORLD_SIZE = 2); got 3, which leaves 1 over")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DecoderTrainer(_cfg(tmp_path, "--data.batch_size=3"))
+    assert train_decoder.main(["--data.batch_size=3", f"--train.run_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip() == f"train_decoder: {message}"
 
 
 def test_missing_vae_folder_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="AutoencoderKL folder"):
         DecoderTrainer(_cfg(tmp_path, f"--model.vae={tmp_path / 'nowhere'}"))
+
+
+# -- two ranks (one spawn of 2 gloo processes) ----------------------------------------------------
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_ranks")
+    return {**worker.launch(str(out)), "dir": out}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The workers' run in this process, on the whole global batch."""
+    trainer = DecoderTrainer(worker.config(tmp_path_factory.mktemp("one_process")))
+    initial = {n: p.detach().clone() for n, p in trainer.unet.named_parameters()}
+    records = trainer.train(progress=False)
+    return {"records": records, "initial": initial,
+            "params": {n: p.detach().clone() for n, p in trainer.unet.named_parameters()}}
+
+
+def test_two_ranks_train_like_one_process(two_ranks, one_process):
+    """fp32: every step's loss (the mean over both ranks' halves) and the held-out losses before
+    and after within 1e-5 of one process on the whole batch, the gradient norm (over the FSDP
+    shards) within 1e-5 relative, and every UNet parameter after 3 steps within 1e-5 (AdamW
+    moves them by ~1e-3 per step, so a wrong gradient average would show)."""
+    want = one_process["records"]
+    assert any(r["grad_norm"] > 1.0 for r in want if "grad_norm" in r)  # clipping at 1.0 acts
+    for rank, r in enumerate(two_ranks["ranks"]):
+        assert r["world"] == 2 and r["local_batch"] == 2
+        got = r["whole"]
+        assert [x["step"] for x in got] == [x["step"] for x in want] == [0, 1, 2, 3, 3]
+        for g, w in zip(got, want):
+            assert g.keys() == w.keys()
+            for key in ("loss", "heldout_loss", "heldout_loss_wrong_cond"):
+                if key in w:
+                    assert abs(g[key] - w[key]) <= 1e-5, (rank, key, g, w)
+            if "grad_norm" in w:
+                assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), (rank, g, w)
+                assert g["lr"] == w["lr"]
+    params = two_ranks["whole_params"]
+    assert params.keys() == one_process["params"].keys()
+    for name, p in one_process["params"].items():
+        assert (params[name] - p).abs().max().item() <= 1e-5, name
+    assert max((p - one_process["initial"][n]).abs().max().item()
+               for n, p in one_process["params"].items()) > 1e-3
+
+
+def test_two_ranks_shard_the_unet_and_replicate_the_frozen_parts(two_ranks):
+    """Every UNet parameter is a DTensor split on dim 0 over the 2 ranks (each holds half of the
+    rows, rounded up); the frozen encoder and VAE are plain tensors on each rank, without grads."""
+    for r in two_ranks["ranks"]:
+        lay = r["layout"]
+        assert not lay["frozen_sharded"] and not lay["frozen_trainable"]
+        for name, held in lay["unet"].items():
+            assert held is not None, f"{name} is not sharded"
+            placements, local = held
+            assert placements == (Shard(0),), (name, placements)
+            full = two_ranks["whole_params"][name].shape
+            assert local[0] in ((full[0] + 1) // 2, full[0] // 2) and local[1:] == tuple(full[1:]), name
+
+
+def test_two_ranks_stop_together_on_one_signal_and_resume_exactly(two_ranks):
+    """Rank 1 alone gets SIGTERM during step 2: both ranks finish step 2, save it (the only
+    checkpoint: save_every is 100) and stop; rank 0 says a rank was signalled. A fresh pair of
+    trainers resumes from step 2; its step 3 and final evaluation equal the uninterrupted run's
+    bit for bit, and so do the parameters."""
+    for r in two_ranks["ranks"]:
+        assert [x["step"] for x in r["first"]] == [0, 1, 2]  # the evaluation before, steps 1 and 2
+        assert r["after_signal"] == [2]
+        resumed, whole = r["resumed"], r["whole"]
+        assert resumed[0] == {"resumed_from": 2} and [x["step"] for x in resumed[1:]] == [3, 3]
+        for key in ("loss", "grad_norm", "lr"):
+            assert resumed[1][key] == whole[3][key], key
+        assert resumed[2] == whole[4]  # the held-out losses after step 3
+    assert two_ranks["ranks"][0]["first_stdout"] == (
+        f"train_decoder: a signal on another rank: checkpoint of step 2 saved in "
+        f"{two_ranks['dir'] / 'split' / 'checkpoints'}; run the same command to resume\n")
+    assert two_ranks["ranks"][1]["first_stdout"] == ""  # only rank 0 prints
+    assert two_ranks["checkpoints"] == [2, 3]
+    for name, p in two_ranks["whole_params"].items():
+        assert torch.equal(two_ranks["resumed_params"][name], p), name
+
+
+def test_two_rank_checkpoint_loads_in_one_process(two_ranks, one_process, tmp_path):
+    """The 2-rank checkpoint of step 3 holds the whole UNet: one process loads it (DCP joins the
+    shards; the RNG state is left, with a warning) and gets the one-process run's parameters
+    within 1e-5."""
+    trainer = DecoderTrainer(worker.config(tmp_path))
+    assert trainer.checkpointer.load(two_ranks["dir"] / "split" / "checkpoints" / "step-000003") == 3
+    for name, p in trainer.unet.named_parameters():
+        assert (p.detach() - one_process["params"][name]).abs().max().item() <= 1e-5, name
