@@ -1,7 +1,9 @@
 """One training step of a whole model: time per phase, throughput, TFLOP/s and MFU.
 
 - cpu: the `debug` preset on the shapes world (fp32), as `make run` trains it.
-- gpu-quick / gpu-full: `proxy-1b` (and, in gpu-full, `emu2-37b-slice`) in bf16 autocast.
+- gpu-quick / gpu-full: `proxy-1b` (and, in gpu-full, `emu2-37b-slice`) in bf16 autocast;
+  gpu-quick times proxy-1b twice, eager and with every block compiled (`parallel.compile`;
+  the two warm-up steps absorb the compilation).
 
 Batches are built before timing and reused, so the numbers are the step's alone (the data
 loader has its own benchmark). Per component: the ViT's forward + backward is timed alone on the
@@ -32,7 +34,8 @@ SUITES = ("cpu", "gpu-quick", "gpu-full")
 # image is about 1 GB of saved bf16 activations in ViT-L) well inside 80 GB.
 _CASES = {
     "cpu": [("debug", ["--data.seq_len=256", "--data.rows=4"], 10)],
-    "gpu-quick": [("proxy-1b", ["--data.seq_len=2048", "--data.rows=1"], 10)],
+    "gpu-quick": [("proxy-1b", ["--data.seq_len=2048", "--data.rows=1"], 10),
+                  ("proxy-1b", ["--data.seq_len=2048", "--data.rows=1", "--parallel.compile=true"], 10)],
     "gpu-full": [("proxy-1b", ["--data.seq_len=2048", "--data.rows=2"], 20),
                  ("emu2-37b-slice", ["--data.seq_len=2048", "--data.rows=1"], 10)],
 }
@@ -77,7 +80,7 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
             images += batch.images.shape[0]
             train_flops += training_flops(fwd)
     seconds = sum(phases["step"]) / 1e3
-    case = f"{preset} S={cfg.data.seq_len} rows={cfg.data.rows}"
+    case = f"{preset} S={cfg.data.seq_len} rows={cfg.data.rows}" + (" compiled" if cfg.parallel.compile else "")
     params = {"seq_len": cfg.data.seq_len, "rows": cfg.data.rows}
     for name, values in phases.items():
         result.add(benchmark="train_step", case=case, provider=name, metric="time",

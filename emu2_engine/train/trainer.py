@@ -143,6 +143,12 @@ class Trainer:
             if meta:  # materialise this rank's shards; DTensor initialisers draw per shard
                 init_stage_weights(self.parallel.models, cfg.train.seed, self.device)
             model = merge_stages(self.parallel.models)
+        else:  # one process: no mesh, but checkpointing and compile apply all the same
+            from emu2_engine.parallel.fsdp import apply_ac, apply_compile
+
+            apply_ac(model, cfg.parallel.activation_checkpoint)
+            if cfg.parallel.compile:
+                apply_compile(model)
         self.model = model
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.optimizer = build_optimizer(self.model, cfg.optim)
