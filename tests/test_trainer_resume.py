@@ -122,9 +122,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_0_then_resume_continues(tmp_path):
     assert (f"pretrain: received SIGTERM: checkpoint of step {saved[0]} saved in "
             f"{run / 'checkpoints'}; run the same command to resume") in out
     assert max(losses(run)) == saved[0]  # every finished step was logged, none after
+    stopped = json.loads((run / "stopped.json").read_text())  # what a job script checks
+    assert stopped == {"step": saved[0], "reason": "received SIGTERM", "checkpoint": str(run / "checkpoints")}
 
     resumed = Trainer(JobConfig.load(None, args))
     records = resumed.train(progress=False, stop_at=saved[0] + 2)
+    assert not (run / "stopped.json").exists()  # a new run removes it
     assert [r["step"] for r in records] == [saved[0] + 1, saved[0] + 2]
     assert sorted(losses(run)) == list(range(1, saved[0] + 3))
 
@@ -170,6 +173,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_a_second_launch_fi
     assert re.search(said + f"saving a checkpoint of step {step}\n", out), out
     assert re.search(said + f"checkpoint of step {step} saved in ", out), out
     assert max(losses(run)) == step
+    assert json.loads((run / "stopped.json").read_text())["step"] == step  # torchrun's 1 notwithstanding
 
     folder = run / "checkpoints" / f"step-{step:06d}"
     assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]

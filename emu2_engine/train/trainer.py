@@ -18,6 +18,7 @@ and `train.max_nonfinite` of them in a row stop the run (`NonFiniteError`). A ra
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -41,6 +42,10 @@ from emu2_engine.models.flops import batch_flops, training_flops
 from emu2_engine.train.config import JobConfig
 from emu2_engine.train.metrics import MetricsWriter, ThroughputMeter, peak_memory_gib
 from emu2_engine.train.optim import build_optimizer, build_scheduler
+
+STOPPED_FILE = "stopped.json"
+"""Written into the run folder by rank 0 when a signal stopped the run and its checkpoint is
+complete (`Trainer._mark_stopped`); removed when a run starts."""
 
 
 class NonFiniteError(RuntimeError):
@@ -249,6 +254,7 @@ class Trainer:
         if lead:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.toml")
+            (self.run_dir / STOPPED_FILE).unlink(missing_ok=True)  # this run has not stopped yet
         writer = MetricsWriter(self.run_dir, enabled=lead, tensorboard=cfg.metrics.tensorboard,
                                keep_until=resumed)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
@@ -318,7 +324,9 @@ class Trainer:
                 if stop or (interval and self.step_count % interval == 0) or self.step_count == end:
                     self.checkpointer.save(self.step_count)
                 if stop:
+                    self.checkpointer.wait()  # an async save must be complete before we say so
                     if lead:
+                        self._mark_stopped(reason)
                         print(f"pretrain: {reason}: checkpoint of step {self.step_count} saved in "
                               f"{self.checkpointer.directory}; run the same command to resume",
                               flush=True)
@@ -348,6 +356,15 @@ class Trainer:
             records.append(record)
             writer.write(record)
         return records
+
+    def _mark_stopped(self, reason: str) -> None:
+        """Write run_dir/stopped.json (atomically) once a signalled stop's checkpoint is complete:
+        torchrun exits non-zero after forwarding a signal even when every worker saved and exited
+        cleanly, so a job script tells a clean stop from a failure by this file."""
+        record = {"step": self.step_count, "reason": reason, "checkpoint": str(self.checkpointer.directory)}
+        tmp = self.run_dir / f".{STOPPED_FILE}.tmp"
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, self.run_dir / STOPPED_FILE)
 
     def _on_signal(self, signum: int, _frame) -> None:
         self._stop_signal = f"received {signal.Signals(signum).name}"
