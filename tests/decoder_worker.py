@@ -6,7 +6,8 @@ Each rank runs, one after the other:
 1. ``whole``: `STEPS` steps with a held-out evaluation before and after;
 2. ``split``: the same run, in which rank 1 sends itself SIGTERM during step 2 (rank 0 is
    never signalled): both ranks must stop after step 2 with a checkpoint; then a fresh trainer
-   resumes from it and runs step 3.
+   resumes from it and runs step 3;
+3. ``video``: two steps of the inflated video UNet on clips (`VIDEO_ARGS`).
 
 Rank 0 saves what they measured (records, the full UNet parameters gathered from the shards,
 how the parameters were laid out, the checkpoints on disk) in OUT_DIR/results.pt.
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from emu2_engine.checkpoint.dcp import complete_checkpoints
 from emu2_engine.train.decoder import DecoderJobConfig, DecoderTrainer
@@ -45,6 +46,10 @@ STEPS = 3
 ARGS = ["--data.batch_size=4", "--data.image_size=32", f"--train.steps={STEPS}", "--train.log_every=1",
         "--optim.warmup_steps=1", "--optim.min_lr_ratio=0.5", "--optim.eps=1e-3", "--train.eval_batches=1",
         "--train.save_every=100"]
+
+# The video UNet: one 2-frame clip per rank, two steps, no evaluation.
+VIDEO_ARGS = ["--model.video=true", "--data.batch_size=2", "--data.frames=2", "--train.steps=2",
+              "--train.eval_batches=0"]
 
 
 def config(run_dir: Path, *extra: str) -> DecoderJobConfig:
@@ -100,9 +105,10 @@ def run(rank: int, init_file: str, out_dir: str) -> None:
     resumed = DecoderTrainer(config(out / "split"))
     resumed_records = resumed.train(progress=False)
     resumed_params = full_parameters(resumed)
+    video_records = DecoderTrainer(config(out / "video", *VIDEO_ARGS)).train(progress=False)
 
     result = {"whole": whole_records, "first": first_records, "first_stdout": printed.getvalue(),
-              "after_signal": after_signal, "resumed": resumed_records, "layout": held,
+              "after_signal": after_signal, "resumed": resumed_records, "video": video_records, "layout": held,
               "world": whole.world, "local_batch": whole.local_batch}
     gathered = [None] * WORLD
     dist.all_gather_object(gathered, result)

@@ -406,10 +406,10 @@ def shard_unet(unet: UNet, mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
     """FSDP2 over the 1-D `mesh`, in place: every resnet and every transformer of the down, mid
     and up blocks is one all-gather / reduce-scatter unit, then the UNet itself (the root: the
     input and output convs, the time embeddings, the down- and upsamplers). Per resnet and
-    transformer rather than per down/up block because Emu2-Gen's deepest levels hold ten
-    transformer layers per transformer: one unit per block would gather ~1B parameters at
-    once. Parameters are gathered in `param_dtype`, gradients reduce-scattered in fp32 and
-    averaged over the ranks."""
+    transformer rather than per down/up block: in Emu2-Gen's UNet (2.53B parameters) the first
+    up block holds 1.19B, which would be gathered at once; the largest unit here is one
+    ten-layer transformer (344M) and the root holds 31M. Parameters are gathered in
+    `param_dtype`, gradients reduce-scattered in fp32 and averaged over the ranks."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in (*unet.down_blocks.values(), unet.mid_block, *unet.up_blocks.values()):
         for units in (block.resnets, block.attentions):
