@@ -5,8 +5,8 @@ Each rank runs, one after the other:
 
 1. ``whole``: `STEPS` steps with a held-out evaluation before and after;
 2. ``split``: the same run, in which rank 1 sends itself SIGTERM during step 2 (rank 0 is
-   never signalled): both ranks must stop after step 2 with a checkpoint; then a fresh trainer
-   resumes from it and runs step 3;
+   never signalled): both ranks must stop after step 2 with a checkpoint (and rank 0 writes
+   stopped.json); then a fresh trainer resumes from it and runs step 3;
 3. ``video``: two steps of the inflated video UNet on clips (`VIDEO_ARGS`).
 
 Rank 0 saves what they measured (records, the full UNet parameters gathered from the shards,
@@ -18,6 +18,7 @@ Also runnable by hand: ``python tests/decoder_worker.py OUT_DIR``.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import sys
@@ -102,13 +103,18 @@ def run(rank: int, init_file: str, out_dir: str) -> None:
     with redirect_stdout(printed):
         first_records = first.train(progress=False)
     after_signal = [s for s, _ in complete_checkpoints(out / "split" / "checkpoints")]
+    stopped_file = out / "split" / "stopped.json"
+    dist.barrier()  # rank 0 has written it (after the save's last barrier)
+    stopped = json.loads(stopped_file.read_text()) if stopped_file.exists() else None
+    dist.barrier()  # every rank has looked before rank 0's resumed run removes the file
     resumed = DecoderTrainer(config(out / "split"))
     resumed_records = resumed.train(progress=False)
     resumed_params = full_parameters(resumed)
     video_records = DecoderTrainer(config(out / "video", *VIDEO_ARGS)).train(progress=False)
 
     result = {"whole": whole_records, "first": first_records, "first_stdout": printed.getvalue(),
-              "after_signal": after_signal, "resumed": resumed_records, "video": video_records, "layout": held,
+              "after_signal": after_signal, "stopped": stopped, "stopped_after_resume": stopped_file.exists(),
+              "resumed": resumed_records, "video": video_records, "layout": held,
               "world": whole.world, "local_batch": whole.local_batch}
     gathered = [None] * WORLD
     dist.all_gather_object(gathered, result)

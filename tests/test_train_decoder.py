@@ -20,8 +20,9 @@ import decoder_worker as worker
 from emu2_engine import train_decoder
 from emu2_engine.checkpoint.dcp import complete_checkpoints
 from emu2_engine.models.unet3d import VideoUNet
-from emu2_engine.train.decoder import (DecoderJobConfig, DecoderTrainer, build_vae, make_batch,
-                                       moving_shapes_clip, offset_noise)
+from emu2_engine.train.trainer import STOPPED_FILE
+from emu2_engine.train.decoder import DecoderJobConfig, DecoderTrainer, build_vae, offset_noise
+from emu2_engine.train.decoder_data import InMemoryData, make_batch, moving_shapes_clip
 
 pytest.importorskip("diffusers")
 REPO = Path(__file__).resolve().parent.parent
@@ -99,8 +100,9 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
 
 def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, monkeypatch, capsys):
     """SIGTERM arriving during step 2 (sent by the process to itself, as a scheduler would):
-    step 2 finishes, its checkpoint is written, `main` prints where and returns 0; the same
-    command resumes at step 3."""
+    step 2 finishes, its checkpoint is written, run_dir/stopped.json says so (as pretraining's
+    does), `main` prints where and returns 0; the same command resumes at step 3 and removes
+    stopped.json when it starts."""
     args = ["--no-progress", "--train.steps=4", "--train.log_every=1", "--train.eval_batches=0",
             "--data.batch_size=1", "--data.image_size=32", "--optim.warmup_steps=1",
             f"--train.run_dir={tmp_path}"]
@@ -114,9 +116,12 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, monkeypatch, caps
     monkeypatch.setattr(DecoderTrainer, "step", step_with_signal)
     assert train_decoder.main(args) == 0
     out = capsys.readouterr().out
-    assert (f"train_decoder: received SIGTERM: checkpoint of step 2 saved in {tmp_path / 'checkpoints'}; "
+    assert ("train_decoder: received SIGTERM: saving a checkpoint of step 2\n"
+            f"train_decoder: received SIGTERM: checkpoint of step 2 saved in {tmp_path / 'checkpoints'}; "
             f"run the same command to resume") in out and "done:" not in out
     assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [2]
+    assert json.loads((tmp_path / STOPPED_FILE).read_text()) == {
+        "step": 2, "reason": "received SIGTERM", "checkpoint": str(tmp_path / "checkpoints")}
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back
@@ -126,23 +131,27 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, monkeypatch, caps
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[2] == {"resumed_from": 2} and [r["step"] for r in lines[3:]] == [3, 4]
     assert "done: step 4" in capsys.readouterr().out
+    assert not (tmp_path / STOPPED_FILE).exists()
 
 
 def test_a_rank_slice_draws_what_one_process_draws(tmp_path):
     """Rank 1 of 2 (global batch 4) reads samples 2 and 3 of the step and draws their latents,
     noise and timesteps exactly as one process does for them; the evaluation's shifted batch
     gives rank 0 the samples 3 and 0 (the global batch rolled by one)."""
-    trainer = DecoderTrainer(_cfg(tmp_path, "--data.batch_size=4", "--data.image_size=32"))
-    whole = trainer.batch(5)
+    cfg = _cfg(tmp_path, "--data.batch_size=4", "--data.image_size=32")
+    trainer = DecoderTrainer(cfg)
+    whole = trainer.data.train_batch(5)
     latents, cond = trainer.conditions(whole, trainer.generators(5))
     trainer.rank, trainer.local_batch = 1, 2  # what the trainer sets on rank 1 of 2
-    part = trainer.batch(5)
+    trainer.data = InMemoryData(cfg, 64, trainer._positions())
+    part = trainer.data.train_batch(5)
     assert torch.equal(part.vae_pixels, whole.vae_pixels[2:])
     part_latents, part_cond = trainer.conditions(part, trainer.generators(5))
     assert torch.equal(part_latents, latents[2:]) and torch.equal(part_cond, cond[2:])
-    trainer.rank = 0
-    shifted = trainer.batch(5, shift=1)
-    assert torch.equal(shifted.encoder_pixels, whole.encoder_pixels[[3, 0]])
+    (heldout, _), = InMemoryData(cfg, 64, range(4)).heldout(1)
+    (rank0, shifted), = InMemoryData(cfg, 64, range(2)).heldout(1)
+    assert torch.equal(rank0.vae_pixels, heldout.vae_pixels[:2])
+    assert torch.equal(shifted, heldout.encoder_pixels[[3, 0]])
 
 
 def test_cfg_dropout_uses_the_null_condition(tmp_path, monkeypatch):
@@ -150,7 +159,7 @@ def test_cfg_dropout_uses_the_null_condition(tmp_path, monkeypatch):
     seen = []
     forward = trainer.unet.forward
     monkeypatch.setattr(trainer.unet, "forward", lambda x, t, c, ids: seen.append(c) or forward(x, t, c, ids))
-    batch = trainer.batch(0)
+    batch = trainer.data.train_batch(0)
     trainer.loss(batch, trainer.generators(0))
     null = trainer.encoder(torch.zeros(1, 3, 64, 64))[0]  # the zero-image embedding
     assert torch.allclose(seen[-1], null.expand(3, -1, -1))
@@ -183,7 +192,7 @@ def test_video_decoder_trains(tmp_path):
     trainer = DecoderTrainer(_cfg(tmp_path, "--model.video=true", "--data.batch_size=2", "--data.frames=3",
                                   "--train.steps=3", "--train.eval_batches=0"))
     assert isinstance(trainer.unet, VideoUNet)
-    latents, cond = trainer.conditions(trainer.batch(0), trainer.generators(0))
+    latents, cond = trainer.conditions(trainer.data.train_batch(0), trainer.generators(0))
     assert latents.shape == (2, 4, 3, 16, 16) and cond.shape == (2, 3, 16, 64)
     records = trainer.train(progress=False)
     assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
@@ -348,10 +357,16 @@ def test_two_ranks_stop_together_on_one_signal_and_resume_exactly(two_ranks):
         for key in ("loss", "grad_norm", "lr"):
             assert resumed[1][key] == whole[3][key], key
         assert resumed[2] == whole[4]  # the held-out losses after step 3
+    checkpoints = two_ranks["dir"] / "split" / "checkpoints"
     assert two_ranks["ranks"][0]["first_stdout"] == (
-        f"train_decoder: a signal on another rank: checkpoint of step 2 saved in "
-        f"{two_ranks['dir'] / 'split' / 'checkpoints'}; run the same command to resume\n")
+        "train_decoder: data: in-memory shapes-world images (data.paths is empty)\n"
+        "train_decoder: a signal on another rank: saving a checkpoint of step 2\n"
+        f"train_decoder: a signal on another rank: checkpoint of step 2 saved in {checkpoints}; "
+        "run the same command to resume\n")
     assert two_ranks["ranks"][1]["first_stdout"] == ""  # only rank 0 prints
+    for r in two_ranks["ranks"]:  # rank 0 wrote it once the checkpoint was complete
+        assert r["stopped"] == {"step": 2, "reason": "a signal on another rank", "checkpoint": str(checkpoints)}
+        assert not r["stopped_after_resume"]  # a run that starts removes it
     assert two_ranks["checkpoints"] == [2, 3]
     for name, p in two_ranks["whole_params"].items():
         assert torch.equal(two_ranks["resumed_params"][name], p), name

@@ -11,24 +11,25 @@ The video decoder trains the inflated UNet (`models.unet3d`) on clips: every fra
 through the encoder and the VAE, the clip is conditioned on all its frames' embeddings
 (B, F, n_query, width), and the noise offset is shared by the frames of a clip.
 
-On the CPU the data is generated in memory: shapes-world images (`data.shapes.ShapesWorld`)
-and clips of moving shapes (`moving_shapes_clip`, below). Step s reads samples
-[s * B, (s + 1) * B) of the global batch B = data.batch_size. Every random draw of a sample
-(posterior sample, noise, noise offset, timestep, condition dropout) comes from its own
-generator, seeded by (train.seed, s, its position in the global batch): a resumed run repeats
-the uninterrupted run's losses exactly without saving any RNG state, and W ranks draw what one
-process draws.
+Data (`train.decoder_data`): WebDataset shards of images or clips (data.paths), each rank
+reading its own, or with no paths shapes-world images and moving-shape clips made in memory.
+Every random draw of a sample (posterior sample, noise, noise offset, timestep, condition
+dropout) comes from its own generator, seeded by (train.seed, step, its position in the global
+batch B = data.batch_size): a resumed run repeats the uninterrupted run's losses exactly with
+no RNG state, and W ranks draw what one process draws.
 
 Under torchrun with WORLD_SIZE = W > 1 each rank builds the frozen encoder and VAE whole, the
-UNet is sharded with FSDP2 (`shard_unet`), and rank r takes samples [r B/W, (r + 1) B/W) of
+UNet is sharded with FSDP2 (`shard_unet`), and rank r takes positions [r B/W, (r + 1) B/W) of
 every step's global batch. The loss of a rank is the mean over its slice; FSDP's
 reduce-scatter averages the gradients over the ranks, so with equal slices the update is the
 one-process update of the whole batch, and the logged loss is the mean over the ranks.
 
 Checkpoints (`train.save_every`, the last step, and a SIGTERM/SIGINT stop) go through
 `checkpoint.dcp.Checkpointer`: run_dir/checkpoints/step-NNNNNN with the (sharded) UNet, the
-AdamW state, the schedule and the step, written atomically, the newest `train.keep` kept.
-With `train.resume` a run continues from the newest one.
+AdamW state, the schedule, the step and, when reading shards, each rank's stream position,
+written atomically, the newest `train.keep` kept. With `train.resume` a run continues from the
+newest one. A signalled stop writes run_dir/stopped.json once its checkpoint is complete, as
+the pretraining trainer does.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,270 +49,26 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from emu2_engine.checkpoint.dcp import Checkpointer
-from emu2_engine.data.sequences import to_pixels
-from emu2_engine.data.shapes import BACKGROUNDS, COLOURS, KINDS, ShapesWorld
+from emu2_engine.data.shapes import ShapesWorld
 from emu2_engine.inference.decode import size_ids, zero_image_embedding
-from emu2_engine.models.config import PRESETS, UNET_PRESETS, Emu2Config, UNetConfig
+from emu2_engine.models.config import Emu2Config, UNetConfig
 from emu2_engine.models.projector import Projector
 from emu2_engine.models.unet import UNet, load_unet_weights
 from emu2_engine.models.unet3d import inflate_unet
 from emu2_engine.models.vit import EVAVisionTransformer
 from emu2_engine.parallel.dims import ParallelDims
-from emu2_engine.train.config import JobConfig
+from emu2_engine.train.decoder_config import DecoderJobConfig
+from emu2_engine.train.decoder_data import DecoderBatch, InMemoryData, ShardData, vae_pixels
 from emu2_engine.train.optim import build_scheduler
-from emu2_engine.train.trainer import pick_device
+from emu2_engine.train.trainer import STOPPED_FILE, pick_device
 
-_HELD_OUT_SEED_OFFSET = 7919  # held-out samples: the same generators under another seed
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class DecoderModelSection:
-    """Which UNet to train, and the frozen parts around it."""
-
-    unet: str = "debug"
-    """A preset of `models.config.UNET_PRESETS` (emu2-gen, emu2-video, debug)."""
-    video: bool = False
-    """Train the inflated video UNet on clips (the 2D weights, if any, are inflated)."""
-    unet_weights: str = ""
-    """Initial UNet weights: the released Emu2-Gen checkpoint (its unet.* keys) or a diffusers
-    UNet weights file/folder; "" = a fresh initialisation."""
-    encoder: str = "debug"
-    """An Emu2 preset (`models.config.PRESETS`) whose vision tower and n_query make the embeddings."""
-    encoder_weights: str = ""
-    """Released Emu2 weights (their visual.* keys are used); "" = a random encoder seeded by
-    train.seed (debug only: the embeddings are then random features of the image)."""
-    vae: str = "tiny-random"
-    """A diffusers AutoencoderKL folder (the SDXL VAE for Emu2-Gen), or tiny-random: a small
-    randomly initialised VAE for the CPU (4 latent channels, 4x downsampling)."""
-
-
-@dataclass
-class DecoderDataSection:
-    """In-memory shapes-world images or moving-shape clips."""
-
-    image_size: int = 64
-    """Pixels per side of the decoder's images (the VAE's input; Emu2-Gen: 1024)."""
-    batch_size: int = 8
-    """Images (or clips) per step over all ranks (the global batch); each of the WORLD_SIZE
-    ranks takes batch_size / WORLD_SIZE of them."""
-    frames: int = 4
-    """Frames per clip (video only)."""
-    seed: int = 1234
-    """Seed of the shapes world and of the clips."""
-
-
-@dataclass
-class DiffusionSection:
-    """Noise schedule and conditioning dropout."""
-
-    train_timesteps: int = 1000
-    """DDPM timesteps."""
-    beta_start: float = 0.00085
-    """First beta (SDXL)."""
-    beta_end: float = 0.012
-    """Last beta (SDXL)."""
-    beta_schedule: str = "scaled_linear"
-    """linear or scaled_linear (SDXL)."""
-    cfg_drop: float = 0.1
-    """Probability that a sample's embeddings are replaced by the null condition (Emu2: 10 %)."""
-    noise_offset: float = 0.1
-    """Std of a per-sample, per-channel constant added to the noise (Emu2: 0.1)."""
-    null_condition: str = "zero-image"
-    """The dropped condition, which sampling uses as its negative: zero-image (the encoder's
-    embeddings of an all-zero image, Emu2-Gen's autoencoding negative) or zeros."""
-
-    def schedule(self) -> dict:
-        """Keyword arguments of diffusers' schedulers for this noise schedule."""
-        return dict(num_train_timesteps=self.train_timesteps, beta_start=self.beta_start,
-                    beta_end=self.beta_end, beta_schedule=self.beta_schedule)
-
-
-@dataclass
-class DecoderOptimSection:
-    """AdamW on the UNet, warm-up then decay."""
-
-    lr: float = 1e-3
-    """Peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    weight_decay: float = 0.01
-    """Decoupled weight decay of matrices and conv kernels (Emu2's decoder: 0.01)."""
-    warmup_steps: int = 10
-    """Linear warm-up from 0 to the peak."""
-    schedule: str = "linear"
-    """Decay after warm-up: linear (Emu2's decoder) or cosine."""
-    min_lr_ratio: float = 0.0
-    """Final learning rate as a fraction of the peak."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 turns clipping off); Emu2's decoder: 1.0."""
-
-
-@dataclass
-class DecoderTrainSection:
-    """The loop, checkpoints and outputs."""
-
-    steps: int = 300
-    """Optimiser steps."""
-    seed: int = 0
-    """Seed of the initialisation (UNet, random encoder, tiny VAE) and of the noise draws."""
-    device: str = "auto"
-    """auto (first GPU if any, else CPU), cpu or cuda."""
-    dtype: str = "auto"
-    """Compute dtype: auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16."""
-    log_every: int = 10
-    """Steps between metric records."""
-    eval_batches: int = 2
-    """Held-out batches for the before/after denoising loss (0 skips it)."""
-    save_every: int = 100
-    """Steps between checkpoints (the last step is always saved)."""
-    keep: int = 2
-    """Newest checkpoints kept."""
-    resume: bool = True
-    """Continue from the newest checkpoint in run_dir/checkpoints, if there is one."""
-    run_dir: str = "runs/decoder_debug"
-    """Where the resolved config, metrics and checkpoints go."""
-
-
-@dataclass
-class DecoderJobConfig(JobConfig):
-    """A decoder training run. Reads, overrides and writes TOML exactly as the pretraining
-    config does (`JobConfig.load`, `--section.key=value`); only the sections differ."""
-
-    model: DecoderModelSection = field(default_factory=DecoderModelSection)
-    data: DecoderDataSection = field(default_factory=DecoderDataSection)
-    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
-    optim: DecoderOptimSection = field(default_factory=DecoderOptimSection)
-    train: DecoderTrainSection = field(default_factory=DecoderTrainSection)
-
-    def validate(self, world_size: int | None = None) -> None:
-        """One line for the first value that cannot work; with `world_size`, also a global batch
-        that does not split evenly over the ranks."""
-        m, d, z, o, t = self.model, self.data, self.diffusion, self.optim, self.train
-        if world_size is not None and d.batch_size % world_size:
-            raise ValueError(f"data.batch_size is the global batch and must divide by the number of "
-                             f"ranks (WORLD_SIZE = {world_size}); got {d.batch_size}, which leaves "
-                             f"{d.batch_size % world_size} over")
-        if m.unet not in UNET_PRESETS:
-            raise ValueError(f"model.unet must be one of {sorted(UNET_PRESETS)}, got {m.unet!r}")
-        if m.encoder not in PRESETS:
-            raise ValueError(f"model.encoder must be one of {sorted(PRESETS)}, got {m.encoder!r}")
-        unet, enc = UNET_PRESETS[m.unet], PRESETS[m.encoder]
-        checks = [
-            (unet.cross_attention_dim == enc.vision.width,
-             f"the {m.unet} UNet attends to embeddings of width {unet.cross_attention_dim}, but the "
-             f"{m.encoder} encoder makes width {enc.vision.width}"),
-            (unet.cond_tokens == enc.n_query,
-             f"the {m.unet} UNet expects {unet.cond_tokens} embeddings per image, but the {m.encoder} "
-             f"encoder makes {enc.n_query}"),
-            (d.image_size >= 16, f"data.image_size must be >= 16, got {d.image_size}"),
-            (d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}"),
-            (d.frames > 0, f"data.frames must be >= 1, got {d.frames}"),
-            (z.train_timesteps > 1, f"diffusion.train_timesteps must be > 1, got {z.train_timesteps}"),
-            (z.beta_schedule in ("linear", "scaled_linear"),
-             f"diffusion.beta_schedule must be linear or scaled_linear, got {z.beta_schedule!r}"),
-            (0.0 < z.beta_start < z.beta_end < 1.0,
-             f"diffusion betas need 0 < beta_start < beta_end < 1, got {z.beta_start}, {z.beta_end}"),
-            (0.0 <= z.cfg_drop <= 1.0, f"diffusion.cfg_drop must lie in [0, 1], got {z.cfg_drop}"),
-            (z.noise_offset >= 0, f"diffusion.noise_offset must be >= 0, got {z.noise_offset}"),
-            (z.null_condition in ("zero-image", "zeros"),
-             f"diffusion.null_condition must be zero-image or zeros, got {z.null_condition!r}"),
-            (o.lr > 0, f"optim.lr must be positive, got {o.lr}"),
-            (o.schedule in ("linear", "cosine"),
-             f"optim.schedule must be linear or cosine, got {o.schedule!r}"),
-            (0 <= o.warmup_steps < t.steps,
-             f"optim.warmup_steps ({o.warmup_steps}) must be in [0, train.steps = {t.steps})"),
-            (0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}"),
-            (o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}"),
-            (t.steps > 0, f"train.steps must be positive, got {t.steps}"),
-            (t.seed >= 0, f"train.seed must be >= 0, got {t.seed}"),
-            (t.log_every > 0, f"train.log_every must be positive, got {t.log_every}"),
-            (t.save_every > 0, f"train.save_every must be positive, got {t.save_every}"),
-            (t.keep > 0, f"train.keep must be positive, got {t.keep}"),
-            (t.eval_batches >= 0, f"train.eval_batches must be >= 0, got {t.eval_batches}"),
-            (t.device in ("auto", "cpu", "cuda"),
-             f"train.device must be auto, cpu or cuda, got {t.device!r}"),
-            (t.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: shapes-world images and clips of moving shapes, in memory
-# ----------------------------------------------------------------------------------------------
-def moving_shapes_clip(seed: int, index: int, frames: int, size: int) -> list[Image.Image]:
-    """Clip `index`: one or two shapes sliding in straight lines over a plain background, drawn
-    at `frames` evenly spaced times. A pure function of (seed, index)."""
-    rng = np.random.default_rng([seed, index, 1])  # the trailing 1 keeps clips apart from images
-    background = BACKGROUNDS[list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]]
-    shapes = []
-    for _ in range(int(rng.integers(1, 3))):
-        kind = KINDS[int(rng.integers(len(KINDS)))]
-        colour = COLOURS[list(COLOURS)[int(rng.integers(len(COLOURS)))]]
-        side = rng.uniform(0.2, 0.35)
-        start, end = rng.uniform(side / 2, 1 - side / 2, size=(2, 2))
-        shapes.append((kind, colour, side, start, end))
-    clip = []
-    for f in range(frames):
-        progress = f / max(frames - 1, 1)
-        image = Image.new("RGB", (size, size), background)
-        draw = ImageDraw.Draw(image)
-        for kind, colour, side, start, end in shapes:
-            cx, cy = (start + (end - start) * progress) * size
-            half = side * size / 2
-            box = (cx - half, cy - half, cx + half, cy + half)
-            if kind == "circle":
-                draw.ellipse(box, fill=colour)
-            elif kind == "square":
-                draw.rectangle(box, fill=colour)
-            else:
-                draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=colour)
-        clip.append(image)
-    return clip
-
-
-def vae_pixels(image: Image.Image, size: int) -> torch.Tensor:
-    """(3, size, size) in [-1, 1], the VAE's input range (bicubic resize)."""
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-
-
-@dataclass
-class DecoderBatch:
-    """One step's pixels. Images: (B, 3, R, R); clips: (B, F, 3, R, R)."""
-
-    encoder_pixels: torch.Tensor
-    """CLIP-normalised at the encoder's resolution."""
-    vae_pixels: torch.Tensor
-    """In [-1, 1] at the decoder's resolution."""
-
-
-def make_batch(cfg: DecoderJobConfig, encoder_size: int, indices: Sequence[int], seed: int) -> DecoderBatch:
-    """The shapes-world images (or clips) of the given sample indices under `seed`."""
-    d = cfg.data
-    if cfg.model.video:
-        clips = [moving_shapes_clip(seed, i, d.frames, d.image_size) for i in indices]
-        enc = torch.stack([torch.stack([to_pixels(f, encoder_size) for f in c]) for c in clips])
-        vae = torch.stack([torch.stack([vae_pixels(f, d.image_size) for f in c]) for c in clips])
-        return DecoderBatch(enc, vae)
-    world = ShapesWorld(seed)
-    images = [world.sample(i, d.image_size).image for i in indices]
-    return DecoderBatch(torch.stack([to_pixels(im, encoder_size) for im in images]),
-                        torch.stack([vae_pixels(im, d.image_size) for im in images]))
+__all__ = ["DecoderJobConfig", "DecoderTrainer", "FrozenEncoder", "build_vae", "mark_stopped",
+           "offset_noise", "sample_generator", "shard_unet"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,10 +190,21 @@ class DecoderStep:
     """Some rank was signalled (SIGTERM/SIGINT) by the end of the step: every rank stops."""
 
 
+def mark_stopped(run_dir: Path, step: int, reason: str, checkpoint_dir: Path) -> None:
+    """Write run_dir/stopped.json (atomically) once a signalled stop's checkpoint is complete,
+    the record `Trainer._mark_stopped` writes for pretraining: torchrun exits non-zero after
+    forwarding a signal even when every worker saved and exited cleanly, so a job script tells
+    a clean stop from a failure by this file."""
+    record = {"step": step, "reason": reason, "checkpoint": str(checkpoint_dir)}
+    tmp = run_dir / f".{STOPPED_FILE}.tmp"
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, run_dir / STOPPED_FILE)
+
+
 class DecoderTrainer:
-    """One rank of a decoder training run: builds the frozen encoder and VAE, the UNet (FSDP2
-    under WORLD_SIZE > 1), AdamW, the schedule and the checkpointer; steps, evaluates, saves
-    and resumes. Every rank of a torchrun job builds one."""
+    """One rank of a decoder training run: builds the data, the frozen encoder and VAE, the
+    UNet (FSDP2 under WORLD_SIZE > 1), AdamW, the schedule and the checkpointer; steps,
+    evaluates, saves and resumes. Every rank of a torchrun job builds one."""
 
     def __init__(self, cfg: DecoderJobConfig):
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
@@ -459,9 +228,14 @@ class DecoderTrainer:
             mesh = ParallelDims(dp_shard=world).build_mesh(self.device.type)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.local_batch = cfg.data.batch_size // world
+        self.encoder_cfg = Emu2Config.from_preset(cfg.model.encoder)
+        # the data first: shard paths that cannot work are refused before anything is built
+        encoder_size = self.encoder_cfg.vision.image_size
+        self.data: InMemoryData | ShardData = (
+            ShardData(cfg, encoder_size, self._positions(), self.rank, world, log=_warn) if cfg.data.paths
+            else InMemoryData(cfg, encoder_size, self._positions()))
 
         torch.manual_seed(cfg.train.seed)  # every rank builds the same frozen parts and UNet
-        self.encoder_cfg = Emu2Config.from_preset(cfg.model.encoder)
         self.encoder = FrozenEncoder(self.encoder_cfg)
         if cfg.model.encoder_weights:
             self.encoder.load_released(cfg.model.encoder_weights)
@@ -487,8 +261,11 @@ class DecoderTrainer:
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr, betas=o.betas, eps=o.eps, fused=(self.device.type == "cuda") or None)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, o)
+        # the in-memory data has no state (a batch is a function of the step); a shard stream's
+        # position is saved per rank
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.unet, self.optimizer,
-                                         scheduler=self.scheduler, keep=cfg.train.keep)
+                                         scheduler=self.scheduler, keep=cfg.train.keep,
+                                         dataloader=self.data if isinstance(self.data, ShardData) else None)
         self.step_count = 0
         self._stop_signal: str | None = None
 
@@ -510,14 +287,6 @@ class DecoderTrainer:
         """Positions in the global batch of this rank's samples."""
         first = self.rank * self.local_batch
         return range(first, first + self.local_batch)
-
-    def batch(self, step: int, held_out: bool = False, shift: int = 0) -> DecoderBatch:
-        """This rank's slice of the global batch of `step`; with `shift`, the slice of that batch
-        rolled by `shift` samples (position p holds sample p - shift, wrapping around)."""
-        seed = self.cfg.data.seed + (_HELD_OUT_SEED_OFFSET if held_out else 0)
-        size = self.cfg.data.batch_size
-        indices = [step * size + (p - shift) % size for p in self._positions()]
-        return make_batch(self.cfg, self.encoder_cfg.vision.image_size, indices, seed)
 
     def generators(self, step: int, held_out: bool = False) -> list[torch.Generator]:
         """One generator per sample of this rank's slice of `step` (`sample_generator`)."""
@@ -588,11 +357,21 @@ class DecoderTrainer:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, norm)
         return norm.item()
 
+    def skip_totals(self) -> dict[str, int]:
+        """Training samples skipped so far by the shard readers, by kind, over all ranks (a
+        collective: every rank calls it at the same step)."""
+        counts = self.data.skip_counts() if isinstance(self.data, ShardData) else Counter()
+        if dist.is_initialized():
+            gathered: list[Counter | None] = [None] * self.world
+            dist.all_gather_object(gathered, counts)
+            counts = sum(gathered, Counter())
+        return dict(sorted(counts.items()))
+
     def step(self) -> DecoderStep:
         """One optimiser step on this rank's slice of the current step's global batch. One
         reduction returns the global mean loss and whether any rank was signalled."""
         self.unet.train()
-        loss = self.loss(self.batch(self.step_count), self.generators(self.step_count))
+        loss = self.loss(self.data.train_batch(self.step_count), self.generators(self.step_count))
         loss.backward()
         grad_norm = self.clip_grad_norm()
         self.optimizer.step()
@@ -611,10 +390,9 @@ class DecoderTrainer:
         Each rank evaluates its slice; the means are of the global batches."""
         self.unet.eval()
         right = wrong = 0.0
-        for i in range(n_batches):
-            batch = self.batch(i, held_out=True)
+        for i, (batch, shifted_pixels) in enumerate(self.data.heldout(n_batches)):
             right += self.loss(batch, self.generators(i, held_out=True), drop=False).item()
-            batch.encoder_pixels = self.batch(i, held_out=True, shift=1).encoder_pixels
+            batch.encoder_pixels = shifted_pixels
             wrong += self.loss(batch, self.generators(i, held_out=True), drop=False).item()
         right, wrong = self._sum_over_ranks([right, wrong])
         self.unet.train()
@@ -633,7 +411,9 @@ class DecoderTrainer:
         """Run to `train.steps`, from the newest checkpoint when `train.resume`; return the
         metric records (rank 0 also appends them to run_dir/metrics.jsonl). `stop_at` ends the
         run after that step without a checkpoint, as a crash would (tests). SIGTERM or SIGINT
-        ends it after the step under way, with a checkpoint of that step, on every rank."""
+        ends it after the step under way, with a checkpoint of that step, on every rank, and
+        rank 0 writes run_dir/stopped.json. When reading shards, every step record carries the
+        running skip counts of all ranks (`skipped`)."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -641,6 +421,8 @@ class DecoderTrainer:
         if lead:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.toml")
+            (self.run_dir / STOPPED_FILE).unlink(missing_ok=True)  # this run has not stopped yet
+            print(f"train_decoder: data: {self.data.describe()}", flush=True)
         records: list[dict] = []
 
         def log(record: dict) -> None:
@@ -653,7 +435,11 @@ class DecoderTrainer:
             self.step_count = step
             log({"resumed_from": step})
         end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
-        if cfg.train.eval_batches and self.step_count == 0:
+        evaluate = cfg.train.eval_batches > 0 and self.data.has_heldout
+        if cfg.train.eval_batches and not evaluate and lead:
+            print("train_decoder: held-out evaluation skipped: data.paths are real shards and "
+                  "data.heldout_paths names no held-out shards of them", flush=True)
+        if evaluate and self.step_count == 0:
             log({"step": 0, **self.evaluate(cfg.train.eval_batches)})
         bar = tqdm(total=end, initial=self.step_count, disable=not (progress and lead), dynamic_ncols=True,
                    desc=f"decoder {cfg.model.unet}{' video' if cfg.model.video else ''}", mininterval=0.5)
@@ -667,22 +453,34 @@ class DecoderTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
                 if self.step_count % cfg.train.log_every == 0 or self.step_count == end:
-                    log({"step": self.step_count, "loss": result.loss, "grad_norm": result.grad_norm,
-                         "lr": self.scheduler.get_last_lr()[0], "samples_per_s": result.samples / elapsed})
+                    record = {"step": self.step_count, "loss": result.loss, "grad_norm": result.grad_norm,
+                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": result.samples / elapsed}
+                    if isinstance(self.data, ShardData):
+                        record["skipped"] = self.skip_totals()
+                    log(record)
                 stopped = result.stop
+                reason = self._stop_signal or "a signal on another rank"
+                if stopped and lead:  # said before the save: a launcher may kill us during it
+                    bar.close()
+                    print(f"train_decoder: {reason}: saving a checkpoint of step {self.step_count}", flush=True)
                 if stopped or self.step_count % cfg.train.save_every == 0 or self.step_count == cfg.train.steps:
-                    self.checkpointer.save(self.step_count)
+                    self.checkpointer.save(self.step_count)  # synchronous: complete when it returns
                 if stopped:
                     if lead:
-                        bar.close()
-                        print(f"train_decoder: {self._stop_signal or 'a signal on another rank'}: "
-                              f"checkpoint of step {self.step_count} saved in {self.checkpoint_dir}; "
-                              f"run the same command to resume")
+                        mark_stopped(self.run_dir, self.step_count, reason, self.checkpoint_dir)
+                        print(f"train_decoder: {reason}: checkpoint of step {self.step_count} saved in "
+                              f"{self.checkpoint_dir}; run the same command to resume", flush=True)
                     break
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             bar.close()
-        if cfg.train.eval_batches and self.step_count == cfg.train.steps and not stopped:
+        if evaluate and self.step_count == cfg.train.steps and not stopped:
             log({"step": self.step_count, **self.evaluate(cfg.train.eval_batches)})
         return records
+
+
+def _warn(message: str) -> None:
+    """Where the shard readers and decoders say things (the first skipped sample of each kind,
+    a codec left to PyAV): stderr, prefixed, on every rank (each reads its own shards)."""
+    print(f"train_decoder: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,197 @@
+"""The decoder trainer's run configuration: one dataclass per TOML section (`[model]`, `[data]`,
+`[diffusion]`, `[optim]`, `[train]`), read, overridden and written as the pretraining config is
+(`train.config.JobConfig`). `configs/decoder_debug.toml` equals the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from emu2_engine.models.config import PRESETS, UNET_PRESETS
+from emu2_engine.train.config import JobConfig
+
+
+@dataclass
+class DecoderModelSection:
+    """Which UNet to train, and the frozen parts around it."""
+
+    unet: str = "debug"
+    """A preset of `models.config.UNET_PRESETS` (emu2-gen, emu2-video, debug)."""
+    video: bool = False
+    """Train the inflated video UNet on clips (the 2D weights, if any, are inflated)."""
+    unet_weights: str = ""
+    """Initial UNet weights: the released Emu2-Gen checkpoint (its unet.* keys) or a diffusers
+    UNet weights file/folder; "" = a fresh initialisation."""
+    encoder: str = "debug"
+    """An Emu2 preset (`models.config.PRESETS`) whose vision tower and n_query make the embeddings."""
+    encoder_weights: str = ""
+    """Released Emu2 weights (their visual.* keys are used); "" = a random encoder seeded by
+    train.seed (debug only: the embeddings are then random features of the image)."""
+    vae: str = "tiny-random"
+    """A diffusers AutoencoderKL folder (the SDXL VAE for Emu2-Gen), or tiny-random: a small
+    randomly initialised VAE for the CPU (4 latent channels, 4x downsampling)."""
+
+
+@dataclass
+class DecoderDataSection:
+    """What the decoder learns to reconstruct: WebDataset shards of images (or of video clips),
+    or, with no paths, shapes-world images and moving-shape clips generated in memory."""
+
+    paths: str = ""
+    """Training shards in img2dataset's layout: images (.jpg/.png/.webp), or video clips
+    (.webm/.mp4/...) when model.video is true. A directory (its *.tar), a glob, a brace pattern
+    (/data/laion/{00000..01023}.tar) or one tar. "" = the in-memory generators."""
+    heldout_paths: str = ""
+    """Held-out shards of the same kind for the before/after evaluation; "" with data.paths set
+    skips that evaluation (said once at the start)."""
+    image_size: int = 64
+    """Pixels per side of the decoder's images (the VAE's input; Emu2-Gen: 1024)."""
+    batch_size: int = 8
+    """Images (or clips) per step over all ranks (the global batch); each of the WORLD_SIZE
+    ranks takes batch_size / WORLD_SIZE of them."""
+    frames: int = 4
+    """Frames per clip (video only); from shards, sampled uniformly over each clip."""
+    seed: int = 1234
+    """Seed of the in-memory images and clips, and of the shards' reading order."""
+
+
+@dataclass
+class DiffusionSection:
+    """Noise schedule and conditioning dropout."""
+
+    train_timesteps: int = 1000
+    """DDPM timesteps."""
+    beta_start: float = 0.00085
+    """First beta (SDXL)."""
+    beta_end: float = 0.012
+    """Last beta (SDXL)."""
+    beta_schedule: str = "scaled_linear"
+    """linear or scaled_linear (SDXL)."""
+    cfg_drop: float = 0.1
+    """Probability that a sample's embeddings are replaced by the null condition (Emu2: 10 %)."""
+    noise_offset: float = 0.1
+    """Std of a per-sample, per-channel constant added to the noise (Emu2: 0.1)."""
+    null_condition: str = "zero-image"
+    """The dropped condition, which sampling uses as its negative: zero-image (the encoder's
+    embeddings of an all-zero image, Emu2-Gen's autoencoding negative) or zeros."""
+
+    def schedule(self) -> dict:
+        """Keyword arguments of diffusers' schedulers for this noise schedule."""
+        return dict(num_train_timesteps=self.train_timesteps, beta_start=self.beta_start,
+                    beta_end=self.beta_end, beta_schedule=self.beta_schedule)
+
+
+@dataclass
+class DecoderOptimSection:
+    """AdamW on the UNet, warm-up then decay."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay of matrices and conv kernels (Emu2's decoder: 0.01)."""
+    warmup_steps: int = 10
+    """Linear warm-up from 0 to the peak."""
+    schedule: str = "linear"
+    """Decay after warm-up: linear (Emu2's decoder) or cosine."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 turns clipping off); Emu2's decoder: 1.0."""
+
+
+@dataclass
+class DecoderTrainSection:
+    """The loop, checkpoints and outputs."""
+
+    steps: int = 300
+    """Optimiser steps."""
+    seed: int = 0
+    """Seed of the initialisation (UNet, random encoder, tiny VAE) and of the noise draws."""
+    device: str = "auto"
+    """auto (first GPU if any, else CPU), cpu or cuda."""
+    dtype: str = "auto"
+    """Compute dtype: auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16."""
+    log_every: int = 10
+    """Steps between metric records."""
+    eval_batches: int = 2
+    """Held-out batches for the before/after denoising loss (0 skips it)."""
+    save_every: int = 100
+    """Steps between checkpoints (the last step is always saved)."""
+    keep: int = 2
+    """Newest checkpoints kept."""
+    resume: bool = True
+    """Continue from the newest checkpoint in run_dir/checkpoints, if there is one."""
+    run_dir: str = "runs/decoder_debug"
+    """Where the resolved config, metrics and checkpoints go."""
+
+
+@dataclass
+class DecoderJobConfig(JobConfig):
+    """A decoder training run. Reads, overrides and writes TOML exactly as the pretraining
+    config does (`JobConfig.load`, `--section.key=value`); only the sections differ."""
+
+    model: DecoderModelSection = field(default_factory=DecoderModelSection)
+    data: DecoderDataSection = field(default_factory=DecoderDataSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    optim: DecoderOptimSection = field(default_factory=DecoderOptimSection)
+    train: DecoderTrainSection = field(default_factory=DecoderTrainSection)
+
+    def validate(self, world_size: int | None = None) -> None:
+        """One line for the first value that cannot work; with `world_size`, also a global batch
+        that does not split evenly over the ranks."""
+        m, d, z, o, t = self.model, self.data, self.diffusion, self.optim, self.train
+        if world_size is not None and d.batch_size % world_size:
+            raise ValueError(f"data.batch_size is the global batch and must divide by the number of "
+                             f"ranks (WORLD_SIZE = {world_size}); got {d.batch_size}, which leaves "
+                             f"{d.batch_size % world_size} over")
+        if m.unet not in UNET_PRESETS:
+            raise ValueError(f"model.unet must be one of {sorted(UNET_PRESETS)}, got {m.unet!r}")
+        if m.encoder not in PRESETS:
+            raise ValueError(f"model.encoder must be one of {sorted(PRESETS)}, got {m.encoder!r}")
+        unet, enc = UNET_PRESETS[m.unet], PRESETS[m.encoder]
+        checks = [
+            (unet.cross_attention_dim == enc.vision.width,
+             f"the {m.unet} UNet attends to embeddings of width {unet.cross_attention_dim}, but the "
+             f"{m.encoder} encoder makes width {enc.vision.width}"),
+            (unet.cond_tokens == enc.n_query,
+             f"the {m.unet} UNet expects {unet.cond_tokens} embeddings per image, but the {m.encoder} "
+             f"encoder makes {enc.n_query}"),
+            (d.image_size >= 16, f"data.image_size must be >= 16, got {d.image_size}"),
+            (d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}"),
+            (d.frames > 0, f"data.frames must be >= 1, got {d.frames}"),
+            (d.paths or not d.heldout_paths,
+             f"data.heldout_paths ({d.heldout_paths!r}) needs data.paths: the in-memory data "
+             f"(data.paths = \"\") has its own held-out samples"),
+            (z.train_timesteps > 1, f"diffusion.train_timesteps must be > 1, got {z.train_timesteps}"),
+            (z.beta_schedule in ("linear", "scaled_linear"),
+             f"diffusion.beta_schedule must be linear or scaled_linear, got {z.beta_schedule!r}"),
+            (0.0 < z.beta_start < z.beta_end < 1.0,
+             f"diffusion betas need 0 < beta_start < beta_end < 1, got {z.beta_start}, {z.beta_end}"),
+            (0.0 <= z.cfg_drop <= 1.0, f"diffusion.cfg_drop must lie in [0, 1], got {z.cfg_drop}"),
+            (z.noise_offset >= 0, f"diffusion.noise_offset must be >= 0, got {z.noise_offset}"),
+            (z.null_condition in ("zero-image", "zeros"),
+             f"diffusion.null_condition must be zero-image or zeros, got {z.null_condition!r}"),
+            (o.lr > 0, f"optim.lr must be positive, got {o.lr}"),
+            (o.schedule in ("linear", "cosine"),
+             f"optim.schedule must be linear or cosine, got {o.schedule!r}"),
+            (0 <= o.warmup_steps < t.steps,
+             f"optim.warmup_steps ({o.warmup_steps}) must be in [0, train.steps = {t.steps})"),
+            (0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}"),
+            (o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}"),
+            (t.steps > 0, f"train.steps must be positive, got {t.steps}"),
+            (t.seed >= 0, f"train.seed must be >= 0, got {t.seed}"),
+            (t.log_every > 0, f"train.log_every must be positive, got {t.log_every}"),
+            (t.save_every > 0, f"train.save_every must be positive, got {t.save_every}"),
+            (t.keep > 0, f"train.keep must be positive, got {t.keep}"),
+            (t.eval_batches >= 0, f"train.eval_batches must be >= 0, got {t.eval_batches}"),
+            (t.device in ("auto", "cpu", "cuda"),
+             f"train.device must be auto, cpu or cuda, got {t.device!r}"),
+            (t.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
