@@ -26,3 +26,37 @@ def test_one_process_compiles_every_block(tmp_path):
     blocks = list(trainer.model.visual.blocks.values()) + list(trainer.model.llm.layers.values())
     assert blocks and all(b._compiled_call_impl is not None for b in blocks)
     assert trainer.model.lm_head._compiled_call_impl is None  # blocks only, as under torchrun
+
+
+def test_micro_batches_are_taken_one_at_a_time(tmp_path):
+    """Without pipelining a step takes micro-batch k + 1 from the loader only after micro-batch
+    k's forward and backward: one at a time on the device, the prefetcher free to build ahead.
+    The counts the step reports are those of the batches it took."""
+    trainer = Trainer(tiny_config(tmp_path / "lazy", "--train.steps=1", "--optim.warmup_steps=0", "--parallel.microbatches=3",
+                                  "--data.prefetch=0"))
+    events, taken, forward = [], [], trainer.model.forward
+
+    class Recording:  # the loader, with every next() recorded
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            events.append("next")
+            taken.append(next(self.loader))
+            return taken[-1]
+
+        def __getattr__(self, name):
+            return getattr(self.loader, name)
+
+    trainer.loader = Recording(trainer.loader)
+    trainer.model.forward = lambda batch: events.append("forward") or forward(batch)
+    results, step = [], trainer.step
+    trainer.step = lambda batches: results.append(step(batches)) or results[-1]
+    trainer.train(progress=False)
+    assert events == ["next", "forward"] * 3
+    assert sorted(losses(tmp_path / "lazy")) == [1]
+    assert results[0].tokens == sum(b.n_tokens for b in taken) > 0
+    assert results[0].images == sum(b.n_images for b in taken)

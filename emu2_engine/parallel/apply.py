@@ -117,13 +117,14 @@ class ParallelModel:
         of them, the same on every rank of a TP group and of a pipeline); gradients are those of
         the mean loss over the micro-batches of all data-parallel ranks. Returns that mean as
         ``[total, ce, mse]`` (float32) on every rank."""
-        if len(batches) != self.cfg.microbatches:
+        n = len(batches)
+        if n != self.cfg.microbatches:
             raise ValueError(f"expected {self.cfg.microbatches} micro-batches (parallel.microbatches), "
-                             f"got {len(batches)}")
-        inputs = [stage_inputs(b) for b in batches]
-        if self.schedule is None:
-            losses = self._accumulate(inputs)
-        else:
+                             f"got {n}")
+        if self.schedule is None:  # one micro-batch at a time: `batches` may take them lazily
+            losses = self._accumulate((stage_inputs(b) for b in batches), n)
+        else:  # the schedule splits one merged batch: every micro-batch at once
+            inputs = [stage_inputs(b) for b in batches]
             merged = concat_microbatches(inputs)
             dummy_target = torch.zeros(len(batches), device=merged["input_ids"].device)
             out = self.schedule.step(target=dummy_target, **merged)
@@ -137,17 +138,18 @@ class ParallelModel:
                 dist.all_reduce(losses, op=dist.ReduceOp.AVG, group=group)
         return losses
 
-    def _accumulate(self, inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def _accumulate(self, inputs, n: int) -> torch.Tensor:
+        """Forward and backward of the `n` micro-batch inputs one after the other."""
         stage = self.stages[0]
         sharded = self.dims.fsdp_mesh is not None
         total = None
         for i, mb in enumerate(inputs):
             if sharded:  # reduce gradients once, after the last micro-batch
-                stage.set_requires_gradient_sync(i == len(inputs) - 1)
+                stage.set_requires_gradient_sync(i == n - 1)
             losses = stage(**mb)
-            (losses[0] / len(inputs)).backward()
+            (losses[0] / n).backward()
             total = losses.detach().float() if total is None else total + losses.detach().float()
-        return total / len(inputs)
+        return total / n
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

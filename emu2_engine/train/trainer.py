@@ -52,6 +52,39 @@ class NonFiniteError(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient norm."""
 
 
+class MicroBatches:
+    """The micro-batches of one step, taken from `source` one at a time as the step uses them.
+
+    Iterating validates each batch, counts its FLOPs, tokens and images (on its CPU tensors),
+    and yields it moved to `device`. Without pipelining the step runs each micro-batch's forward
+    and backward before it takes the next, so one micro-batch at a time is on the GPU and the
+    prefetcher builds the next ones while the model computes; a pipeline schedule needs them
+    all at once and makes a list. `len()` is the count before any is taken. Read once."""
+
+    def __init__(self, source, n: int, device: torch.device, flops_of):
+        self.source, self.n, self.device, self.flops_of = iter(source), n, device, flops_of
+        self.tokens = self.images = 0
+        self.flops = 0
+        self.data_seconds = 0.0
+        self._read = False
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if self._read:
+            raise RuntimeError("the micro-batches of a step can be read once")
+        self._read = True
+        for _ in range(self.n):
+            start = time.perf_counter()
+            batch = next(self.source)
+            self.data_seconds += time.perf_counter() - start
+            self.flops += self.flops_of(batch)
+            self.tokens += batch.n_tokens
+            self.images += batch.n_images
+            yield batch.to(self.device, non_blocking=True)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -181,18 +214,25 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def forward_backward(self, batches: list[PackedBatch]) -> torch.Tensor:
+    def forward_backward(self, batches: MicroBatches) -> torch.Tensor:
         """Forward and backward over one step's micro-batches; gradients of their mean loss.
         Returns that mean as ``[total, ce, mse]`` (the same on every rank)."""
+        n = len(batches)
         with self.autocast():
             if self.parallel is not None:
                 return self.parallel.forward_backward(batches)
             losses = torch.zeros(3, device=self.device)
             for batch in batches:
                 out = self.model(batch)
-                (out.total / len(batches)).backward()
-                losses += torch.stack([out.total, out.ce, out.mse]).detach().float() / len(batches)
+                (out.total / n).backward()
+                losses += torch.stack([out.total, out.ce, out.mse]).detach().float() / n
             return losses
+
+    def batch_flops(self, batch: PackedBatch) -> int:
+        """Validate a micro-batch (still on the CPU) and return its training FLOPs."""
+        cfg = self.model_cfg
+        batch.validate(cfg.llm.vocab_size, cfg.n_query, cfg.vision.image_size)
+        return training_flops(batch_flops(cfg, batch), self.cfg.optim.lr_vision > 0)
 
     def clip_grad_norm(self) -> torch.Tensor:
         """The global gradient norm before clipping; clips to optim.grad_clip (0: no clipping)."""
@@ -202,12 +242,14 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, clip)
 
-    def step(self, batches: list[PackedBatch]) -> StepResult:
-        """One optimiser step on this rank's micro-batches (`parallel.microbatches` of them).
+    def step(self, batches: list[PackedBatch] | MicroBatches) -> StepResult:
+        """One optimiser step on this rank's micro-batches (`parallel.microbatches` of them): a
+        list, or a `MicroBatches` that takes them from the loader as the step goes.
         A non-finite loss or gradient norm skips the update; the schedule advances anyway, so
         the learning rate stays a function of the step."""
         self.model.train()
-        batches = [b.to(self.device, non_blocking=True) for b in batches]
+        if not isinstance(batches, MicroBatches):
+            batches = MicroBatches(batches, len(batches), self.device, self.batch_flops)
         losses = self.forward_backward(batches)
         norm = self.clip_grad_norm()
         loss, ce, mse = losses.tolist()
@@ -224,9 +266,8 @@ class Trainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             self.scheduler.step()
         self.step_count += 1
-        return StepResult(loss=loss, ce=ce, mse=mse, grad_norm=grad_norm,
-                          tokens=sum(b.n_tokens for b in batches),
-                          images=sum(b.n_images for b in batches), skipped=skipped)
+        return StepResult(loss=loss, ce=ce, mse=mse, grad_norm=grad_norm, tokens=batches.tokens,
+                          images=batches.images, skipped=skipped)
 
     # -- the run ----------------------------------------------------------------------------
     def resume(self) -> int | None:
@@ -259,7 +300,6 @@ class Trainer:
                                keep_until=resumed)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         meter = ThroughputMeter(device_name, devices=self.world)
-        vision_trainable = cfg.optim.lr_vision > 0
         model_share = self.dims.tp * self.dims.pp if self.dims else 1  # ranks that split one batch
         end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
         records: list[dict] = []
@@ -271,14 +311,9 @@ class Trainer:
         try:
             while self.step_count < end:
                 start = time.perf_counter()
-                batches = [next(self.loader) for _ in range(cfg.parallel.microbatches)]
-                data_seconds = time.perf_counter() - start
-                flops = 0
-                for batch in batches:
-                    batch.validate(self.model_cfg.llm.vocab_size, self.model_cfg.n_query,
-                                   self.model_cfg.vision.image_size)
-                    flops += training_flops(batch_flops(self.model_cfg, batch), vision_trainable)
+                batches = MicroBatches(self.loader, cfg.parallel.microbatches, self.device, self.batch_flops)
                 result = self.step(batches)
+                data_seconds, flops = batches.data_seconds, batches.flops
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
