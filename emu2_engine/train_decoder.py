@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 
+from emu2_engine.data.records import SkipStats
 from emu2_engine.train.decoder import DecoderJobConfig
 
 
@@ -69,6 +71,9 @@ def report(trainer, records: list[dict]) -> None:
     else:
         print(f"done: the run was already complete at step {trainer.step_count} "
               f"(checkpoints in {trainer.checkpoint_dir})")
+    skipped = [r["skipped"] for r in steps if "skipped" in r]
+    if skipped:  # a run on shards: the totals of every rank
+        print(f"data: {SkipStats(Counter(skipped[-1])).summary()}")
     if len(evals) == 2:
         print(f"held-out denoising loss: {evals[0]['heldout_loss']:.4f} -> {evals[1]['heldout_loss']:.4f} "
               f"(with another sample's embeddings: {evals[1]['heldout_loss_wrong_cond']:.4f})")

@@ -7,7 +7,10 @@ Each rank runs, one after the other:
 2. ``split``: the same run, in which rank 1 sends itself SIGTERM during step 2 (rank 0 is
    never signalled): both ranks must stop after step 2 with a checkpoint (and rank 0 writes
    stopped.json); then a fresh trainer resumes from it and runs step 3;
-3. ``video``: two steps of the inflated video UNet on clips (`VIDEO_ARGS`).
+3. ``video``: two steps of the inflated video UNet on clips (`VIDEO_ARGS`);
+4. ``shards``: the image decoder on small shards with bad samples (`write_small_shards`),
+   each rank reading its own: 4 steps; then the same run checkpointed at step 2 and killed
+   after step 3, and resumed by fresh trainers.
 
 Rank 0 saves what they measured (records, the full UNet parameters gathered from the shards,
 how the parameters were laid out, the checkpoints on disk) in OUT_DIR/results.pt.
@@ -33,6 +36,8 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from emu2_engine.checkpoint.dcp import complete_checkpoints
+from emu2_engine.data.make_shapes import encode_jpeg, write_tar
+from emu2_engine.data.shapes import ShapesWorld
 from emu2_engine.train.decoder import DecoderJobConfig, DecoderTrainer
 
 WORLD = 2
@@ -51,6 +56,23 @@ ARGS = ["--data.batch_size=4", "--data.image_size=32", f"--train.steps={STEPS}",
 # The video UNet: one 2-frame clip per rank, two steps, no evaluation.
 VIDEO_ARGS = ["--model.video=true", "--data.batch_size=2", "--data.frames=2", "--train.steps=2",
               "--train.eval_batches=0"]
+
+# Shards: 2 samples per rank and step, 4 steps, a checkpoint every 2.
+SHARD_ARGS = ["--data.image_size=16", "--train.steps=4", "--train.save_every=2", "--train.eval_batches=0"]
+
+
+def write_small_shards(folder: Path) -> None:
+    """Shards of 5, 5 and 1 samples (12 x 10 JPEGs) with 3 bad samples, 8 usable: each bad one
+    comes before the good ones of its shard, so reading any good sample of a shard has
+    counted that shard's bad ones."""
+    world = ShapesWorld(5)
+    images = iter(encode_jpeg(world.sample(i, 16).image.resize((12, 10))) for i in range(20))
+    folder.mkdir()
+    write_tar(folder / "s-0.tar", [("a-bad", {"jpg": b""})] + [(f"a{i}", {"jpg": next(images)}) for i in range(4)])
+    write_tar(folder / "s-1.tar", [("b-bad0", {"txt": b"x"}), ("b-bad1", {"jpg": next(images)[:40]}),
+                                   ("b0", {"jpg": next(images)}), ("b1", {"jpg": next(images)}),
+                                   ("b2", {"jpg": next(images)})])
+    write_tar(folder / "s-2.tar", [("c0", {"jpg": next(images)})])
 
 
 def config(run_dir: Path, *extra: str) -> DecoderJobConfig:
@@ -112,9 +134,20 @@ def run(rank: int, init_file: str, out_dir: str) -> None:
     resumed_params = full_parameters(resumed)
     video_records = DecoderTrainer(config(out / "video", *VIDEO_ARGS)).train(progress=False)
 
+    if rank == 0:
+        write_small_shards(out / "shards")
+    dist.barrier()
+    shard_args = [*SHARD_ARGS, f"--data.paths={out / 'shards'}"]
+    on_shards = DecoderTrainer(config(out / "shards_whole", *shard_args))
+    shards_whole = on_shards.train(progress=False)
+    DecoderTrainer(config(out / "shards_split", *shard_args)).train(progress=False, stop_at=3)
+    shards_resumed = DecoderTrainer(config(out / "shards_split", *shard_args)).train(progress=False)
+
     result = {"whole": whole_records, "first": first_records, "first_stdout": printed.getvalue(),
               "after_signal": after_signal, "stopped": stopped, "stopped_after_resume": stopped_file.exists(),
               "resumed": resumed_records, "video": video_records, "layout": held,
+              "shards_whole": shards_whole, "shards_resumed": shards_resumed,
+              "shards_own_skips": dict(on_shards.data.skip_counts()),
               "world": whole.world, "local_batch": whole.local_batch}
     gathered = [None] * WORLD
     dist.all_gather_object(gathered, result)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,9 @@ import decoder_worker as worker
 from emu2_engine import train_decoder
 from emu2_engine.checkpoint.dcp import complete_checkpoints
 from emu2_engine.models.unet3d import VideoUNet
-from emu2_engine.train.trainer import STOPPED_FILE
 from emu2_engine.train.decoder import DecoderJobConfig, DecoderTrainer, build_vae, offset_noise
 from emu2_engine.train.decoder_data import InMemoryData, make_batch, moving_shapes_clip
+from emu2_engine.train.trainer import STOPPED_FILE
 
 pytest.importorskip("diffusers")
 REPO = Path(__file__).resolve().parent.parent
@@ -370,6 +371,25 @@ def test_two_ranks_stop_together_on_one_signal_and_resume_exactly(two_ranks):
     assert two_ranks["checkpoints"] == [2, 3]
     for name, p in two_ranks["whole_params"].items():
         assert torch.equal(two_ranks["resumed_params"][name], p), name
+
+
+def test_two_ranks_read_their_own_shards_count_skips_together_and_resume_exactly(two_ranks):
+    """On shards each rank reads its own samples: the logged loss (the mean over the ranks)
+    and the skip counts (the sum) are the same on both; the last counts are the sum of the
+    ranks' own; a run checkpointed at step 2 (each rank's stream position) that dies after
+    step 3 resumes with the uninterrupted run's steps 3 and 4 bit for bit."""
+    ranks = two_ranks["ranks"]
+    same = ("step", "loss", "grad_norm", "lr", "skipped")  # samples_per_s is each rank's clock
+    assert [[{k: x[k] for k in same} for x in r["shards_whole"]] for r in ranks] == \
+        [[{k: x[k] for k in same} for x in ranks[0]["shards_whole"]]] * 2
+    whole = ranks[0]["shards_whole"]
+    assert [r["step"] for r in whole] == [1, 2, 3, 4]
+    own = [Counter(r["shards_own_skips"]) for r in ranks]
+    assert whole[-1]["skipped"] == dict(sorted((own[0] + own[1]).items())) and all(own)
+    for r in ranks:
+        assert r["shards_resumed"][0] == {"resumed_from": 2}
+        assert [(x["step"], x["loss"], x["grad_norm"]) for x in r["shards_resumed"][1:]] == \
+            [(x["step"], x["loss"], x["grad_norm"]) for x in whole[2:]]
 
 
 def test_two_rank_checkpoint_loads_in_one_process(two_ranks, one_process, tmp_path):
