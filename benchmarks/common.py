@@ -149,7 +149,7 @@ _FAMILIES = (
 
 def kernel_family(name: str) -> str:
     """conv, attention, gemm, norm, copy or other, from a CUDA kernel's name (`_FAMILIES`)."""
-    lower = name.lower()
+    lower = name.lower().replace("convert", "")  # Inductor's casts (fused_convert_element_type)
     for family, keys in _FAMILIES:
         if any(k in lower for k in keys):
             return family
@@ -173,6 +173,8 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
         sync()
     kernels: dict[str, list[float]] = {}
     for event in prof.events():
+        if getattr(event, "is_user_annotation", False):
+            continue  # ranges ("Torch-Compiled Region", record_function) span the kernels in them
         if cuda and event.device_type == torch.autograd.DeviceType.CUDA:
             ms = event.time_range.elapsed_us() / 1e3
         elif not cuda and event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith("aten::"):

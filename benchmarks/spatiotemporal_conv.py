@@ -9,6 +9,8 @@ Providers (ours is "triton"); each computes y = s + temporal(s), s = spatial(x):
   runs by default: Triton forward and dgrad kernels, weight gradients on cuBLAS / cuDNN.
 - triton-wgrad-kernel: the same op with `WGRAD = "triton"` (the Triton wgrad kernel, the first
   version's backward), to show in one run what the library weight gradients buy.
+- triton-nosplit (the deep shapes only, 8x8 and 4x4 frames): the op with `SPLIT_K = False`, to
+  show what splitting the K loop buys where the tile grid cannot fill the GPU.
 - cudnn-2d+1d-cl (the issue's first baseline): conv2d on the channels-last (B*F, C, H, W)
   view of x, a transpose of s to frames-inner (B*H*W, F, C) so conv1d runs channels-last,
   conv1d, a transpose back and the residual add.
@@ -79,6 +81,7 @@ def _conv3d_pair(x, w_s, b_s, w_t, b_t):
 
 
 PROVIDERS = {"triton": (triton_path, CL3D), "triton-wgrad-kernel": (triton_path, CL3D),
+             "triton-nosplit": (triton_path, CL3D),
              "cudnn-2d+1d-cl": (cudnn_2d_1d_cl, CL3D),
              "conv3d-ncdhw": (_conv3d_pair, torch.contiguous_format),
              "conv3d-cl3d": (_conv3d_pair, CL3D), "eager": (spatiotemporal_conv_reference, CL3D)}
@@ -88,13 +91,14 @@ the op reads it when backward runs)."""
 
 
 @contextmanager
-def _wgrad(choice: str):
-    """K.WGRAD = choice inside the block."""
-    previous, K.WGRAD = K.WGRAD, choice
+def _settings(provider: str):
+    """K.WGRAD and K.SPLIT_K as `provider` runs the op, inside the block."""
+    previous = K.WGRAD, K.SPLIT_K
+    K.WGRAD, K.SPLIT_K = WGRAD_OF.get(provider, K.WGRAD), provider != "triton-nosplit"
     try:
         yield
     finally:
-        K.WGRAD = previous
+        K.WGRAD, K.SPLIT_K = previous
 
 
 def _inputs(shape, dtype, device, memory_format):
@@ -136,7 +140,7 @@ def _measure(result, providers, shape, dtype, device, timer):
         for phase, step, flops in (("fwd", forward, fwd_flops), ("fwd+bwd", both, 3 * fwd_flops)):
             if phase == "fwd" and p in WGRAD_OF:
                 continue  # the same forward as "triton"
-            with _wgrad(WGRAD_OF.get(p, K.WGRAD)):
+            with _settings(p):
                 ms = timer(step)
             name = f"{case} {phase}"
             result.add(benchmark="spatiotemporal_conv", case=name, provider=p, metric="time",
@@ -225,12 +229,13 @@ def run(suite: str, out_dir: Path) -> BenchResult:
         if suite == "gpu-full":
             shapes = [(b, c, 16, side, side, 3) for b in (1, 2) for c in (320, 640, 1280)
                       for side in (64, 32)] + deep
-        providers = list(PROVIDERS) if suite == "gpu-full" else [p for p in PROVIDERS if p != "eager"]
+        providers = [p for p in PROVIDERS if p != "triton-nosplit" and (suite == "gpu-full" or p != "eager")]
         if suite != "gpu-full":
             result.skipped.append("eager (the reference): gpu-full only")
         for shape in shapes:
             timer = lambda step: time_cuda(step, warmup=3, repeats=10)  # noqa: E731
-            _measure(result, providers, shape, torch.bfloat16, "cuda", timer)
+            deep = ["triton-nosplit"] if shape[3] <= 8 else []
+            _measure(result, providers + deep, shape, torch.bfloat16, "cuda", timer)
             _measure_passes(result, shape, torch.bfloat16, timer,
                             sweep=suite == "gpu-quick" and shape[1] == 1280 and shape[3] == 32)
             torch.cuda.empty_cache()

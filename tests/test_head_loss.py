@@ -14,6 +14,7 @@ from emu2_engine.models import Emu2Config, Emu2Model
 from emu2_engine.models.config import LlamaConfig, VisionConfig
 from emu2_engine.ops import emu2_head_loss
 from emu2_engine.ops.head_loss import emu2_head_loss_reference
+from emu2_engine.ops import head_loss as head_loss_module
 from kernel_checks import assert_within_rule, compile_for_sm90, run_without_interpreter
 
 
@@ -155,6 +156,19 @@ def test_batched_hidden_and_backend_choice(monkeypatch):
     torch.testing.assert_close(emu2_head_loss(*args).total, flat.total)
     with pytest.raises(ValueError, match="not vocabulary-parallel"):
         emu2_head_loss(*args, group=object())
+    # a per-op entry wins over the global choice, both ways
+    calls = []
+    real = head_loss_module.emu2_head_loss_reference
+    monkeypatch.setattr(head_loss_module, "emu2_head_loss_reference", lambda *a: calls.append(1) or real(*a))
+    for setting, reference in (("reference,emu2_head_loss=auto", False), ("auto,emu2_head_loss=reference", True),
+                               ("emu2_head_loss=reference", True)):
+        monkeypatch.setenv("EMU2_KERNELS", setting)
+        calls.clear()
+        torch.testing.assert_close(emu2_head_loss(*args).total, flat.total)
+        assert bool(calls) == reference, setting
+    monkeypatch.setenv("EMU2_KERNELS", "auto,pool_project=reference,emu2_head_loss=triton")
+    with pytest.raises(ValueError, match="the Triton head loss runs in"):
+        emu2_head_loss(*make_inputs(30, 96, 1000, 4, 80))  # fp64: the per-op triton entry refuses it
 
 
 def test_triton_refuses_fp64_and_auto_takes_the_pytorch_path(monkeypatch):

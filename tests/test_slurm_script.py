@@ -49,3 +49,12 @@ def test_signalled_stop_exits_0_only_with_a_complete_checkpoint(tmp_path, saved)
 def test_refuses_a_layout_that_does_not_fill_the_gpus(tmp_path):
     done = _run(tmp_path, "exit 0", TP="3")
     assert done.returncode == 2 and "!= 64 GPUs" in done.stderr
+
+
+def test_a_stale_stop_file_does_not_hide_a_failure(tmp_path):
+    """A resubmitted job whose workers fail before training starts: the previous job's
+    stopped.json must not turn the failure into a clean stop."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "stopped.json").write_text('{"step": 7}\n')
+    done = _run(tmp_path, "exit 1")
+    assert done.returncode == 1 and "stopped by a signal" not in done.stdout

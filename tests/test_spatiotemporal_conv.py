@@ -422,3 +422,16 @@ def test_split_k_equals_one_pass():
     for split in (2, 3, 9):
         torch.testing.assert_close(kernel._tap_conv(rows, w, bias, res, (3, 4, 4), (1, 3, 3), split=split),
                                    one, rtol=1e-5, atol=1e-5)
+
+
+def test_split_count_fits_one_wave(monkeypatch):
+    """_conv_split: no more programs than SMs (the interpreter counts 4), at least
+    _MIN_SPLIT_ITERS K steps a slice, and none with SPLIT_K off."""
+    cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
+    cpu = torch.device("cpu")
+    assert kernel._conv_split(48, 40, 40, 9, cfg, cpu) == 2        # 2 tiles: 2 x 2 = 4 programs
+    assert kernel._conv_split(48, 20, 40, 9, cfg, cpu) == 4        # 1 tile: 4 slices of 4-5 steps
+    assert kernel._conv_split(48, 20, 40, 1, cfg, cpu) == 1        # 2 K steps: too few to split
+    assert kernel._conv_split(512, 40, 40, 9, cfg, cpu) == 1       # 16 tiles fill the 4 "SMs"
+    monkeypatch.setattr(kernel, "SPLIT_K", False)
+    assert kernel._conv_split(48, 20, 40, 9, cfg, cpu) == 1

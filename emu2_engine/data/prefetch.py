@@ -141,6 +141,8 @@ def _halt(stop: threading.Event, thread: threading.Thread, timeout: float | None
     """Tell the producer to stop and wait up to `timeout` seconds for it (the finaliser of a
     running producer: called by `close()`, on garbage collection, or at interpreter exit)."""
     stop.set()
+    if thread is threading.current_thread():  # collected on the producer itself: it sees the flag
+        return
     thread.join(timeout)
     if thread.is_alive():
         log.warning("the data prefetch thread is still building a batch after %.0f s; it is left "

@@ -171,7 +171,20 @@ tile_maps = _TileMapCache()
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor,
            span_ids: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v), ("doc_ids", doc_ids), ("span_ids", span_ids)):
+    _check_qkv(q, k, v, doc_ids, span_ids)
+    B, _, S, _ = q.shape
+    for name, t in (("doc_ids", doc_ids), ("span_ids", span_ids)):
+        if tuple(t.shape) != (B, S):
+            raise ValueError(f"{name} must have shape {(B, S)}, got {tuple(t.shape)}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integers (int32 or int64), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *ids) -> None:
+    """Types, shapes, dtypes and devices of q, k and v (and that `ids` are tensors)."""
+    for name, t in (("q", q), ("k", k), ("v", v)) + tuple(zip(("doc_ids", "span_ids"), ids)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
@@ -181,13 +194,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Ten
     if k.shape[0] != B or k.shape[2] != S or k.shape[3] != D or Hq % k.shape[1]:
         raise ValueError(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} "
                          f"(need same B, S, D and Hq a multiple of Hkv)")
-    for name, t in (("doc_ids", doc_ids), ("span_ids", span_ids)):
-        if tuple(t.shape) != (B, S):
-            raise ValueError(f"{name} must have shape {(B, S)}, got {tuple(t.shape)}")
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise ValueError(f"{name} must hold integers (int32 or int64), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must match")
@@ -236,9 +242,7 @@ def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
         from emu2_engine.kernels.attention import modality_attention_triton
         scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
         return modality_attention_triton(q, k, v, doc, span, causal, scale)
-    # _check wants ids only for their shapes; these views cost nothing.
-    ids = torch.zeros((), dtype=torch.int32, device=q.device).expand(B, S)
-    _check(q, k, v, ids, ids)
+    _check_qkv(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
 

@@ -30,8 +30,10 @@ _LIBRARY_FIRST = frozenset({"dense_attention"})
 """Ops whose reference is itself a fused library kernel, which ``auto`` picks on CUDA too.
 ``dense_attention`` is attention with no mask but causality (the ViT, the UNets): its reference
 is SDPA, which runs FlashAttention / cuDNN attention on the GPU; the Triton kernel's tile map
-has nothing to skip there, and on the H200 the video UNet with it ran at 0.61x the reference
-path (docs/decoders.md). ``dense_attention=triton`` selects the kernel for comparison."""
+has nothing to skip there, and on the H200 the video UNet with it (and with the Triton conv:
+the run changed both ops at once) ran at 0.61x the reference path (docs/decoders.md); the
+attention benchmark's dense cases are the direct A/B, not yet run on a GPU.
+``dense_attention=triton`` selects the kernel for comparison."""
 
 
 def requested_backends() -> tuple[str, dict[str, str]]:

@@ -151,7 +151,7 @@ def emu2_head_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.
         with torch.autocast(hidden.device.type, enabled=False):
             return emu2_head_loss(hidden.to(dtype), lm_weight.to(dtype), labels, down_weight.to(dtype),
                                   reg_index, reg_target, reg_weight, z_loss=z_loss, group=group)
-    reference = requested_backend() == "reference"
+    reference = requested_backend("emu2_head_loss") == "reference"
     if reference and group is not None:
         raise ValueError("the reference head loss is not vocabulary-parallel; "
                          "use EMU2_KERNELS=auto or triton with a process group")
@@ -162,7 +162,7 @@ def emu2_head_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.
                                         reg_target, reg_weight, z_loss)
     use_kernel = use_triton("emu2_head_loss", hidden, has_kernel=True)
     if use_kernel and hidden.dtype not in _kernel.DTYPES:
-        if requested_backend() == "triton":
+        if requested_backend("emu2_head_loss") == "triton":
             raise ValueError(f"the Triton head loss runs in {_kernel.DTYPES}, got {hidden.dtype}")
         use_kernel = False  # auto: the chunked PyTorch path handles any dtype
     ce, mse, n_text = _kernel.fused_head_loss(

@@ -68,7 +68,7 @@ def pool_project(x: torch.Tensor, weight: torch.Tensor, n_query: int, *,
     _window(x.shape[1], n_query)
     use_kernel = use_triton("pool_project", x, has_kernel=True)
     if use_kernel and x.dtype not in _kernel.DTYPES:
-        if requested_backend() == "triton":
+        if requested_backend("pool_project") == "triton":
             raise ValueError(f"the Triton pool_project runs in {_kernel.DTYPES}, got {x.dtype}")
         use_kernel = False  # auto: the reference handles any dtype
     if use_kernel:

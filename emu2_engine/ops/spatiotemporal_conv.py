@@ -76,7 +76,7 @@ def spatiotemporal_conv(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | 
     check_spatiotemporal_args(x, w_s, b_s, w_t, b_t)
     use_kernel = use_triton("spatiotemporal_conv", x, has_kernel=True)
     if use_kernel and x.dtype not in _kernel.DTYPES:
-        if requested_backend() == "triton":
+        if requested_backend("spatiotemporal_conv") == "triton":
             raise ValueError(f"the Triton spatiotemporal_conv runs in {_kernel.DTYPES}, got {x.dtype}")
         use_kernel = False  # auto: the reference handles any dtype
     if not use_kernel:
