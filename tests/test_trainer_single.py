@@ -3,7 +3,7 @@ apply, as they do under torchrun."""
 
 import pytest
 
-from emu2_engine.train.trainer import Trainer
+from emu2_engine.train.trainer import MicroBatches, Trainer
 from test_trainer_resume import losses, tiny_config  # tests/ is on sys.path
 
 
@@ -60,3 +60,19 @@ def test_micro_batches_are_taken_one_at_a_time(tmp_path):
     assert sorted(losses(tmp_path / "lazy")) == [1]
     assert results[0].tokens == sum(b.n_tokens for b in taken) > 0
     assert results[0].images == sum(b.n_images for b in taken)
+
+
+def test_images_cast_to_the_autocast_dtype_change_nothing(tmp_path):
+    """Under bf16 autocast the step hands the ViT bf16 images (half the bytes on the device):
+    the patch embedding rounds fp32 pixels to bf16 anyway, so the encoder's output is the same,
+    bit for bit."""
+    import torch
+
+    trainer = Trainer(tiny_config(tmp_path / "bf16", "--train.dtype=bf16", "--data.prefetch=0"))
+    batch = next(trainer.loader)
+    with trainer.autocast():
+        want = trainer.model.visual(batch.images)
+        got = trainer.model.visual(batch.images.to(torch.bfloat16))
+    assert torch.equal(got, want)
+    (moved,) = list(MicroBatches([batch], 1, trainer.device, trainer.batch_flops, trainer.autocast_dtype))
+    assert moved.images.dtype == torch.bfloat16 and batch.images.dtype == torch.float32
