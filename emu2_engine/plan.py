@@ -232,7 +232,6 @@ def vision_stem_activations(cfg: Emu2Config, images: int, a: int = BF16) -> int:
     """Bytes saved outside the ViT blocks on the vision side (stage 0)."""
     v = cfg.vision
     return (images * 3 * v.image_size ** 2 * a  # pixels (cast to the parameter dtype), saved by the conv
-            + images * (v.n_patches + 1) * 2 * 4  # int32 doc/span ids the blocks' attention saves
             + images * cfg.n_query * v.width * a)  # pooled features, saved by pool_project
 
 
@@ -455,6 +454,10 @@ def _rank_memory(cfg: Emu2Config, wl: Workload, lay: Layout, chunks: tuple[Chunk
                 extra.append(vit_block_activations(cfg.vision, wl.images, "none", BF16, lay.tp)
                              - vit_block_activations(cfg.vision, wl.images, lay.ac, BF16, lay.tp))
             recompute = max([recompute, *extra])
+    if lay.pp > 1 and any(c.stem for c in own):
+        # A pipeline schedule takes all of a step's micro-batches at once: their images (bf16,
+        # `trainer.MicroBatches`) stay on the stage with the ViT for the whole step.
+        acts += microbatches * wl.images * 3 * cfg.vision.image_size ** 2 * BF16
     return {"params": FP32 * total // shard, "grads": FP32 * trained // shard,
             "optimizer": 2 * FP32 * trained // shard, "working": working,
             "activations": acts + recompute}
