@@ -3,10 +3,12 @@
 Trains a visual decoder (the image UNet, or with --model.video=true the inflated video UNet)
 to reconstruct images from their Emu2 visual embeddings. With no arguments: the debug UNet on
 the shapes world with a tiny random VAE and a random frozen encoder, on the first GPU if there
-is one, else on the CPU (configs/decoder_debug.toml equals these defaults). With
-`--nproc_per_node=N` the UNet is sharded over the N ranks (FSDP2) and data.batch_size, the
-global batch, is split among them. A run resumes from its newest checkpoint and stops cleanly
-on SIGTERM/SIGINT (docs/decoders.md).
+is one, else on the CPU (configs/decoder_debug.toml equals these defaults); with
+`--data.paths=SHARDS` it reads WebDataset shards of images (of clips with --model.video=true)
+instead of images made in memory. With `--nproc_per_node=N` the UNet is sharded over the N
+ranks (FSDP2), data.batch_size, the global batch, is split among them, and each rank reads its
+own shards. A run resumes from its newest checkpoint and stops cleanly on SIGTERM/SIGINT,
+writing run_dir/stopped.json (docs/decoders.md).
 """
 
 from __future__ import annotations

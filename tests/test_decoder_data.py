@@ -7,6 +7,7 @@ are refused in one line before anything is built."""
 
 import io
 import json
+import math
 import tarfile
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from decoder_worker import write_small_shards
 from emu2_engine import train_decoder
 from emu2_engine.data.decode import dali_available
 from emu2_engine.data.make_shapes import encode_jpeg, encode_webm, ensure_shapes_world, write_tar
-from emu2_engine.data.sequences import to_pixels
+from emu2_engine.data.sequences import CLIP_MEAN, CLIP_STD, to_pixels
 from emu2_engine.data.shapes import ShapesWorld
 from emu2_engine.train import decoder_data
 from emu2_engine.train.decoder import DecoderJobConfig, DecoderTrainer
@@ -184,6 +185,10 @@ def test_shard_batches_equal_the_members_decoded_by_hand(world, tmp_path, pil_on
     assert batch.encoder_pixels.shape == (3, 3, 64, 64) and batch.vae_pixels.shape == (3, 3, 48, 48)
     assert torch.equal(batch.encoder_pixels, torch.stack([e for e, _ in views]))
     assert torch.equal(batch.vae_pixels, torch.stack([v for _, v in views]))
+    assert -1 <= batch.vae_pixels.min() < 0 < batch.vae_pixels.max() <= 1
+    lowest = min((0 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD))
+    highest = max((1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD))
+    assert lowest - 1e-6 <= batch.encoder_pixels.min() and batch.encoder_pixels.max() <= highest + 1e-6
     assert "5 shards of images" in data.describe() and "PIL/PyAV" in data.describe()
 
 
@@ -198,6 +203,20 @@ def test_clip_batches_have_the_video_shapes(world, tmp_path, pil_only):
         frames = [f.to_image() for f in container.decode(video=0)]
     want = torch.stack([_by_hand(frames[i], (0, 0, 64, 64), 64, 32)[1] for i in (2, 6, 10, 14)])
     assert torch.equal(batch.vae_pixels[0], want)
+
+
+def test_video_decoder_trains_on_clip_shards(world, tmp_path):
+    """The inflated UNet on the shapes world's VP9 clips: the latents and conditions have the
+    clip shapes, and a held-out evaluation on held-out clips runs before and after."""
+    trainer = DecoderTrainer(_cfg(tmp_path, f"--data.paths={world}/video_text/train",
+                                  f"--data.heldout_paths={world}/video_text/heldout", "--model.video=true",
+                                  "--data.batch_size=2", "--data.frames=2", "--data.image_size=32",
+                                  "--train.steps=2", "--train.eval_batches=1", "--train.log_every=1"))
+    latents, cond = trainer.conditions(trainer.data.train_batch(0), trainer.generators(0))
+    assert latents.shape == (2, 4, 2, 8, 8) and cond.shape == (2, 2, 16, 64)
+    records = trainer.train(progress=False)
+    assert [r["step"] for r in records] == [0, 1, 2, 2] and "heldout_loss" in records[-1]
+    assert all(math.isfinite(r.get("loss", r.get("heldout_loss"))) for r in records)
 
 
 def test_two_ranks_read_disjoint_shards(world, tmp_path):

@@ -506,8 +506,8 @@ class ShardData:
     def describe(self) -> str:
         """One line: what is read and how (for the start of a run)."""
         kind = "clips" if self.cfg.model.video else "images"
-        split = (f"each of the {self.world} ranks reads every {self.world}th sample of every shard"
-                 if len(self.shards) < self.world else
+        split = (f"fewer shards than ranks: each of the {self.world} ranks reads every shard and keeps "
+                 f"1 sample in {self.world}" if len(self.shards) < self.world else
                  f"rank {self.rank} of {self.world} reads {len(self.stream.epoch_shards(0))} of them per epoch")
         return (f"{len(self.shards)} shards of {kind} from {self.cfg.data.paths!r} ({split}), "
                 f"decoded with {self.decoder.describe()}")
