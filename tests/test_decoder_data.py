@@ -125,8 +125,10 @@ def test_a_clip_gives_its_uniformly_sampled_frames(backend):
     if backend == "pil":
         assert torch.equal(pair.encoder_pixels, want_encoder) and torch.equal(pair.vae_pixels, want_vae)
     else:  # YUV -> RGB differs slightly between DALI and libswscale (see test_decode.py)
-        difference = (pair.vae_pixels - want_vae).abs()
-        assert difference.mean() < 0.03 and difference.max() < 0.5, (difference.mean(), difference.max())
+        for got, want, unit in ((pair.encoder_pixels, want_encoder, 1 / (255 * 0.26)),
+                                (pair.vae_pixels, want_vae, 2 / 255)):
+            difference = (got - want).abs() / unit  # in levels of 255
+            assert difference.mean() < 4 and difference.max() < 64, (difference.mean(), difference.max())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -309,13 +311,15 @@ def test_trainer_reports_skips_and_skips_heldout_eval_without_heldout_shards(tmp
     assert "held-out evaluation skipped: data.paths are real shards and data.heldout_paths names no" in out
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]  # no evaluation records
-    assert records[-1]["skipped"]  # 4 steps of 2: the 8 usable samples of one epoch == {"corrupt_image": 1, "empty_file": 1, "missing_member": 1}
+    # 4 steps of 2: the 8 usable samples of one epoch, after the 3 bad ones
+    assert records[-1]["skipped"] == {"corrupt_image": 1, "empty_file": 1, "missing_member": 1}
     assert "data: skipped samples: corrupt_image=1, empty_file=1, missing_member=1" in out
 
 
 # -- configs that cannot work ----------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
-    (["--data.paths=/nowhere/x-*.tar"], "data.paths = '/nowhere/x-*.tar': no shards: '/nowhere/x-*.tar' matches no file"),
+    (["--data.paths=/nowhere/x-*.tar"],
+     "data.paths = '/nowhere/x-*.tar': no shards: '/nowhere/x-*.tar' matches no file"),
     (["--data.paths={world}/image_text/train", "--model.video=true"],
      "data.paths: model.video = true trains on video clips, but none of the first 8 samples of "
      "{world}/image_text/train/image_text-train-00000.tar has a member .webm/.mp4/.mkv/.mov/.avi "
