@@ -65,7 +65,7 @@ from emu2_engine.parallel.dims import ParallelDims
 from emu2_engine.train.decoder_config import DecoderJobConfig
 from emu2_engine.train.decoder_data import DecoderBatch, InMemoryData, ShardData, vae_pixels
 from emu2_engine.train.optim import build_scheduler
-from emu2_engine.train.trainer import STOPPED_FILE, pick_device
+from emu2_engine.train.trainer import STOPPED_FILE, mark_stopped, pick_device
 
 __all__ = ["DecoderJobConfig", "DecoderTrainer", "FrozenEncoder", "build_vae", "mark_stopped",
            "offset_noise", "sample_generator", "shard_unet"]
@@ -188,17 +188,6 @@ class DecoderStep:
     """Images (or clips) of the global batch."""
     stop: bool
     """Some rank was signalled (SIGTERM/SIGINT) by the end of the step: every rank stops."""
-
-
-def mark_stopped(run_dir: Path, step: int, reason: str, checkpoint_dir: Path) -> None:
-    """Write run_dir/stopped.json (atomically) once a signalled stop's checkpoint is complete,
-    the record `Trainer._mark_stopped` writes for pretraining: torchrun exits non-zero after
-    forwarding a signal even when every worker saved and exited cleanly, so a job script tells
-    a clean stop from a failure by this file."""
-    record = {"step": step, "reason": reason, "checkpoint": str(checkpoint_dir)}
-    tmp = run_dir / f".{STOPPED_FILE}.tmp"
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, run_dir / STOPPED_FILE)
 
 
 class DecoderTrainer:

@@ -45,7 +45,18 @@ from emu2_engine.train.optim import build_optimizer, build_scheduler
 
 STOPPED_FILE = "stopped.json"
 """Written into the run folder by rank 0 when a signal stopped the run and its checkpoint is
-complete (`Trainer._mark_stopped`); removed when a run starts."""
+complete (`mark_stopped`); removed when a run starts."""
+
+
+def mark_stopped(run_dir: Path, step: int, reason: str, checkpoint_dir: Path) -> None:
+    """Write run_dir/stopped.json (atomically) once a signalled stop's checkpoint is complete:
+    torchrun exits non-zero after forwarding a signal even when every worker saved and exited
+    cleanly, so a job script tells a clean stop from a failure by this file. Both trainers
+    (pretraining and the decoders) call it."""
+    record = {"step": step, "reason": reason, "checkpoint": str(checkpoint_dir)}
+    tmp = run_dir / f".{STOPPED_FILE}.tmp"
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, run_dir / STOPPED_FILE)
 
 
 class NonFiniteError(RuntimeError):
@@ -371,7 +382,7 @@ class Trainer:
                 if stop:
                     self.checkpointer.wait()  # an async save must be complete before we say so
                     if lead:
-                        self._mark_stopped(reason)
+                        mark_stopped(self.run_dir, self.step_count, reason, self.checkpointer.directory)
                         print(f"pretrain: {reason}: checkpoint of step {self.step_count} saved in "
                               f"{self.checkpointer.directory}; run the same command to resume",
                               flush=True)
@@ -401,15 +412,6 @@ class Trainer:
             records.append(record)
             writer.write(record)
         return records
-
-    def _mark_stopped(self, reason: str) -> None:
-        """Write run_dir/stopped.json (atomically) once a signalled stop's checkpoint is complete:
-        torchrun exits non-zero after forwarding a signal even when every worker saved and exited
-        cleanly, so a job script tells a clean stop from a failure by this file."""
-        record = {"step": self.step_count, "reason": reason, "checkpoint": str(self.checkpointer.directory)}
-        tmp = self.run_dir / f".{STOPPED_FILE}.tmp"
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, self.run_dir / STOPPED_FILE)
 
     def _on_signal(self, signum: int, _frame) -> None:
         self._stop_signal = f"received {signal.Signals(signum).name}"
