@@ -1,7 +1,9 @@
 """The packed loader: fixed shapes with an image cap, blending, truncate-or-drop, bad records,
-exact resume (in-memory streams and the shapes-world shards), rank checks, the data config,
-and the model ignoring padding images."""
+exact resume (in-memory streams and the shapes-world shards; skip totals on shards with bad
+members), rank checks, the data config, and the model ignoring padding images."""
 
+import io
+import tarfile
 from collections import Counter
 from dataclasses import fields, replace
 from pathlib import Path
@@ -11,9 +13,11 @@ import pytest
 import torch
 
 from emu2_engine.data import loader as loader_module
+from emu2_engine.data.decode import Decoder
 from emu2_engine.data.loader import PackedLoader, build_loader, heldout_caption_loader
 from emu2_engine.data.packing import collate_packed, select_rows
 from emu2_engine.data.records import Grounded, ImageText, Interleaved, Phrase, SkipStats, Text, VideoText
+from emu2_engine.data.shards import ShardStream
 from emu2_engine.data.tokenizer import Emu2Tokenizer
 from emu2_engine.models import Emu2Config, Emu2Model
 from emu2_engine.train.config import DataSection, JobConfig
@@ -182,6 +186,49 @@ def test_resume_is_exact_with_pending_samples(tok):
     for want in expected:
         assert_same(next(b), want)
     assert b.state_dict() == a.state_dict()
+
+
+def _text_shard_with_bad_members(path, shard: int, n: int) -> None:
+    """n text samples with, after every third, something the reading refuses or the decoder
+    skips: a stray member, an unsafe name, or text that is not UTF-8 (in turn)."""
+    with tarfile.open(path, "w") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for i in range(n):
+            add(f"t{shard}-{i:02d}.txt", caption(i + shard).encode())
+            if i % 3 == 2:
+                bad = [("README", b"stray"), (f"../evil{i}.txt", b"x"), (f"bad{i}.txt", b"\xff\xfe")][i // 3 % 3]
+                add(*bad)
+
+
+def test_skip_totals_after_a_resume_on_shards_equal_the_uninterrupted_runs(tok, tmp_path):
+    """A loader over text shards with bad members, saved after k batches and resumed by a fresh
+    one: m more batches equal the uninterrupted run's, and so do the skip totals after each.
+    Resuming re-reads the saved position's shard; what it meets again is not counted again."""
+    for shard in range(2):
+        _text_shard_with_bad_members(tmp_path / f"t-{shard}.tar", shard, 14)
+
+    def fresh():
+        stream = ShardStream(str(tmp_path), Decoder("text", SIZE, backend="pil", log=None), seed=4,
+                             batch_size=4, log=None)
+        return make(tok, [stream], datasets=["text"])
+
+    whole = fresh()
+    expected = [(next(whole), whole.skip_counts()) for _ in range(8)]
+    assert set(expected[-1][1]) == {"stray_member", "unsafe_path", "bad_utf8"}
+    for k in (1, 2, 3, 5):
+        first = fresh()
+        for _ in range(k):
+            next(first)
+        resumed = fresh()
+        resumed.load_state_dict(first.state_dict())
+        assert resumed.skip_counts() == expected[k - 1][1]
+        for want, counts in expected[k:]:
+            assert_same(next(resumed), want)
+            assert resumed.skip_counts() == counts, k
 
 
 def test_resume_refuses_another_rank_layout(tok):

@@ -1,10 +1,11 @@
 """Shard listing, safe tar reading grouped by key, and ShardStream: epochs, rank splits,
-determinism and exact resume."""
+determinism and exact resume (of the records and of the skip counts)."""
 
 import gzip
 import io
 import itertools
 import tarfile
+from collections import Counter
 
 import pytest
 
@@ -266,3 +267,86 @@ def test_iter_records_is_one_pass_in_file_order(tmp_path):
     decoder = Decoder("text", 8, backend="pil", log=None)
     keys = [r.key for r in iter_records(paths, decoder, batch_size=5, log=None)]
     assert keys == [f"s{s:02d}{i:03d}" for s in range(3) for i in range(4)]
+
+
+def _shards_with_refusals(folder):
+    """Two shards of text samples with bad ones after good ones, where a stream that re-read
+    its shard from the start would count them again: tar-level refusals (a stray member, an
+    unsafe name, a duplicate member, a garbage header ending the second shard early) and
+    samples the decoder skips (bad UTF-8). Returns the paths and the usable keys."""
+    folder.mkdir()
+    layout = [
+        ["a0", "a1", "stray", "a2", "unsafe", "a3", "utf8", "a4", "dup", "a5", "a6", "utf8", "a7"],
+        ["b0", "b1", "stray", "b2", "utf8", "b3", "b4", "unsafe", "b5", "b6", "garbage_header", "b7"],
+    ]
+    paths, good = [], []
+    for shard, entries in enumerate(layout):
+        path = folder / f"r-{shard}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i, entry in enumerate(entries):
+                if entry == "stray":
+                    _member(tar, f"README{i}", b"no extension")
+                elif entry == "unsafe":
+                    _member(tar, f"../evil{shard}{i}.txt", b"x")
+                elif entry == "dup":
+                    _member(tar, f"dup{shard}{i}.txt", b"1")
+                    _member(tar, f"dup{shard}{i}.txt", b"2")
+                elif entry == "utf8":
+                    _member(tar, f"bad{shard}{i}.txt", b"\xff\xfe")
+                elif entry == "garbage_header":
+                    _member(tar, f"cut{shard}{i}.txt", b"lost")
+                else:
+                    _member(tar, f"{entry}.txt", f"text {entry}".encode())
+                    good.append(entry)
+        if "garbage_header" in entries:  # break the header of the member "cut...": the rest is lost
+            data = bytearray(path.read_bytes())
+            at = data.index(b"cut")
+            data[at + 100:at + 108] = b"garbage!"
+            path.write_bytes(bytes(data))
+            good.remove("b7")
+        paths.append(str(path))
+    return paths, good
+
+
+@pytest.mark.parametrize("world_size, rank", [(1, 0), (3, 1)])  # 3 ranks, 2 shards: strided
+@pytest.mark.parametrize("taken", [1, 3, 4, 6, 9, 11, 12, 17])
+def test_skip_counts_after_a_resume_equal_the_uninterrupted_runs(tmp_path, taken, world_size, rank):
+    """k records, save (the owner keeps the counts, as ShardData and PackedLoader do), a fresh
+    stream loads the state and the counts, m more records: the same records and the same skip
+    totals as k + m records of one stream, after every record. The restored stream re-reads
+    the consumed part of its shard, whose refusals the saved stream had already counted."""
+    paths, good = _shards_with_refusals(tmp_path / "shards")
+    kinds = {"stray_member", "unsafe_path", "duplicate_member", "bad_utf8", "corrupt_tar"}
+
+    def stream():
+        return _stream(paths, rank=rank, world_size=world_size, seed=2, batch_size=2)
+
+    whole = stream()
+    expected = []
+    for _ in range(30):
+        expected.append((next(whole).key, dict(whole.stats.counts)))
+    assert set(expected[-1][1]) == kinds, "the test needs every kind counted"
+    assert {key for key, _ in expected} <= set(good)
+    first = stream()
+    for _ in range(taken):
+        next(first)
+    state, counts = first.state_dict(), dict(first.stats.counts)
+    resumed = stream()
+    resumed.load_state_dict(state)
+    assert not resumed.stats.counts, "loading a state counts nothing by itself"
+    resumed.stats.counts = Counter(counts)
+    got = [(next(resumed).key, dict(resumed.stats.counts)) for _ in range(30 - taken)]
+    assert got == expected[taken:]
+
+
+def test_a_state_without_batch_start_resumes_the_same_records(tmp_path):
+    """A state saved before the stream kept `batch_start` re-reads from its first sample not
+    returned: the records are the same (only its skip totals may differ)."""
+    paths, _ = _shards_with_refusals(tmp_path / "shards")
+    original = _stream(paths, seed=2, batch_size=3)
+    _keys(original, 5)
+    state = original.state_dict()
+    assert state.pop("batch_start") < state["consumed"]  # the record came from a batch begun before it
+    restored = _stream(paths, seed=2, batch_size=3)
+    restored.load_state_dict(state)
+    assert _keys(restored, 20) == _keys(original, 20)

@@ -26,6 +26,7 @@ half sample never reaches the decoder. Directory entries are ignored without cou
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -208,6 +209,19 @@ def iter_tar_samples(path: str, stats: SkipStats, log: Callable[[str], None] | N
             yield sample
 
 
+class _StatsSwitch:
+    """Where `iter_tar_samples` counts a shard's refusals: into `target`, or nowhere while it is
+    None. A reader is a generator that keeps the object it was given, so a stream that must
+    not count the first samples of a reader (they were counted before a save) switches this."""
+
+    def __init__(self, target: SkipStats):
+        self.target: SkipStats | None = target
+
+    def skip(self, kind: str, key: str, why: str, log=None) -> None:
+        if self.target is not None:
+            self.target.skip(kind, key, why, log)
+
+
 def _fingerprint(shards: list[str]) -> str:
     return hashlib.sha256("\n".join(shards).encode("utf-8")).hexdigest()
 
@@ -226,11 +240,18 @@ class ShardStream:
       (a `decode.Decoder`, or anything with that method and a `stats` SkipStats);
       skipped samples are counted in `stats`, which the stream shares with the decoder.
     - State: `state_dict()` is (epoch, position in the epoch's shard order, samples of that
-      shard consumed up to the last record returned); `load_state_dict` re-reads that shard,
-      skips the consumed samples undecoded, and the stream then returns exactly the records
-      the saved one would have returned next. A state saved with another shard list,
-      world size, rank, seed or shuffle raises ValueError: resuming with a different
-      layout would silently repeat or skip data.
+      shard consumed up to the last record returned, and where in the shard the decoded batch
+      that record came from began); `load_state_dict` re-reads that shard up to the batch,
+      reads and decodes the batch again and drops its records already returned: the stream
+      is then where the saved one was, down to the records it had decoded ahead, and returns
+      exactly the records the saved one would have returned next. A state saved with another
+      shard list, world size, rank, seed or shuffle raises ValueError: resuming with a
+      different layout would silently repeat or skip data.
+    - Skip counts: `stats` counts what the reading has met so far, the decoded-ahead batch
+      included. Re-reading after `load_state_dict` counts nothing (the saved stream counted
+      it), so an owner that saves `stats.counts` with the state and puts them back after
+      loading it (`PackedLoader`, the decoder trainer's `ShardData`) has, after any number of
+      saves and resumes, the uninterrupted run's totals.
     - A whole epoch that gives this rank no record raises RuntimeError instead of spinning.
     """
 
@@ -251,7 +272,11 @@ class ShardStream:
         stats = getattr(decoder, "stats", None)
         self.stats: SkipStats = stats if stats is not None else SkipStats()
         self._strided = len(self.shards) < world_size
+        # what the tar reader counts into: `stats`, or nothing while a restored stream re-reads
+        # what the saved one had counted
+        self._tar_stats = _StatsSwitch(self.stats)
         self._position = (0, 0, 0)  # (epoch, shard position, samples consumed) of the last record
+        self._batch_start = 0  # the shard's sample index where the last record's batch began
         self._start_reading(*self._position)
 
     def epoch_shards(self, epoch: int) -> list[str]:
@@ -266,11 +291,12 @@ class ShardStream:
         self._epoch_order = (epoch, [self.shards[i] for i in order])
         return self._epoch_order[1]
 
-    def _start_reading(self, epoch: int, shard_pos: int, consumed: int) -> None:
-        self._read_epoch, self._read_pos, self._skip = epoch, shard_pos, consumed
+    def _start_reading(self, epoch: int, shard_pos: int, first: int) -> None:
+        """Read on from sample `first` of shard `shard_pos` of `epoch`, nothing decoded yet."""
+        self._read_epoch, self._read_pos, self._next_index = epoch, shard_pos, first
         self._reader = None
-        self._pending: deque = deque()  # (epoch, shard position, sample index, record)
-        self._epoch_had_records = (shard_pos, consumed) != (0, 0)
+        self._pending: deque = deque()  # (epoch, shard position, sample index, batch start, record)
+        self._epoch_had_records = False
 
     def __iter__(self) -> ShardStream:
         return self
@@ -278,7 +304,7 @@ class ShardStream:
     def __next__(self) -> Record:
         while not self._pending:
             self._read_batch()
-        epoch, shard_pos, index, record = self._pending.popleft()
+        epoch, shard_pos, index, self._batch_start, record = self._pending.popleft()
         self._position = (epoch, shard_pos, index + 1)
         return record
 
@@ -293,34 +319,36 @@ class ShardStream:
                     f"{len(shards)} shard(s) gave no usable sample ({self.stats.summary()})")
             self._start_reading(self._read_epoch + 1, 0, 0)
             return
-        shard_pos = self._read_pos
+        shard_pos, start = self._read_pos, self._next_index
         path = shards[shard_pos]
         if self._reader is None:
-            samples = enumerate(iter_tar_samples(path, self.stats, self.log))
-            self._reader = itertools.islice(samples, self._skip, None)
+            samples = enumerate(iter_tar_samples(path, self._tar_stats, self.log))
+            self._reader = itertools.islice(samples, start, None)
         batch = []
         for index, (key, members) in self._reader:
+            self._next_index = index + 1
             if self._strided and index % self.world_size != self.rank:
                 continue
             batch.append((index, key, members))
             if len(batch) == self.batch_size:
                 break
         else:
-            self._reader, self._read_pos, self._skip = None, shard_pos + 1, 0
+            self._reader, self._read_pos, self._next_index = None, shard_pos + 1, 0
         if not batch:
             return
         records = self.decoder.decode_batch([(key, members) for _, key, members in batch])
         for (index, _, _), record in zip(batch, records):
             if record is not None:
                 record.source = path
-                self._pending.append((self._read_epoch, shard_pos, index, record))
+                self._pending.append((self._read_epoch, shard_pos, index, start, record))
                 self._epoch_had_records = True
 
     def state_dict(self) -> dict:
         """Where the stream is: enough for `load_state_dict` to continue exactly here."""
         epoch, shard_pos, consumed = self._position
         return {"version": self.STATE_VERSION, "epoch": epoch, "shard_position": shard_pos,
-                "consumed": consumed, "rank": self.rank, "world_size": self.world_size,
+                "consumed": consumed, "batch_start": self._batch_start,
+                "rank": self.rank, "world_size": self.world_size,
                 "seed": self.seed, "shuffle": self.shuffle, "n_shards": len(self.shards),
                 "shards_sha256": self._fingerprint}
 
@@ -337,8 +365,35 @@ class ShardStream:
             if state[field] != getattr(self, field):
                 raise ValueError(f"shard stream state was saved with {field}={state[field]!r}, this stream "
                                  f"has {field}={getattr(self, field)!r}; resuming would repeat or skip data")
-        self._position = (state["epoch"], state["shard_position"], state["consumed"])
-        self._start_reading(*self._position)
+        epoch, shard_pos, consumed = state["epoch"], state["shard_position"], state["consumed"]
+        self._position = (epoch, shard_pos, consumed)
+        if consumed == 0:  # no record returned yet: nothing was read
+            self._batch_start = 0
+            self._start_reading(epoch, shard_pos, 0)
+            return
+        # A state saved before batch_start was kept re-reads from the first sample not returned:
+        # the same records; its skip totals may differ by that batch's bad samples.
+        self._batch_start = state.get("batch_start", consumed)
+        self._start_reading(epoch, shard_pos, self._batch_start)
+        with self._counting_nothing():
+            self._read_batch()  # the batch the last record came from, as the saved stream read it
+        while self._pending and self._pending[0][2] < consumed:
+            self._pending.popleft()
+
+    @contextlib.contextmanager
+    def _counting_nothing(self):
+        """Skips met inside are not counted (in `stats`, by the tar reader or the decoder): the
+        saved stream counted them. The decoder's `stats` is swapped for a scratch one."""
+        own = getattr(self.decoder, "stats", None)
+        self._tar_stats.target = None
+        if own is not None:
+            self.decoder.stats = SkipStats()
+        try:
+            yield
+        finally:
+            self._tar_stats.target = self.stats
+            if own is not None:
+                self.decoder.stats = own
 
 
 def iter_records(shards, decoder, batch_size: int = 32, log: Callable[[str], None] | None = print
