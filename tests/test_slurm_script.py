@@ -14,7 +14,10 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "slurm" / "pretrai
 def _run(tmp_path, srun_body: str, **env) -> subprocess.CompletedProcess:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, body in (("srun", srun_body), ("scontrol", 'printf "node1\\nnode2\\n"')):
+    # scontrol writes its 8 host names one at a time: a reader that stops after the first
+    # (head -n 1) would kill it with SIGPIPE, failing the script under pipefail
+    hosts = 'for i in 1 2 3 4 5 6 7 8; do echo "node$i"; sleep 0.02; done'
+    for name, body in (("srun", srun_body), ("scontrol", hosts)):
         path = bin_dir / name
         path.write_text(f"#!/bin/bash\n{body}\n")
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
