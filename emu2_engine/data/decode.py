@@ -143,21 +143,25 @@ def _jpeg_cut_short(data: bytes) -> bool:
             position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
 
 
-def decode_image_pil(data: bytes, image_size: int) -> torch.Tensor:
-    """PIL path: (3, image_size, image_size) float32, normalised (`sequences.to_pixels`).
+def open_upright_rgb(data: bytes) -> Image.Image:
+    """The image in `data` as DALI's decoder gives it and viewers show it: the EXIF orientation
+    applied, 16-bit grayscale scaled to 8 bits (level / 257, rounded: DALI's values) instead of
+    saturating at 255, RGB. Only IMAGE_FORMATS are opened; PIL's errors propagate."""
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+        image.load()
+        upright = ImageOps.exif_transpose(image)
+        if upright.mode in _SIXTEEN_BIT_MODES:
+            levels = np.asarray(upright).astype(np.float64).clip(0, 65535)
+            upright = Image.fromarray(np.round(levels / 257).astype(np.uint8))
+        return upright.convert("RGB")
 
-    As DALI's decoder does, and as viewers show the image: the EXIF orientation is applied,
-    and 16-bit grayscale is scaled to 8 bits (level / 257, rounded: DALI's values) instead
-    of saturating at 255."""
+
+def decode_image_pil(data: bytes, image_size: int) -> torch.Tensor:
+    """PIL path: (3, image_size, image_size) float32, normalised (`sequences.to_pixels`) from
+    `open_upright_rgb`'s image."""
     check_image_header(data)
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-            image.load()
-            upright = ImageOps.exif_transpose(image)
-            if upright.mode in _SIXTEEN_BIT_MODES:
-                levels = np.asarray(upright).astype(np.float64).clip(0, 65535)
-                upright = Image.fromarray(np.round(levels / 257).astype(np.uint8))
-            return to_pixels(upright, image_size)
+        return to_pixels(open_upright_rgb(data), image_size)
     except Exception as e:
         raise BadSample("corrupt_image", f"image does not decode ({type(e).__name__}: {e})") from None
 
