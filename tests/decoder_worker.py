@@ -147,7 +147,7 @@ def run(rank: int, init_file: str, out_dir: str) -> None:
               "after_signal": after_signal, "stopped": stopped, "stopped_after_resume": stopped_file.exists(),
               "resumed": resumed_records, "video": video_records, "layout": held,
               "shards_whole": shards_whole, "shards_resumed": shards_resumed,
-              "shards_own_skips": dict(on_shards.data.skip_counts()),
+              "shards_own_skips": dict(on_shards.skip_counts()),
               "world": whole.world, "local_batch": whole.local_batch}
     gathered = [None] * WORLD
     dist.all_gather_object(gathered, result)

@@ -1,9 +1,10 @@
 """The decoder trainer's shard data (`train/decoder_data.py`): the two views of an image or a
 clip equal decoding the same members by hand (centre square, CLIP pixels, [-1, 1] pixels),
 DALI agrees with PIL/PyAV, bad samples are skipped and counted, ranks read disjoint data, the
-stream's state resumes exactly (and a trainer on the shapes world's shards resumes bit for
-bit), held-out batches split over ranks like one process, and shard configs that cannot work
-are refused in one line before anything is built."""
+stream's state resumes exactly, skip totals included (and a trainer on the shapes world's
+shards resumes bit for bit), a prefetched trainer equals an unprefetched one and checkpoints
+the position of its last step, held-out batches split over ranks like one process, and shard
+configs that cannot work are refused in one line before anything is built."""
 
 import io
 import json
@@ -67,6 +68,29 @@ def _by_hand(image: Image.Image, box, encoder_size: int, vae_size: int):
     square = image.convert("RGB").crop(box)
     vae = np.asarray(square.resize((vae_size, vae_size), Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0
     return to_pixels(square, encoder_size), torch.from_numpy(vae).permute(2, 0, 1)
+
+
+def _write_shards_with_late_bad_samples(folder: Path) -> None:
+    """Two shards of 12 x 10 JPEGs (10 usable) with bad samples and members after good ones, so
+    reading on past a step meets skips that the step's own reading had not: an empty image, a
+    cut JPEG, a sample with no image, and tar-level refusals (a stray member, an unsafe name)."""
+    world = ShapesWorld(9)
+    images = iter(encode_jpeg(world.sample(i, 16).image.resize((12, 10))) for i in range(20))
+    layout = [["a0", "a1", "empty", "a2", "stray", "a3", "cut", "a4", "a5"],
+              ["b0", "unsafe", "b1", "b2", "no_image", "b3", "b4"]]
+    folder.mkdir()
+    for shard, entries in enumerate(layout):
+        with tarfile.open(folder / f"late-{shard}.tar", "w") as tar:
+            for i, entry in enumerate(entries):
+                bad = {"empty": (f"e{i}.jpg", b""), "stray": ("README", b"not a sample"),
+                       "unsafe": (f"../u{i}.jpg", b"x"), "no_image": (f"n{i}.txt", b"a caption")}
+                if entry == "cut":
+                    name, data = f"c{i}.jpg", next(images)[:40]
+                else:
+                    name, data = bad[entry] if entry in bad else (f"{entry}.jpg", next(images))
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
 
 
 def _tar_samples(path) -> list[tuple[str, dict[str, bytes]]]:
@@ -256,6 +280,27 @@ def test_stream_state_resumes_exactly_across_shards_and_epochs(tmp_path):
         other.load_state_dict(state)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 5])
+def test_skip_counts_after_a_resume_equal_the_uninterrupted_runs(tmp_path, steps):
+    """Bad samples after good ones: a rank's data saved after k steps and loaded into a fresh
+    one has, after every later step, the skip totals of the data that was never stopped (the
+    re-read part of the shard is not counted twice) and its batches."""
+    _write_shards_with_late_bad_samples(tmp_path / "shards")
+    cfg = _cfg(tmp_path, f"--data.paths={tmp_path / 'shards'}", "--data.batch_size=2", "--data.image_size=16")
+    whole = ShardData(cfg, 8, range(2), log=None)
+    want = [(next(whole).vae_pixels, whole.skip_counts()) for _ in range(9)]
+    assert set(want[-1][1]) == {"empty_file", "corrupt_image", "missing_member", "stray_member", "unsafe_path"}
+    first = ShardData(cfg, 8, range(2), log=None)
+    for _ in range(steps):
+        next(first)
+    resumed = ShardData(cfg, 8, range(2), log=None)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.skip_counts() == want[steps - 1][1]
+    for pixels, counts in want[steps:]:
+        assert torch.equal(next(resumed).vae_pixels, pixels)
+        assert resumed.skip_counts() == counts
+
+
 def test_fewer_shards_than_ranks_split_the_samples(tmp_path):
     folder = tmp_path / "one"
     folder.mkdir()
@@ -298,6 +343,50 @@ def test_trainer_on_shards_resumes_bit_for_bit(world, tmp_path):
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in got[1:]] == \
         [(r["step"], r["loss"], r["grad_norm"]) for r in want[2:]]
     assert all(r["skipped"] == {} for r in want)
+
+
+def test_prefetched_trainer_equals_the_unprefetched_one_and_saves_its_last_steps_position(tmp_path):
+    """data.prefetch = 2 against 0 on shards with late bad samples, 4 steps, checkpoints at 2
+    and 4: the same losses, gradient norms and skip totals bit for bit, with the producer made
+    to fill its queue after every step (its read-ahead meets skips the steps have not). The
+    checkpoint of step 2 holds the stream position and skip counts after exactly 2 batches
+    (not the read-ahead's), and the thread is stopped when train() returns."""
+    _write_shards_with_late_bad_samples(tmp_path / "shards")
+    args = [f"--data.paths={tmp_path / 'shards'}", "--data.batch_size=2", "--data.image_size=16",
+            "--train.steps=4", "--train.save_every=2", "--train.eval_batches=0", "--train.log_every=1"]
+    plain = DecoderTrainer(_cfg(tmp_path / "plain", *args, "--data.prefetch=0"))
+    assert plain.batches is plain.data
+    want = plain.train(progress=False)
+    prefetched = DecoderTrainer(_cfg(tmp_path / "prefetched", *args, "--data.prefetch=2"))
+    real_step = prefetched.step
+
+    def step_then_let_the_producer_fill_its_queue():
+        result = real_step()
+        _wait_until(lambda: prefetched.batches._queue.full())
+        return result
+
+    prefetched.step = step_then_let_the_producer_fill_its_queue
+    got = prefetched.train(progress=False)
+    keys = ("step", "loss", "grad_norm", "lr", "skipped")
+    assert [{k: r[k] for k in keys} for r in got] == [{k: r[k] for k in keys} for r in want]
+    assert want[1]["skipped"] != want[-1]["skipped"], "the skips must grow over the steps"
+    assert not prefetched.batches._thread.is_alive()
+    assert prefetched.data.state_dict() != prefetched.batches.state_dict()  # the data had read ahead
+
+    two_batches = ShardData(prefetched.cfg, 64, range(2), log=None)
+    next(two_batches), next(two_batches)
+    reader = DecoderTrainer(_cfg(tmp_path / "reader", *args, "--data.prefetch=0"))
+    assert reader.checkpointer.load(tmp_path / "prefetched" / "checkpoints" / "step-000002") == 2
+    assert reader.data.state_dict() == two_batches.state_dict()
+
+
+def _wait_until(condition, timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the prefetch thread did not fill its queue"
+        time.sleep(0.01)
 
 
 def test_trainer_reports_skips_and_skips_heldout_eval_without_heldout_shards(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Decoder training on the CPU: the loss falls, resume repeats the uninterrupted run exactly,
-checkpoints (DCP) are atomic and pruned, SIGTERM stops with a checkpoint, CFG dropout and the
+checkpoints (DCP) are atomic and pruned, SIGTERM stops with a checkpoint, the prefetch thread
+gives the unprefetched losses and ends with the run however it ends, CFG dropout and the
 noise offset do what they say, the video decoder trains, and bad configs are refused in one
 line. Two gloo ranks (one spawn, `tests/decoder_worker.py`) train with the UNet sharded by
 FSDP2 like one process, stop together when one of them is signalled, and resume exactly."""
@@ -20,6 +21,7 @@ from torch.distributed.tensor import Shard
 import decoder_worker as worker
 from emu2_engine import train_decoder
 from emu2_engine.checkpoint.dcp import complete_checkpoints
+from emu2_engine.data.prefetch import Prefetcher
 from emu2_engine.models.unet3d import VideoUNet
 from emu2_engine.train.decoder import DecoderJobConfig, DecoderTrainer, build_vae, offset_noise
 from emu2_engine.train.decoder_data import InMemoryData, make_batch, moving_shapes_clip
@@ -135,6 +137,39 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, monkeypatch, caps
     assert not (tmp_path / STOPPED_FILE).exists()
 
 
+@pytest.mark.parametrize("end", ["finished", "error", "signal"])
+def test_the_prefetch_thread_gives_the_same_run_and_ends_with_it(tmp_path, end):
+    """In-memory batches are prefetched too: the losses equal a run with data.prefetch = 0 bit
+    for bit, and the thread is stopped when train() returns, raises (a step fails), or stops
+    on SIGTERM (with its checkpoint)."""
+    args = ["--train.steps=3", "--train.eval_batches=0", "--data.batch_size=1", "--data.image_size=32"]
+    trainer = DecoderTrainer(_cfg(tmp_path / "prefetched", *args))
+    assert isinstance(trainer.batches, Prefetcher) and trainer.batches.depth == 2
+    real_step = trainer.step
+
+    def step():
+        if trainer.step_count == 1:  # the thread runs: step 1 took its first batch
+            assert trainer.batches._thread.is_alive()
+            if end == "error":
+                raise RuntimeError("a step failed")
+            if end == "signal":
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_step()
+
+    trainer.step = step
+    if end == "error":
+        with pytest.raises(RuntimeError, match="a step failed"):
+            trainer.train(progress=False)
+    else:
+        records = trainer.train(progress=False)
+        plain = DecoderTrainer(_cfg(tmp_path / "plain", *args, "--data.prefetch=0"))
+        assert not isinstance(plain.batches, Prefetcher)
+        want = plain.train(progress=False, stop_at=len(records))
+        assert [(r["step"], r["loss"], r["grad_norm"]) for r in records] == \
+            [(r["step"], r["loss"], r["grad_norm"]) for r in want] and len(records) == (3 if end == "finished" else 2)
+    assert not trainer.batches._thread.is_alive()
+
+
 def test_a_rank_slice_draws_what_one_process_draws(tmp_path):
     """Rank 1 of 2 (global batch 4) reads samples 2 and 3 of the step and draws their latents,
     noise and timesteps exactly as one process does for them; the evaluation's shifted batch
@@ -246,6 +281,7 @@ def test_recipe_configs_load(name):
     ("--diffusion.cfg_drop=1.5", "cfg_drop"),
     ("--diffusion.null_condition=\"empty\"", "null_condition"),
     ("--data.frames=0", "data.frames"),
+    ("--data.prefetch=-1", "data.prefetch must be >= 0"),
     ("--optim.warmup_steps=400", "warmup_steps"),
     ("--diffusion.beta_schedule=\"cosine\"", "beta_schedule"),
     ("--train.unknown=1", "unknown key train.unknown"),

@@ -13,6 +13,9 @@ through the encoder and the VAE, the clip is conditioned on all its frames' embe
 
 Data (`train.decoder_data`): WebDataset shards of images or clips (data.paths), each rank
 reading its own, or with no paths shapes-world images and moving-shape clips made in memory.
+The next data.prefetch steps' batches are built in a background thread while the UNet trains
+(`data.prefetch.Prefetcher`): the checkpoints hold the stream position of the last batch a step
+took, never the read-ahead, and `train()` stops the thread when it returns or raises.
 Every random draw of a sample (posterior sample, noise, noise offset, timestep, condition
 dropout) comes from its own generator, seeded by (train.seed, step, its position in the global
 batch B = data.batch_size): a resumed run repeats the uninterrupted run's losses exactly with
@@ -54,6 +57,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from emu2_engine.checkpoint.dcp import Checkpointer
+from emu2_engine.data.prefetch import Prefetcher
 from emu2_engine.data.shapes import ShapesWorld
 from emu2_engine.inference.decode import size_ids, zero_image_embedding
 from emu2_engine.models.config import Emu2Config, UNetConfig
@@ -63,7 +67,7 @@ from emu2_engine.models.unet3d import inflate_unet
 from emu2_engine.models.vit import EVAVisionTransformer
 from emu2_engine.parallel.dims import ParallelDims
 from emu2_engine.train.decoder_config import DecoderJobConfig
-from emu2_engine.train.decoder_data import DecoderBatch, InMemoryData, ShardData, vae_pixels
+from emu2_engine.train.decoder_data import DecoderBatch, InMemoryData, ShardData, StepBatches, vae_pixels
 from emu2_engine.train.optim import build_scheduler
 from emu2_engine.train.trainer import STOPPED_FILE, mark_stopped, pick_device
 
@@ -223,6 +227,12 @@ class DecoderTrainer:
         self.data: InMemoryData | ShardData = (
             ShardData(cfg, encoder_size, self._positions(), self.rank, world, log=_warn) if cfg.data.paths
             else InMemoryData(cfg, encoder_size, self._positions()))
+        # The steps take their batches from `batches`: built data.prefetch steps ahead in a
+        # background thread, or when asked (0). A prefetcher's state_dict is the position after
+        # the last batch taken, so the checkpoints save it through this object.
+        source = self.data if isinstance(self.data, ShardData) else StepBatches(self.data)
+        self.batches: Prefetcher | ShardData | StepBatches = (
+            Prefetcher(source, depth=cfg.data.prefetch, device=self.device) if cfg.data.prefetch else source)
 
         torch.manual_seed(cfg.train.seed)  # every rank builds the same frozen parts and UNet
         self.encoder = FrozenEncoder(self.encoder_cfg)
@@ -254,7 +264,7 @@ class DecoderTrainer:
         # position is saved per rank
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.unet, self.optimizer,
                                          scheduler=self.scheduler, keep=cfg.train.keep,
-                                         dataloader=self.data if isinstance(self.data, ShardData) else None)
+                                         dataloader=self.batches if isinstance(self.data, ShardData) else None)
         self.step_count = 0
         self._stop_signal: str | None = None
 
@@ -287,8 +297,8 @@ class DecoderTrainer:
         """(latents x scaling, embeddings) of a batch: images give (B, C, h, w) and (B, n, D);
         clips (B, C, F, h, w) and (B, F, n, D). Latents are sampled from the VAE's posterior,
         each sample's with the first draw of its generator."""
-        enc = batch.encoder_pixels.to(self.device)
-        pix = batch.vae_pixels.to(self.device)
+        enc = batch.encoder_pixels.to(self.device, non_blocking=True)  # pinned by the prefetcher
+        pix = batch.vae_pixels.to(self.device, non_blocking=True)
         video = enc.dim() == 5
         if video:
             enc, pix = enc.flatten(0, 1), pix.flatten(0, 1)
@@ -346,10 +356,15 @@ class DecoderTrainer:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, norm)
         return norm.item()
 
+    def skip_counts(self) -> Counter:
+        """This rank's training samples skipped by the shard readers, by kind, up to the batch
+        of the last step (not the prefetcher's read-ahead); empty for in-memory data."""
+        return self.batches.skip_counts() if isinstance(self.data, ShardData) else Counter()
+
     def skip_totals(self) -> dict[str, int]:
-        """Training samples skipped so far by the shard readers, by kind, over all ranks (a
-        collective: every rank calls it at the same step)."""
-        counts = self.data.skip_counts() if isinstance(self.data, ShardData) else Counter()
+        """`skip_counts` summed over all ranks (a collective: every rank calls it at the same
+        step)."""
+        counts = self.skip_counts()
         if dist.is_initialized():
             gathered: list[Counter | None] = [None] * self.world
             dist.all_gather_object(gathered, counts)
@@ -360,7 +375,7 @@ class DecoderTrainer:
         """One optimiser step on this rank's slice of the current step's global batch. One
         reduction returns the global mean loss and whether any rank was signalled."""
         self.unet.train()
-        loss = self.loss(self.data.train_batch(self.step_count), self.generators(self.step_count))
+        loss = self.loss(next(self.batches), self.generators(self.step_count))
         loss.backward()
         grad_norm = self.clip_grad_norm()
         self.optimizer.step()
@@ -423,6 +438,8 @@ class DecoderTrainer:
         if cfg.train.resume and (step := self.checkpointer.load()) is not None:
             self.step_count = step
             log({"resumed_from": step})
+        if not isinstance(self.data, ShardData):  # in memory, the batches follow the step
+            self.batches.load_state_dict({"step": self.step_count})
         end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
         evaluate = cfg.train.eval_batches > 0 and self.data.has_heldout
         if cfg.train.eval_batches and not evaluate and lead:
@@ -461,6 +478,8 @@ class DecoderTrainer:
                               f"{self.checkpoint_dir}; run the same command to resume", flush=True)
                     break
         finally:
+            if isinstance(self.batches, Prefetcher):
+                self.batches.close()  # no thread outlives the run; the position is kept
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             bar.close()

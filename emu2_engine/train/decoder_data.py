@@ -27,6 +27,15 @@ the pretraining rule: the centre frame of each of data.frames equal segments). A
 fewer frames than that is skipped (`too_few_frames`) where the pretraining path would repeat
 frames: a clip with repeated frames would teach the video decoder stalled motion.
 
+The trainer takes its batches through an iterator with the resumable-loader interface of
+`data.prefetch` (`__next__`, `state_dict` / `load_state_dict`): `ShardData` itself (its state is
+the stream's position and skip counts, which the checkpoints hold), or `StepBatches` over the
+in-memory data (its state is the next step, which the trainer sets from its own step). With
+data.prefetch > 0 a `data.prefetch.Prefetcher` runs that iterator in a background thread, so
+decoding (shards) or drawing (in memory: ~90 ms per 1024 px image and its two views, one
+thread of our 2-core CPU) overlaps the UNet's step. Both are prefetched: the in-memory data is what the GPU recipes read
+when data.paths is empty, and there its drawing would otherwise stall every step.
+
 Decoding (`PairDecoder`): DALI on the CPU when it can be imported (a batch of images or clips
 is one pipeline run: decode -> centre crop -> two resizes -> two normalisations), PIL/PyAV
 otherwise, with the header checks, accepted formats, EXIF orientation and frame rule of
@@ -157,6 +166,30 @@ class InMemoryData:
 
     def describe(self) -> str:
         return f"in-memory shapes-world {'clips' if self.cfg.model.video else 'images'} (data.paths is empty)"
+
+
+class StepBatches:
+    """The in-memory data's training batches, step after step: `data.train_batch(step)` for
+    step = `step`, step + 1, ..., as the resumable iterator `data.prefetch.Prefetcher` runs.
+    Its state is the next step; a checkpoint does not hold it: a batch is a function of its
+    step, so the trainer sets it from the step it resumes at."""
+
+    def __init__(self, data: InMemoryData, step: int = 0):
+        self.data, self.step = data, step
+
+    def __iter__(self) -> StepBatches:
+        return self
+
+    def __next__(self) -> DecoderBatch:
+        batch = self.data.train_batch(self.step)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,10 +490,14 @@ def stack_pairs(pairs: list[PixelPair]) -> DecoderBatch:
 
 class ShardData:
     """Images or clips from shards for one rank of `world`, whose samples sit at `positions`
-    of every global batch (see the module docstring). `state_dict` / `load_state_dict` (the
-    checkpoints' per-rank data state) hold the stream's position and the running skip counts."""
+    of every global batch (see the module docstring). Iterating gives the training batches;
+    `state_dict` / `load_state_dict` (the checkpoints' per-rank data state) hold the stream's
+    position and the running skip counts."""
 
     STATE_VERSION = 1
+    truncated = 0
+    """Samples cut to fit: none (a decoder sample is never cut). With `skip_counts` it makes the
+    statistics that `data.prefetch.Prefetcher` snapshots with each batch, as `PackedLoader`'s."""
 
     def __init__(self, cfg: DecoderJobConfig, encoder_size: int, positions: range, rank: int = 0,
                  world: int = 1, log: Callable[[str], None] | None = print):
@@ -481,10 +518,17 @@ class ShardData:
         return PairDecoder(self.cfg.model.video, self.encoder_size, d.image_size, d.frames, stats=stats,
                            log=self.log, batch_size=batch_size)
 
+    def __iter__(self) -> ShardData:
+        return self
+
+    def __next__(self) -> DecoderBatch:
+        """This rank's next len(positions) records: the next step's batch."""
+        return stack_pairs([next(self.stream) for _ in self.positions])
+
     def train_batch(self, step: int) -> DecoderBatch:
         """This rank's next len(positions) records. `step` is not used: the stream's position,
         restored from the checkpoint of the step before, is where `step` starts."""
-        return stack_pairs([next(self.stream) for _ in self.positions])
+        return next(self)
 
     def heldout(self, n_batches: int) -> Iterator[tuple[DecoderBatch, torch.Tensor]]:
         """The held-out global batches are the first n_batches x data.batch_size usable samples
