@@ -56,11 +56,11 @@ from dataclasses import dataclass
 import av
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
-from emu2_engine.data.decode import (_SIXTEEN_BIT_MODES, DALI_VIDEO_CODECS, IMAGE_EXTENSIONS, IMAGE_FORMATS,
-                                     VIDEO_EXTENSIONS, BadSample, check_image_header, dali_available,
-                                     probe_video, uniform_frame_indices)
+from emu2_engine.data.decode import (DALI_VIDEO_CODECS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, BadSample,
+                                     check_image_header, dali_available, open_upright_rgb, probe_video,
+                                     uniform_frame_indices)
 from emu2_engine.data.records import SkipStats
 from emu2_engine.data.sequences import CLIP_MEAN, CLIP_STD, to_pixels
 from emu2_engine.data.shapes import BACKGROUNDS, COLOURS, KINDS, ShapesWorld
@@ -215,23 +215,11 @@ def centre_square(image: Image.Image) -> Image.Image:
     return image if width == height else image.crop((left, top, left + side, top + side))
 
 
-def _upright_rgb(data: bytes) -> Image.Image:
-    """The decoded image as viewers show it, as `decode.decode_image_pil` opens it: EXIF
-    orientation applied, 16-bit grayscale scaled to 8 bits (level / 257, rounded), RGB."""
-    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-        image.load()
-        upright = ImageOps.exif_transpose(image)
-        if upright.mode in _SIXTEEN_BIT_MODES:
-            levels = np.asarray(upright).astype(np.float64).clip(0, 65535)
-            upright = Image.fromarray(np.round(levels / 257).astype(np.uint8))
-        return upright.convert("RGB")
-
-
 def decode_image_pair_pil(data: bytes, encoder_size: int, vae_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PIL path: the centred square of an image (header already checked), as (encoder pixels,
     VAE pixels). Raises BadSample `corrupt_image` when the bytes do not decode."""
     try:
-        square = centre_square(_upright_rgb(data))
+        square = centre_square(open_upright_rgb(data))
     except Exception as e:
         raise BadSample("corrupt_image", f"image does not decode ({type(e).__name__}: {e})") from None
     return to_pixels(square, encoder_size), vae_pixels(square, vae_size)
