@@ -57,7 +57,8 @@ _POLL_SECONDS = 0.05
 
 class ResumableLoader(Protocol):
     """An iterator of batches that saves and restores its position (`PackedLoader`). A loader
-    with `skip_counts()` and `truncated` gets its statistics snapshotted with each batch."""
+    with `skip_counts()` gets them snapshotted with each batch, and its `truncated` count too
+    when it has one."""
 
     def __next__(self) -> Any: ...
     def state_dict(self) -> dict: ...
@@ -87,9 +88,10 @@ _END = object()  # queued when the loader raises StopIteration
 def _position(loader: ResumableLoader) -> _Position:
     """A deep copy of the loader's state and statistics: the producer goes on mutating them."""
     has_stats = callable(getattr(loader, "skip_counts", None))
+    truncated = getattr(loader, "truncated", None)
     return _Position(state=copy.deepcopy(loader.state_dict()),
                      skipped=Counter(loader.skip_counts()) if has_stats else None,
-                     truncated=int(loader.truncated) if has_stats else None)
+                     truncated=None if truncated is None else int(truncated))
 
 
 def pin_batch(batch: Any) -> Any:

@@ -483,9 +483,6 @@ class ShardData:
     position and the running skip counts."""
 
     STATE_VERSION = 1
-    truncated = 0
-    """Samples cut to fit: none (a decoder sample is never cut). With `skip_counts` it makes the
-    statistics that `data.prefetch.Prefetcher` snapshots with each batch, as `PackedLoader`'s."""
 
     def __init__(self, cfg: DecoderJobConfig, encoder_size: int, positions: range, rank: int = 0,
                  world: int = 1, log: Callable[[str], None] | None = print):
