@@ -350,3 +350,28 @@ def test_a_state_without_batch_start_resumes_the_same_records(tmp_path):
     restored = _stream(paths, seed=2, batch_size=3)
     restored.load_state_dict(state)
     assert _keys(restored, 20) == _keys(original, 20)
+
+
+def test_a_state_without_batch_start_resumes_at_the_end_of_an_epoch(tmp_path):
+    """An old state whose last record was the epoch's last sample: the restored stream goes on
+    to the next epoch instead of finding the re-read empty and calling the epoch unusable."""
+    paths = _text_shards(tmp_path / "d", 1, 3)
+    original = _stream(paths, seed=4, batch_size=2)
+    _keys(original, 3)  # the whole epoch
+    state = original.state_dict()
+    del state["batch_start"]
+    restored = _stream(paths, seed=4, batch_size=2)
+    restored.load_state_dict(state)
+    assert _keys(restored, 5) == _keys(original, 5)
+
+
+@pytest.mark.parametrize("saved_batch, new_batch", [(3, 1), (4, 2), (2, 5)])
+def test_resuming_with_another_batch_size_gives_the_same_records(tmp_path, saved_batch, new_batch):
+    """The records after a resume do not depend on the stream's batch size (the decoder
+    trainer's per-rank batch): no record comes back twice, none is lost."""
+    paths = _text_shards(tmp_path / "d", 2, 7)
+    original = _stream(paths, seed=5, batch_size=saved_batch)
+    _keys(original, 5)
+    restored = _stream(paths, seed=5, batch_size=new_batch)
+    restored.load_state_dict(original.state_dict())
+    assert _keys(restored, 12) == _keys(original, 12)

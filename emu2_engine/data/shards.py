@@ -375,8 +375,14 @@ class ShardStream:
         # the same records; its skip totals may differ by that batch's bad samples.
         self._batch_start = state.get("batch_start", consumed)
         self._start_reading(epoch, shard_pos, self._batch_start)
+        self._epoch_had_records = True  # the saved stream returned a record of this epoch
         with self._counting_nothing():
-            self._read_batch()  # the batch the last record came from, as the saved stream read it
+            # The batch the last record came from, as the saved stream read it; with a smaller
+            # batch_size than the saved stream's, the batches up to the first sample not returned
+            # (then the records are exact, the skip totals off by what the saved stream had
+            # decoded ahead).
+            while (self._read_epoch, self._read_pos) == (epoch, shard_pos) and self._next_index < consumed:
+                self._read_batch()
         while self._pending and self._pending[0][2] < consumed:
             self._pending.popleft()
 
