@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[DecoderJobConfig, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 when the run finished or was stopped by SIGTERM/SIGINT (with a
-    checkpoint), 2 for a config that cannot work. Under torchrun only rank 0 prints."""
+    checkpoint), 1 when train.max_nonfinite steps in a row had a non-finite gradient norm,
+    2 for a config that cannot work. Under torchrun only rank 0 prints."""
     try:
         cfg, progress = parse_args(argv)
     except (ValueError, FileNotFoundError) as e:
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from emu2_engine.train.decoder import DecoderTrainer
+    from emu2_engine.train.trainer import NonFiniteError
 
     try:
         try:
@@ -54,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as e:  # also what only the world size rules out
             print(f"train_decoder: {e}", file=sys.stderr)
             return 2
-        records = trainer.train(progress=progress)
+        try:
+            records = trainer.train(progress=progress)
+        except NonFiniteError as e:
+            print(f"train_decoder: {e}", file=sys.stderr)
+            return 1
         if trainer.rank == 0 and trainer.step_count == cfg.train.steps:
             report(trainer, records)
         return 0

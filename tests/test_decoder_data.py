@@ -325,6 +325,23 @@ def test_heldout_batches_split_over_ranks_like_one_process(world, tmp_path):
         list(ShardData(cfg, 16, range(4), log=None).heldout(100))
 
 
+def test_heldout_decodes_in_chunks_and_gives_the_same_batches(world, tmp_path, monkeypatch):
+    """Held-out global batches larger than the decode chunk (3 here, 32 by default) come out
+    the same as decoded whole: each rank keeps only its slice and the neighbours."""
+    import emu2_engine.train.decoder_data as decoder_data
+
+    cfg = _cfg(tmp_path, f"--data.paths={world}/image_text/train",
+               f"--data.heldout_paths={world}/image_text/heldout", "--data.batch_size=8", "--data.image_size=16")
+    want = list(ShardData(cfg, 16, range(4, 8), rank=1, world=2, log=None).heldout(2))
+    monkeypatch.setattr(decoder_data, "HELDOUT_DECODE_BATCH", 3)
+    got = list(ShardData(cfg, 16, range(4, 8), rank=1, world=2, log=None).heldout(2))
+    assert len(got) == len(want) == 2
+    for (batch, shifted), (want_batch, want_shifted) in zip(got, want):
+        assert torch.equal(batch.vae_pixels, want_batch.vae_pixels)
+        assert torch.equal(batch.encoder_pixels, want_batch.encoder_pixels)
+        assert torch.equal(shifted, want_shifted)
+
+
 # -- the trainer -------------------------------------------------------------------------------
 def test_trainer_on_shards_resumes_bit_for_bit(world, tmp_path):
     """Real shards (DALI when installed): a run checkpointed at step 2 that goes on to step 3

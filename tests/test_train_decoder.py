@@ -436,3 +436,37 @@ def test_two_rank_checkpoint_loads_in_one_process(two_ranks, one_process, tmp_pa
     assert trainer.checkpointer.load(two_ranks["dir"] / "split" / "checkpoints" / "step-000003") == 3
     for name, p in trainer.unet.named_parameters():
         assert (p.detach() - one_process["params"][name]).abs().max().item() <= 1e-5, name
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
+    """An inf gradient norm at step 2 leaves the UNet as it was (clipping by an inf norm would
+    have scaled every gradient into NaN) and is counted; train.max_nonfinite in a row stop the
+    run, which `train_decoder` turns into exit status 1 with one line."""
+    from emu2_engine.train.trainer import NonFiniteError
+
+    trainer = DecoderTrainer(_cfg(tmp_path / "one", "--train.steps=4", "--train.eval_batches=0",
+                                  "--train.save_every=100"))
+    real, seen = trainer.clip_grad_norm, []
+
+    def inf_at_step_2():
+        seen.append({n: p.detach().clone() for n, p in trainer.unet.named_parameters()})
+        norm = real()
+        return float("inf") if trainer.step_count == 1 else norm
+
+    monkeypatch.setattr(trainer, "clip_grad_norm", inf_at_step_2)
+    records = [r for r in trainer.train(progress=False) if "loss" in r]
+    assert [r["nonfinite_steps"] for r in records] == [0, 1, 1, 1]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    for name, before in seen[1].items():  # seen[k]: the parameters before step k + 1
+        assert torch.equal(before, seen[2][name]), name
+    assert any(not torch.equal(seen[0][n], seen[1][n]) for n in seen[0])
+
+    monkeypatch.setattr(DecoderTrainer, "clip_grad_norm", lambda self: float("nan"))
+    with pytest.raises(NonFiniteError, match=r"2 steps in a row \(up to step 2\) had a non-finite"):
+        DecoderTrainer(_cfg(tmp_path / "two", "--train.steps=5", "--train.max_nonfinite=2",
+                            "--train.eval_batches=0")).train(progress=False)
+    rc = train_decoder.main(["--no-progress", f"--train.run_dir={tmp_path / 'three'}", "--train.steps=5",
+                             "--optim.warmup_steps=1", "--train.max_nonfinite=2", "--train.eval_batches=0",
+                             "--data.batch_size=2"])
+    assert rc == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("train_decoder: 2 steps in a row")

@@ -76,3 +76,11 @@ def test_images_cast_to_the_autocast_dtype_change_nothing(tmp_path):
     assert torch.equal(got, want)
     (moved,) = list(MicroBatches([batch], 1, trainer.device, trainer.batch_flops, trainer.autocast_dtype))
     assert moved.images.dtype == torch.bfloat16 and batch.images.dtype == torch.float32
+
+
+def test_a_loader_that_ends_mid_step_says_so():
+    import torch
+
+    batches = MicroBatches(iter([]), 2, torch.device("cpu"), lambda batch: 0)
+    with pytest.raises(RuntimeError, match="the data loader ended after 0 of the step's 2 micro-batches"):
+        list(batches)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -69,7 +70,7 @@ from emu2_engine.parallel.dims import ParallelDims
 from emu2_engine.train.decoder_config import DecoderJobConfig
 from emu2_engine.train.decoder_data import DecoderBatch, InMemoryData, ShardData, StepBatches, vae_pixels
 from emu2_engine.train.optim import build_scheduler
-from emu2_engine.train.trainer import STOPPED_FILE, mark_stopped, pick_device
+from emu2_engine.train.trainer import STOPPED_FILE, NonFiniteError, mark_stopped, pick_device
 
 __all__ = ["DecoderJobConfig", "DecoderTrainer", "FrozenEncoder", "build_vae", "mark_stopped",
            "offset_noise", "sample_generator", "shard_unet"]
@@ -192,6 +193,8 @@ class DecoderStep:
     """Images (or clips) of the global batch."""
     stop: bool
     """Some rank was signalled (SIGTERM/SIGINT) by the end of the step: every rank stops."""
+    skipped: bool = False
+    """The gradient norm was not finite: no optimiser update (the schedule still advances)."""
 
 
 class DecoderTrainer:
@@ -266,6 +269,7 @@ class DecoderTrainer:
                                          scheduler=self.scheduler, keep=cfg.train.keep,
                                          dataloader=self.batches if isinstance(self.data, ShardData) else None)
         self.step_count = 0
+        self.nonfinite_in_a_row = self.nonfinite_total = 0
         self._stop_signal: str | None = None
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -352,7 +356,7 @@ class DecoderTrainer:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        if self.cfg.optim.grad_clip > 0:
+        if self.cfg.optim.grad_clip > 0 and torch.isfinite(norm):  # an inf norm would scale by 0 into NaN
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, norm)
         return norm.item()
 
@@ -377,14 +381,20 @@ class DecoderTrainer:
         self.unet.train()
         loss = self.loss(next(self.batches), self.generators(self.step_count))
         loss.backward()
-        grad_norm = self.clip_grad_norm()
-        self.optimizer.step()
+        grad_norm = self.clip_grad_norm()  # global: every rank takes the same decision below
+        skipped = not math.isfinite(grad_norm)
+        if skipped:  # NaN or inf gradients would poison AdamW's moments, then every checkpoint
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+        else:
+            self.nonfinite_in_a_row = 0
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step_count += 1
         loss_sum, signalled = self._sum_over_ranks([loss.item(), float(self._stop_signal is not None)])
         return DecoderStep(loss=loss_sum / self.world, grad_norm=grad_norm,
-                           samples=self.cfg.data.batch_size, stop=signalled > 0)
+                           samples=self.cfg.data.batch_size, stop=signalled > 0, skipped=skipped)
 
     @torch.no_grad()
     def evaluate(self, n_batches: int) -> dict:
@@ -450,6 +460,7 @@ class DecoderTrainer:
         bar = tqdm(total=end, initial=self.step_count, disable=not (progress and lead), dynamic_ncols=True,
                    desc=f"decoder {cfg.model.unet}{' video' if cfg.model.video else ''}", mininterval=0.5)
         stopped = False
+        first_step = self.step_count
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             while self.step_count < end:
@@ -460,10 +471,17 @@ class DecoderTrainer:
                 bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
                 if self.step_count % cfg.train.log_every == 0 or self.step_count == end:
                     record = {"step": self.step_count, "loss": result.loss, "grad_norm": result.grad_norm,
-                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": result.samples / elapsed}
+                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": result.samples / elapsed,
+                              "nonfinite_steps": self.nonfinite_total}
                     if isinstance(self.data, ShardData):
                         record["skipped"] = self.skip_totals()
                     log(record)
+                if self.nonfinite_in_a_row >= cfg.train.max_nonfinite:
+                    raise NonFiniteError(
+                        f"{self.nonfinite_in_a_row} steps in a row (up to step {self.step_count}) had a "
+                        f"non-finite gradient norm (last: loss {result.loss}, grad norm {result.grad_norm}); "
+                        f"their updates were skipped. Stopping: lower optim.lr, check the data, or resume "
+                        f"from the last checkpoint")
                 stopped = result.stop
                 reason = self._stop_signal or "a signal on another rank"
                 if stopped and lead:  # said before the save: a launcher may kill us during it
@@ -477,14 +495,17 @@ class DecoderTrainer:
                         print(f"train_decoder: {reason}: checkpoint of step {self.step_count} saved in "
                               f"{self.checkpoint_dir}; run the same command to resume", flush=True)
                     break
+            bar.close()
+            # The final evaluation, once: by the invocation that trained the last step. A signal
+            # during it only sets the flag (the last checkpoint is already complete).
+            if evaluate and self.step_count == cfg.train.steps and self.step_count > first_step and not stopped:
+                log({"step": self.step_count, **self.evaluate(cfg.train.eval_batches)})
         finally:
             if isinstance(self.batches, Prefetcher):
                 self.batches.close()  # no thread outlives the run; the position is kept
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             bar.close()
-        if evaluate and self.step_count == cfg.train.steps and not stopped:
-            log({"step": self.step_count, **self.evaluate(cfg.train.eval_batches)})
         return records
 
 

@@ -120,6 +120,9 @@ class DecoderTrainSection:
     """Compute dtype: auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16."""
     log_every: int = 10
     """Steps between metric records."""
+    max_nonfinite: int = 5
+    """Stop the run after this many steps in a row whose gradient norm is not finite (each
+    such step is skipped: no optimiser update), as the pretraining trainer does."""
     eval_batches: int = 2
     """Held-out batches for the before/after denoising loss (0 skips it)."""
     save_every: int = 100
@@ -189,6 +192,7 @@ class DecoderJobConfig(JobConfig):
             (t.steps > 0, f"train.steps must be positive, got {t.steps}"),
             (t.seed >= 0, f"train.seed must be >= 0, got {t.seed}"),
             (t.log_every > 0, f"train.log_every must be positive, got {t.log_every}"),
+            (t.max_nonfinite > 0, f"train.max_nonfinite must be positive, got {t.max_nonfinite}"),
             (t.save_every > 0, f"train.save_every must be positive, got {t.save_every}"),
             (t.keep > 0, f"train.keep must be positive, got {t.keep}"),
             (t.eval_batches >= 0, f"train.eval_batches must be >= 0, got {t.eval_batches}"),

@@ -476,6 +476,11 @@ def stack_pairs(pairs: list[PixelPair]) -> DecoderBatch:
     return DecoderBatch(torch.stack([p.encoder_pixels for p in pairs]), torch.stack([p.vae_pixels for p in pairs]))
 
 
+HELDOUT_DECODE_BATCH = 32
+"""Held-out samples decoded at a time: every rank reads the whole held-out global batch (to find
+the same first usable samples at any world size) but keeps only its slice and the neighbours."""
+
+
 class ShardData:
     """Images or clips from shards for one rank of `world`, whose samples sit at `positions`
     of every global batch (see the module docstring). Iterating gives the training batches;
@@ -521,16 +526,22 @@ class ShardData:
         of ranks. Each rank decodes them all and yields its slice and, like `InMemoryData`,
         the encoder pixels of the slice rolled by one. Skips go to their own counts."""
         size = self.cfg.data.batch_size
-        records = iter_records(self.cfg.data.heldout_paths, self._decoder(size, SkipStats()),
-                               batch_size=size, log=self.log)
+        chunk = min(size, HELDOUT_DECODE_BATCH)  # decoded pixels of a 1024 px image: ~15 MB
+        records = iter_records(self.cfg.data.heldout_paths, self._decoder(chunk, SkipStats()),
+                               batch_size=chunk, log=self.log)
+        wanted = set(self.positions) | {(p - 1) % size for p in self.positions}
         for i in range(n_batches):
-            batch = list(itertools.islice(records, size))
-            if len(batch) < size:
+            kept, seen = {}, 0
+            for j, record in enumerate(itertools.islice(records, size)):
+                seen = j + 1
+                if j in wanted:  # this rank's slice and each sample's predecessor, nothing else
+                    kept[j] = record
+            if seen < size:
                 raise ValueError(f"data.heldout_paths = {self.cfg.data.heldout_paths!r} gives "
-                                 f"{i * size + len(batch)} usable samples; train.eval_batches x "
+                                 f"{i * size + seen} usable samples; train.eval_batches x "
                                  f"data.batch_size = {n_batches * size} are needed")
-            yield (stack_pairs([batch[p] for p in self.positions]),
-                   torch.stack([batch[(p - 1) % size].encoder_pixels for p in self.positions]))
+            yield (stack_pairs([kept[p] for p in self.positions]),
+                   torch.stack([kept[(p - 1) % size].encoder_pixels for p in self.positions]))
 
     def describe(self) -> str:
         """One line: what is read and how (for the start of a run)."""

@@ -92,9 +92,13 @@ class MicroBatches:
         if self._read:
             raise RuntimeError("the micro-batches of a step can be read once")
         self._read = True
-        for _ in range(self.n):
+        for i in range(self.n):
             start = time.perf_counter()
-            batch = next(self.source)
+            try:
+                batch = next(self.source)
+            except StopIteration:  # inside a generator it would become an opaque RuntimeError
+                raise RuntimeError(f"the data loader ended after {i} of the step's {self.n} "
+                                   f"micro-batches") from None
             self.data_seconds += time.perf_counter() - start
             self.flops += self.flops_of(batch)
             self.tokens += batch.n_tokens
