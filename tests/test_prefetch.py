@@ -264,8 +264,18 @@ def test_bad_arguments_are_refused():
         Prefetcher(CountingLoader(), close_timeout=0)
     with pytest.raises(ValueError, match=r"list has no state_dict\(\)"):
         Prefetcher([1, 2, 3])
-    with pytest.raises(ValueError, match=r"data.prefetch must be >= 0 .* got -1"):
-        JobConfig.load(None, ["--data.prefetch=-1"]).validate(world_size=1)
+    with pytest.raises(ValueError, match=r"data.prefetch must be >= -1 \(-1 = auto, 0 = off\), got -2"):
+        JobConfig.load(None, ["--data.prefetch=-2"]).validate(world_size=1)
+
+
+def test_auto_depth_is_on_for_cuda_only():
+    """-1 (the default): read ahead on a GPU, not on the CPU, where the thread slows the model."""
+    from emu2_engine.data.prefetch import AUTO_DEPTH, prefetch_depth
+
+    assert prefetch_depth(-1, torch.device("cuda")) == AUTO_DEPTH == 2
+    assert prefetch_depth(-1, torch.device("cpu")) == 0
+    assert prefetch_depth(3, torch.device("cpu")) == 3 and prefetch_depth(0, torch.device("cuda")) == 0
+    assert JobConfig.load(None).data.prefetch == -1
 
 
 def test_trainer_with_prefetching_matches_without(tmp_path):

@@ -143,7 +143,7 @@ def test_the_prefetch_thread_gives_the_same_run_and_ends_with_it(tmp_path, end):
     for bit, and the thread is stopped when train() returns, raises (a step fails), or stops
     on SIGTERM (with its checkpoint)."""
     args = ["--train.steps=3", "--train.eval_batches=0", "--data.batch_size=1", "--data.image_size=32"]
-    trainer = DecoderTrainer(_cfg(tmp_path / "prefetched", *args))
+    trainer = DecoderTrainer(_cfg(tmp_path / "prefetched", *args, "--data.prefetch=2"))
     assert isinstance(trainer.batches, Prefetcher) and trainer.batches.depth == 2
     real_step = trainer.step
 
@@ -281,7 +281,7 @@ def test_recipe_configs_load(name):
     ("--diffusion.cfg_drop=1.5", "cfg_drop"),
     ("--diffusion.null_condition=\"empty\"", "null_condition"),
     ("--data.frames=0", "data.frames"),
-    ("--data.prefetch=-1", "data.prefetch must be >= 0"),
+    ("--data.prefetch=-2", "data.prefetch must be >= -1"),
     ("--optim.warmup_steps=400", "warmup_steps"),
     ("--diffusion.beta_schedule=\"cosine\"", "beta_schedule"),
     ("--train.unknown=1", "unknown key train.unknown"),

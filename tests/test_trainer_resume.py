@@ -18,7 +18,8 @@ from emu2_engine.train.trainer import NonFiniteError, Trainer
 
 TINY = ["--data.seq_len=128", "--data.rows=2", "--data.max_images=8", "--data.text_len=128",
         "--data.interleaved_len=128", "--optim.warmup_steps=1", "--train.eval_batches=0",
-        "--metrics.log_interval=1", "--metrics.tensorboard=false", "--checkpoint.interval=0"]
+        "--metrics.log_interval=1", "--metrics.tensorboard=false", "--checkpoint.interval=0",
+        "--data.prefetch=2"]  # the resume tests run with the read-ahead, as on a GPU
 
 
 def tiny_config(run_dir, *extra: str) -> JobConfig:

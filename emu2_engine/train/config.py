@@ -91,9 +91,10 @@ class DataSection:
     """Images that are not regression targets attend to themselves bidirectionally."""
     seed: int = 1234
     """Seed of the shapes world, of the shard order and of the layout draws."""
-    prefetch: int = 2
-    """Micro-batches built ahead in a background thread while the model trains (0: each is
-    built when the step asks for it)."""
+    prefetch: int = -1
+    """Micro-batches built ahead in a background thread while the model trains; 0: each is
+    built when the step asks for it; -1 (auto): 2 on a GPU, 0 on the CPU, where the thread
+    would compete with the model for the cores (`data.prefetch.prefetch_depth`)."""
 
 @dataclass
 class OptimSection:
@@ -308,7 +309,7 @@ class JobConfig:
             (3 <= d.text_len <= d.seq_len,
              f"data.text_len ({d.text_len}) must lie in [3, data.seq_len = {d.seq_len}]"),
             (d.video_frames > 0, f"data.video_frames must be positive, got {d.video_frames}"),
-            (d.prefetch >= 0, f"data.prefetch must be >= 0 (0 turns prefetching off), got {d.prefetch}"),
+            (d.prefetch >= -1, f"data.prefetch must be >= -1 (-1 = auto, 0 = off), got {d.prefetch}"),
             (self.train.steps > 0, f"train.steps must be positive, got {self.train.steps}"),
             (self.model.llm_layers >= 0, f"model.llm_layers must be >= 0, got {self.model.llm_layers}"),
             (self.metrics.log_interval > 0,

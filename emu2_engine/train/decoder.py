@@ -58,7 +58,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from emu2_engine.checkpoint.dcp import Checkpointer
-from emu2_engine.data.prefetch import Prefetcher
+from emu2_engine.data.prefetch import Prefetcher, prefetch_depth
 from emu2_engine.data.shapes import ShapesWorld
 from emu2_engine.inference.decode import size_ids, zero_image_embedding
 from emu2_engine.models.config import Emu2Config, UNetConfig
@@ -235,7 +235,8 @@ class DecoderTrainer:
         # the last batch taken, so the checkpoints save it through this object.
         source = self.data if isinstance(self.data, ShardData) else StepBatches(self.data)
         self.batches: Prefetcher | ShardData | StepBatches = (
-            Prefetcher(source, depth=cfg.data.prefetch, device=self.device) if cfg.data.prefetch else source)
+            Prefetcher(source, depth=depth, device=self.device) if (depth := prefetch_depth(cfg.data.prefetch, self.device))
+            else source)
 
         torch.manual_seed(cfg.train.seed)  # every rank builds the same frozen parts and UNet
         self.encoder = FrozenEncoder(self.encoder_cfg)

@@ -53,9 +53,10 @@ class DecoderDataSection:
     """Frames per clip (video only); from shards, sampled uniformly over each clip."""
     seed: int = 1234
     """Seed of the in-memory images and clips, and of the shards' reading order."""
-    prefetch: int = 2
-    """Steps' batches built ahead in a background thread while the UNet trains (0: each is
-    built when its step starts)."""
+    prefetch: int = -1
+    """Steps' batches built ahead in a background thread while the UNet trains; 0: each is
+    built when its step starts; -1 (auto): 2 on a GPU, 0 on the CPU, where the thread would
+    compete with the model for the cores (`data.prefetch.prefetch_depth`)."""
 
 
 @dataclass
@@ -169,7 +170,7 @@ class DecoderJobConfig(JobConfig):
             (d.image_size >= 16, f"data.image_size must be >= 16, got {d.image_size}"),
             (d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}"),
             (d.frames > 0, f"data.frames must be >= 1, got {d.frames}"),
-            (d.prefetch >= 0, f"data.prefetch must be >= 0 (0 turns prefetching off), got {d.prefetch}"),
+            (d.prefetch >= -1, f"data.prefetch must be >= -1 (-1 = auto, 0 = off), got {d.prefetch}"),
             (d.paths or not d.heldout_paths,
              f"data.heldout_paths ({d.heldout_paths!r}) needs data.paths: the in-memory data "
              f"(data.paths = \"\") has its own held-out samples"),

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from emu2_engine.checkpoint.dcp import Checkpointer, latest
 from emu2_engine.data.batch import PackedBatch
 from emu2_engine.data.loader import build_loader, heldout_caption_loader
-from emu2_engine.data.prefetch import Prefetcher
+from emu2_engine.data.prefetch import Prefetcher, prefetch_depth
 from emu2_engine.data.tokenizer import Emu2Tokenizer
 from emu2_engine.models import Emu2Config, Emu2Model
 from emu2_engine.models.flops import batch_flops, training_flops
@@ -220,8 +220,8 @@ class Trainer:
         loader = build_loader(cfg.data, self.tokenizer, self.model_cfg, rank=dp_rank, world_size=dp)
         # The checkpoints save the loader's state through this object: a prefetcher gives the
         # position after the last batch trained on, not that of the batches built ahead.
-        self.loader = Prefetcher(loader, depth=cfg.data.prefetch, device=self.device) \
-            if cfg.data.prefetch else loader
+        depth = prefetch_depth(cfg.data.prefetch, self.device)
+        self.loader = Prefetcher(loader, depth=depth, device=self.device) if depth else loader
         self.step_count = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
