@@ -378,13 +378,13 @@ class Decoder:
             return {"images": [_header_checked(data) for data in images],
                     "build": lambda pixels, video: Interleaved(key, texts, pixels, image_at)}
         if self.kind == "video_text":
-            data = _first_member(members, VIDEO_EXTENSIONS, "video")
+            data = first_member(members, VIDEO_EXTENSIONS, "video")
             caption = _text(members, "txt", "missing_caption")
             codec, n_available = probe_video(data)
             indices = uniform_frame_indices(n_available, self.n_frames)
             return {"images": [], "video": (data, codec, indices),
                     "build": lambda images, video: VideoText(key, video, caption)}
-        image = _header_checked(_first_member(members, IMAGE_EXTENSIONS, "image"))
+        image = _header_checked(first_member(members, IMAGE_EXTENSIONS, "image"))
         if self.kind == "image_text":
             caption = _text(members, "txt", "missing_caption")
             return {"images": [image], "build": lambda px, video: ImageText(key, px[0], caption)}
@@ -473,7 +473,9 @@ def _first_line(error: Exception) -> str:
 
 # -- member parsing (shared by every backend) ----------------------------------------------------
 
-def _first_member(members: dict[str, bytes], extensions: tuple[str, ...], what: str) -> bytes:
+def first_member(members: dict[str, bytes], extensions: tuple[str, ...], what: str) -> bytes:
+    """The bytes of the sample's first member with one of `extensions` (in their order);
+    BadSample `missing_member` naming `what` when there is none."""
     for ext in extensions:
         if ext in members:
             return members[ext]

@@ -59,8 +59,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from emu2_engine.data.decode import (DALI_VIDEO_CODECS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, BadSample,
-                                     check_image_header, dali_available, open_upright_rgb, probe_video,
-                                     uniform_frame_indices)
+                                     check_image_header, dali_available, first_member, open_upright_rgb,
+                                     probe_video, uniform_frame_indices)
 from emu2_engine.data.records import SkipStats
 from emu2_engine.data.sequences import CLIP_MEAN, CLIP_STD, to_pixels
 from emu2_engine.data.shapes import BACKGROUNDS, COLOURS, KINDS, ShapesWorld
@@ -314,14 +314,6 @@ class _PairPipeline:
                         torch.from_numpy(vae.as_array()).unbind(0)))
 
 
-def _first_member(members: dict[str, bytes], extensions: tuple[str, ...], what: str) -> bytes:
-    for ext in extensions:
-        if ext in members:
-            return members[ext]
-    raise BadSample("missing_member", f"no {what} member (expected one of {', '.join(extensions)}; "
-                    f"have {', '.join(sorted(members)) or 'none'})")
-
-
 class PairDecoder:
     """Decodes shard samples (key, {extension: bytes}) into `PixelPair`s: an image, or `frames`
     uniformly sampled frames of a clip when `video`; see the module docstring. Only the pixels
@@ -392,10 +384,10 @@ class PairDecoder:
         """(encoded bytes, codec, frame indices) of a sample, checked from headers alone (codec
         and indices are None for an image). Raises BadSample."""
         if not self.video:
-            data = _first_member(members, IMAGE_EXTENSIONS, "image")
+            data = first_member(members, IMAGE_EXTENSIONS, "image")
             check_image_header(data)
             return data, None, None
-        data = _first_member(members, VIDEO_EXTENSIONS, "video")
+        data = first_member(members, VIDEO_EXTENSIONS, "video")
         codec, n_available = probe_video(data)
         if n_available < self.frames:
             raise BadSample("too_few_frames", f"{n_available} frames, fewer than data.frames = {self.frames}")
@@ -463,7 +455,7 @@ def check_shards(spec: str, name: str, video: bool, frames: int) -> list[str]:
         lengths = []
         for _, members in samples:
             try:
-                lengths.append(probe_video(_first_member(members, VIDEO_EXTENSIONS, "video"))[1])
+                lengths.append(probe_video(first_member(members, VIDEO_EXTENSIONS, "video"))[1])
             except BadSample:
                 continue
         if lengths and max(lengths) < frames:
