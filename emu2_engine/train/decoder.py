@@ -70,7 +70,7 @@ from emu2_engine.parallel.dims import ParallelDims
 from emu2_engine.train.decoder_config import DecoderJobConfig
 from emu2_engine.train.decoder_data import DecoderBatch, InMemoryData, ShardData, StepBatches, vae_pixels
 from emu2_engine.train.optim import build_scheduler
-from emu2_engine.train.trainer import STOPPED_FILE, NonFiniteError, mark_stopped, pick_device
+from emu2_engine.train.trainer import STOPPED_FILE, NonFiniteError, mark_stopped, rank_device
 
 __all__ = ["DecoderJobConfig", "DecoderTrainer", "FrozenEncoder", "build_vae", "mark_stopped",
            "offset_noise", "sample_generator", "shard_unet"]
@@ -208,13 +208,7 @@ class DecoderTrainer:
         from diffusers import DDPMScheduler
 
         self.cfg = cfg
-        self.device = pick_device(cfg.train.device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dtype = cfg.train.dtype
-        if dtype == "auto":
-            dtype = "bf16" if self.device.type == "cuda" else "fp32"
-        self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+        self.device, self.autocast_dtype = rank_device(cfg.train.device, cfg.train.dtype)
         self.run_dir = Path(cfg.train.run_dir)
         self.world = world
         mesh = None

@@ -130,6 +130,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def rank_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None]:
+    """This rank's device (`pick_device`; on CUDA the GPU of LOCAL_RANK, made current) and the
+    autocast dtype of `train.dtype` (auto: bf16 on CUDA, none on the CPU)."""
+    picked = pick_device(device)
+    if picked.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dtype == "auto":
+        dtype = "bf16" if picked.type == "cuda" else "fp32"
+    return picked, (torch.bfloat16 if dtype == "bf16" else None)
+
+
 def init_stage_weights(models: list[nn.Module], seed: int, device: torch.device) -> None:
     """Materialise pipeline-stage models built on the meta device and initialise each from
     its own random stream, keyed by the first LLaMA block it holds.
@@ -175,13 +186,7 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world_size=world)
         self.cfg = cfg
-        self.device = pick_device(cfg.train.device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dtype = cfg.train.dtype
-        if dtype == "auto":
-            dtype = "bf16" if self.device.type == "cuda" else "fp32"
-        self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+        self.device, self.autocast_dtype = rank_device(cfg.train.device, cfg.train.dtype)
 
         self.model_cfg: Emu2Config = cfg.model.build_config()
         self.world = world
