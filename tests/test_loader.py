@@ -358,3 +358,34 @@ def test_model_vocabulary_may_exceed_the_tokenizer_but_not_the_reverse(tok):
     with pytest.raises(ValueError, match=f"tokenizer has {tok.vocab_size} tokens but the model's "
                                          f"vocabulary is only {tok.vocab_size - 1}"):
         PackedLoader(tok, small, data, [ListStream(pairs(4))])
+
+
+def test_layouts_are_drawn_again_each_epoch(tok, tmp_path, monkeypatch):
+    """The builder gets the epoch the stream read each record in: a one-shard dataset of 2
+    samples gives epochs 0, 0, 1, 1, 2, 2 (so an image-text pair is not laid out the same way
+    in every epoch). The loader's exact-resume tests replay records through the same path."""
+    _text_shard_with_bad_members(tmp_path / "t-0.tar", 0, 2)  # 2 good text samples, no bad one
+    from emu2_engine.data.sequences import SampleBuilder
+    seen, build = [], SampleBuilder.build
+
+    def recording(self, record, dataset, regress=False, epoch=0):
+        seen.append((record.key, epoch))
+        return build(self, record, dataset, regress, epoch)
+
+    monkeypatch.setattr(SampleBuilder, "build", recording)
+
+    def fresh():
+        stream = ShardStream(str(tmp_path), Decoder("text", SIZE, backend="pil", log=None), seed=4,
+                             batch_size=4, log=None)
+        return stream, make(tok, [stream], datasets=["text"])
+
+    stream, loader = fresh()
+    for _ in range(5):
+        next(stream)
+    assert stream.epoch == 2  # 2 samples per epoch: the fifth record is in epoch 2
+    seen.clear()
+    _, loader = fresh()
+    while len(seen) < 6:
+        next(loader)
+    assert [e for _, e in seen[:6]] == [0, 0, 1, 1, 2, 2]
+    assert sorted(k for k, e in seen[:6] if e == 1) == sorted(k for k, e in seen[:6] if e == 0)

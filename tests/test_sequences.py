@@ -255,6 +255,14 @@ def test_build_draws_are_a_function_of_seed_dataset_and_key(tok):
         assert np.array_equal(b.build(rec, ds)[0].input_ids, again.build(rec, ds)[0].input_ids)
     draws = {bool(sample_rng(s, "0:image_text", "k1").random() < 0.5) for s in range(20)}
     assert draws == {True, False}  # the seed matters
+    # the epoch matters too: each pass over the data lays a sample out afresh; epoch 0 is the
+    # epoch-free draw
+    assert sample_rng(3, "0:image_text", "k1", 0).random() == sample_rng(3, "0:image_text", "k1").random()
+    by_epoch = [[b.build(ImageText(f"k{i}", pixels(0), "a red circle."), "0:image_text", epoch=e)[0]
+                 .image_starts[0] == 1 for i in range(200)] for e in (0, 1)]
+    assert 0.3 < np.mean(np.array(by_epoch[0]) != np.array(by_epoch[1])) < 0.7  # independent draws
+    assert np.array_equal(b.build(rec, "0:image_text", epoch=1)[0].input_ids,
+                          again.build(rec, "0:image_text", epoch=1)[0].input_ids)
     phrase = tok.token_to_id("<phrase>")
     p_first = [b.build(Grounded(f"g{i}", pixels(0), "a red circle", [Phrase(0, 12, [(0, 0, 1, 1)])]),
                        "0:grounded")[0].input_ids[NQ + 4] == phrase for i in range(400)]

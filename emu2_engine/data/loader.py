@@ -55,6 +55,8 @@ class RecordStream(Protocol):
     def __next__(self) -> Record: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+    # Optional: `epoch`, the pass over the data the last record came from (layouts are drawn
+    # afresh each epoch; a stream without it counts as epoch 0).
 
 
 @dataclass
@@ -115,7 +117,9 @@ class PackedLoader:
     def _samples_of(self, d: int, record: Record) -> list[Sample]:
         """The samples of one record, truncated or dropped to fit a row and the image cap."""
         try:
-            built = self.builder.build(record, self.names[d], regress=self.regress[d])
+            # the epoch the stream read the record in (streams without epochs: always 0)
+            epoch = getattr(self.streams[d], "epoch", 0)
+            built = self.builder.build(record, self.names[d], regress=self.regress[d], epoch=epoch)
         except RecordError as e:
             self.stats.skip("unbuildable", record.key, str(e), log=log.warning)
             return []

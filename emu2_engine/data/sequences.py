@@ -31,8 +31,8 @@ Decisions recorded here:
   are not text. A regressed image is never bidirectional; other images get bidirectional
   spans only when `data.bidirectional` asks (the released Emu2 LLM is fully causal).
 - Every random choice about a sample (image first, which 8 images, phrase first) comes from
-  `sample_rng(seed, dataset, key)`, so it does not depend on the order samples arrive in,
-  on the rank, or on a resume.
+  `sample_rng(seed, dataset, key, epoch)`, so it does not depend on the order samples arrive
+  in, on the rank, or on a resume, and changes from one epoch to the next.
 """
 
 from __future__ import annotations
@@ -102,11 +102,13 @@ def to_pixels(image: Image.Image, image_size: int) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
-def sample_rng(seed: int, dataset: str, key: str) -> np.random.Generator:
-    """The generator of every layout choice for sample `key` of `dataset` under `seed`."""
+def sample_rng(seed: int, dataset: str, key: str, epoch: int = 0) -> np.random.Generator:
+    """The generator of every layout choice for sample `key` of `dataset` under `seed` in
+    `epoch`: each pass over the data lays a sample out afresh (image first or after, which
+    images), the same way on every rank and after any resume."""
     digest = hashlib.blake2b(f"{dataset}\0{key}".encode(), digest_size=16).digest()
     words = np.frombuffer(digest, dtype=np.uint32).tolist()
-    return np.random.default_rng([seed, *words])
+    return np.random.default_rng([seed, *words] + ([epoch] if epoch else []))
 
 
 def box_to_patch_indices(box: tuple[float, float, float, float], side: int = GRID_SIDE) -> tuple[int, int]:
@@ -131,7 +133,7 @@ def box_to_patch_indices(box: tuple[float, float, float, float], side: int = GRI
 
 class SampleBuilder:
     """Turns records into Samples with the Emu2 layouts, drawing every choice from
-    `sample_rng(seed, dataset, record.key)`.
+    `sample_rng(seed, dataset, record.key, epoch)`.
 
     The `build_*` methods take the choices as arguments (so tests can pin each layout);
     `build(record, dataset)` draws them and dispatches on the record type.
@@ -169,13 +171,14 @@ class SampleBuilder:
                                    ids.gen_img_end, ids.video], dtype=np.int64)
 
     # -- dispatch -------------------------------------------------------------------------
-    def build(self, record: Record, dataset: str, regress: bool = False) -> list[Sample]:
+    def build(self, record: Record, dataset: str, regress: bool = False, epoch: int = 0) -> list[Sample]:
         """The samples of one record (several for a long text, one otherwise). `dataset` names
-        the record's dataset (it seeds the choices); `regress`: its images may be regression
-        targets (those with text before them)."""
+        the record's dataset and `epoch` the pass over it it was read in (they seed the
+        choices); `regress`: its images may be regression targets (those with text before
+        them)."""
         if not isinstance(record, (ImageText, VideoText, Interleaved, Grounded, Text, VQA)):
             raise TypeError(f"no sequence builder for {type(record).__name__}")
-        rng = sample_rng(self.seed, dataset, record.key)
+        rng = sample_rng(self.seed, dataset, record.key, epoch)
         if isinstance(record, ImageText):
             first = bool(rng.random() < self.image_first_prob)
             return [self.build_image_text(record.image, record.caption, first, regress)]

@@ -301,6 +301,11 @@ class ShardStream:
     def __iter__(self) -> ShardStream:
         return self
 
+    @property
+    def epoch(self) -> int:
+        """The epoch of the last record returned (0 before any)."""
+        return self._position[0]
+
     def __next__(self) -> Record:
         while not self._pending:
             self._read_batch()
