@@ -10,25 +10,17 @@ checkpoint, stops cleanly on SIGTERM/SIGINT, and writes metrics to <run_dir>/met
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from emu2_engine.train.config import JobConfig
+from emu2_engine.train.config import JobConfig, parse_run_args
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, bool]:
     """The resolved config, and whether to show the progress bar."""
-    parser = argparse.ArgumentParser(
-        prog="torchrun -m emu2_engine.pretrain",
-        description="Train an Emu2-style model. Any config value can be overridden with "
-                    "--section.key=value (for example --train.steps=50 --optim.lr=1e-3).")
-    parser.add_argument("--config", help="a TOML run config (configs/*.toml); defaults if absent")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
-    if bad:
-        parser.error(f"unrecognised arguments {bad}; overrides look like --section.key=value")
-    return JobConfig.load(args.config, overrides), not args.no_progress
+    return parse_run_args(argv, JobConfig, "torchrun -m emu2_engine.pretrain",
+                          "Train an Emu2-style model. Any config value can be overridden with "
+                          "--section.key=value (for example --train.steps=50 --optim.lr=1e-3).",
+                          "configs/*.toml")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,27 +13,20 @@ writing run_dir/stopped.json (docs/decoders.md).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 
 from emu2_engine.data.records import SkipStats
+from emu2_engine.train.config import parse_run_args
 from emu2_engine.train.decoder import DecoderJobConfig
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[DecoderJobConfig, bool]:
     """The resolved config, and whether to show the progress bar."""
-    parser = argparse.ArgumentParser(
-        prog="torchrun -m emu2_engine.train_decoder",
-        description="Train an Emu2 visual decoder (image autoencoding, or video). Any config value "
-                    "can be overridden with --section.key=value (for example --train.steps=50).")
-    parser.add_argument("--config", help="a TOML run config (configs/decoder_*.toml); defaults if absent")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
-    if bad:
-        parser.error(f"unrecognised arguments {bad}; overrides look like --section.key=value")
-    return DecoderJobConfig.load(args.config, overrides), not args.no_progress
+    return parse_run_args(argv, DecoderJobConfig, "torchrun -m emu2_engine.train_decoder",
+                          "Train an Emu2 visual decoder (image autoencoding, or video). Any config value "
+                          "can be overridden with --section.key=value (for example --train.steps=50).",
+                          "configs/decoder_*.toml")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -460,3 +460,20 @@ def _coerce(value: Any, hint: Any, name: str, where: str) -> Any:
     if hint in (int, float, str, bool) and not (type(value) is hint):
         raise ValueError(f"{where}: {name} must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def parse_run_args(argv: list[str] | None, job: type[JobConfig], prog: str, description: str,
+                   configs: str) -> tuple[JobConfig, bool]:
+    """The command line of a training entry point (`pretrain`, `train_decoder`): `--config FILE`
+    (`configs` says which files), `--no-progress`, and `--section.key=value` overrides; returns
+    the resolved `job` config and whether to show the progress bar."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help=f"a TOML run config ({configs}); defaults if absent")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}; overrides look like --section.key=value")
+    return job.load(args.config, overrides), not args.no_progress
