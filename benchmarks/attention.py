@@ -9,8 +9,9 @@ Cases (issue 3; sizes as in docs/benchmarks.md's roofline table):
 - packed: Emu2 training rows of S = 4096 / 8192 tokens, 52 heads of 128, documents of
   256..2048 tokens each holding 64-token images (one per started 512 tokens), whose spans are
   bidirectional ("bi") or causal like the rest ("causal");
-- dense (no mask but one document per row, non-causal): "vit" 32 images x 1025 tokens, 16
-  heads of 112 (Emu2's encoder), and "unet" 2 clips x 4096 tokens (16 frames of 16x16), 10
+- dense (no mask but one document per row, non-causal): "vit-L" 44 images x 1025 tokens, 16
+  heads of 64 (proxy-1b's encoder on one micro-batch of its recipe), "vit" 32 images x 1025
+  tokens, 16 heads of 112 (Emu2's encoder), and "unet" 2 clips x 4096 tokens (16 frames of 16x16), 10
   heads of 64 (the video UNet's spatial-temporal attention at 640 channels). These calls pass no
   ids in the models, and `modality_attention` runs SDPA for them unless EMU2_KERNELS says
   dense_attention=triton: this family is the A/B behind that default.
@@ -64,7 +65,8 @@ class Case:
 
 
 def cases(suite: str) -> list[Case]:
-    out = [Case("vit 32x1025", "dense", 32, 16, 16, 1025, 112, False),
+    out = [Case("vit-L 44x1025", "dense", 44, 16, 16, 1025, 64, False),  # proxy-1b's encoder, 2 rows
+           Case("vit 32x1025", "dense", 32, 16, 16, 1025, 112, False),
            Case("unet 2x4096", "dense", 2, 10, 10, 4096, 64, False)]
     causal_S = (4096,) if suite == "gpu-quick" else (1024, 2048, 4096, 8192, 16384)
     out += [Case(f"causal S={S}", "causal", max(1, 4096 // S), 32, 32, S, 128, True) for S in causal_S]

@@ -225,7 +225,7 @@ def run(suite: str, out_dir: Path) -> BenchResult:
         result.skipped.append(f"{suite}: no CUDA device on this machine")
     else:
         deep = [(1, 1280, 16, 8, 8, 3), (1, 1280, 16, 4, 4, 3)]
-        shapes = [(1, 320, 16, 64, 64, 3), (1, 1280, 16, 32, 32, 3)] + deep
+        shapes = deep + [(1, 320, 16, 64, 64, 3), (1, 1280, 16, 32, 32, 3)]  # the split-K A/B first
         if suite == "gpu-full":
             shapes = [(b, c, 16, side, side, 3) for b in (1, 2) for c in (320, 640, 1280)
                       for side in (64, 32)] + deep
@@ -235,7 +235,11 @@ def run(suite: str, out_dir: Path) -> BenchResult:
         for shape in shapes:
             timer = lambda step: time_cuda(step, warmup=3, repeats=10)  # noqa: E731
             deep = ["triton-nosplit"] if shape[3] <= 8 else []
+            done = len(result.measurements)
             _measure(result, providers + deep, shape, torch.bfloat16, "cuda", timer)
+            for m in result.measurements[done:]:  # printed as measured: a capped run keeps them in its log
+                if m.metric == "time":
+                    print(f"[spatiotemporal_conv] {m.case} {m.provider}: {m.value:.3f} {m.unit}", flush=True)
             _measure_passes(result, shape, torch.bfloat16, timer,
                             sweep=suite == "gpu-quick" and shape[1] == 1280 and shape[3] == 32)
             torch.cuda.empty_cache()

@@ -1,16 +1,22 @@
 """One training step of a whole model: time per phase, throughput, TFLOP/s and MFU.
 
 - cpu: the `debug` preset on the shapes world (fp32), as `make run` trains it.
-- gpu-quick / gpu-full: `proxy-1b` (and, in gpu-full, `emu2-37b-slice`) in bf16 autocast;
-  gpu-quick times proxy-1b twice, eager and with every block compiled (`parallel.compile`;
-  the three warm-up steps, one per batch, absorb the compilation).
+- gpu-quick / gpu-full: `proxy-1b` (and, in gpu-full, `emu2-37b-slice`) in bf16 autocast.
+  Two kinds of case:
+  - per micro-batch (`proxy-1b S=2048 rows=1`): one micro-batch, then clipping and the
+    optimiser, with a sync between phases to time each; the three warm-up steps, one per
+    batch, absorb compilation.
+  - the recipe (`recipe proxy_1b`): `configs/proxy_1b.toml` as users run it, through
+    `Trainer.step` (its micro-batches one after the other, then one optimiser step), eager and
+    compiled. This is the number issue 6's MFU target is read from.
 
-Batches are built before timing and reused, so the numbers are the step's alone (the data
-loader has its own benchmark). Per component: the ViT's forward + backward is timed alone on the
-same images (every image slot, padding included, as the step runs it), with its TFLOP/s over the
-real images; `image_fill` is the share of image slots holding real images. One more step is
-profiled: the top kernels go to `kernels.md` in the output folder, the time per kernel family
-(`benchmarks.common.kernel_family`) into the report as `family_ms`. FLOPs come from `emu2_engine.models.flops` (ViT per image, LLM
+Batches are built before timing and reused (pinned, as the prefetcher hands them over), so the
+numbers are the step's alone (the data loader has its own benchmark). Padding images are dropped
+as the trainer drops them; `image_fill` is the share of the loader's image slots holding real
+images. Per component: the ViT's forward + backward is timed alone on a micro-batch's real images,
+with its TFLOP/s. One micro-batch's forward + backward is profiled: the top kernels go to
+`kernels.md` in the output folder, the time per kernel family (`benchmarks.common.kernel_family`)
+into the report as `family_ms`. FLOPs come from `emu2_engine.models.flops` (ViT per image, LLM
 per token over the real document lengths, heads; backward = 2x forward); MFU is reported only
 for a device in the peak table.
 """
@@ -31,14 +37,23 @@ from emu2_engine.train.trainer import Trainer
 SUITES = ("cpu", "gpu-quick", "gpu-full")
 
 # (preset, data overrides, steps timed). GPU sizes keep the ViT's activations (one 448 px
-# image is about 1 GB of saved bf16 activations in ViT-L) well inside 80 GB.
+# image is about 0.8 GB of saved bf16 activations in ViT-L) well inside 80 GB.
 _CASES = {
     "cpu": [("debug", ["--data.seq_len=256", "--data.rows=4"], 10)],
-    "gpu-quick": [("proxy-1b", ["--data.seq_len=2048", "--data.rows=1"], 10),
-                  ("proxy-1b", ["--data.seq_len=2048", "--data.rows=1", "--parallel.compile=true"], 10)],
-    "gpu-full": [("proxy-1b", ["--data.seq_len=2048", "--data.rows=2"], 20),
+    "gpu-quick": [("proxy-1b", ["--data.seq_len=2048", "--data.rows=1", "--parallel.compile=true"], 10)],
+    "gpu-full": [("proxy-1b", ["--data.seq_len=2048", "--data.rows=1"], 10),
+                 ("proxy-1b", ["--data.seq_len=2048", "--data.rows=2"], 20),
                  ("emu2-37b-slice", ["--data.seq_len=2048", "--data.rows=1"], 10)],
 }
+# (recipe file, overrides, warm-up steps, steps timed): whole optimiser steps through Trainer.step
+_RECIPES = {
+    "cpu": [("configs/debug.toml", ["--train.device=cpu"], 1, 2)],
+    "gpu-quick": [("configs/proxy_1b.toml", [], 1, 3),
+                  ("configs/proxy_1b.toml", ["--parallel.compile=true"], 2, 3)],
+    "gpu-full": [("configs/proxy_1b.toml", [], 1, 5),
+                 ("configs/proxy_1b.toml", ["--parallel.compile=true"], 2, 5)],
+}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _sync(device: torch.device) -> None:
@@ -56,7 +71,8 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
     model, opt, device = trainer.model, trainer.optimizer, trainer.device
     batches = [next(trainer.loader) for _ in range(3)]
     flops = [batch_flops(trainer.model_cfg, b) for b in batches]
-    batches = [b.to(device) for b in batches]
+    fill = _image_fill(batches)
+    batches = [b.without_padding_images().to(device) for b in batches]  # as Trainer.step does
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "step": []}
     tokens = images = train_flops = 0
     for i in range(steps + 3):  # a warm-up step on each of the three batches
@@ -100,7 +116,11 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
     else:
         result.add(benchmark="train_step", case=case, provider="engine", metric="mfu",
                    value=100 * achieved, unit="%", params=params)
-    _components(trainer, batches, flops, case, params, result, out_dir)
+    result.add(benchmark="train_step", case=case, provider="engine", metric="image_fill",
+               value=fill, unit="% of image slots", params=params)
+    print(f"[train_step] {case}: step {statistics.median(phases['step']):.0f} ms, {tokens / seconds:,.0f} "
+          f"tokens/s" + ("" if achieved is None else f", MFU {100 * achieved:.1f} %"), flush=True)
+    _components(trainer, batches[0], flops[0], case, params, result, out_dir)
     total = sum(flops[0][k] for k in ("vit", "projector", "llm_linear", "llm_attention", "heads"))
     for k in ("vit", "projector", "llm_linear", "llm_attention", "heads"):
         result.add(benchmark="train_step", case=case, provider=k, metric="flops_share",
@@ -110,14 +130,79 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
         torch.cuda.empty_cache()
 
 
-def _components(trainer: Trainer, batches, flops, case: str, params: dict, result: BenchResult,
+def _image_fill(batches) -> float:
+    slots = sum(b.images.shape[0] for b in batches)
+    return 100 * sum(b.n_images for b in batches) / max(slots, 1)
+
+
+def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, result: BenchResult,
+                   out_dir: Path) -> None:
+    """Whole optimiser steps of a recipe through `Trainer.step`: its `parallel.microbatches`
+    micro-batches (built once, pinned, reused every step), clipping, the optimiser and the
+    schedule, exactly as `Trainer.train` runs them minus the loader and the metrics."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = JobConfig.load(ROOT / path, [f"--train.steps={warmup + steps}", "--optim.warmup_steps=0",
+                                           "--train.eval_batches=0", "--data.prefetch=0",
+                                           f"--train.run_dir={run_dir}", *overrides])
+        trainer = Trainer(cfg)
+        device = trainer.device
+        n = cfg.parallel.microbatches
+        batches = [next(trainer.loader) for _ in range(n)]
+        fill = _image_fill(batches)
+        if device.type == "cuda":
+            batches = [b.to("cpu") for b in batches]
+            from emu2_engine.data.prefetch import pin_batch
+            batches = [pin_batch(b) for b in batches]
+        times, tokens, images, flops = [], 0, 0, 0
+        for i in range(warmup + steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            micro = trainer.micro_batches(iter(batches), n)
+            out = trainer.step(micro)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+                tokens, images, flops = tokens + out.tokens, images + out.images, flops + micro.flops
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        seconds = sum(times)
+        name = Path(path).stem + (" compiled" if cfg.parallel.compile else "")
+        case = f"recipe {name}"
+        params = {"seq_len": cfg.data.seq_len, "rows": cfg.data.rows, "microbatches": n}
+        add = lambda metric, value, unit, provider="engine": result.add(  # noqa: E731
+            benchmark="train_step", case=case, provider=provider, metric=metric, value=value, unit=unit,
+            params=params)
+        add("time", statistics.median(times) * 1e3, "ms", provider="step")
+        add("throughput", tokens / seconds, "tokens/s")
+        add("images_per_s", images / seconds, "images/s")
+        add("tflops", flops / seconds / 1e12, "TFLOP/s")
+        add("image_fill", fill, "% of image slots")
+        if peak is not None:
+            add("peak_memory", peak, "GiB")
+        achieved = mfu(flops / seconds, device_name() if device.type == "cuda" else None)
+        if achieved is None:
+            result.skipped.append(f"{case}: MFU not applicable on {device_name()} (no peak rate)")
+        else:
+            add("mfu", 100 * achieved, "%")
+        print(f"[train_step] {case}: step {statistics.median(times) * 1e3:.0f} ms, "
+              f"{tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e12:.0f} TFLOP/s"
+              + ("" if achieved is None else f", MFU {100 * achieved:.1f} %"), flush=True)
+        first = batches[0].without_padding_images().to(device)
+        _components(trainer, first, batch_flops(trainer.model_cfg, batches[0]), case, params, result, out_dir)
+        del trainer, batches, first
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _components(trainer: Trainer, batch, flops: dict, case: str, params: dict, result: BenchResult,
                 out_dir: Path) -> None:
-    """The ViT's share of the step, image-slot fill, and the step's kernel profile."""
-    model, device, batch = trainer.model, trainer.device, batches[0]
+    """The ViT's forward + backward alone on `batch`'s images, and the kernel profile of one
+    forward + backward of `batch` (on the device, padding images already dropped)."""
+    model, device = trainer.model, trainer.device
     images = batch.images
     slots = images.shape[0]
-    result.add(benchmark="train_step", case=case, provider="engine", metric="image_fill",
-               value=100 * batch.n_images / max(slots, 1), unit="% of image slots", params=params)
     if slots and model.visual is not None:
         grad = None
 
@@ -136,7 +221,7 @@ def _components(trainer: Trainer, batches, flops, case: str, params: dict, resul
         result.add(benchmark="train_step", case=case, provider="vit", metric="time", value=ms, unit="ms",
                    params=params)
         result.add(benchmark="train_step", case=case, provider="vit", metric="tflops",
-                   value=3 * flops[0]["vit"] / (ms * 1e-3) / 1e12, unit="TFLOP/s", params=params)
+                   value=3 * flops["vit"] / (ms * 1e-3) / 1e12, unit="TFLOP/s", params=params)
 
     def train_step():
         with trainer.autocast():
@@ -166,6 +251,8 @@ def run(suite: str, out_dir: Path) -> BenchResult:
         return result
     for preset, overrides, steps in _CASES[suite]:
         measure(preset, overrides, steps, result, out_dir)
+    for path, overrides, warmup, steps in _RECIPES[suite]:
+        measure_recipe(path, overrides, warmup, steps, result, out_dir)
     return result
 
 

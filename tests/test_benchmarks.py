@@ -60,7 +60,8 @@ def test_cpu_training_step_benchmark(tmp_path):
     result = run.run_suite("cpu", tmp_path, only=["train_step"])
     bench = result["benchmarks"]["train_step"]
     assert bench["error"] is None
-    by = {(m["provider"], m["metric"]): m["value"] for m in bench["measurements"]}
+    case = "debug S=256 rows=4"
+    by = {(m["provider"], m["metric"]): m["value"] for m in bench["measurements"] if m["case"] == case}
     assert by[("step", "time")] > 0 and by[("engine", "throughput")] > 0
     assert by[("forward", "time")] + by[("backward", "time")] <= by[("step", "time")] * 1.01
     shares = [v for (p, m), v in by.items() if m == "flops_share"]
@@ -73,6 +74,14 @@ def test_cpu_training_step_benchmark(tmp_path):
     assert families["gemm"] > 0 and families["attention"] > 0
     table = (tmp_path / "kernels.md").read_text()
     assert table.startswith("## train_step debug") and "| gemm | `aten::mm` |" in table
+    # the recipe, whole optimiser steps through Trainer.step (configs/debug.toml)
+    recipe = {(m["provider"], m["metric"]): m["value"] for m in bench["measurements"]
+              if m["case"] == "recipe debug"}
+    assert recipe[("step", "time")] > 0 and recipe[("engine", "throughput")] > 0
+    assert recipe[("engine", "tflops")] > 0 and 0 < recipe[("engine", "image_fill")] <= 100
+    assert recipe[("vit", "time")] > 0
+    assert any(s.startswith("recipe debug: MFU not applicable") for s in bench["skipped"])
+    assert "## train_step recipe debug" in table
 
 
 def test_kernel_families():

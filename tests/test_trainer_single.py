@@ -84,3 +84,44 @@ def test_a_loader_that_ends_mid_step_says_so():
     batches = MicroBatches(iter([]), 2, torch.device("cpu"), lambda batch: 0)
     with pytest.raises(RuntimeError, match="the data loader ended after 0 of the step's 2 micro-batches"):
         list(batches)
+
+
+def test_padding_images_are_dropped_without_changing_the_step(tmp_path):
+    """Without a pipeline schedule the step drops the loader's padding images before the
+    encoder: same loss and gradients as the padded batch (fp32), counts taken before; a batch
+    with no real image keeps one slot so the encoder still runs (FSDP ranks must all gather it)."""
+    import torch
+
+    trainer = Trainer(tiny_config(tmp_path / "pad", "--data.prefetch=0"))
+    batch = next(trainer.loader)
+    n_real, slots = batch.n_images, batch.images.shape[0]
+    assert 0 < n_real < slots, "the tiny config must pad its micro-batches for this test"
+    (moved,) = list(trainer.micro_batches([batch], 1))
+    assert moved.images.shape[0] == n_real and moved.image_slots.shape[0] == n_real
+    assert bool(moved.image_mask.all())
+
+    def loss_and_grads(b):
+        trainer.model.zero_grad(set_to_none=True)
+        out = trainer.model(b)
+        out.total.backward()
+        return out.total.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                                    if p.grad is not None}
+
+    want_loss, want = loss_and_grads(batch)
+    got_loss, got = loss_and_grads(moved)
+    assert got.keys() == want.keys() and any(n.startswith("visual.") for n in got)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-7)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    # no real image: one padding slot stays; a hand-built batch without a mask is left alone
+    empty = batch.without_padding_images()
+    empty.image_mask = torch.zeros_like(empty.image_mask)
+    empty.image_slots = torch.full_like(empty.image_slots, -1)
+    empty.reg_images = empty.reg_images[:0]
+    empty.reg_positions = empty.reg_positions[:0]
+    kept = empty.without_padding_images()
+    assert kept.images.shape[0] == 1 and not bool(kept.image_mask.any())
+    hand = batch.without_padding_images()
+    hand.image_mask = None
+    assert hand.without_padding_images() is hand

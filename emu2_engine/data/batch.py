@@ -22,7 +22,7 @@ Layout (see `shared/DESIGN.md`, "Sequence metadata"), for B rows of S tokens:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -59,6 +59,29 @@ class PackedBatch:
         if self.image_mask is None:
             return int(self.images.shape[0])
         return int(self.image_mask.sum())
+
+    def without_padding_images(self) -> "PackedBatch":
+        """The batch with its trailing padding images dropped, keeping at least one image slot
+        when it had any; the losses and gradients are those of the padded batch.
+
+        The loader pads every micro-batch to ``max_images`` so that pipeline stages see fixed
+        shapes; without pipelining those zero images would only cost encoder time (8 % of the
+        slots on proxy-1b's data). One slot is kept so that the encoder runs on every micro-batch:
+        under FSDP every rank must gather and reduce the encoder's blocks in each step. Read on
+        CPU tensors (the mask is read). A batch whose padding is not trailing (built by hand) is
+        returned as is."""
+        mask = self.image_mask
+        if mask is None or mask.numel() == 0:
+            return self
+        mask = mask.cpu()
+        n_real = int(mask.sum())
+        if not bool(mask[:n_real].all()):
+            return self
+        keep = max(n_real, 1)
+        if keep == mask.numel():
+            return self
+        return replace(self, images=self.images[:keep], image_slots=self.image_slots[:keep],
+                       image_mask=self.image_mask[:keep])
 
     def validate(self, vocab_size: int, n_query: int, image_size: int) -> None:
         """Check shapes, dtypes and ranges; raise ValueError naming what is wrong."""

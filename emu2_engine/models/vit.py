@@ -18,12 +18,24 @@ from emu2_engine.ops import modality_attention
 
 
 class PatchEmbed(nn.Module):
+    """The released conv (kernel = stride = patch) computed as one matrix product: the patches
+    are cut out by a view and a permute, then multiplied by the conv weight seen as
+    (width, 3 * patch * patch). The parameter stays a Conv2d's, so checkpoints load unchanged.
+    cuDNN ran this conv in bf16 as an implicit SGEMM at 1.4 ms for 24 images of 448 px on the
+    H200 (benchmarks/results, train_step profile), against ~0.1 ms for the equivalent GEMM."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
+        self.patch = cfg.patch_size
         self.proj = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.proj(pixels).flatten(2).transpose(1, 2)  # (N, P, C)
+        N, C, H, W = pixels.shape
+        p = self.patch
+        patches = (pixels.view(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+                   .reshape(N, (H // p) * (W // p), C * p * p))  # (N, P, 3*p*p), conv weight order
+        weight = self.proj.weight
+        return F.linear(patches, weight.reshape(weight.shape[0], -1), self.proj.bias)  # (N, P, width)
 
 
 class VisionAttention(nn.Module):
@@ -107,7 +119,10 @@ class EVAVisionTransformer(nn.Module):
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, R, R):
             raise ValueError(f"images must have shape (N, 3, {R}, {R}) for this model, "
                              f"got {tuple(pixels.shape)}")
-        x = self.patch_embed(pixels.to(self.pos_embed.dtype))
+        dtype = self.pos_embed.dtype
+        if torch.is_autocast_enabled(pixels.device.type):  # the patch GEMM would cast to it anyway
+            dtype = torch.get_autocast_dtype(pixels.device.type)
+        x = self.patch_embed(pixels.to(dtype))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for block in self.blocks.values():
             x = block(x)

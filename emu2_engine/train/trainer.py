@@ -74,12 +74,17 @@ class MicroBatches:
 
     With `image_dtype` (the autocast dtype) the images are cast to it on the device: the patch
     embedding under autocast rounds them to that dtype anyway, so the step computes the same
-    numbers, and a pipeline's stage 0 holds half the bytes of its micro-batches' images."""
+    numbers, and a pipeline's stage 0 holds half the bytes of its micro-batches' images.
+
+    With `drop_padding_images` (no pipeline schedule: shapes may change between micro-batches)
+    the loader's padding images are dropped before the move (`PackedBatch.without_padding_images`),
+    so the encoder computes real images only; the counts are taken before."""
 
     def __init__(self, source, n: int, device: torch.device, flops_of,
-                 image_dtype: torch.dtype | None = None):
+                 image_dtype: torch.dtype | None = None, drop_padding_images: bool = False):
         self.source, self.n, self.device, self.flops_of = iter(source), n, device, flops_of
         self.image_dtype = image_dtype
+        self.drop_padding_images = drop_padding_images
         self.tokens = self.images = 0
         self.flops = 0
         self.data_seconds = 0.0
@@ -103,6 +108,8 @@ class MicroBatches:
             self.flops += self.flops_of(batch)
             self.tokens += batch.n_tokens
             self.images += batch.n_images
+            if self.drop_padding_images:
+                batch = batch.without_padding_images()
             batch = batch.to(self.device, non_blocking=True)
             if self.image_dtype is not None:
                 batch.images = batch.images.to(self.image_dtype)
@@ -257,6 +264,13 @@ class Trainer:
                 losses += torch.stack([out.total, out.ce, out.mse]).detach().float() / n
             return losses
 
+    def micro_batches(self, source, n: int) -> MicroBatches:
+        """`n` micro-batches from `source` for one step on this rank: validated, counted, moved
+        to the device; padding images are dropped unless a pipeline schedule needs fixed shapes."""
+        pipelined = self.parallel is not None and self.parallel.schedule is not None
+        return MicroBatches(source, n, self.device, self.batch_flops, self.autocast_dtype,
+                            drop_padding_images=not pipelined)
+
     def batch_flops(self, batch: PackedBatch) -> int:
         """Validate a micro-batch (still on the CPU) and return its training FLOPs."""
         cfg = self.model_cfg
@@ -278,7 +292,7 @@ class Trainer:
         the learning rate stays a function of the step."""
         self.model.train()
         if not isinstance(batches, MicroBatches):
-            batches = MicroBatches(batches, len(batches), self.device, self.batch_flops, self.autocast_dtype)
+            batches = self.micro_batches(batches, len(batches))
         losses = self.forward_backward(batches)
         norm = self.clip_grad_norm()
         loss, ce, mse = losses.tolist()
@@ -340,8 +354,7 @@ class Trainer:
         try:
             while self.step_count < end:
                 start = time.perf_counter()
-                batches = MicroBatches(self.loader, cfg.parallel.microbatches, self.device, self.batch_flops,
-                                       self.autocast_dtype)
+                batches = self.micro_batches(self.loader, cfg.parallel.microbatches)
                 result = self.step(batches)
                 data_seconds, flops = batches.data_seconds, batches.flops
                 if self.device.type == "cuda":
