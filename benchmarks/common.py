@@ -156,12 +156,28 @@ def kernel_family(name: str) -> str:
     return "other"
 
 
+def _idle_gaps(spans: list[tuple[float, float, str]]) -> list[tuple[float, str, str]]:
+    """(idle us, last event before, event after) for every stretch of the timeline covered by
+    no event (events may overlap: streams), from the first event's start to the last's end."""
+    gaps = []
+    busy_until, last = None, ""
+    for start, end, name in sorted(spans):
+        if busy_until is not None and start > busy_until:
+            gaps.append((start - busy_until, last, name))
+        if busy_until is None or end > busy_until:
+            busy_until, last = end, name
+    return gaps
+
+
 def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: str = "cuda",
                     top: int = 30) -> dict[str, float]:
     """Profile one call of fn() (after one warm-up call). On "cuda" it ranks the GPU kernels by
     total device time; on "cpu" (where there are no kernels, and tests run this path) the aten
     ops by self CPU time. Appends the `top` of them (ms, calls, family, name) under `title` to
-    `path`, and returns the milliseconds per family (`kernel_family`) plus their sum, "total"."""
+    `path`, and returns the milliseconds per family (`kernel_family`) plus their sum, "total".
+    On "cuda" it also returns "idle": the time within the profiled span (first kernel's start to
+    last kernel's end) when no kernel ran, the GPU waiting on the CPU; the largest gaps go to
+    `path` with the kernels on either side, to say where the CPU fell behind."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device == "cuda"
@@ -172,11 +188,13 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
         fn()
         sync()
     kernels: dict[str, list[float]] = {}
+    spans: list[tuple[float, float, str]] = []  # (start us, end us, name) of each device event
     for event in prof.events():
         if getattr(event, "is_user_annotation", False):
             continue  # ranges ("Torch-Compiled Region", record_function) span the kernels in them
         if cuda and event.device_type == torch.autograd.DeviceType.CUDA:
             ms = event.time_range.elapsed_us() / 1e3
+            spans.append((event.time_range.start, event.time_range.end, event.name))
         elif not cuda and event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith("aten::"):
             ms = event.self_cpu_time_total / 1e3
         else:
@@ -189,12 +207,20 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
         family = kernel_family(name)
         families[family] = families.get(family, 0.0) + ms
     families["total"] = sum(ms for _, ms in kernels.values())
+    gaps = _idle_gaps(spans)
+    if spans:
+        families["idle"] = sum(g for g, _, _ in gaps) / 1e3
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
     lines = [f"## {title}", "",
              "families (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(families.items())), "",
              "| ms | calls | family | kernel |", "|---:|---:|---|---|"]
     lines += [f"| {ms:.3f} | {calls} | {kernel_family(name)} | `{name[:140]}` |"
               for name, (calls, ms) in ranked]
+    if spans:
+        largest = sorted(gaps, key=lambda g: -g[0])[:10]
+        lines += ["", f"GPU idle {families['idle']:.2f} ms in {len(gaps)} gaps; the largest:", "",
+                  "| idle ms | after | before |", "|---:|---|---|"]
+        lines += [f"| {us / 1e3:.3f} | `{a[:70]}` | `{b[:70]}` |" for us, a, b in largest]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n\n")

@@ -11,9 +11,9 @@
     compiled. This is the number issue 6's MFU target is read from.
 
 Batches are built before timing and reused (pinned, as the prefetcher hands them over), so the
-numbers are the step's alone (the data loader has its own benchmark). Padding images are dropped
-as the trainer drops them; `image_fill` is the share of the loader's image slots holding real
-images. Per component: the ViT's forward + backward is timed alone on a micro-batch's real images,
+numbers are the step's alone (the data loader has its own benchmark). Each micro-batch is taken
+as `Trainer.step` takes it (padding images dropped, text rows added); `image_fill` is the share
+of the loader's image slots holding real images. Per component: the ViT's forward + backward is timed alone on a micro-batch's real images,
 with its TFLOP/s. One micro-batch's forward + backward is profiled: the top kernels go to
 `kernels.md` in the output folder, the time per kernel family (`benchmarks.common.kernel_family`)
 into the report as `family_ms`. FLOPs come from `emu2_engine.models.flops` (ViT per image, LLM
@@ -23,6 +23,8 @@ for a device in the peak table.
 
 from __future__ import annotations
 
+import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -72,7 +74,7 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
     batches = [next(trainer.loader) for _ in range(3)]
     flops = [batch_flops(trainer.model_cfg, b) for b in batches]
     fill = _image_fill(batches)
-    batches = [b.without_padding_images().to(device) for b in batches]  # as Trainer.step does
+    batches = [_as_the_step_takes_it(trainer, b) for b in batches]
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "step": []}
     tokens = images = train_flops = 0
     for i in range(steps + 3):  # a warm-up step on each of the three batches
@@ -128,6 +130,13 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
     del trainer, model, opt, batches
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _as_the_step_takes_it(trainer: Trainer, batch):
+    """`batch` as `Trainer.step` hands it to the model: validated, padding images dropped (no
+    pipeline here), text rows added, on the device, images in the autocast dtype."""
+    (moved,) = trainer.micro_batches(iter([batch]), 1)
+    return moved
 
 
 def _image_fill(batches) -> float:
@@ -188,7 +197,7 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
         print(f"[train_step] {case}: step {statistics.median(times) * 1e3:.0f} ms, "
               f"{tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e12:.0f} TFLOP/s"
               + ("" if achieved is None else f", MFU {100 * achieved:.1f} %"), flush=True)
-        first = batches[0].without_padding_images().to(device)
+        first = _as_the_step_takes_it(trainer, batches[0])
         _components(trainer, first, batch_flops(trainer.model_cfg, batches[0]), case, params, result, out_dir)
         del trainer, batches, first
     if torch.cuda.is_available():
@@ -249,10 +258,15 @@ def run(suite: str, out_dir: Path) -> BenchResult:
     if suite != "cpu" and not torch.cuda.is_available():
         result.skipped.append(f"{suite}: no CUDA device on this machine")
         return result
-    for preset, overrides, steps in _CASES[suite]:
-        measure(preset, overrides, steps, result, out_dir)
+    # TRAIN_STEP_CASES (a regular expression) keeps the cases whose description matches it, e.g.
+    # "recipe.*compile" for the compiled recipe alone; the recipes run first.
+    keep = re.compile(os.environ.get("TRAIN_STEP_CASES", ""))
     for path, overrides, warmup, steps in _RECIPES[suite]:
-        measure_recipe(path, overrides, warmup, steps, result, out_dir)
+        if keep.search(" ".join(["recipe", path, *overrides])):
+            measure_recipe(path, overrides, warmup, steps, result, out_dir)
+    for preset, overrides, steps in _CASES[suite]:
+        if keep.search(" ".join([preset, *overrides])):
+            measure(preset, overrides, steps, result, out_dir)
     return result
 
 

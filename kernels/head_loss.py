@@ -81,8 +81,10 @@ def ce_grad_reference_(logits: torch.Tensor, target: torch.Tensor, lse: torch.Te
     """Overwrite `logits` with d loss / d logits: (softmax * (1 + 2 z_loss lse) - onehot) * scale."""
     z = logits.float() if logits.dtype != torch.float32 else logits
     z.sub_(lse[:, None]).exp_().mul_((scale * (1 + 2 * z_loss * lse))[:, None])
-    inside = ((target >= 0) & (target < z.shape[1])).nonzero().squeeze(1)
-    z[inside, target[inside]] -= scale
+    inside = (target >= 0) & (target < z.shape[1])  # else the target is on another shard
+    # minus scale at each row's target, by a scatter (no data-dependent shape: no host read)
+    minus = torch.where(inside, -scale, 0.0).to(z.dtype)[:, None]
+    z.scatter_add_(1, target.clamp(0, z.shape[1] - 1)[:, None], minus)
     if z is not logits:
         logits.copy_(z)
     return logits
@@ -238,12 +240,13 @@ def fused_forward(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.T
                   down_weight: torch.Tensor, reg_index: torch.Tensor, reg_target: torch.Tensor,
                   z_loss: float, with_grads: bool, use_kernel: bool,
                   group: dist.ProcessGroup | None = None, vocab_start: int = 0,
-                  chunk_vocab: int = 0):
+                  chunk_vocab: int = 0, text_rows: torch.Tensor | None = None):
     """The whole computation on checked inputs: hidden (T, H), lm_weight (V, H) (this rank's
     vocabulary rows [vocab_start, vocab_start + V) under `group`), labels (T,) int64,
     down_weight (C, H), reg_index (R,) int64, reg_target (R, C). Chunks are sized for
     `chunk_vocab` (default V): under `group` the largest shard, so that every rank cuts the same
-    chunks and the all-reduces pair up.
+    chunks and the all-reduces pair up. `text_rows`, when given, are the rows whose label is not
+    -100, ascending (computed on the host beforehand): no host synchronisation to find them.
 
     Returns (text, mse, n_text, dh_text, d_lm, dh_reg, d_down); the last four are the
     gradients of `text` (dh_text: (T, H), summed over `group`; d_lm: (V, H)) and of `mse`
@@ -251,7 +254,7 @@ def fused_forward(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.T
     stats, grad_ = (ce_stats, ce_grad_) if use_kernel else (ce_stats_reference, ce_grad_reference_)
     T, H = hidden.shape
     vocab = lm_weight.shape[0]
-    rows = (labels != -100).nonzero().squeeze(1)
+    rows = (labels != -100).nonzero().squeeze(1) if text_rows is None else text_rows
     n_text = rows.numel()
     scale = 1.0 / max(n_text, 1)
     text_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -303,18 +306,18 @@ def fused_forward(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.T
 def _head_loss_fused(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.Tensor,
                      down_weight: torch.Tensor, reg_index: torch.Tensor, reg_target: torch.Tensor,
                      z_loss: float, with_grads: bool, use_kernel: bool, group_name: str,
-                     vocab_start: int, chunk_vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                torch.Tensor, torch.Tensor, torch.Tensor,
-                                                torch.Tensor]:
+                     vocab_start: int, chunk_vocab: int, text_rows: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor, torch.Tensor]:
     out = fused_forward(hidden, lm_weight, labels, down_weight, reg_index, reg_target, z_loss,
                         with_grads, use_kernel, _GROUPS[group_name] if group_name else None,
-                        vocab_start, chunk_vocab)
+                        vocab_start, chunk_vocab, text_rows)
     return tuple(hidden.new_empty(0) if t is None else t for t in out)
 
 
 @_head_loss_fused.register_fake
 def _(hidden, lm_weight, labels, down_weight, reg_index, reg_target, z_loss, with_grads,
-      use_kernel, group_name, vocab_start, chunk_vocab):
+      use_kernel, group_name, vocab_start, chunk_vocab, text_rows=None):
     scalar = hidden.new_empty((), dtype=torch.float32)
     n_text = hidden.new_empty((), dtype=torch.int64)
     if not with_grads:
@@ -372,10 +375,10 @@ class FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, lm_weight, down_weight, labels, reg_index, reg_target, z_loss,
-                use_kernel, group_name, vocab_start, chunk_vocab):
+                use_kernel, group_name, vocab_start, chunk_vocab, text_rows):
         text, mse, n_text, dh, d_lm, dh_reg, d_down = torch.ops.emu2.head_loss_fused(
             hidden, lm_weight, labels, down_weight, reg_index, reg_target, z_loss, True,
-            use_kernel, group_name, vocab_start, chunk_vocab)
+            use_kernel, group_name, vocab_start, chunk_vocab, text_rows)
         # Held as attributes, not saved tensors, so backward can hand them to autograd as the
         # parameters' .grad without a copy.
         ctx.grads = (dh, d_lm, dh_reg, d_down)
@@ -394,13 +397,13 @@ class FusedHeadLoss(torch.autograd.Function):
         reg_index, n_text = ctx.saved_tensors
         torch.ops.emu2.head_loss_backward(grad_text, grad_mse, dh, d_lm, dh_reg, d_down,
                                               reg_index, n_text)
-        return dh, d_lm, d_down, None, None, None, None, None, None, None, None
+        return dh, d_lm, d_down, None, None, None, None, None, None, None, None, None
 
 
 def fused_head_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.Tensor,
                     down_weight: torch.Tensor, reg_index: torch.Tensor, reg_target: torch.Tensor,
                     z_loss: float, use_kernel: bool, group: dist.ProcessGroup | None = None,
-                    vocab_start: int = 0, chunk_vocab: int = 0):
+                    vocab_start: int = 0, chunk_vocab: int = 0, text_rows: torch.Tensor | None = None):
     """(text, mse, n_text) on checked inputs (see `fused_forward`); differentiable when grad
     mode is on and hidden or a weight requires grad, otherwise only the loss is computed."""
     group_name = ""
@@ -410,8 +413,8 @@ def fused_head_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch
     if torch.is_grad_enabled() and (hidden.requires_grad or lm_weight.requires_grad
                                     or down_weight.requires_grad):
         return FusedHeadLoss.apply(hidden, lm_weight, down_weight, labels, reg_index, reg_target,
-                                   z_loss, use_kernel, group_name, vocab_start, chunk_vocab)
+                                   z_loss, use_kernel, group_name, vocab_start, chunk_vocab, text_rows)
     out = torch.ops.emu2.head_loss_fused(hidden, lm_weight, labels, down_weight, reg_index,
                                          reg_target, z_loss, False, use_kernel, group_name,
-                                         vocab_start, chunk_vocab)
+                                         vocab_start, chunk_vocab, text_rows)
     return out[:3]

@@ -73,7 +73,7 @@ def test_cpu_training_step_benchmark(tmp_path):
     families = {m["case"].rsplit(" ", 1)[1]: m["value"] for m in bench["measurements"] if m["metric"] == "family_ms"}
     assert families["gemm"] > 0 and families["attention"] > 0
     table = (tmp_path / "kernels.md").read_text()
-    assert table.startswith("## train_step debug") and "| gemm | `aten::mm` |" in table
+    assert "## train_step debug S=256 rows=4" in table and "| gemm | `aten::mm` |" in table
     # the recipe, whole optimiser steps through Trainer.step (configs/debug.toml)
     recipe = {(m["provider"], m["metric"]): m["value"] for m in bench["measurements"]
               if m["case"] == "recipe debug"}
@@ -115,3 +115,12 @@ def test_environment_names_the_commit_given_in_emu2_commit(monkeypatch):
     assert environment()["git_commit"] == "0123abc (EMU2_COMMIT)"
     monkeypatch.delenv("EMU2_COMMIT")
     assert environment()["git_commit"] != "0123abc (EMU2_COMMIT)"
+
+
+def test_idle_gaps_of_a_timeline():
+    """GPU idle = the uncovered stretches between the first start and the last end; overlapping
+    events (two streams) leave no gap; each gap names the events on either side."""
+    from benchmarks.common import _idle_gaps
+    spans = [(0, 10, "a"), (5, 12, "b"), (20, 30, "c"), (31, 40, "d"), (32, 35, "e")]
+    assert _idle_gaps(spans) == [(8, "b", "c"), (1, "c", "d")]
+    assert _idle_gaps([]) == [] and _idle_gaps([(3, 4, "x")]) == []

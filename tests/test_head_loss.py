@@ -255,9 +255,12 @@ def test_bad_input_is_refused_before_any_work(monkeypatch, change, message):
 def test_custom_ops_pass_opcheck():
     hidden, lm, labels, down, index, target = (t.float() if t.is_floating_point() else t
                                                for t in make_inputs(33, 16, 50, 4, 8))
+    rows = (labels != -100).nonzero().squeeze(1)
     for with_grads in (False, True):
-        torch.library.opcheck(torch.ops.emu2.head_loss_fused,
-                              (hidden, lm, labels, down, index, target, 0.0, with_grads, False, "", 0, 0))
+        for text_rows in (None, rows):
+            torch.library.opcheck(torch.ops.emu2.head_loss_fused,
+                                  (hidden, lm, labels, down, index, target, 0.0, with_grads, False, "", 0, 0,
+                                   text_rows))
     out = torch.ops.emu2.head_loss_fused(hidden, lm, labels, down, index, target, 0.0, True, False,
                                          "", 0, 0)
     grads_in = (torch.tensor(1.0), torch.tensor(0.5))
@@ -356,3 +359,62 @@ def test_cuda_kernels_at_emu2_width(dtype, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     inputs = [t.cuda() for t in make_inputs(2048, 4096, 32274, 256, 1792)]
     check_against_reference(inputs, dtype)
+
+
+class _HostReads:
+    """Records every call of the tensor methods that read device values back to the host (a
+    synchronisation on a GPU): nonzero (a data-dependent shape), tolist, item, int, bool."""
+
+    NAMES = ("nonzero", "tolist", "item", "__int__", "__bool__")
+
+    def __init__(self, monkeypatch):
+        self.reads = []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def spy(t, *args, _name=name, _original=original, **kwargs):
+                self.reads.append(_name)
+                return _original(t, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, spy)
+
+
+def test_text_rows_from_the_host_remove_every_host_read(path):
+    """Given the text rows (computed where the labels were checked, on the CPU), the fused op
+    reads nothing back from the device, and computes exactly what it computes without them."""
+    inputs = make_inputs(1337, 96, 1000, 37, 80)
+    labels = inputs[2]
+    rows = (labels != -100).nonzero().squeeze(1)
+    want, want_grads = run(emu2_head_loss, inputs, torch.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        spy = _HostReads(patch)
+        got, got_grads = run(emu2_head_loss, inputs, torch.float32, text_rows=rows)
+        assert spy.reads == []
+        run(emu2_head_loss, inputs, torch.float32)
+        assert "nonzero" in spy.reads and "tolist" in spy.reads  # what the op reads without them
+    assert int(got.n_text) == rows.numel()
+    for name in ("total", "ce", "mse"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for g, w in zip(got_grads, want_grads):
+        assert torch.equal(g, w)
+    with pytest.raises(ValueError, match="text_rows must be a 1-D int64 tensor"):
+        run(emu2_head_loss, inputs, torch.float32, text_rows=rows.int())
+
+
+def test_model_passes_the_batchs_text_rows(monkeypatch):
+    """A batch that carries text_rows (`PackedBatch.with_text_rows`) gives the model the same
+    loss as one that does not."""
+    from emu2_engine.models.config import PRESETS
+
+    cfg = PRESETS["debug"]
+    torch.manual_seed(0)
+    model = Emu2Model(cfg)
+    from emu2_engine.data.loader import build_loader
+    from emu2_engine.data.tokenizer import Emu2Tokenizer
+    from emu2_engine.train.config import JobConfig
+
+    job = JobConfig.load(None, ["--data.prefetch=0"])
+    batch = next(iter(build_loader(job.data, Emu2Tokenizer(chat=cfg.chat), cfg, rank=0, world_size=1)))
+    batch.validate(cfg.llm.vocab_size, cfg.n_query, cfg.vision.image_size)
+    with_rows = batch.with_text_rows()
+    assert torch.equal(with_rows.text_rows, (batch.labels.reshape(-1) != -100).nonzero().squeeze(1))
+    assert torch.equal(model(with_rows).total, model(batch).total)

@@ -377,10 +377,15 @@ WIDE = (1, 1280, 2, 16, 16, 1280, 3, 3, 3)
     *[(dtype, shape) for dtype in (torch.bfloat16, torch.float16, torch.float32) for shape in (
         (1, 320, 8, 32, 32, 320, 3, 3, 3),   # a video-UNet layer (fewer frames)
         (2, 40, 5, 17, 23, 24, 3, 3, 3))],   # the awkward CPU shape, on the compiled kernels
-    (torch.bfloat16, WIDE), (torch.float16, WIDE)])
+    (torch.bfloat16, WIDE), (torch.float16, WIDE),
+    (torch.bfloat16, (1, 1280, 16, 4, 4, 1280, 3, 3, 3))])  # the deepest level: split K on a GPU
 def test_cuda(dtype, shape, wgrad, monkeypatch):
     """Both weight-gradient paths on the GPU (the default's cuBLAS out_dtype GEMMs and cuDNN
-    wgrad exist only there), against the fp64 reference by the rule."""
+    wgrad exist only there), against the fp64 reference by the rule. The 4x4 shape's tap GEMMs
+    have too few tiles for the GPU, so its K loops are split (`_conv_split`)."""
+    splits = []
+    choose = kernel._conv_split
+    monkeypatch.setattr(kernel, "_conv_split", lambda *a: splits.append(choose(*a)) or splits[-1])
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     args, grad = make_inputs(*shape, True, True, seed=4, device="cuda")
@@ -391,6 +396,8 @@ def test_cuda(dtype, shape, wgrad, monkeypatch):
     got = run(spatiotemporal_conv, args, grad, dtype, torch.channels_last_3d)
     for name, a, b, r in zip(NAMES, got, low, ref):
         assert_within_rule(a, b, r, dtype, name)
+    if shape[3] == 4:
+        assert splits and max(splits) > 1, splits
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

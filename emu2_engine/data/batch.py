@@ -18,6 +18,10 @@ Layout (see `shared/DESIGN.md`, "Sequence metadata"), for B rows of S tokens:
   see fixed shapes; a padding image is zeros, its ``image_slots`` row is -1, no regression
   target names it, and the model writes its embeddings nowhere. None means every image is
   real (batches built by hand).
+- ``text_rows`` (n,) int64, optional: the flat indices (``b * S + t``) where ``labels`` is not
+  -100, ascending. `with_text_rows` computes them on the CPU after `validate`; the head loss
+  then finds its rows without reading the labels back from the GPU (no synchronisation in the
+  step). None: the head loss finds them itself.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class PackedBatch:
     reg_images: torch.Tensor
     reg_positions: torch.Tensor
     image_mask: torch.Tensor | None = None
+    text_rows: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
         """A copy with every tensor moved to `device`."""
@@ -82,6 +87,11 @@ class PackedBatch:
             return self
         return replace(self, images=self.images[:keep], image_slots=self.image_slots[:keep],
                        image_mask=self.image_mask[:keep])
+
+    def with_text_rows(self) -> "PackedBatch":
+        """The batch with ``text_rows`` filled in from its labels (read them on the CPU, after
+        `validate`: the head loss trusts the ranges of a batch that carries them)."""
+        return replace(self, text_rows=(self.labels.reshape(-1) != -100).nonzero().squeeze(1))
 
     def validate(self, vocab_size: int, n_query: int, image_size: int) -> None:
         """Check shapes, dtypes and ranges; raise ValueError naming what is wrong."""

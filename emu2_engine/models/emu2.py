@@ -84,7 +84,8 @@ class Emu2Model(nn.Module):
         h = self.embed(batch.input_ids, batch.image_slots, visual, batch.image_mask)
         hidden = self.llm(h, batch.position_ids, batch.doc_ids, batch.span_ids)
         return emu2_head_loss(hidden, self.lm_head.weight, batch.labels, self.project_down.weight,
-                              batch.reg_positions.reshape(-1), reg_target, self.cfg.regression_weight)
+                              batch.reg_positions.reshape(-1), reg_target, self.cfg.regression_weight,
+                              text_rows=batch.text_rows)
 
     # -- inference and parity checks ------------------------------------------------------
     def logits(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,

@@ -97,9 +97,10 @@ def _vocab_range(local_vocab: int, group: dist.ProcessGroup | None, device: torc
 
 
 def _check_inputs(hidden, lm_weight, labels, down_weight, reg_index, reg_target, reg_weight,
-                  z_loss, group):
+                  z_loss, group, text_rows=None):
     """Shapes, dtypes, devices and ranges, all before any work. Returns (h (T, H), labels (T,)
-    int64, reg_index (R,) int64, vocab_start, largest vocabulary shard)."""
+    int64, reg_index (R,) int64, vocab_start, largest vocabulary shard). With `text_rows` the
+    values of labels and reg_index are not read (their ranges were checked on the host)."""
     if not hidden.is_floating_point() or hidden.dim() < 2:
         raise ValueError(f"hidden must be a floating (..., H) tensor, got {hidden.dtype} of shape "
                          f"{tuple(hidden.shape)}")
@@ -122,7 +123,12 @@ def _check_inputs(hidden, lm_weight, labels, down_weight, reg_index, reg_target,
         raise ValueError(f"reg_target must be a floating ({idx.numel()}, {C}) tensor (one row of "
                          f"down_weight's width per reg_index), got {reg_target.dtype} "
                          f"{tuple(reg_target.shape)}")
-    devices = {t.device for t in (hidden, lm_weight, labels, down_weight, reg_index, reg_target)}
+    if text_rows is not None and (text_rows.dtype != torch.int64 or text_rows.dim() != 1
+                                  or text_rows.numel() > labels.numel()):
+        raise ValueError(f"text_rows must be a 1-D int64 tensor of at most {labels.numel()} row "
+                         f"indices, got {text_rows.dtype} of shape {tuple(text_rows.shape)}")
+    given = (hidden, lm_weight, labels, down_weight, reg_index, reg_target)
+    devices = {t.device for t in given + (() if text_rows is None else (text_rows,))}
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     if not (math.isfinite(reg_weight) and math.isfinite(z_loss) and z_loss >= 0):
@@ -131,6 +137,8 @@ def _check_inputs(hidden, lm_weight, labels, down_weight, reg_index, reg_target,
     T = hidden.numel() // H
     y = labels.reshape(-1).long()
     vocab_start, vocab, largest = _vocab_range(lm_weight.shape[0], group, hidden.device)
+    if text_rows is not None:  # ranges checked on the host: no synchronisation here
+        return hidden.reshape(T, H), y, idx.long(), vocab_start, largest
     bad_label = (y != -100) & ((y < 0) | (y >= vocab))
     bad_index = (idx < 0) | (idx >= T)
     flags = torch.stack([bad_label.any(), bad_index.any()]).tolist()  # one sync
@@ -144,19 +152,28 @@ def _check_inputs(hidden, lm_weight, labels, down_weight, reg_index, reg_target,
 def emu2_head_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.Tensor,
                    down_weight: torch.Tensor, reg_index: torch.Tensor, reg_target: torch.Tensor,
                    reg_weight: float = 1.0, *, z_loss: float = 0.0,
-                   group: dist.ProcessGroup | None = None) -> HeadLoss:
-    """Text cross-entropy plus weighted image-regression MSE; see the module docstring."""
+                   group: dist.ProcessGroup | None = None,
+                   text_rows: torch.Tensor | None = None) -> HeadLoss:
+    """Text cross-entropy plus weighted image-regression MSE; see the module docstring.
+
+    `text_rows` (optional): the flat indices of the rows whose label is not -100, ascending,
+    int64 on hidden's device, computed on the host where the labels and `reg_index` were
+    range-checked (`PackedBatch.with_text_rows` after `PackedBatch.validate`). Given, the op
+    reads no value back to the host: no synchronisation, so the CPU keeps queueing the backward
+    while the GPU finishes the forward. The caller vouches for those ranges."""
     dtype = autocast_dtype(hidden)
     if dtype is not None:
         with torch.autocast(hidden.device.type, enabled=False):
             return emu2_head_loss(hidden.to(dtype), lm_weight.to(dtype), labels, down_weight.to(dtype),
-                                  reg_index, reg_target, reg_weight, z_loss=z_loss, group=group)
+                                  reg_index, reg_target, reg_weight, z_loss=z_loss, group=group,
+                                  text_rows=text_rows)
     reference = requested_backend("emu2_head_loss") == "reference"
     if reference and group is not None:
         raise ValueError("the reference head loss is not vocabulary-parallel; "
                          "use EMU2_KERNELS=auto or triton with a process group")
     h, y, idx, vocab_start, largest = _check_inputs(
-        hidden, lm_weight, labels, down_weight, reg_index, reg_target, reg_weight, z_loss, group)
+        hidden, lm_weight, labels, down_weight, reg_index, reg_target, reg_weight, z_loss, group,
+        text_rows)
     if reference:
         return emu2_head_loss_reference(hidden, lm_weight, labels, down_weight, reg_index,
                                         reg_target, reg_weight, z_loss)
@@ -167,5 +184,5 @@ def emu2_head_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.
         use_kernel = False  # auto: the chunked PyTorch path handles any dtype
     ce, mse, n_text = _kernel.fused_head_loss(
         h.contiguous(), lm_weight.contiguous(), y, down_weight.contiguous(), idx,
-        reg_target.detach(), float(z_loss), use_kernel, group, vocab_start, largest)
+        reg_target.detach(), float(z_loss), use_kernel, group, vocab_start, largest, text_rows)
     return HeadLoss(ce + reg_weight * mse, ce, mse, n_text, torch.tensor(idx.numel()))

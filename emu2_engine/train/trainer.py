@@ -67,7 +67,8 @@ class MicroBatches:
     """The micro-batches of one step, taken from `source` one at a time as the step uses them.
 
     Iterating validates each batch, counts its FLOPs, tokens and images (on its CPU tensors),
-    and yields it moved to `device`. Without pipelining the step runs each micro-batch's forward
+    adds its ``text_rows`` (so the head loss needs no host synchronisation), and yields it moved
+    to `device`. Without pipelining the step runs each micro-batch's forward
     and backward before it takes the next, so one micro-batch at a time is on the GPU and the
     prefetcher builds the next ones while the model computes; a pipeline schedule needs them
     all at once and makes a list. `len()` is the count before any is taken. Read once.
@@ -110,6 +111,7 @@ class MicroBatches:
             self.images += batch.n_images
             if self.drop_padding_images:
                 batch = batch.without_padding_images()
+            batch = batch.with_text_rows()  # validated above (flops_of): no sync in the head loss
             batch = batch.to(self.device, non_blocking=True)
             if self.image_dtype is not None:
                 batch.images = batch.images.to(self.image_dtype)
