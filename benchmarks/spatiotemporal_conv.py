@@ -42,6 +42,7 @@ Targets (issue 7): >= 1.2x cudnn-2d+1d-cl and >= 2x conv3d-ncdhw, forward and ba
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 from benchmarks.common import BenchResult, device_name, time_cpu, time_cuda
 from emu2_engine.kernels import spatiotemporal_conv as K
 from emu2_engine.models.flops import peak_flops
-from emu2_engine.ops import spatiotemporal_conv, spatiotemporal_conv_reference
+from emu2_engine.ops import spatiotemporal_conv, spatiotemporal_conv_library, spatiotemporal_conv_reference
 
 SUITES = ("cpu", "gpu-quick", "gpu-full")
 CL3D = torch.channels_last_3d
@@ -63,15 +64,7 @@ def triton_path(x, w_s, b_s, w_t, b_t):
 
 
 def cudnn_2d_1d_cl(x, w_s, b_s, w_t, b_t):
-    B, C, Fr, H, W = x.shape
-    cout, kt = w_s.shape[0], w_t.shape[2]
-    frames = x.permute(0, 2, 1, 3, 4).reshape(B * Fr, C, H, W)   # a channels-last view of x
-    s = F.conv2d(frames, w_s, b_s, padding=(w_s.shape[2] // 2, w_s.shape[3] // 2))
-    s = s.view(B, Fr, cout, H, W).permute(0, 1, 3, 4, 2)          # (B, F, H, W, C) view
-    seq = s.permute(0, 2, 3, 1, 4).reshape(B * H * W, Fr, cout)    # transpose: frames inner
-    t = F.conv1d(seq.transpose(1, 2), w_t, b_t, padding=kt // 2)   # (BHW, C, F), channels last
-    t = t.transpose(1, 2).reshape(B, H, W, Fr, cout).permute(0, 3, 1, 2, 4)
-    return (s + t).permute(0, 4, 1, 2, 3)                          # add into (B, F, H, W, C)
+    return spatiotemporal_conv_library(x, w_s, b_s, w_t, b_t)
 
 
 def _conv3d_pair(x, w_s, b_s, w_t, b_t):
@@ -92,13 +85,20 @@ the op reads it when backward runs)."""
 
 @contextmanager
 def _settings(provider: str):
-    """K.WGRAD and K.SPLIT_K as `provider` runs the op, inside the block."""
-    previous = K.WGRAD, K.SPLIT_K
+    """K.WGRAD and K.SPLIT_K as `provider` runs the op, inside the block; the "triton" providers
+    force the kernel (`auto` would run the library path on the small shapes: LIBRARY_BELOW)."""
+    previous = K.WGRAD, K.SPLIT_K, os.environ.get("EMU2_KERNELS")
     K.WGRAD, K.SPLIT_K = WGRAD_OF.get(provider, K.WGRAD), provider != "triton-nosplit"
+    if provider.startswith("triton"):
+        os.environ["EMU2_KERNELS"] = "auto,spatiotemporal_conv=triton"
     try:
         yield
     finally:
-        K.WGRAD, K.SPLIT_K = previous
+        K.WGRAD, K.SPLIT_K = previous[:2]
+        if previous[2] is None:
+            os.environ.pop("EMU2_KERNELS", None)
+        else:
+            os.environ["EMU2_KERNELS"] = previous[2]
 
 
 def _inputs(shape, dtype, device, memory_format):

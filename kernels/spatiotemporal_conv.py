@@ -272,17 +272,24 @@ def _conv_split(P: int, n_out: int, c_in: int, n_taps: int, cfg: dict, device: t
     """How many slices of the K loop (taps x channel chunks) a tap GEMM is split into: 1 when its
     (pixel tile, channel tile) grid fills the GPU or `SPLIT_K` is off, else as many slices as
     fit in one wave (programs <= SMs: the wide tiles run one program per SM), with at least
-    `_MIN_SPLIT_ITERS` K steps each. The video UNet's deepest levels need it: 16 frames of 4x4
-    latents at 1280 channels are 256 pixel rows, 10 programs of 128 x 256 on 132 SMs; split 13
-    ways they are 130 programs, for the price of writing and re-reading fp32 partial sums
-    (13 x 256 x 1280 x 4 B = 17 MB) against 7.5 GFLOP of products."""
+    `_MIN_SPLIT_ITERS` K steps each and at most `_MAX_SPLIT` slices. 16 frames of 8x8 latents at
+    1280 channels are 1,024 pixel rows, 40 programs of 128 x 256 on 132 SMs: split 3 ways they
+    are 120, for the price of writing and re-reading fp32 partial sums."""
     tiles = triton.cdiv(P, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"])
     iters = n_taps * triton.cdiv(c_in, cfg["BLOCK_K"])
     sms = _num_sms(device)
     if not SPLIT_K or tiles >= sms:
         return 1
-    return max(1, min(sms // tiles, iters // _MIN_SPLIT_ITERS))
+    return max(1, min(sms // tiles, iters // _MIN_SPLIT_ITERS, _MAX_SPLIT))
 
+
+_MAX_SPLIT = 3
+"""Most slices of one K loop. On an H200 (bf16, 1280 channels, 16 frames; benchmarks/results/
+h200-gpu-quick-2026-11-27-s4) 3 slices at 8x8 made forward + backward 1.26x faster than no
+split, and 13 slices at 4x4 made it 0.84x as fast (forward 0.56x): the fp32 partial sums cost
+more than the idle SMs. Between 3 and 13 is unmeasured. Under `auto` those shapes now run the
+library path (`ops.spatiotemporal_conv.LIBRARY_BELOW`); the split applies where the kernel is
+forced or the channels are few."""
 
 _MIN_SPLIT_ITERS = 4
 """Fewest K steps per split slice: a guess, not measured (the pipeline's prologue and the

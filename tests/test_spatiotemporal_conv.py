@@ -433,12 +433,49 @@ def test_split_k_equals_one_pass():
 
 def test_split_count_fits_one_wave(monkeypatch):
     """_conv_split: no more programs than SMs (the interpreter counts 4), at least
-    _MIN_SPLIT_ITERS K steps a slice, and none with SPLIT_K off."""
+    _MIN_SPLIT_ITERS K steps a slice, at most _MAX_SPLIT slices, and none with SPLIT_K off."""
     cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
     cpu = torch.device("cpu")
     assert kernel._conv_split(48, 40, 40, 9, cfg, cpu) == 2        # 2 tiles: 2 x 2 = 4 programs
-    assert kernel._conv_split(48, 20, 40, 9, cfg, cpu) == 4        # 1 tile: 4 slices of 4-5 steps
+    assert kernel._conv_split(48, 20, 40, 9, cfg, cpu) == 3        # 1 tile: 4 would fit; capped at 3
+    monkeypatch.setattr(kernel, "_MAX_SPLIT", 8)
+    assert kernel._conv_split(48, 20, 40, 9, cfg, cpu) == 4        # uncapped: 4 slices of 4-5 steps
     assert kernel._conv_split(48, 20, 40, 1, cfg, cpu) == 1        # 2 K steps: too few to split
     assert kernel._conv_split(512, 40, 40, 9, cfg, cpu) == 1       # 16 tiles fill the 4 "SMs"
     monkeypatch.setattr(kernel, "SPLIT_K", False)
     assert kernel._conv_split(48, 20, 40, 9, cfg, cpu) == 1
+
+
+def test_auto_runs_small_inputs_on_the_library_path(monkeypatch):
+    """Below LIBRARY_BELOW pixel rows, `auto` on a GPU takes the two cuDNN convolutions (measured
+    faster there); the library path computes the reference's numbers in channels-last-3d, and
+    `triton` still forces the kernel."""
+    from emu2_engine.ops import spatiotemporal_conv_library
+    from emu2_engine.ops import spatiotemporal_conv as op_module
+    import importlib
+    ops_stc = importlib.import_module("emu2_engine.ops.spatiotemporal_conv")  # the module, not the op
+
+    small = torch.empty(1, 8, 16, 8, 8)     # 1,024 rows
+    large = torch.empty(1, 8, 16, 32, 32)   # 16,384 rows
+    assert ops_stc.prefers_library(small) and not ops_stc.prefers_library(large)
+
+    args, grad = make_inputs(2, 40, 5, 7, 9, 24, 3, 3, 3, True, True, seed=5)
+    ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
+    got = run(spatiotemporal_conv_library, args, grad, torch.float64)
+    for name, a, r in zip(NAMES, got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=name)
+    out = spatiotemporal_conv_library(*[None if t is None else t.detach() for t in args[:5]])
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+
+    # the dispatch, with the kernel's availability faked (no GPU here): auto -> library, triton -> kernel
+    calls = []
+    monkeypatch.setattr(ops_stc, "use_triton", lambda *a, **k: True)
+    monkeypatch.setattr(ops_stc, "spatiotemporal_conv_library", lambda *a: calls.append("library"))
+    monkeypatch.setattr(ops_stc._kernel.SpatiotemporalConv, "apply", lambda *a: calls.append("kernel"))
+    x = torch.randn(1, 8, 2, 4, 4)
+    w_s, w_t = torch.randn(8, 8, 3, 3), torch.randn(8, 8, 3)
+    monkeypatch.setenv("EMU2_KERNELS", "auto")
+    op_module(x, w_s, None, w_t, None)
+    monkeypatch.setenv("EMU2_KERNELS", "spatiotemporal_conv=triton")
+    op_module(x, w_s, None, w_t, None)
+    assert calls == ["library", "kernel"]

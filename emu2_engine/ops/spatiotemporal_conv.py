@@ -10,7 +10,9 @@ layer exactly the 2D convolution on each frame, which is how an inflated UNet st
 to the 2D one. This module holds the argument checks, the PyTorch reference and the public op,
 which runs the Triton kernel (`emu2_engine.kernels.spatiotemporal_conv`: implicit GEMMs over
 the channels-last tensor for the forward and the input gradients, the weight gradients on
-cuBLAS and cuDNN) or the reference (`ops.backend`).
+cuBLAS and cuDNN) or the reference (`ops.backend`). Under `auto` on a GPU, small inputs (the
+video UNet's deepest levels: `LIBRARY_BELOW`) run two cuDNN convolutions instead
+(`spatiotemporal_conv_library`), which were measured faster there; `triton` forces the kernel.
 
 The kernel works on `torch.channels_last_3d` tensors (strides of B, F, H, W, C) and returns
 that format; other inputs are converted first (one copy, counted in the backward too).
@@ -61,6 +63,42 @@ def spatiotemporal_conv_reference(x: torch.Tensor, w_s: torch.Tensor, b_s: torch
     return (s + t).permute(0, 2, 1, 3, 4)
 
 
+def prefers_library(x: torch.Tensor) -> bool:
+    """Whether `auto` runs the library path for x (too few pixel rows to fill the GPU with the
+    kernel's tiles: `LIBRARY_BELOW`)."""
+    B, _, Fr, H, W = x.shape
+    return B * Fr * H * W < LIBRARY_BELOW
+
+
+def spatiotemporal_conv_library(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
+                                w_t: torch.Tensor, b_t: torch.Tensor | None) -> torch.Tensor:
+    """The reference's arithmetic as two cuDNN convolutions on channels-last views (no layout
+    copies between them): conv2d on the frames, conv1d over frames with the pixels as the batch.
+    Returns (B, Cout, F, H, W) with channels-last-3d strides. What `auto` runs on small inputs
+    (`LIBRARY_BELOW`), and the benchmark's "cudnn-2d+1d-cl" baseline."""
+    check_spatiotemporal_args(x, w_s, b_s, w_t, b_t)
+    B, C, Fr, H, W = x.shape
+    cout, _, kh, kw = w_s.shape
+    kt = w_t.shape[2]
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    frames = x.permute(0, 2, 1, 3, 4).reshape(B * Fr, C, H, W)        # a channels-last view
+    s = F.conv2d(frames, w_s, b_s, padding=(kh // 2, kw // 2))
+    s = s.view(B, Fr, cout, H, W).permute(0, 1, 3, 4, 2)              # (B, F, H, W, C) view
+    seq = s.permute(0, 2, 3, 1, 4).reshape(B * H * W, Fr, cout)        # frames inner: one copy
+    t = F.conv1d(seq.transpose(1, 2), w_t, b_t, padding=kt // 2)       # (BHW, C, F) channels last
+    t = t.transpose(1, 2).reshape(B, H, W, Fr, cout).permute(0, 3, 1, 2, 4)
+    return (s + t).permute(0, 4, 1, 2, 3)                              # (B, C, F, H, W) view
+
+
+LIBRARY_BELOW = 16384
+"""Under `auto` on a GPU, inputs of fewer pixel rows (B x F x H x W) than this run
+`spatiotemporal_conv_library` instead of the Triton kernel. Measured on an H200 (bf16, batch 1,
+16 frames, benchmarks/results/h200-gpu-quick-2026-11-27-s4): at 1280 channels the two cuDNN
+convolutions took 0.87 ms forward + backward at 8x8 (1,024 rows) and 1.48 ms at 4x4 (256 rows)
+against the kernel's 1.81 and 2.62 ms; at 32x32 (16,384 rows) they tied (4.25 against 4.30 ms);
+at 320 channels and 64x64 (65,536 rows) the kernel was faster (1.77 against 2.32 ms)."""
+
+
 def spatiotemporal_conv(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
                         w_t: torch.Tensor, b_t: torch.Tensor | None) -> torch.Tensor:
     """conv2d per frame then the residual temporal conv: x (B, Cin, F, H, W) -> (B, Cout, F, H, W).
@@ -81,5 +119,7 @@ def spatiotemporal_conv(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | 
         use_kernel = False  # auto: the reference handles any dtype
     if not use_kernel:
         return spatiotemporal_conv_reference(x, w_s, b_s, w_t, b_t)
+    if requested_backend("spatiotemporal_conv") == "auto" and prefers_library(x):
+        return spatiotemporal_conv_library(x, w_s, b_s, w_t, b_t)
     x = x.contiguous(memory_format=torch.channels_last_3d)
     return _kernel.SpatiotemporalConv.apply(x, w_s.contiguous(), b_s, w_t.contiguous(), b_t)
