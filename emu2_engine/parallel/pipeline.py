@@ -55,11 +55,14 @@ SCHEDULES = {
 
 
 # -- fixed-shape micro-batches ----------------------------------------------------------------
-def stage_inputs(batch: PackedBatch) -> dict[str, torch.Tensor]:
+def stage_inputs(batch: PackedBatch, with_text_rows: bool = False) -> dict[str, torch.Tensor]:
     """The tensors every stage receives for one micro-batch, all of shapes fixed by
     (rows, seq_len, images per micro-batch, n_query). Regression targets become per-image:
     ``reg_mask`` (N,) marks the regressed images, ``reg_positions`` (N, n_query) holds their
-    predicting positions (rows of other images are 0 and unused)."""
+    predicting positions (rows of other images are 0 and unused).
+
+    `with_text_rows` (no pipeline schedule, which would need fixed shapes) adds the batch's
+    ``text_rows`` when it has them, so the head loss reads nothing back from the device."""
     N, n_query = batch.image_slots.shape
     reg_mask = torch.zeros(N, dtype=torch.bool, device=batch.image_slots.device)
     reg_mask[batch.reg_images] = True
@@ -68,10 +71,13 @@ def stage_inputs(batch: PackedBatch) -> dict[str, torch.Tensor]:
     image_mask = batch.image_mask
     if image_mask is None:
         image_mask = torch.ones(N, dtype=torch.bool, device=batch.image_slots.device)
-    return {"input_ids": batch.input_ids, "labels": batch.labels, "doc_ids": batch.doc_ids,
-            "span_ids": batch.span_ids, "position_ids": batch.position_ids, "images": batch.images,
-            "image_slots": batch.image_slots, "image_mask": image_mask, "reg_mask": reg_mask,
-            "reg_positions": reg_positions}
+    inputs = {"input_ids": batch.input_ids, "labels": batch.labels, "doc_ids": batch.doc_ids,
+              "span_ids": batch.span_ids, "position_ids": batch.position_ids, "images": batch.images,
+              "image_slots": batch.image_slots, "image_mask": image_mask, "reg_mask": reg_mask,
+              "reg_positions": reg_positions}
+    if with_text_rows and batch.text_rows is not None:
+        inputs["text_rows"] = batch.text_rows
+    return inputs
 
 
 def concat_microbatches(inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -148,7 +154,8 @@ class Emu2Stage(nn.Module):
         weights = (model.lm_head.weight, model.project_down.weight)
         if not self.split_backward:
             out = emu2_head_loss(hidden, *weights[:1], mb["labels"], weights[1], index, target,
-                                 model.cfg.regression_weight, group=self.vocab_group)
+                                 model.cfg.regression_weight, group=self.vocab_group,
+                                 text_rows=mb.get("text_rows"))
             return torch.stack([out.total, out.ce.detach(), out.mse.detach()])
         # Zero-bubble schedules run the backward in two passes, one for the stage's inputs and
         # one for its weights, and the second re-runs every node where the two paths meet. The
