@@ -9,7 +9,12 @@ Providers (the same model under three `EMU2_KERNELS` settings, so each op is A/B
 - "reference" (`reference`): cuDNN conv2d + conv1d per resnet conv, the same SDPA attention:
   against "kernels" only the convolution differs;
 - "triton-attention" (`auto,dense_attention=triton`): as "kernels" but the attention on the
-  engine's Triton kernel: against "kernels" only the attention differs.
+  engine's Triton kernel: against "kernels" only the attention differs;
+- "kernels-compiled" (asked for by name, see below): as "kernels" with every resnet and
+  transformer compiled (`compile_unet_blocks`, what the decoder trainer's `train.compile` does);
+  its warm-up runs absorb the compilation. It runs last, since it compiles the model in place.
+`VIDEO_UNET_PROVIDERS` (comma-separated) picks the providers on a GPU; the default is the first
+three.
 On a GPU each provider's step is also profiled once: the top kernels by device time and the time
 per family (conv, attention, gemm, norm, copy, other) go to `kernels.md` in the output folder,
 the families into the report as `family_ms`.
@@ -84,7 +89,11 @@ def _case(result: BenchResult, preset: str, batch: int, frames: int, side: int, 
     with _backend("reference"), FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
+    providers = sorted(providers, key=lambda p: p == "kernels-compiled")  # in place: last
     for provider in providers:
+        if provider == "kernels-compiled":
+            from emu2_engine.train.decoder import compile_unet_blocks
+            compile_unet_blocks(model)
         with _backend(provider_backend[provider]):
             try:
                 ms = timer(step)
@@ -109,7 +118,17 @@ def _case(result: BenchResult, preset: str, batch: int, frames: int, side: int, 
         torch.cuda.empty_cache()
 
 
-provider_backend = {"kernels": "auto", "reference": "reference", "triton-attention": "auto,dense_attention=triton"}
+provider_backend = {"kernels": "auto", "reference": "reference", "triton-attention": "auto,dense_attention=triton",
+                    "kernels-compiled": "auto"}
+
+
+def _gpu_providers() -> list[str]:
+    chosen = os.environ.get("VIDEO_UNET_PROVIDERS", "kernels,reference,triton-attention")
+    names = [n.strip() for n in chosen.split(",") if n.strip()]
+    unknown = [n for n in names if n not in provider_backend]
+    if unknown or not names:
+        raise ValueError(f"VIDEO_UNET_PROVIDERS must name some of {sorted(provider_backend)}, got {chosen!r}")
+    return names
 
 
 def run(suite: str, out_dir: Path) -> BenchResult:
@@ -125,7 +144,7 @@ def run(suite: str, out_dir: Path) -> BenchResult:
         sides = [32] if suite == "gpu-quick" else [32, 64]
         for side in sides:
             _case(result, "emu2-video", 1, 16, side, torch.bfloat16, "cuda",
-                  ["kernels", "reference", "triton-attention"], lambda step: time_cuda(step, warmup=2, repeats=5),
+                  _gpu_providers(), lambda step: time_cuda(step, warmup=2, repeats=5),
                   out_dir)
     return result
 

@@ -124,3 +124,14 @@ def test_idle_gaps_of_a_timeline():
     spans = [(0, 10, "a"), (5, 12, "b"), (20, 30, "c"), (31, 40, "d"), (32, 35, "e")]
     assert _idle_gaps(spans) == [(8, "b", "c"), (1, "c", "d")]
     assert _idle_gaps([]) == [] and _idle_gaps([(3, 4, "x")]) == []
+
+
+def test_video_unet_providers_by_name(monkeypatch):
+    from benchmarks import video_unet
+    monkeypatch.delenv("VIDEO_UNET_PROVIDERS", raising=False)
+    assert video_unet._gpu_providers() == ["kernels", "reference", "triton-attention"]
+    monkeypatch.setenv("VIDEO_UNET_PROVIDERS", "kernels, kernels-compiled")
+    assert video_unet._gpu_providers() == ["kernels", "kernels-compiled"]
+    monkeypatch.setenv("VIDEO_UNET_PROVIDERS", "kernels,fast")
+    with pytest.raises(ValueError, match="VIDEO_UNET_PROVIDERS must name some of"):
+        video_unet._gpu_providers()

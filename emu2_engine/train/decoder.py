@@ -73,7 +73,7 @@ from emu2_engine.train.optim import build_scheduler
 from emu2_engine.train.trainer import STOPPED_FILE, NonFiniteError, mark_stopped, rank_device
 
 __all__ = ["DecoderJobConfig", "DecoderTrainer", "FrozenEncoder", "build_vae", "mark_stopped",
-           "offset_noise", "sample_generator", "shard_unet"]
+           "offset_noise", "sample_generator", "shard_unet", "unet_units", "compile_unet_blocks"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +165,31 @@ def sample_generator(seed: int, step: int, position: int, held_out: bool = False
     return torch.Generator().manual_seed(int(state[0]))
 
 
+def unet_units(unet: UNet) -> list[nn.Module]:
+    """Every resnet and transformer of the down, mid and up blocks, in order: the units that
+    FSDP shards and `compile_unet_blocks` compiles."""
+    units = []
+    for block in (*unet.down_blocks.values(), unet.mid_block, *unet.up_blocks.values()):
+        for group in (block.resnets, block.attentions):
+            units.extend(group.values() if group is not None else ())
+    return units
+
+
+def compile_unet_blocks(unet: UNet) -> None:
+    """torch.compile each of `unet_units` in place (`Module.compile`: parameter names and state
+    dict keys stay as they are). Static shapes: Inductor failed on this UNet with dynamic ones
+    (a symbolic size it could not compare, on the CPU). Units of one class share one code object
+    and so one cache of compiled graphs, one per distinct shape: an SDXL-shaped UNet has more
+    than dynamo's default 8 per code object, so the limit is raised to the number of units (a
+    process-wide setting, only ever raised here)."""
+    import torch._dynamo.config as dynamo_config
+
+    units = unet_units(unet)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(units))
+    for unit in units:
+        unit.compile(dynamic=False)
+
+
 def shard_unet(unet: UNet, mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
     """FSDP2 over the 1-D `mesh`, in place: every resnet and every transformer of the down, mid
     and up blocks is one all-gather / reduce-scatter unit, then the UNet itself (the root: the
@@ -174,10 +199,8 @@ def shard_unet(unet: UNet, mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
     ten-layer transformer (344M) and the root holds 31M. Parameters are gathered in
     `param_dtype`, gradients reduce-scattered in fp32 and averaged over the ranks."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in (*unet.down_blocks.values(), unet.mid_block, *unet.up_blocks.values()):
-        for units in (block.resnets, block.attentions):
-            for unit in (units.values() if units is not None else ()):
-                fully_shard(unit, mesh=mesh, mp_policy=policy)
+    for unit in unet_units(unet):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(unet, mesh=mesh, mp_policy=policy)
 
 
@@ -246,6 +269,8 @@ class DecoderTrainer:
         if cfg.model.unet_weights:
             load_unet_weights(unet, cfg.model.unet_weights)
         self.unet: UNet = (inflate_unet(unet) if cfg.model.video else unet).to(self.device)
+        if cfg.train.compile:
+            compile_unet_blocks(self.unet)
         if mesh is not None:
             shard_unet(self.unet, mesh, self.autocast_dtype or torch.float32)
         self.noise = DDPMScheduler(**cfg.diffusion.schedule())

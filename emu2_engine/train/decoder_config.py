@@ -134,6 +134,12 @@ class DecoderTrainSection:
     """Continue from the newest checkpoint in run_dir/checkpoints, if there is one."""
     run_dir: str = "runs/decoder_debug"
     """Where the resolved config, metrics and checkpoints go."""
+    compile: bool = False
+    """torch.compile every resnet and transformer of the UNet (`compile_unet_blocks`), before
+    FSDP wraps them. The convolution and attention ops stay opaque custom ops inside the compiled
+    graphs; the norms, activations and adds around them are fused. At batch 1 and 32x32 latents
+    the video UNet's step was measured launch-bound on an H200 (75 ms of kernels in 187 ms);
+    compiled, unmeasured on a GPU."""
 
 
 @dataclass
