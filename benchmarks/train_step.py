@@ -14,12 +14,12 @@
 Batches are built before timing and reused (pinned, as the prefetcher hands them over), so the
 numbers are the step's alone (the data loader has its own benchmark). Each micro-batch is taken
 as `Trainer.step` takes it (padding images dropped, text rows added); `image_fill` is the share
-of the loader's image slots holding real images. Per component: the ViT's forward + backward is timed alone on a micro-batch's real images,
-with its TFLOP/s. One micro-batch's forward + backward is profiled: the top kernels go to
-`kernels.md` in the output folder, the time per kernel family (`benchmarks.common.kernel_family`)
-into the report as `family_ms`. FLOPs come from `emu2_engine.models.flops` (ViT per image, LLM
-per token over the real document lengths, heads; backward = 2x forward); MFU is reported only
-for a device in the peak table.
+of the loader's image slots holding real images. Per component: the ViT's forward + backward is
+timed alone on a micro-batch's real images, with its TFLOP/s. One micro-batch's forward +
+backward is profiled: the top kernels go to `kernels.md` in the output folder, the time per
+kernel family (`benchmarks.common.kernel_family`) into the report as `family_ms`. FLOPs come
+from `emu2_engine.models.flops` (ViT per image, LLM per token over the real document lengths,
+heads; backward = 2x forward); MFU is reported only for a device in the peak table.
 """
 
 from __future__ import annotations
@@ -121,8 +121,9 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
                    value=100 * achieved, unit="%", params=params)
     result.add(benchmark="train_step", case=case, provider="engine", metric="image_fill",
                value=fill, unit="% of image slots", params=params)
-    print(f"[train_step] {case}: step {statistics.median(phases['step']):.0f} ms, {tokens / seconds:,.0f} "
-          f"tokens/s" + ("" if achieved is None else f", MFU {100 * achieved:.1f} %"), flush=True)
+    print(f"[train_step] {case}: step {statistics.median(phases['step']):.0f} ms, "
+          f"{tokens / seconds:,.0f} tokens/s" + ("" if achieved is None else f", MFU {100 * achieved:.1f} %"),
+          flush=True)
     _components(trainer, batches[0], flops[0], case, params, result, out_dir)
     total = sum(flops[0][k] for k in ("vit", "projector", "llm_linear", "llm_attention", "heads"))
     for k in ("vit", "projector", "llm_linear", "llm_attention", "heads"):
@@ -199,7 +200,8 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
               f"{tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e12:.0f} TFLOP/s"
               + ("" if achieved is None else f", MFU {100 * achieved:.1f} %"), flush=True)
         first = _as_the_step_takes_it(trainer, batches[0])
-        _components(trainer, first, batch_flops(trainer.model_cfg, batches[0]), case, params, result, out_dir)
+        first_flops = batch_flops(trainer.model_cfg, batches[0])
+        _components(trainer, first, first_flops, case, params, result, out_dir)
         del trainer, batches, first
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
