@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command for a session lent a GPU (../shared/GPU.md): build in place (no network),
 # run the GPU tests, run the gpu-quick suite one module at a time (so a slow or failing module
-# loses only itself), and leave everything under $OUT in at most 8 files (with three modules) (the device tool
+# loses only itself), and leave everything under $OUT in at most 8 files (the device tool
 # brings back no more), printing the summary tables last.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
@@ -53,7 +53,7 @@ for entry in $MODULES; do
   # the module's log goes straight to $OUT, so a call stopped mid-module still brings it back
   timeout "$cap" $PY -m benchmarks.run --suite "$SUITE" --only "$m" --out "$reports/$m" > "$OUT/$m.log" 2>&1
   status=$?
-  cp "$OUT/$m.log" "$reports/$m.log"
+  mv "$OUT/$m.log" "$reports/$m.log"  # only a module stopped mid-way leaves its log in $OUT
   cat "$reports/$m.log" >> "$log"
   echo "-- $m: exit $status in $(( $(date +%s) - start ))s" | tee -a "$log"
 done

@@ -99,7 +99,7 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
                              ("step", t3 - t0)):
                 phases[name].append(dt * 1e3)
             tokens += batch.n_tokens
-            images += batch.images.shape[0]
+            images += batch.n_images
             train_flops += training_flops(fwd)
     seconds = sum(phases["step"]) / 1e3
     case = f"{preset} S={cfg.data.seq_len} rows={cfg.data.rows}" + (" compiled" if cfg.parallel.compile else "")

@@ -57,6 +57,19 @@ def test_stage_computes_the_model_forward(batch, reference, split_backward):
     _assert_same(losses.detach(), _grads(stage), reference)
 
 
+def test_stage_with_host_indices_computes_the_same(batch, reference):
+    """Without a pipeline the stage gets the regressed images' indices and the text rows made on
+    the host (no boolean-mask selection, no read-back in the head loss): same losses and
+    gradients."""
+    mb = stage_inputs(batch.with_text_rows(), host_indices=True)
+    assert torch.equal(mb["reg_images"], batch.reg_images) and "text_rows" in mb
+    assert "reg_images" not in stage_inputs(batch) and "text_rows" not in stage_inputs(batch.with_text_rows())
+    stage = Emu2Stage(_model())
+    losses = stage(**mb)
+    losses[0].backward()
+    _assert_same(losses.detach(), _grads(stage), reference)
+
+
 def test_cut_stages_chain_to_the_model(batch, reference):
     model = _model()
     # Stage 0 holds only the ViT, projector and embedding; stages 1 and 2 one layer each.

@@ -99,6 +99,11 @@ def test_padding_images_are_dropped_without_changing_the_step(tmp_path):
     (moved,) = list(trainer.micro_batches([batch], 1))
     assert moved.images.shape[0] == n_real and moved.image_slots.shape[0] == n_real
     assert bool(moved.image_mask.all())
+    # the trainer's batches were validated, so they carry their text rows; a MicroBatches whose
+    # flops_of does not validate adds none (the head loss then checks the labels itself)
+    assert torch.equal(moved.text_rows, (batch.labels.reshape(-1) != -100).nonzero().squeeze(1))
+    (unchecked,) = list(MicroBatches([batch], 1, trainer.device, lambda b: 0))
+    assert unchecked.text_rows is None
 
     def loss_and_grads(b):
         trainer.model.zero_grad(set_to_none=True)

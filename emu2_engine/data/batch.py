@@ -91,7 +91,10 @@ class PackedBatch:
     def with_text_rows(self) -> "PackedBatch":
         """The batch with ``text_rows`` filled in from its labels (read them on the CPU, after
         `validate`: the head loss trusts the ranges of a batch that carries them)."""
-        return replace(self, text_rows=(self.labels.reshape(-1) != -100).nonzero().squeeze(1))
+        rows = (self.labels.reshape(-1) != -100).nonzero().squeeze(1)
+        if self.labels.is_pinned():  # as the prefetcher hands batches over: an asynchronous copy
+            rows = rows.pin_memory()
+        return replace(self, text_rows=rows)
 
     def validate(self, vocab_size: int, n_query: int, image_size: int) -> None:
         """Check shapes, dtypes and ranges; raise ValueError naming what is wrong."""

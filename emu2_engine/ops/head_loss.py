@@ -84,10 +84,25 @@ def emu2_head_loss_reference(hidden: torch.Tensor, lm_weight: torch.Tensor, labe
     return HeadLoss(total, ce, mse, torch.tensor(n_text), torch.tensor(n_reg))
 
 
+_VOCAB_RANGES: dict[tuple[str, int, int, int], tuple[int, int, int]] = {}
+"""`_vocab_range`'s answers by (group name, this rank in it, its size, local vocabulary rows):
+gathered once per group, so later steps make no collective and read nothing back from the
+device for it."""
+
+
 def _vocab_range(local_vocab: int, group: dist.ProcessGroup | None, device: torch.device):
-    """(first vocabulary id of this rank's rows, total vocabulary, largest shard) under `group`."""
+    """(first vocabulary id of this rank's rows, total vocabulary, largest shard) under `group`.
+    Every rank of `group` calls it at the same points (the head loss runs on all of them), so
+    they fill the cache together."""
     if group is None:
         return 0, local_vocab, local_vocab
+    key = (group.group_name, dist.get_rank(group), dist.get_world_size(group), local_vocab)
+    if key not in _VOCAB_RANGES:
+        _VOCAB_RANGES[key] = _gather_vocab_range(local_vocab, group, device)
+    return _VOCAB_RANGES[key]
+
+
+def _gather_vocab_range(local_vocab: int, group: dist.ProcessGroup, device: torch.device):
     size = torch.tensor([local_vocab], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, size, group=group)

@@ -122,7 +122,7 @@ class ParallelModel:
             raise ValueError(f"expected {self.cfg.microbatches} micro-batches (parallel.microbatches), "
                              f"got {n}")
         if self.schedule is None:  # one micro-batch at a time: `batches` may take them lazily
-            losses = self._accumulate((stage_inputs(b, with_text_rows=True) for b in batches), n)
+            losses = self._accumulate((stage_inputs(b, host_indices=True) for b in batches), n)
         else:  # the schedule splits one merged batch: every micro-batch at once
             inputs = [stage_inputs(b) for b in batches]
             merged = concat_microbatches(inputs)

@@ -55,14 +55,16 @@ SCHEDULES = {
 
 
 # -- fixed-shape micro-batches ----------------------------------------------------------------
-def stage_inputs(batch: PackedBatch, with_text_rows: bool = False) -> dict[str, torch.Tensor]:
+def stage_inputs(batch: PackedBatch, host_indices: bool = False) -> dict[str, torch.Tensor]:
     """The tensors every stage receives for one micro-batch, all of shapes fixed by
     (rows, seq_len, images per micro-batch, n_query). Regression targets become per-image:
     ``reg_mask`` (N,) marks the regressed images, ``reg_positions`` (N, n_query) holds their
     predicting positions (rows of other images are 0 and unused).
 
-    `with_text_rows` (no pipeline schedule, which would need fixed shapes) adds the batch's
-    ``text_rows`` when it has them, so the head loss reads nothing back from the device."""
+    `host_indices` (no pipeline schedule, which would need fixed shapes) adds ``reg_images``,
+    the regressed images' indices, and the batch's ``text_rows`` when it has them: integer
+    indices made on the host, so neither the regression selection (a boolean mask would read its
+    count back) nor the head loss synchronises with the device."""
     N, n_query = batch.image_slots.shape
     reg_mask = torch.zeros(N, dtype=torch.bool, device=batch.image_slots.device)
     reg_mask[batch.reg_images] = True
@@ -75,8 +77,10 @@ def stage_inputs(batch: PackedBatch, with_text_rows: bool = False) -> dict[str, 
               "span_ids": batch.span_ids, "position_ids": batch.position_ids, "images": batch.images,
               "image_slots": batch.image_slots, "image_mask": image_mask, "reg_mask": reg_mask,
               "reg_positions": reg_positions}
-    if with_text_rows and batch.text_rows is not None:
-        inputs["text_rows"] = batch.text_rows
+    if host_indices:
+        inputs["reg_images"] = batch.reg_images
+        if batch.text_rows is not None:
+            inputs["text_rows"] = batch.text_rows
     return inputs
 
 
@@ -148,7 +152,7 @@ class Emu2Stage(nn.Module):
               mb: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[total, ce, mse]`` of the micro-batch (only ``total`` carries gradients)."""
         model = self.model
-        reg = mb["reg_mask"]
+        reg = mb.get("reg_images", mb["reg_mask"])  # integer indices when the host made them
         target = pooled[reg].reshape(-1, pooled.shape[-1])
         index = mb["reg_positions"][reg].reshape(-1)
         weights = (model.lm_head.weight, model.project_down.weight)

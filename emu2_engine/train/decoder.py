@@ -179,13 +179,14 @@ def compile_unet_blocks(unet: UNet) -> None:
     """torch.compile each of `unet_units` in place (`Module.compile`: parameter names and state
     dict keys stay as they are). Static shapes: Inductor failed on this UNet with dynamic ones
     (a symbolic size it could not compare, on the CPU). Units of one class share one code object
-    and so one cache of compiled graphs, one per distinct shape: an SDXL-shaped UNet has more
-    than dynamo's default 8 per code object, so the limit is raised to the number of units (a
-    process-wide setting, only ever raised here)."""
+    and so one cache of compiled graphs, one per distinct shape and per mode (training, and
+    evaluation without gradients): emu2-video's 38 units made 36 graphs of one class in a
+    training and an evaluation pass at one resolution, far past dynamo's default limit of 8 per
+    code object. The limit is raised to 4 per unit (a process-wide setting, only ever raised)."""
     import torch._dynamo.config as dynamo_config
 
     units = unet_units(unet)
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(units))
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(units))
     for unit in units:
         unit.compile(dynamic=False)
 

@@ -66,9 +66,8 @@ class NonFiniteError(RuntimeError):
 class MicroBatches:
     """The micro-batches of one step, taken from `source` one at a time as the step uses them.
 
-    Iterating validates each batch, counts its FLOPs, tokens and images (on its CPU tensors),
-    adds its ``text_rows`` (so the head loss needs no host synchronisation), and yields it moved
-    to `device`. Without pipelining the step runs each micro-batch's forward
+    Iterating validates each batch (through `flops_of`), counts its FLOPs, tokens and images (on
+    its CPU tensors), and yields it moved to `device`. Without pipelining the step runs each micro-batch's forward
     and backward before it takes the next, so one micro-batch at a time is on the GPU and the
     prefetcher builds the next ones while the model computes; a pipeline schedule needs them
     all at once and makes a list. `len()` is the count before any is taken. Read once.
@@ -79,13 +78,17 @@ class MicroBatches:
 
     With `drop_padding_images` (no pipeline schedule: shapes may change between micro-batches)
     the loader's padding images are dropped before the move (`PackedBatch.without_padding_images`),
-    so the encoder computes real images only; the counts are taken before."""
+    so the encoder computes real images only; the counts are taken before. With `add_text_rows`
+    each batch gets its ``text_rows``, which let the head loss skip its range checks: only for a
+    `flops_of` that validates (`Trainer.batch_flops` does)."""
 
     def __init__(self, source, n: int, device: torch.device, flops_of,
-                 image_dtype: torch.dtype | None = None, drop_padding_images: bool = False):
+                 image_dtype: torch.dtype | None = None, drop_padding_images: bool = False,
+                 add_text_rows: bool = False):
         self.source, self.n, self.device, self.flops_of = iter(source), n, device, flops_of
         self.image_dtype = image_dtype
         self.drop_padding_images = drop_padding_images
+        self.add_text_rows = add_text_rows
         self.tokens = self.images = 0
         self.flops = 0
         self.data_seconds = 0.0
@@ -111,7 +114,8 @@ class MicroBatches:
             self.images += batch.n_images
             if self.drop_padding_images:
                 batch = batch.without_padding_images()
-            batch = batch.with_text_rows()  # validated above (flops_of): no sync in the head loss
+            if self.add_text_rows:  # validated above (flops_of): no sync in the head loss
+                batch = batch.with_text_rows()
             batch = batch.to(self.device, non_blocking=True)
             if self.image_dtype is not None:
                 batch.images = batch.images.to(self.image_dtype)
@@ -267,11 +271,12 @@ class Trainer:
             return losses
 
     def micro_batches(self, source, n: int) -> MicroBatches:
-        """`n` micro-batches from `source` for one step on this rank: validated, counted, moved
-        to the device; padding images are dropped unless a pipeline schedule needs fixed shapes."""
+        """`n` micro-batches from `source` for one step on this rank: validated, counted, given
+        their text rows, moved to the device; padding images are dropped unless a pipeline
+        schedule needs fixed shapes."""
         pipelined = self.parallel is not None and self.parallel.schedule is not None
         return MicroBatches(source, n, self.device, self.batch_flops, self.autocast_dtype,
-                            drop_padding_images=not pipelined)
+                            drop_padding_images=not pipelined, add_text_rows=True)
 
     def batch_flops(self, batch: PackedBatch) -> int:
         """Validate a micro-batch (still on the CPU) and return its training FLOPs."""
