@@ -401,6 +401,24 @@ def test_cuda(dtype, shape, wgrad, monkeypatch):
         assert splits and max(splits) > 1, splits
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_auto_takes_the_library_on_small_inputs(dtype, monkeypatch):
+    """`auto` on a GPU runs a deep-level shape (16 frames of 4x4, 320 channels: 256 pixel rows)
+    as the two cuDNN convolutions, within the rule of the fp64 reference."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    args, grad = make_inputs(1, 320, 16, 4, 4, 320, 3, 3, 3, True, True, seed=6, device="cuda")
+    ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
+    low = run(spatiotemporal_conv_reference, args, grad, dtype)
+    monkeypatch.setenv("EMU2_KERNELS", "auto")
+    launches = []
+    monkeypatch.setattr(kernel.SpatiotemporalConv, "apply", lambda *a: launches.append(a))
+    got = run(spatiotemporal_conv, args, grad, dtype, torch.channels_last_3d)
+    assert launches == []  # the kernel was not called
+    for name, a, b, r in zip(NAMES, got, low, ref):
+        assert_within_rule(a, b, r, dtype, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_split_k_on_small_frames(monkeypatch, dtype):
     """A deep-level shape (3 frames of 4x4, 40 channels, kt = 5): 48 pixel rows x 2 channel tiles
