@@ -118,8 +118,8 @@ def _case(result: BenchResult, preset: str, batch: int, frames: int, side: int, 
         torch.cuda.empty_cache()
 
 
-provider_backend = {"kernels": "auto", "reference": "reference", "triton-attention": "auto,dense_attention=triton",
-                    "kernels-compiled": "auto"}
+provider_backend = {"kernels": "auto", "reference": "reference",
+                    "triton-attention": "auto,dense_attention=triton", "kernels-compiled": "auto"}
 
 
 def _gpu_providers() -> list[str]:

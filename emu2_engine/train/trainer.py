@@ -67,10 +67,10 @@ class MicroBatches:
     """The micro-batches of one step, taken from `source` one at a time as the step uses them.
 
     Iterating validates each batch (through `flops_of`), counts its FLOPs, tokens and images (on
-    its CPU tensors), and yields it moved to `device`. Without pipelining the step runs each micro-batch's forward
-    and backward before it takes the next, so one micro-batch at a time is on the GPU and the
-    prefetcher builds the next ones while the model computes; a pipeline schedule needs them
-    all at once and makes a list. `len()` is the count before any is taken. Read once.
+    its CPU tensors), and yields it moved to `device`. Without pipelining the step runs each
+    micro-batch's forward and backward before it takes the next, so one micro-batch at a time is
+    on the GPU and the prefetcher builds the next ones while the model computes; a pipeline
+    schedule needs them all at once and makes a list. `len()` is the count before any is taken. Read once.
 
     With `image_dtype` (the autocast dtype) the images are cast to it on the device: the patch
     embedding under autocast rounds them to that dtype anyway, so the step computes the same
