@@ -498,11 +498,8 @@ class DecoderTrainer:
                         record["skipped"] = self.skip_totals()
                     log(record)
                 if self.nonfinite_in_a_row >= cfg.train.max_nonfinite:
-                    raise NonFiniteError(
-                        f"{self.nonfinite_in_a_row} steps in a row (up to step {self.step_count}) had a "
-                        f"non-finite gradient norm (last: loss {result.loss}, grad norm {result.grad_norm}); "
-                        f"their updates were skipped. Stopping: lower optim.lr, check the data, or resume "
-                        f"from the last checkpoint")
+                    raise NonFiniteError.after(self.nonfinite_in_a_row, self.step_count, "gradient norm",
+                                               result.loss, result.grad_norm)
                 stopped = result.stop
                 reason = self._stop_signal or "a signal on another rank"
                 if stopped and lead:  # said before the save: a launcher may kill us during it

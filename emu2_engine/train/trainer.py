@@ -62,6 +62,15 @@ def mark_stopped(run_dir: Path, step: int, reason: str, checkpoint_dir: Path) ->
 class NonFiniteError(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient norm."""
 
+    @classmethod
+    def after(cls, in_a_row: int, step: int, what: str, loss: float,
+              grad_norm: float) -> "NonFiniteError":
+        """The error that stops a run (both trainers): `what` names the quantity that was not
+        finite ("loss or gradient norm", "gradient norm")."""
+        return cls(f"{in_a_row} steps in a row (up to step {step}) had a non-finite {what} (last: "
+                   f"loss {loss}, grad norm {grad_norm}); their updates were skipped. Stopping: "
+                   f"lower optim.lr, check the data, or resume from the last checkpoint")
+
 
 class MicroBatches:
     """The micro-batches of one step, taken from `source` one at a time as the step uses them.
@@ -395,11 +404,8 @@ class Trainer:
                     writer.write(record)
                     meter.reset()
                 if self.nonfinite_in_a_row >= cfg.train.max_nonfinite:
-                    raise NonFiniteError(
-                        f"{self.nonfinite_in_a_row} steps in a row (up to step {self.step_count}) "
-                        f"had a non-finite loss or gradient norm (last: loss {result.loss}, grad "
-                        f"norm {result.grad_norm}); their updates were skipped. Stopping: lower "
-                        f"optim.lr, check the data, or resume from the last checkpoint")
+                    raise NonFiniteError.after(self.nonfinite_in_a_row, self.step_count,
+                                               "loss or gradient norm", result.loss, result.grad_norm)
                 interval = cfg.checkpoint.interval
                 reason = self._stop_signal or "a signal on another rank"
                 if stop and lead:  # said before the save: a launcher may kill us during it
