@@ -23,7 +23,8 @@ import torch
 
 _CHOICES = ("auto", "triton", "reference")
 
-OPS = ("modality_attention", "dense_attention", "emu2_head_loss", "pool_project", "spatiotemporal_conv")
+OPS = ("modality_attention", "dense_attention", "emu2_head_loss", "pool_project", "spatiotemporal_conv",
+       "group_norm")
 """The op names an ``op=choice`` entry may name."""
 
 _LIBRARY_FIRST = frozenset({"dense_attention"})
