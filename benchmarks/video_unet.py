@@ -2,19 +2,27 @@
 
     python -m benchmarks.run --suite gpu-quick --only video_unet
 
-Providers (the same model under three `EMU2_KERNELS` settings, so each op is A/B'd alone):
-- "kernels" (`auto`, the default): `spatiotemporal_conv`'s Triton kernel for every resnet conv
-  with its temporal conv; the spatial-temporal self-attention has no mask, so it runs SDPA's
-  fused kernels (flash / cuDNN attention; `ops.backend`, dense_attention);
-- "reference" (`reference`): cuDNN conv2d + conv1d per resnet conv, the same SDPA attention:
-  against "kernels" only the convolution differs;
+Providers (the same model under different `EMU2_KERNELS` settings and layouts, so each op is
+A/B'd alone):
+- "kernels" (`auto`, the default): the body channels-last (`UNet.channels_last`, the default on
+  CUDA); `spatiotemporal_conv`'s Triton kernel (or, on the deepest levels, its cuDNN library
+  path) for every resnet conv with its temporal conv, the `group_norm` kernel for every norm;
+  the spatial-temporal self-attention has no mask, so it runs SDPA's fused kernels (flash /
+  cuDNN attention; `ops.backend`, dense_attention);
+- "reference" (`reference`, body NCHW): plain PyTorch as a user would write it: cuDNN conv2d +
+  conv1d per resnet conv, PyTorch's GroupNorm, the same SDPA attention (session 4's
+  "reference", before the body could run channels-last);
+- "reference-cl" (`reference`, body channels-last): the same ops on channels-last activations;
+  PyTorch's CUDA GroupNorm copies them to NCHW and back;
+- "kernels-gn-reference" (`auto,group_norm=reference`): as "kernels" but PyTorch's GroupNorm:
+  against "kernels" only the norm differs;
 - "triton-attention" (`auto,dense_attention=triton`): as "kernels" but the attention on the
   engine's Triton kernel: against "kernels" only the attention differs;
 - "kernels-compiled" (asked for by name, see below): as "kernels" with every resnet and
   transformer compiled (`compile_unet_blocks`, what the decoder trainer's `train.compile` does);
   its warm-up runs absorb the compilation. It runs last, since it compiles the model in place.
-`VIDEO_UNET_PROVIDERS` (comma-separated) picks the providers on a GPU; the default is the first
-three.
+`VIDEO_UNET_PROVIDERS` (comma-separated) picks the providers on a GPU; the default is
+"kernels,reference,reference-cl,kernels-gn-reference".
 On a GPU each provider's step is also profiled once: the top kernels by device time and the time
 per family (conv, attention, gemm, norm, copy, other) go to `kernels.md` in the output folder,
 the families into the report as `family_ms`.
@@ -94,6 +102,7 @@ def _case(result: BenchResult, preset: str, batch: int, frames: int, side: int, 
         if provider == "kernels-compiled":
             from emu2_engine.train.decoder import compile_unet_blocks
             compile_unet_blocks(model)
+        model.channels_last = provider_layout.get(provider, True)
         with _backend(provider_backend[provider]):
             try:
                 ms = timer(step)
@@ -118,12 +127,15 @@ def _case(result: BenchResult, preset: str, batch: int, frames: int, side: int, 
         torch.cuda.empty_cache()
 
 
-provider_backend = {"kernels": "auto", "reference": "reference",
+provider_backend = {"kernels": "auto", "reference": "reference", "reference-cl": "reference",
+                    "kernels-gn-reference": "auto,group_norm=reference",
                     "triton-attention": "auto,dense_attention=triton", "kernels-compiled": "auto"}
+provider_layout = {"reference": False}
+"""`UNet.channels_last` per provider (True where not listed)."""
 
 
 def _gpu_providers() -> list[str]:
-    chosen = os.environ.get("VIDEO_UNET_PROVIDERS", "kernels,reference,triton-attention")
+    chosen = os.environ.get("VIDEO_UNET_PROVIDERS", "kernels,reference,reference-cl,kernels-gn-reference")
     names = [n.strip() for n in chosen.split(",") if n.strip()]
     unknown = [n for n in names if n not in provider_backend]
     if unknown or not names:

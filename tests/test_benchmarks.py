@@ -129,7 +129,7 @@ def test_idle_gaps_of_a_timeline():
 def test_video_unet_providers_by_name(monkeypatch):
     from benchmarks import video_unet
     monkeypatch.delenv("VIDEO_UNET_PROVIDERS", raising=False)
-    assert video_unet._gpu_providers() == ["kernels", "reference", "triton-attention"]
+    assert video_unet._gpu_providers() == ["kernels", "reference", "reference-cl", "kernels-gn-reference"]
     monkeypatch.setenv("VIDEO_UNET_PROVIDERS", "kernels, kernels-compiled")
     assert video_unet._gpu_providers() == ["kernels", "kernels-compiled"]
     monkeypatch.setenv("VIDEO_UNET_PROVIDERS", "kernels,fast")

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from emu2_engine.models.config import UNET_PRESETS
 from emu2_engine.models.unet import Transformer2D, UNet
@@ -229,3 +230,47 @@ def test_inflate_refuses_wrong_arguments(models):
     with pytest.raises(TypeError):
         inflate_unet([1, 2])
     assert isinstance(inflate_unet(unet), VideoUNet)
+
+
+class _LayoutCopies(TorchDispatchMode):
+    """The copies an op makes of tensors of 4 or more dimensions: (source shape, source strides)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[tuple[tuple, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            if src.dim() >= 4:
+                self.copies.append((tuple(src.shape), src.stride()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_body_copies_no_activation_between_layouts(models, monkeypatch, channels_last):
+    """With the kernels (the Triton conv and GroupNorm, here through the interpreter), a
+    channels-last body copies activations between layouts nowhere: the forward and backward's
+    only activation copies are of channel slices already channels-last (the gradients
+    `torch.cat` hands back to the skip connections). The NCHW body, for contrast, converts
+    around every kernel. Either way the output is the reference path's."""
+    unet, _ = models
+    video = inflate_unet(unet)
+    t, cond, ids = _conditions()
+    clip = torch.randn(1, CFG.in_channels, 2, 4, 4)
+    monkeypatch.setenv("EMU2_KERNELS", "reference")
+    want = video(clip, t[:1], cond[:1, None], ids[:1])
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    video.channels_last = channels_last
+    with _LayoutCopies() as seen:
+        out = video(clip, t[:1], cond[:1, None], ids[:1])
+        out.square().mean().backward()
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    params = {tuple(p.shape) for p in video.parameters()}
+    activations = [(shape, stride) for shape, stride in seen.copies
+                   if shape not in params and shape[1] != CFG.in_channels]  # not the input/output
+    between_layouts = [(shape, stride) for shape, stride in activations if stride[1] != 1]
+    if channels_last:
+        assert not between_layouts, between_layouts
+    else:
+        assert len(between_layouts) >= 8

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from emu2_engine.models.config import UNetConfig
-from emu2_engine.ops import modality_attention
+from emu2_engine.ops import group_norm, modality_attention
 from emu2_engine.ops.spatiotemporal_conv import spatiotemporal_conv
 
 TIME_IDS = 6
@@ -74,6 +74,12 @@ class TimestepEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Resnets
 # ----------------------------------------------------------------------------------------------
+def apply_norm(layer: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """`layer` applied through the `group_norm` op (then SiLU when asked), which keeps
+    channels-last activations channels-last."""
+    return group_norm(x, layer.num_groups, layer.weight, layer.bias, layer.eps, silu)
+
+
 def frames_to_clips(x: torch.Tensor, frames: int) -> torch.Tensor:
     """(B*F, C, H, W) frame batch -> (B, C, F, H, W) view of the clips."""
     return x.unflatten(0, (-1, frames)).transpose(1, 2)
@@ -120,9 +126,9 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, frames: int) -> torch.Tensor:
         """x (B*F, C, H, W); emb (B*F, emb_dim), one row per frame."""
-        h = self._conv(F.silu(self.norm1(x)), self.conv1, self.temporal_conv1, frames)
+        h = self._conv(apply_norm(self.norm1, x, silu=True), self.conv1, self.temporal_conv1, frames)
         h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
-        h = self._conv(F.silu(self.norm2(h)), self.conv2, self.temporal_conv2, frames)
+        h = self._conv(apply_norm(self.norm2, h, silu=True), self.conv2, self.temporal_conv2, frames)
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
@@ -211,7 +217,7 @@ class Transformer2D(nn.Module):
         """x (B*F, C, H, W), cond (B, N, context_dim): the tokens of a clip's F frames form one
         sequence of F*H*W tokens (for images F = 1)."""
         BF, C, H, W = x.shape
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(BF // frames, frames * H * W, C)
+        tokens = apply_norm(self.norm, x).permute(0, 2, 3, 1).reshape(BF // frames, frames * H * W, C)
         tokens = self.proj_in(tokens)
         for block in self.transformer_blocks.values():
             tokens = block(tokens, cond)
@@ -364,6 +370,11 @@ class UNet(nn.Module):
         self.up_blocks = nn.ModuleDict(up)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, widths[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
+        self.channels_last: bool | None = None
+        """Run the body channels-last: None (the default) means on CUDA. cuDNN's convolutions,
+        `spatiotemporal_conv` and the `group_norm` kernel all work in that layout, so the
+        activations are never copied between layouts; only the input and the output (a few
+        channels) are. Parameters and results do not depend on it."""
 
     # -- checks ---------------------------------------------------------------------------------
     def check_inputs(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
@@ -412,7 +423,11 @@ class UNet(nn.Module):
         return emb
 
     def denoise(self, x: torch.Tensor, emb: torch.Tensor, cond: torch.Tensor, frames: int) -> torch.Tensor:
-        """The network body on (B*F, C, H, W) frames; emb (B*F, D) per frame, cond (B, N, D) per clip."""
+        """The network body on (B*F, C, H, W) frames; emb (B*F, D) per frame, cond (B, N, D) per
+        clip. Returns a contiguous (B*F, C, H, W) tensor whatever layout the body ran in."""
+        channels_last = x.is_cuda if self.channels_last is None else self.channels_last
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks.values():
@@ -421,7 +436,7 @@ class UNet(nn.Module):
         x = self.mid_block(x, emb, cond, frames)
         for block in self.up_blocks.values():
             x = block(x, emb, cond, frames, skips)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(apply_norm(self.conv_norm_out, x, silu=True)).contiguous()
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | float, cond: torch.Tensor,
                 time_ids: torch.Tensor | None = None) -> torch.Tensor:
