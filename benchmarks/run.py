@@ -27,7 +27,8 @@ from benchmarks.report import ratio_rows, write_report
 
 SUITE_NAMES = ("cpu", "gpu-quick", "gpu-full")
 # Module names under benchmarks/, in the order they run.
-MODULES = ("packer", "data", "head_loss", "pool_project", "attention", "spatiotemporal_conv", "video_unet", "train_step")
+MODULES = ("packer", "data", "head_loss", "pool_project", "attention", "spatiotemporal_conv", "group_norm",
+           "video_unet", "train_step")
 
 
 def default_out_dir(device: str, suite: str) -> Path:
