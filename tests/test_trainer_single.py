@@ -130,3 +130,32 @@ def test_padding_images_are_dropped_without_changing_the_step(tmp_path):
     hand = batch.without_padding_images()
     hand.image_mask = None
     assert hand.without_padding_images() is hand
+
+
+@pytest.mark.gpu
+def test_side_stream_copies_equal_a_plain_copy_on_cuda(tmp_path):
+    """On CUDA the micro-batches are copied on the side stream (pinned, non-blocking, images cast
+    there): after the compute stream's own work each tensor equals a plain synchronous copy,
+    even when the compute stream is busy while the copies run and their buffers are freed and
+    reused from one micro-batch to the next."""
+    import torch
+
+    from emu2_engine.data.prefetch import pin_batch
+    from emu2_engine.train.trainer import copy_stream
+
+    device = torch.device("cuda")
+    trainer = Trainer(tiny_config(tmp_path / "cpu", "--data.prefetch=0", "--train.device=cpu"))
+    batches = [pin_batch(next(trainer.loader)) for _ in range(4)]
+    busy = torch.randn(4096, 4096, device=device)
+    got = []
+    for moved in MicroBatches(iter(batches), 4, device, lambda b: 0, torch.bfloat16):
+        for _ in range(8):  # keep the compute stream busy while the next copy is queued
+            busy = (busy @ busy).tanh()
+        got.append({f: getattr(moved, f).float().sum().item() for f in ("images", "input_ids", "labels")})
+    torch.cuda.synchronize()
+    assert copy_stream(device) is copy_stream(device)
+    for b, sums in zip(batches, got):
+        want = b.to(device)
+        assert sums["images"] == want.images.to(torch.bfloat16).float().sum().item()
+        assert sums["input_ids"] == want.input_ids.float().sum().item()
+        assert sums["labels"] == want.labels.float().sum().item()

@@ -18,13 +18,14 @@ and `train.max_nonfinite` of them in a row stop the run (`NonFiniteError`). A ra
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import signal
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -72,6 +73,13 @@ class NonFiniteError(RuntimeError):
                    f"lower optim.lr, check the data, or resume from the last checkpoint")
 
 
+@functools.cache
+def copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream micro-batches are copied on: one per device for the process, so that the
+    caching allocator keeps one pool of batch buffers (it caches memory per stream)."""
+    return torch.cuda.Stream(device)
+
+
 class MicroBatches:
     """The micro-batches of one step, taken from `source` one at a time as the step uses them.
 
@@ -89,7 +97,14 @@ class MicroBatches:
     the loader's padding images are dropped before the move (`PackedBatch.without_padding_images`),
     so the encoder computes real images only; the counts are taken before. With `add_text_rows`
     each batch gets its ``text_rows``, which let the head loss skip its range checks: only for a
-    `flops_of` that validates (`Trainer.batch_flops` does)."""
+    `flops_of` that validates (`Trainer.batch_flops` does).
+
+    On CUDA the copy (and the image cast) runs on a side stream, and the compute stream waits
+    for it only where the micro-batch's own kernels begin: a micro-batch is taken after the
+    previous one's backward has been queued, so its copy overlaps that backward instead of
+    stalling the compute stream (proxy-1b's 44 images of 448 px are 106 MB in fp32 per
+    micro-batch). Its tensors are marked as used by the compute stream, so the allocator does not
+    hand their memory to the next copy while the step still reads them."""
 
     def __init__(self, source, n: int, device: torch.device, flops_of,
                  image_dtype: torch.dtype | None = None, drop_padding_images: bool = False,
@@ -102,6 +117,7 @@ class MicroBatches:
         self.flops = 0
         self.data_seconds = 0.0
         self._read = False
+        self._copy_stream = copy_stream(device) if device.type == "cuda" else None
 
     def __len__(self) -> int:
         return self.n
@@ -125,10 +141,27 @@ class MicroBatches:
                 batch = batch.without_padding_images()
             if self.add_text_rows:  # validated above (flops_of): no sync in the head loss
                 batch = batch.with_text_rows()
-            batch = batch.to(self.device, non_blocking=True)
-            if self.image_dtype is not None:
-                batch.images = batch.images.to(self.image_dtype)
-            yield batch
+            yield self._to_device(batch)
+
+    def _to_device(self, batch: PackedBatch) -> PackedBatch:
+        """`batch` on the device, images in `image_dtype` (on CUDA: copied on the side stream)."""
+        if self._copy_stream is None:
+            return self._move(batch)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            moved = self._move(batch)
+        compute.wait_stream(self._copy_stream)
+        for f in fields(moved):
+            t = getattr(moved, f.name)
+            if isinstance(t, torch.Tensor):
+                t.record_stream(compute)
+        return moved
+
+    def _move(self, batch: PackedBatch) -> PackedBatch:
+        batch = batch.to(self.device, non_blocking=True)
+        if self.image_dtype is not None:
+            batch.images = batch.images.to(self.image_dtype)
+        return batch
 
 
 @dataclass
