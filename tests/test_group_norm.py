@@ -138,7 +138,9 @@ def test_kernels_compile_for_sm90():
 
 
 def compile_kernels_for_sm90():
-    """All six kernels, bf16 activations with fp32 weights, at the GPU tile sizes, for sm_90."""
+    """All six kernels at the GPU tile sizes, for sm_90: bf16 activations with fp32 weights (the
+    training path under autocast), and fp16 / fp32 activations with weights of their own dtype
+    (a model cast whole, as the samplers run it)."""
     from emu2_engine.kernels import group_norm as kernel
 
     ints = dict(L="i32", C="i32", G="i32", CG="i32", rows_per_chunk="i32", n_chunks="i32")
@@ -146,29 +148,31 @@ def compile_kernels_for_sm90():
     tiles = dict(BLOCK_R=kernel.BLOCK_R, BLOCK_C=kernel.BLOCK_C)
     small = dict(BLOCK_K=64, BLOCK_CG=64)
     aligned = ("x_ptr", "C")
-    cases = [
-        (kernel._stats_kernel, dict(x_ptr="*bf16", mean_ptr=f32, m2_ptr=f32), tiles),
-        (kernel._finalize_stats_kernel,
-         dict(mean_ptr=f32, m2_ptr=f32, w_ptr=f32, b_ptr=f32, gmean_ptr=f32, grstd_ptr=f32,
-              scale_ptr=f32, shift_ptr=f32, eps="fp32"), small),
-        (kernel._apply_kernel, dict(x_ptr="*bf16", y_ptr="*bf16", scale_ptr=f32, shift_ptr=f32),
-         dict(SILU=True, **tiles)),
-        (kernel._grad_partials_kernel,
-         dict(x_ptr="*bf16", dy_ptr="*bf16", scale_ptr=f32, shift_ptr=f32, gmean_ptr=f32,
-              grstd_ptr=f32, p1_ptr=f32, p2_ptr=f32), dict(SILU=True, **tiles)),
-        (kernel._finalize_grad_kernel,
-         dict(p1_ptr=f32, p2_ptr=f32, w_ptr=f32, gmean_ptr=f32, grstd_ptr=f32, t1_ptr=f32,
-              t2_ptr=f32, beta_ptr=f32, gamma_ptr=f32), small),
-        (kernel._grad_input_kernel,
-         dict(x_ptr="*bf16", dy_ptr="*bf16", dx_ptr="*bf16", scale_ptr=f32, shift_ptr=f32,
-              beta_ptr=f32, gamma_ptr=f32), dict(SILU=True, **tiles)),
-    ]
-    for fn, pointers, constexprs in cases:
-        types = {**ints, **pointers}
-        binary = compile_for_sm90(fn, types, constexprs,
-                                  aligned=tuple(a for a in aligned if a in fn.arg_names),
-                                  num_warps=kernel.NUM_WARPS)
-        assert "cubin" in binary.asm, fn.fn.__name__
+    for act, wt in (("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
+        x, w = f"*{act}", f"*{wt}"
+        cases = [
+            (kernel._stats_kernel, dict(x_ptr=x, mean_ptr=f32, m2_ptr=f32), tiles),
+            (kernel._finalize_stats_kernel,
+             dict(mean_ptr=f32, m2_ptr=f32, w_ptr=w, b_ptr=w, gmean_ptr=f32, grstd_ptr=f32,
+                  scale_ptr=f32, shift_ptr=f32, eps="fp32"), small),
+            (kernel._apply_kernel, dict(x_ptr=x, y_ptr=x, scale_ptr=f32, shift_ptr=f32),
+             dict(SILU=True, **tiles)),
+            (kernel._grad_partials_kernel,
+             dict(x_ptr=x, dy_ptr=x, scale_ptr=f32, shift_ptr=f32, gmean_ptr=f32,
+                  grstd_ptr=f32, p1_ptr=f32, p2_ptr=f32), dict(SILU=True, **tiles)),
+            (kernel._finalize_grad_kernel,
+             dict(p1_ptr=f32, p2_ptr=f32, w_ptr=w, gmean_ptr=f32, grstd_ptr=f32, t1_ptr=f32,
+                  t2_ptr=f32, beta_ptr=f32, gamma_ptr=f32), small),
+            (kernel._grad_input_kernel,
+             dict(x_ptr=x, dy_ptr=x, dx_ptr=x, scale_ptr=f32, shift_ptr=f32,
+                  beta_ptr=f32, gamma_ptr=f32), dict(SILU=True, **tiles)),
+        ]
+        for fn, pointers, constexprs in cases:
+            types = {**ints, **pointers}
+            binary = compile_for_sm90(fn, types, constexprs,
+                                      aligned=tuple(a for a in aligned if a in fn.arg_names),
+                                      num_warps=kernel.NUM_WARPS)
+            assert "cubin" in binary.asm, (fn.fn.__name__, act, wt)
 
 
 @pytest.mark.gpu
