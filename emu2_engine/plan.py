@@ -8,11 +8,11 @@ whether it fits with a safety margin, and recommends the fitting layout with the
 estimated throughput. Every figure is derived from the model config; docs/plan.md explains
 the memory model and tests/test_plan.py checks it against memory measured on the debug model.
 
-The memory model (what the engine's FSDP2 setup keeps, per GPU):
+The memory model (what the engine keeps, per GPU; it trains under torch.autocast(bf16)):
 - FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) keeps the *sharded*
   parameters in fp32 (they are the optimiser's master weights: no separate master copy),
   fp32 sharded gradients and AdamW's two fp32 moments, all sharded over tp x dp_shard.
-- It all-gathers a bf16 copy of each block's parameters for its forward and backward. Without
+- FSDP all-gathers a bf16 copy of each block's parameters for its forward and backward. Without
   pipelining a block's copy is freed after use (reshard after forward), so two blocks (the
   running one and the prefetched one) and the root module are gathered at a time, and each
   block's unsharded bf16 gradient plus its fp32 copy for the reduce-scatter exist briefly.
@@ -20,8 +20,11 @@ The memory model (what the engine's FSDP2 setup keeps, per GPU):
   fp32 gradients over the micro-batches (torch.distributed.pipelining turns off resharding
   and gradient sync for all but the last backward; torchtitan does not reshard after forward
   under PP): 2 + 4 bytes per parameter of the stage, divided by tp only.
+- Without data parallelism there is no FSDP (`ParallelDims.fsdp_mesh` is None): the forward
+  reads the fp32 parameters themselves, and autocast caches a bf16 copy of every trained
+  linear weight for the whole step (`autocast_cache_params`) instead of FSDP's gathered copies.
 - Activations: what autograd saves in one forward, per micro-batch in flight, by
-  checkpointing mode (the formulas below, one comment per saved tensor).
+  checkpointing mode and `Precision` (the formulas below, one comment per saved tensor).
 """
 
 from __future__ import annotations
@@ -142,10 +145,88 @@ def model_params(cfg: Emu2Config) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Precision: which dtype each saved tensor has
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes one forward runs in: the parameters it reads and whether torch.autocast(bf16)
+    is on. The engine trains under autocast (`Trainer.autocast`) with fp32 parameters on one
+    GPU and without data parallelism, and with the bf16 copies FSDP2 gathers
+    (`MixedPrecisionPolicy(param_dtype=bf16)`, every shipped config) under data parallelism.
+
+    What the dtypes change, op by op, under CUDA autocast (aten/src/ATen/autocast_mode.cpp):
+    linears run in bf16 and cast an input that is not bf16 each time they read it (three casts
+    of one RMSNorm output for q, k and v); the casts of fp32 *parameters* that require grad are
+    cached for the whole autocast region (`autocast_cache_params`); `layer_norm` is on the fp32
+    list, so it casts its input to fp32 and saves that; everything else (embedding, RMSNorm's
+    elementwise ops, residual adds) keeps eager type promotion, so the residual streams are in
+    the parameters' dtype (the LLaMA's) or fp32 (the ViT's: fp32 LayerNorm outputs)."""
+
+    params: int
+    """Bytes per element of the parameters the forward reads (4: fp32, 2: bf16)."""
+    autocast: bool
+    """torch.autocast(dtype=bfloat16) is on."""
+
+    @property
+    def compute(self) -> int:
+        """Bytes of what the matmuls and attention produce and save."""
+        return BF16 if self.autocast else self.params
+
+    @property
+    def layer_norm(self) -> int:
+        """Bytes of the input LayerNorm saves: fp32 under autocast (its fp32 list)."""
+        return FP32 if self.autocast else self.compute
+
+    @property
+    def vit_stream(self) -> int:
+        """Bytes of the ViT's residual stream: under autocast fp32, since LayerNorm returns fp32
+        (the first block's input is in the parameters' dtype; counted as fp32 too)."""
+        return FP32 if self.autocast else self.params
+
+
+FP32_ONLY = Precision(FP32, autocast=False)
+"""An fp32 model without autocast (the CPU test's default)."""
+BF16_ONLY = Precision(BF16, autocast=False)
+"""A model cast to bf16 with `.to(torch.bfloat16)`, without autocast."""
+MIXED = Precision(FP32, autocast=True)
+"""The engine without data parallelism: fp32 parameters under autocast."""
+MIXED_FSDP = Precision(BF16, autocast=True)
+"""The engine under FSDP2: bf16 gathered parameters under autocast."""
+
+
+def training_precision(lay: "Layout") -> Precision:
+    """What a layout's training step runs in: FSDP (`parallel/fsdp.py`) is applied only with
+    data parallelism (`ParallelDims.fsdp_mesh`); without it the parameters stay fp32."""
+    return MIXED_FSDP if lay.dp_shard * lay.dp_replicate > 1 else MIXED
+
+
+def autocast_cache_params(cfg: Emu2Config, c: "Chunk", freeze_vision: bool = False) -> int:
+    """Parameters of a chunk whose bf16 casts autocast caches.
+
+    Autocast caches the cast of a tensor that is an fp32 leaf, requires grad and enters an op on
+    its bf16 list (here F.linear), and keeps it until the outermost autocast region ends: the
+    trainer's covers every micro-batch's forward and backward, so the copies live for the whole
+    step, once (autograd saves the same copy). Those are the linears' weights and biases. Not
+    cached: RMSNorm and LayerNorm weights (no bf16 op), the ViT's q/v biases (concatenated
+    first: not leaves), the patch embedding's weight (a reshaped view; its input needs no
+    gradient, so its per-use cast is not saved either), the token embedding (no autocast op),
+    a frozen encoder's weights (no grad), and `project_up`, the LM head and `project_down`,
+    which the fused ops cast themselves (`ops.backend.autocast_dtype`: not cached; the held
+    gradients and pool_project's saved weight are counted as activations)."""
+    llm, v = cfg.llm, cfg.vision
+    n = c.layers * (llama_layer_params(llm) - 2 * llm.hidden)  # all but the two RMSNorm weights
+    if c.stem and not freeze_vision:
+        # All but q_bias, v_bias and the two LayerNorms' weights and biases; plus the patch
+        # embedding's bias.
+        n += v.depth * (vit_block_params(v) - 6 * v.width) + v.width
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
 # Activations: what autograd saves in one forward of one micro-batch
 # ----------------------------------------------------------------------------------------------
-# `a` is the bytes of the activation dtype (bf16 under FSDP mixed precision; 4 in the fp32 CPU
-# test). Tensor parallelism follows `parallel/tensor_parallel.py`: LLaMA blocks are tensor +
+# `p` is the Precision; `a = p.compute` the bytes of what matmuls save (bf16 under autocast).
+# Tensor parallelism follows `parallel/tensor_parallel.py`: LLaMA blocks are tensor +
 # sequence parallel (the residual stream and the RMSNorms hold 1/tp of the sequence; heads and
 # FFN columns are split over tp; the input of each sublayer's first linears is all-gathered to
 # the full sequence and autograd saves that gathered copy, so those terms do not shrink with
@@ -158,40 +239,51 @@ def model_params(cfg: Emu2Config) -> int:
 # and of the collectives, and recomputes the elementwise work between them (norms, RoPE,
 # SiLU x up, GELU, residual adds, casts).
 
-def llama_layer_activations(llm: LlamaConfig, tokens: int, ac: str = "none", a: int = BF16,
-                            tp: int = 1) -> int:
+def _rms_norm_activations(H: int, consumers: int, p: Precision, tp: int) -> int:
+    """Bytes per token one RMSNorm keeps, with the input(s) of the `consumers` linears that
+    read its output.
+
+    It computes in fp32: x.float() is saved by pow and by the product with rsqrt (a new fp32
+    tensor when x is bf16, x itself when it is fp32), rsqrt per token, and the normalised
+    tensor cast back to x's dtype (the stream's: the parameters'), saved by the weight multiply.
+    Its output is in the stream's dtype too (weight x normalised): when that is the matmuls'
+    dtype the linears share it and it is saved once (all-gathered under SP, so full size);
+    under autocast with fp32 parameters each linear saves its own bf16 cast of it."""
+    a, s = p.compute, p.params
+    linear_inputs = (1 if s == a else consumers) * a * H
+    return (FP32 * H + FP32 + s * H) // tp + linear_inputs
+
+
+def llama_layer_activations(llm: LlamaConfig, tokens: int, ac: str = "none",
+                            p: Precision = BF16_ONLY, tp: int = 1) -> int:
     """Bytes one LLaMA block keeps for backward over `tokens` tokens."""
     H, F, D = llm.hidden, llm.ffn_hidden, llm.head_dim
     q, kv = llm.heads * D, llm.kv_heads * D
+    a, s = p.compute, p.params
     if ac == "full":
-        return tokens * a * H // tp  # the block input (sequence-sharded under SP)
+        return tokens * s * H // tp  # the block input (sequence-sharded under SP)
     if ac == "selective":
-        per_token = (a * H // tp  # the block input, held by the checkpoint
+        per_token = (s * H // tp  # the block input, held by the checkpoint
                      + a * (q + 2 * kv) // tp  # q_proj, k_proj, v_proj outputs (local heads)
                      + a * q // tp + FP32 * llm.heads // tp  # attention output and log-sum-exp
                      + 2 * a * F // tp  # gate_proj and up_proj outputs
                      # o_proj and down_proj outputs: under TP the full-sequence partial sums
                      # that the reduce-scatter consumes, so full size at any tp
                      + 2 * a * H)
-        if tp > 1:  # the collectives' outputs: two all-gathered inputs, two reduce-scattered outputs
-            per_token += 2 * a * H + 2 * a * H // tp
+        if tp > 1:  # the collectives' outputs: two all-gathered norm outputs (stream dtype),
+            per_token += 2 * s * H + 2 * a * H // tp  # two reduce-scattered matmul outputs
         return tokens * per_token
-    # RMSNorm computes in fp32: x.float() is saved by pow and the product with rsqrt (a new
-    # fp32 tensor in bf16; x itself in fp32, when the cast is a no-op), rsqrt per token, and the
-    # normalised tensor cast back, saved by the weight multiply. Its output (the input of the
-    # next linears) is saved once, all-gathered under SP.
-    norm = (FP32 * H + FP32 + a * H) // tp
     per_token = (
-        norm + a * H  # input_layernorm, and q/k/v_proj's shared input
+        _rms_norm_activations(H, 3, p, tp)  # input_layernorm, read by q/k/v_proj
         # RoPE: x * cos saves cos, not x (cos needs no gradient); cos and sin are cast to the
-        # activation dtype for q and for k: 4 saved casts per layer. In fp32 the casts are
+        # matmuls' dtype for q and for k: 4 saved casts per layer. In fp32 the casts are
         # no-ops and the fp32 tables are shared by every layer (`llm_stem_activations`).
         + (4 * D * a if a != FP32 else 0)
         + a * (q + 2 * kv) // tp  # attention saves the rotated q, k and v (local heads)
         + a * q // tp  # attention output: also o_proj's input (the kernel writes it in
         # (B, S, H, D) layout, so the reshape before o_proj is a view)
         + FP32 * llm.heads // tp  # attention log-sum-exp, fp32 per head
-        + norm + a * H  # post_attention_layernorm, and gate/up_proj's shared input
+        + _rms_norm_activations(H, 2, p, tp)  # post_attention_layernorm, read by gate/up_proj
         + a * F // tp  # gate_proj output (saved by SiLU)
         + a * F // tp  # SiLU output (saved by the product)
         + a * F // tp  # up_proj output (saved by the product)
@@ -199,15 +291,16 @@ def llama_layer_activations(llm: LlamaConfig, tokens: int, ac: str = "none", a: 
     return tokens * per_token
 
 
-def vit_block_activations(v: VisionConfig, images: int, ac: str = "none", a: int = BF16,
-                          tp: int = 1) -> int:
+def vit_block_activations(v: VisionConfig, images: int, ac: str = "none",
+                          p: Precision = BF16_ONLY, tp: int = 1) -> int:
     """Bytes one (post-norm) EVA ViT block keeps for backward over `images` images."""
     C, M = v.width, v.mlp_hidden
+    a, ln = p.compute, p.layer_norm
     tokens = images * (v.n_patches + 1)  # patches + CLS
     if ac == "full":
-        return tokens * a * C  # the block input (replicated: no SP in the ViT)
+        return tokens * p.vit_stream * C  # the block input (replicated: no SP in the ViT)
     if ac == "selective":
-        per_token = (a * C  # the block input
+        per_token = (p.vit_stream * C  # the block input
                      + 3 * a * C // tp  # qkv output (local heads)
                      + a * C // tp + FP32 * v.heads // tp  # attention output and log-sum-exp
                      + a * M // tp  # fc1 output
@@ -216,47 +309,58 @@ def vit_block_activations(v: VisionConfig, images: int, ac: str = "none", a: int
             per_token += 2 * a * C  # the all-reduced proj and fc2 outputs
         return tokens * per_token
     per_token = (
-        a * C  # block input x, saved by the fused qkv linear
+        a * C  # block input x (or its bf16 cast under autocast), saved by the fused qkv linear
         + 3 * a * C // tp  # qkv output: attention saves q, k, v, which are views of it
         + a * C // tp  # attention output (also proj's input: a view, as in the LLaMA block)
         + FP32 * v.heads // tp  # attention log-sum-exp
-        + a * C + 2 * FP32  # proj output (all-reduced under TP), saved by norm1 with fp32 mean, rstd
-        + a * C  # x + norm1(..): fc1's input
+        # proj output (all-reduced under TP), saved by norm1 (its fp32 cast under autocast)
+        # with fp32 mean and rstd
+        + ln * C + 2 * FP32
+        + a * C  # x + norm1(..) (or its cast): fc1's input
         + a * M // tp  # fc1 output (saved by GELU)
         + a * M // tp  # GELU output (saved by fc2)
-        + a * C + 2 * FP32)  # fc2 output (all-reduced under TP), saved by norm2 with mean and rstd
+        + ln * C + 2 * FP32)  # fc2 output (all-reduced under TP) or its cast, saved by norm2
     return tokens * per_token
 
 
-def vision_stem_activations(cfg: Emu2Config, images: int, a: int = BF16) -> int:
+def vision_stem_activations(cfg: Emu2Config, images: int, p: Precision = BF16_ONLY,
+                            freeze_vision: bool = False) -> int:
     """Bytes saved outside the ViT blocks on the vision side (stage 0)."""
-    v = cfg.vision
-    return (images * 3 * v.image_size ** 2 * a  # pixels (cast to the parameter dtype), saved by the conv
-            + images * cfg.n_query * v.width * a)  # pooled features, saved by pool_project
+    v, a = cfg.vision, p.compute
+    # pool_project saves the pooled features, and the copy of project_up's weight it casts
+    # itself under autocast (`project_up` is trained with the encoder frozen too).
+    n = images * cfg.n_query * v.width * a + (v.width * cfg.llm.hidden * a if a != p.params else 0)
+    if not freeze_vision:  # the patch GEMM saves its input for its weight's gradient
+        n += images * 3 * v.image_size ** 2 * a  # the pixels, cast to the matmuls' dtype
+    return n
 
 
 def llm_stem_activations(cfg: Emu2Config, tokens: int, visual_tokens: int, embed: bool,
-                         a: int = BF16) -> int:
+                         p: Precision = BF16_ONLY, ac: str = "none") -> int:
     """Bytes saved once per micro-batch by a stage that runs LLaMA blocks (and, on stage 0,
     the token embedding)."""
     D = cfg.llm.head_dim
     n = tokens * 2 * 4  # int32 doc/span ids, saved by every layer's attention (one tensor each)
-    if a == FP32:
-        n += tokens * 2 * D * FP32  # the fp32 cos/sin tables, shared by all layers (see above)
+    if p.compute == FP32 or ac != "none":
+        # The cos/sin tables, in the dtype of the `inv_freq` buffer: fp32 in training (FSDP's
+        # param_dtype casts parameters, not buffers). Shared by every layer: saved by RoPE's
+        # products when they run in fp32, and held as block inputs by the checkpoints.
+        n += tokens * 2 * D * (FP32 if p.autocast else p.params)
     if embed:
         n += tokens * 8 + visual_tokens * 8  # int64 token ids (embedding), slot indices (index_put)
     return n
 
 
-def head_activations(cfg: Emu2Config, tokens: int, a: int = BF16, tp: int = 1) -> int:
+def head_activations(cfg: Emu2Config, tokens: int, p: Precision = BF16_ONLY, tp: int = 1) -> int:
     """Bytes the last stage holds from forward to backward for the final norm and the heads.
 
-    `emu2_head_loss` computes its gradients during the forward and holds them until backward
-    instead of saving its inputs: the gradient of the hidden states (full sequence), of this
-    rank's LM-head rows and of `project_down` (regression rows are not counted: at most
-    n_query per regressed image)."""
-    H = cfg.llm.hidden
-    norm = tokens * (FP32 * H + FP32 + a * H) // tp  # final RMSNorm, as in the blocks
+    `emu2_head_loss` computes its gradients during the forward (in the matmuls' dtype: under
+    autocast it casts its inputs to bf16 itself) and holds them until backward instead of
+    saving its inputs: the gradient of the hidden states (full sequence), of this rank's
+    LM-head rows and of `project_down` (regression rows are not counted: at most n_query per
+    regressed image)."""
+    H, a = cfg.llm.hidden, p.compute
+    norm = tokens * (FP32 * H + FP32 + p.params * H) // tp  # final RMSNorm, as in the blocks
     grads = tokens * a * H + -(-cfg.llm.vocab_size // tp) * H * a + cfg.vision.width * H * a
     return norm + grads
 
@@ -412,6 +516,8 @@ class Estimate:
     """AdamW's two fp32 moments."""
     working: int
     """Unsharded bf16 parameters and gradients FSDP gathers or accumulates (see module doc)."""
+    autocast_cache: int
+    """Without FSDP: the bf16 copies of the fp32 weights that autocast caches for the step."""
     activations: int
     """Saved activations of every micro-batch in flight, plus one block's recomputation."""
     bubble: float
@@ -423,7 +529,8 @@ class Estimate:
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.working + self.activations
+        return (self.params + self.grads + self.optimizer + self.working + self.autocast_cache
+                + self.activations)
 
 
 def _rank_memory(cfg: Emu2Config, wl: Workload, lay: Layout, chunks: tuple[Chunk, ...], rank: int,
@@ -432,7 +539,11 @@ def _rank_memory(cfg: Emu2Config, wl: Workload, lay: Layout, chunks: tuple[Chunk
     shard = lay.tp * lay.dp_shard
     total = sum(chunk_params(cfg, c) for c in own)
     trained = sum(chunk_params(cfg, c, True, wl.freeze_vision) for c in own)
-    if lay.pp > 1:
+    p = training_precision(lay)
+    working, cache = 0, 0
+    if p.autocast and p.params == FP32:  # no FSDP: autocast's bf16 weight copies, for the step
+        cache = BF16 * sum(autocast_cache_params(cfg, c, wl.freeze_vision) for c in own) // lay.tp
+    elif lay.pp > 1:
         working = (BF16 * total + FP32 * trained) // lay.tp
     else:
         # Root module (stem + heads) stays gathered; two blocks gathered at a time, and one
@@ -443,16 +554,16 @@ def _rank_memory(cfg: Emu2Config, wl: Workload, lay: Layout, chunks: tuple[Chunk
     acts, recompute = 0, 0
     counts = in_flight(lay.pp, lay.virtual, microbatches, rank)
     for c, n in zip(own, counts):
-        acts += n * chunk_activations(cfg, wl, c, lay.ac, lay.tp)
+        acts += n * chunk_activations(cfg, wl, c, lay.ac, lay.tp, p)
         if lay.ac != "none":
             # Backward of a checkpointed block first rebuilds its full set of activations.
             extra = []
             if c.layers:
-                extra.append(llama_layer_activations(cfg.llm, wl.tokens, "none", BF16, lay.tp)
-                             - llama_layer_activations(cfg.llm, wl.tokens, lay.ac, BF16, lay.tp))
+                extra.append(llama_layer_activations(cfg.llm, wl.tokens, "none", p, lay.tp)
+                             - llama_layer_activations(cfg.llm, wl.tokens, lay.ac, p, lay.tp))
             if c.stem and not wl.freeze_vision:
-                extra.append(vit_block_activations(cfg.vision, wl.images, "none", BF16, lay.tp)
-                             - vit_block_activations(cfg.vision, wl.images, lay.ac, BF16, lay.tp))
+                extra.append(vit_block_activations(cfg.vision, wl.images, "none", p, lay.tp)
+                             - vit_block_activations(cfg.vision, wl.images, lay.ac, p, lay.tp))
             recompute = max([recompute, *extra])
     if lay.pp > 1 and any(c.stem for c in own):
         # A pipeline schedule takes all of a step's micro-batches at once: their images (bf16,
@@ -460,21 +571,22 @@ def _rank_memory(cfg: Emu2Config, wl: Workload, lay: Layout, chunks: tuple[Chunk
         acts += microbatches * wl.images * 3 * cfg.vision.image_size ** 2 * BF16
     return {"params": FP32 * total // shard, "grads": FP32 * trained // shard,
             "optimizer": 2 * FP32 * trained // shard, "working": working,
-            "activations": acts + recompute}
+            "autocast_cache": cache, "activations": acts + recompute}
 
 
 def chunk_activations(cfg: Emu2Config, wl: Workload, c: Chunk, ac: str, tp: int = 1,
-                      a: int = BF16) -> int:
+                      p: Precision = BF16_ONLY) -> int:
     """Activation bytes a chunk saves for one micro-batch."""
     n = 0
     if c.layers:
-        n += c.layers * llama_layer_activations(cfg.llm, wl.tokens, ac, a, tp)
-        n += llm_stem_activations(cfg, wl.tokens, wl.images * cfg.n_query, c.stem, a)
-    if c.stem and not wl.freeze_vision:
-        n += cfg.vision.depth * vit_block_activations(cfg.vision, wl.images, ac, a, tp)
-        n += vision_stem_activations(cfg, wl.images, a)
+        n += c.layers * llama_layer_activations(cfg.llm, wl.tokens, ac, p, tp)
+        n += llm_stem_activations(cfg, wl.tokens, wl.images * cfg.n_query, c.stem, p, ac)
+    if c.stem:
+        if not wl.freeze_vision:
+            n += cfg.vision.depth * vit_block_activations(cfg.vision, wl.images, ac, p, tp)
+        n += vision_stem_activations(cfg, wl.images, p, wl.freeze_vision)
     if c.head:
-        n += head_activations(cfg, wl.tokens, a, tp)
+        n += head_activations(cfg, wl.tokens, p, tp)
     return n
 
 
@@ -513,8 +625,9 @@ def estimate(cfg: Emu2Config, wl: Workload, lay: Layout, gpu: GPU) -> Estimate |
             # The recomputed elementwise ops are bound by memory traffic: they read their
             # inputs and write the tensors that checkpointing did not keep, about twice the
             # bytes the mode saves against none.
-            dropped = (chunk_activations(cfg, wl, c, "none", lay.tp)
-                       - chunk_activations(cfg, wl, c, "selective", lay.tp))
+            p = training_precision(lay)
+            dropped = (chunk_activations(cfg, wl, c, "none", lay.tp, p)
+                       - chunk_activations(cfg, wl, c, "selective", lay.tp, p))
             compute += 2 * dropped / gpu.hbm
         comm = c.layers * n_coll * wl.tokens * cfg.llm.hidden * BF16
         if c.stem and not wl.freeze_vision:
@@ -612,7 +725,8 @@ def _gib(n: int) -> str:
 
 def format_table(rows: list[Estimate]) -> str:
     head = (f"{'tp':>3} {'pp':>3} {'dp_sh':>5} {'dp_rep':>6} {'schedule':>16} {'v':>2} {'ac':>9} | "
-            f"{'params':>7} {'grads':>7} {'optim':>7} {'working':>7} {'activ':>7} {'total':>7} GiB | "
+            f"{'params':>7} {'grads':>7} {'optim':>7} {'working':>7} {'casts':>7} {'activ':>7} "
+            f"{'total':>7} GiB | "
             f"{'bubble':>6} {'est.eff':>7} fits")
     lines = [head, "-" * len(head)]
     for e in rows:
@@ -620,8 +734,9 @@ def format_table(rows: list[Estimate]) -> str:
         lines.append(
             f"{lay.tp:>3} {lay.pp:>3} {lay.dp_shard:>5} {lay.dp_replicate:>6} {lay.schedule:>16} "
             f"{lay.virtual:>2} {lay.ac:>9} | "
-            f"{_gib(e.params)} {_gib(e.grads)} {_gib(e.optimizer)} {_gib(e.working)} {_gib(e.activations)} "
-            f"{_gib(e.total)}     | {e.bubble:6.1%} {e.efficiency:7.1%} {'yes' if e.fits else 'no'}")
+            f"{_gib(e.params)} {_gib(e.grads)} {_gib(e.optimizer)} {_gib(e.working)} "
+            f"{_gib(e.autocast_cache)} {_gib(e.activations)} {_gib(e.total)}     | "
+            f"{e.bubble:6.1%} {e.efficiency:7.1%} {'yes' if e.fits else 'no'}")
     return "\n".join(lines)
 
 
@@ -651,7 +766,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{RESERVED_BYTES / GiB:.0f} GiB reserved and a {MARGIN:.0%} margin)")
     print(f"workload: {wl.seq_len} tokens x {wl.micro_batch} per micro-batch, {wl.global_batch} "
           f"sequences per step, {wl.images_per_seq} images per sequence"
-          f"{', encoder frozen' if wl.freeze_vision else ''}; memory of the fullest GPU, bf16 compute")
+          f"{', encoder frozen' if wl.freeze_vision else ''}; memory of the fullest GPU, under "
+          f"bf16 autocast (fp32 weights without data parallelism, FSDP's bf16 copies with it)")
     for line in refused:
         print(f"  ruled out: {line}")
     if not rows:

@@ -6,9 +6,13 @@ Measured, on the CPU:
 - activations: the storages one forward leaves for backward, counted once each: those autograd
   saves (`saved_tensors_hooks`) plus those created during the forward that are still alive
   after it (a dispatch mode with weak references), which catches what checkpointing holds
-  (block inputs) and what the fused head loss keeps outside autograd (its gradients). Parameters
-  are not activations. The model runs its Triton kernels (through the interpreter), which is
-  what a GPU runs and what the formulas describe (flash attention saves no score matrix).
+  (block inputs) and what the fused head loss keeps outside autograd (its gradients).
+  Parameters are not activations, nor are the bf16 casts of parameters that autocast caches:
+  those are measured apart, as the casts still alive once the forward's graph is gone. The
+  model runs its Triton kernels (through the interpreter), which is what a GPU runs and what
+  the formulas describe (flash attention saves no score matrix);
+- the same under torch.autocast(bf16), as the engine trains, with CUDA autocast's layer_norm
+  policy imitated on the CPU (`_cuda_layer_norm_policy`).
 """
 
 import gc
@@ -122,41 +126,70 @@ def test_states_match_a_real_adamw_step(debug, monkeypatch, freeze_vision):
 # Activations
 # ----------------------------------------------------------------------------------------------
 class _Created(TorchDispatchMode):
-    """Weak references to the storage of every tensor an op creates."""
+    """Weak references to the storage of every tensor an op creates, and which of them are
+    casts of a parameter (`params`: the parameters' storage addresses)."""
 
-    def __init__(self):
+    def __init__(self, params: set[int]):
         super().__init__()
+        self.params = params
         self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.weight_casts: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        cast = (func is torch.ops.aten._to_copy.default
+                and args[0].untyped_storage().data_ptr() in self.params)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
                 s = t.untyped_storage()
+                if s._cdata in inputs:
+                    continue  # a view of an input, or an input written in place: nothing new
                 # A later storage at the same address means the earlier one was freed.
                 self.storages[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
+                (self.weight_casts.add if cast else self.weight_casts.discard)(s.data_ptr())
         return out
 
 
-def _measure_activations(model: Emu2Model, batch: PackedBatch) -> int:
-    """Bytes of the distinct storages one forward leaves for backward (see the module doc)."""
+def _measure_activations(model: Emu2Model, batch: PackedBatch) -> tuple[int, int]:
+    """Bytes of the distinct storages one forward leaves for backward (see the module doc),
+    as (activations, autocast's cached weight casts). Run inside an autocast region, the
+    casts of parameters that are still alive once the forward's graph is freed are those the
+    autocast cache holds (it keeps them until the region ends); they are not activations."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
     def pack(t):
         s = t.untyped_storage()
         saved[s.data_ptr()] = s.nbytes()
-        return t
+        # Detached: a node that saves its own output would otherwise hold itself through the
+        # output's grad_fn and outlive the graph (this forward is never run backward).
+        return t.detach()
 
-    created = _Created()
+    created = _Created(params)
     with created, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(batch)
     gc.collect()
     alive = {ptr: n for ptr, (ref, n) in created.storages.items() if not ref.expired()}
-    kept = {**saved, **alive}
-    total = sum(n for ptr, n in kept.items() if ptr not in params)
+    kept = {ptr: n for ptr, n in {**saved, **alive}.items() if ptr not in params}
     del loss
-    return total
+    gc.collect()
+    cached = {ptr for ptr in created.weight_casts & kept.keys()
+              if not created.storages[ptr][0].expired()}
+    torch.clear_autocast_cache()
+    gc.collect()
+    assert all(created.storages[ptr][0].expired() for ptr in cached)  # held by the cache alone
+    activations = sum(n for ptr, n in kept.items() if ptr not in cached)
+    return activations, sum(kept[ptr] for ptr in cached)
+
+
+def _interpreter_kernels(monkeypatch):
+    """The Triton kernels through the interpreter, with larger blocks than the kernel tests
+    use: half the time, the same saved tensors."""
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    monkeypatch.setattr(_attention_kernel, "INTERPRETER_BLOCKS",
+                        {"tile": 64, "fwd": (64, 64), "dkdv": (64, 64), "dq": (64, 64)})
 
 
 @pytest.mark.parametrize("ac, dtype", [("none", torch.float32), ("full", torch.float32),
@@ -166,18 +199,65 @@ def test_activations_match_measured(debug, monkeypatch, ac, dtype):
     against the bytes the forward leaves for backward. bf16 checks the dtype-dependent terms
     (RMSNorm's fp32 copy, the per-layer RoPE casts); the interpreter's bf16 arithmetic is
     wrong but what autograd saves does not depend on the values."""
-    monkeypatch.setenv("EMU2_KERNELS", "triton")
-    # Larger interpreter blocks than the kernel tests use: half the time, same saved tensors.
-    monkeypatch.setattr(_attention_kernel, "INTERPRETER_BLOCKS",
-                        {"tile": 64, "fwd": (64, 64), "dkdv": (64, 64), "dq": (64, 64)})
+    _interpreter_kernels(monkeypatch)
     cfg, batch = debug
     torch.manual_seed(0)
     model = Emu2Model(cfg).to(dtype)
     apply_ac(model, ac)  # the engine's checkpointing (parallel/fsdp.py)
-    measured = _measure_activations(model, batch)
+    measured, cached = _measure_activations(model, batch)
     whole = plan.Chunk(0, cfg.llm.layers, stem=True, head=True)
-    want = plan.chunk_activations(cfg, _workload(batch), whole, ac, tp=1, a=dtype.itemsize)
+    p = plan.FP32_ONLY if dtype == torch.float32 else plan.BF16_ONLY
+    want = plan.chunk_activations(cfg, _workload(batch), whole, ac, tp=1, p=p)
     assert want == pytest.approx(measured, rel=REL)
+    assert cached == 0  # no autocast, no cache
+
+
+def _cuda_layer_norm_policy(monkeypatch):
+    """Make CPU autocast treat layer_norm as CUDA autocast does. CUDA's autocast puts it on
+    its fp32 list (the input is cast to fp32, the output is fp32); CPU's leaves it alone. Of
+    the other ops this model runs, those on one device's lists only give the same dtypes here:
+    pow and rsqrt (fp32 on CUDA) get fp32 inputs in RMSNorm, and cat and index_put ("promote"
+    on one device) get the widest type from eager type promotion on the other."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::layer_norm", "AutocastCUDA")
+    layer_norm = torch.nn.functional.layer_norm
+
+    def fp32_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        if torch.is_autocast_enabled("cpu"):  # the fp32 policy: every floating input to fp32
+            x, weight, bias = (t if t is None else t.float() for t in (x, weight, bias))
+        return layer_norm(x, shape, weight, bias, eps)
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", fp32_layer_norm)
+
+
+@pytest.mark.parametrize("ac, params, freeze_vision", [
+    ("none", torch.float32, False), ("full", torch.float32, False),
+    ("selective", torch.float32, False), ("none", torch.float32, True),
+    ("none", torch.bfloat16, False)])
+def test_autocast_activations_match_measured(debug, monkeypatch, ac, params, freeze_vision):
+    """How the engine trains: torch.autocast(bf16) over fp32 parameters (one GPU, no FSDP:
+    `plan.MIXED`), or over bf16 parameters (what FSDP2 gathers: `plan.MIXED_FSDP`). The
+    activations and the bf16 weight casts that autocast caches for the step, both against
+    the formulas. CPU autocast caches weight casts as CUDA's does; its op lists differ from
+    CUDA's only in ways `_cuda_layer_norm_policy` makes up for."""
+    assert torch.is_autocast_cache_enabled()
+    _interpreter_kernels(monkeypatch)
+    _cuda_layer_norm_policy(monkeypatch)
+    cfg, batch = debug
+    torch.manual_seed(0)
+    model = Emu2Model(cfg).to(params)
+    if freeze_vision:
+        model.visual.requires_grad_(False)
+    apply_ac(model, ac)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measured, cached = _measure_activations(model, batch)
+    whole = plan.Chunk(0, cfg.llm.layers, stem=True, head=True)
+    p = plan.MIXED if params == torch.float32 else plan.MIXED_FSDP
+    want = plan.chunk_activations(cfg, _workload(batch, freeze_vision), whole, ac, tp=1, p=p)
+    assert want == pytest.approx(measured, rel=REL)
+    if params == torch.float32:
+        assert plan.BF16 * plan.autocast_cache_params(cfg, whole, freeze_vision) == cached
+    else:
+        assert cached == 0  # bf16 parameters need no cast
 
 
 def test_activation_formulas_by_hand():
@@ -195,6 +275,37 @@ def test_activation_formulas_by_hand():
     assert plan.vit_block_activations(cfg.vision, 1, "none", tp=4) > T * vit // 4
     per_mode = [plan.llama_layer_activations(cfg.llm, 1, ac) for ac in ("full", "selective", "none")]
     assert per_mode == sorted(per_mode) and len(set(per_mode)) == 3
+
+
+def test_mixed_precision_terms_by_hand():
+    """What autocast changes, by hand, on proxy-1b (bytes per token): with fp32 parameters
+    each RMSNorm keeps its normalised tensor in fp32 and every linear it feeds saves its own
+    bf16 cast of its output; the ViT's LayerNorms save an fp32 cast of their input; autocast
+    caches a bf16 copy of the trained linears' weights and biases, and only without FSDP."""
+    cfg = Emu2Config.from_preset("proxy-1b")
+    H, F, D, heads = 2048, 5632, 128, 16
+    norm = lambda s, linears: 4 * H + 4 + s * H + linears * 2 * H  # noqa: E731
+    rest = 8 * D + 2 * 3 * H + 2 * H + 4 * heads + 4 * 2 * F  # RoPE casts, attention, SwiGLU
+    llama = lambda p, ac="none": plan.llama_layer_activations(cfg.llm, 1, ac, p)  # noqa: E731
+    assert llama(plan.MIXED) == norm(4, 3) + norm(4, 2) + rest
+    assert llama(plan.MIXED_FSDP) == 2 * norm(2, 1) + rest
+    assert llama(plan.MIXED, "full") == 4 * H  # the fp32 stream
+    C, M, T = 1024, 4096, 1025
+    vit = lambda ln: 2 * C + 3 * 2 * C + 2 * C + 4 * 16 + 2 * (ln * C + 8) + 2 * C + 4 * M  # noqa: E731
+    block = lambda p: plan.vit_block_activations(cfg.vision, 1, "none", p)  # noqa: E731
+    assert block(plan.MIXED) == block(plan.MIXED_FSDP) == T * vit(4)
+    assert block(plan.BF16_ONLY) == T * vit(2)
+
+    whole = plan.Chunk(0, cfg.llm.layers, stem=True, head=True)
+    linears = 16 * (4 * H * H + 3 * H * F) + 24 * (4 * C * C + 2 * C * M + M + 2 * C) + C
+    assert plan.autocast_cache_params(cfg, whole) == linears
+    assert plan.autocast_cache_params(cfg, whole, freeze_vision=True) == 16 * (4 * H * H + 3 * H * F)
+    wl = plan.Workload(micro_batch=2, global_batch=32, images_per_seq=22)
+    gpu = plan.GPUS["h200-141gb"]
+    one = plan.estimate(cfg, wl, plan.Layout(1, 1, 1, 1, "none"), gpu)
+    assert one.autocast_cache == 2 * linears and one.working == 0  # no FSDP on one GPU
+    fsdp = plan.estimate(cfg, wl, plan.Layout(1, 1, 2, 1, "none"), gpu)
+    assert fsdp.autocast_cache == 0 and fsdp.working > 0
 
 
 # ----------------------------------------------------------------------------------------------
