@@ -21,6 +21,11 @@ A/B'd alone):
 - "kernels-compiled" (asked for by name, see below): as "kernels" with every resnet and
   transformer compiled (`compile_unet_blocks`, what the decoder trainer's `train.compile` does);
   its warm-up runs absorb the compilation. It runs last, since it compiles the model in place.
+- "kernels-cudagraphs" (asked for by name): as "kernels" with the whole UNet compiled with
+  `mode="reduce-overhead"` and static shapes, so Inductor replays the forward and the backward
+  as CUDA graphs: at batch 1 the step is bound by kernel launches (session 4: 75 ms of kernels
+  in a 187 ms step), which a graph replay removes. Compiled and recorded before the timing;
+  not used by the trainer yet (this is the A/B that would justify it).
 `VIDEO_UNET_PROVIDERS` (comma-separated) picks the providers on a GPU; the default is
 "kernels,reference,reference-cl,kernels-gn-reference".
 On a GPU each provider's step is also profiled once: the top kernels by device time and the time
@@ -87,9 +92,13 @@ def _case(result: BenchResult, preset: str, batch: int, frames: int, side: int, 
     case = f"{preset} B{batch} F{frames} {side}x{side}"
     params = {"preset": preset, "batch": batch, "frames": frames, "side": side}
 
+    run = model  # what `step` calls: the model, or a compiled wrapper of it
+
     def step():
         model.zero_grad(set_to_none=True)
-        out = model(latents, t, cond, time_ids)
+        if run is not model:
+            torch.compiler.cudagraph_mark_step_begin()  # each call is a new training iteration
+        out = run(latents, t, cond, time_ids)
         torch.nn.functional.mse_loss(out.float(), target.float()).backward()
 
     # FLOPs are counted on the reference path: the attention custom ops carry no FLOP formula
@@ -97,12 +106,20 @@ def _case(result: BenchResult, preset: str, batch: int, frames: int, side: int, 
     with _backend("reference"), FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    providers = sorted(providers, key=lambda p: p == "kernels-compiled")  # in place: last
+    # the compiled providers last (kernels-compiled compiles the blocks in place)
+    providers = sorted(providers, key=lambda p: (p in ("kernels-cudagraphs", "kernels-compiled"),
+                                                 p == "kernels-compiled"))
     for provider in providers:
+        model.channels_last = provider_layout.get(provider, True)
         if provider == "kernels-compiled":
             from emu2_engine.train.decoder import compile_unet_blocks
+            run = model
             compile_unet_blocks(model)
-        model.channels_last = provider_layout.get(provider, True)
+        elif provider == "kernels-cudagraphs":
+            run = torch.compile(model, mode="reduce-overhead", dynamic=False)
+            with _backend(provider_backend[provider]):
+                for _ in range(3):  # compile, then record the CUDA graphs, outside the timing
+                    step()
         with _backend(provider_backend[provider]):
             try:
                 ms = timer(step)
@@ -129,7 +146,8 @@ def _case(result: BenchResult, preset: str, batch: int, frames: int, side: int, 
 
 provider_backend = {"kernels": "auto", "reference": "reference", "reference-cl": "reference",
                     "kernels-gn-reference": "auto,group_norm=reference",
-                    "triton-attention": "auto,dense_attention=triton", "kernels-compiled": "auto"}
+                    "triton-attention": "auto,dense_attention=triton", "kernels-compiled": "auto",
+                    "kernels-cudagraphs": "auto"}
 provider_layout = {"reference": False}
 """`UNet.channels_last` per provider (True where not listed)."""
 
