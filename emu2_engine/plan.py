@@ -150,9 +150,9 @@ def model_params(cfg: Emu2Config) -> int:
 @dataclass(frozen=True)
 class Precision:
     """The dtypes one forward runs in: the parameters it reads and whether torch.autocast(bf16)
-    is on. The engine trains under autocast (`Trainer.autocast`) with fp32 parameters on one
-    GPU and without data parallelism, and with the bf16 copies FSDP2 gathers
-    (`MixedPrecisionPolicy(param_dtype=bf16)`, every shipped config) under data parallelism.
+    is on. The engine trains under autocast (`Trainer.autocast`) over the fp32 parameters
+    themselves without data parallelism (no FSDP: one GPU, or tp / pp only), and over the bf16
+    copies FSDP2 gathers (`MixedPrecisionPolicy(param_dtype=bf16)`, every shipped config) with it.
 
     What the dtypes change, op by op, under CUDA autocast (aten/src/ATen/autocast_mode.cpp):
     linears run in bf16 and cast an input that is not bf16 each time they read it (three casts
@@ -174,7 +174,7 @@ class Precision:
 
     @property
     def layer_norm(self) -> int:
-        """Bytes of the input LayerNorm saves: fp32 under autocast (its fp32 list)."""
+        """Bytes of the input LayerNorm saves: fp32 under autocast (CUDA's fp32 list)."""
         return FP32 if self.autocast else self.compute
 
     @property
@@ -185,7 +185,7 @@ class Precision:
 
 
 FP32_ONLY = Precision(FP32, autocast=False)
-"""An fp32 model without autocast (the CPU test's default)."""
+"""An fp32 model without autocast (measured on the CPU by the tests)."""
 BF16_ONLY = Precision(BF16, autocast=False)
 """A model cast to bf16 with `.to(torch.bfloat16)`, without autocast."""
 MIXED = Precision(FP32, autocast=True)
@@ -194,13 +194,13 @@ MIXED_FSDP = Precision(BF16, autocast=True)
 """The engine under FSDP2: bf16 gathered parameters under autocast."""
 
 
-def training_precision(lay: "Layout") -> Precision:
+def training_precision(lay: Layout) -> Precision:
     """What a layout's training step runs in: FSDP (`parallel/fsdp.py`) is applied only with
     data parallelism (`ParallelDims.fsdp_mesh`); without it the parameters stay fp32."""
     return MIXED_FSDP if lay.dp_shard * lay.dp_replicate > 1 else MIXED
 
 
-def autocast_cache_params(cfg: Emu2Config, c: "Chunk", freeze_vision: bool = False) -> int:
+def autocast_cache_params(cfg: Emu2Config, c: Chunk, freeze_vision: bool = False) -> int:
     """Parameters of a chunk whose bf16 casts autocast caches.
 
     Autocast caches the cast of a tensor that is an fp32 leaf, requires grad and enters an op on
