@@ -77,15 +77,46 @@ def _silu_grad(dy, z, SILU: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, mean_ptr, m2_ptr, L, C, rows_per_chunk, n_chunks,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # one program: one chunk of one sample's rows x BLOCK_C channels
+def _chunk_program(L, C, rows_per_chunk, n_chunks, BLOCK_C: tl.constexpr):
+    """A per-chunk program's (sample, chunk, channels, channel mask, first row, end row)."""
     pid = tl.program_id(0)
     n, k = pid // n_chunks, pid % n_chunks
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
     first = k * rows_per_chunk
-    end = tl.minimum(first + rows_per_chunk, L)
+    return n, k, c, c < C, first, tl.minimum(first + rows_per_chunk, L)
+
+
+@triton.jit
+def _group_program(C, G, CG, n_chunks, BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """A per-(sample, group) program's (sample, its channels, their mask, the offsets of their
+    (chunk, channel) partials and that tile's mask)."""
+    pid = tl.program_id(0)
+    n, g = pid // G, pid % G
+    k = tl.arange(0, BLOCK_K)
+    j = tl.arange(0, BLOCK_CG)
+    c = g * CG + j
+    j_ok = j < CG
+    ok = (k < n_chunks)[:, None] & j_ok[None, :]
+    at = (n * n_chunks + k).to(tl.int64)[:, None] * C + c[None, :]
+    return n, k, c, j_ok, ok, at
+
+
+@triton.jit
+def _tile_program(L, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """An elementwise program's (sample, channels, channel mask, tile mask, tile offsets)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = tl.program_id(2).to(tl.int64)
+    c_ok = c < C
+    ok = (rows < L)[:, None] & c_ok[None, :]
+    return n, c, c_ok, ok, n * L * C + rows[:, None].to(tl.int64) * C + c[None, :]
+
+
+@triton.jit
+def _stats_kernel(x_ptr, mean_ptr, m2_ptr, L, C, rows_per_chunk, n_chunks,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # one program: one chunk of one sample's rows x BLOCK_C channels
+    n, k, c, c_ok, first, end = _chunk_program(L, C, rows_per_chunk, n_chunks, BLOCK_C)
     base = x_ptr + n.to(tl.int64) * L * C
     count = tl.sum(tl.zeros([BLOCK_R], dtype=tl.float32), axis=0)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -115,13 +146,7 @@ def _finalize_stats_kernel(mean_ptr, m2_ptr, w_ptr, b_ptr, gmean_ptr, grstd_ptr,
                            BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr):
     # one program: one (sample, group)
     pid = tl.program_id(0)
-    n, g = pid // G, pid % G
-    k = tl.arange(0, BLOCK_K)
-    j = tl.arange(0, BLOCK_CG)
-    c = g * CG + j
-    j_ok = j < CG
-    ok = (k < n_chunks)[:, None] & j_ok[None, :]
-    at = (n * n_chunks + k).to(tl.int64)[:, None] * C + c[None, :]
+    n, k, c, j_ok, ok, at = _group_program(C, G, CG, n_chunks, BLOCK_K, BLOCK_CG)
     means = tl.load(mean_ptr + at, mask=ok, other=0.0)
     m2s = tl.load(m2_ptr + at, mask=ok, other=0.0)
     counts = tl.minimum(tl.maximum(L - k * rows_per_chunk, 0), rows_per_chunk).to(tl.float32)
@@ -144,12 +169,7 @@ def _finalize_stats_kernel(mean_ptr, m2_ptr, w_ptr, b_ptr, gmean_ptr, grstd_ptr,
 def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, L, C, SILU: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # one program: BLOCK_R rows x BLOCK_C channels of one sample
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n = tl.program_id(2).to(tl.int64)
-    c_ok = c < C
-    ok = (rows < L)[:, None] & c_ok[None, :]
-    at = n * L * C + rows[:, None].to(tl.int64) * C + c[None, :]
+    n, c, c_ok, ok, at = _tile_program(L, C, BLOCK_R, BLOCK_C)
     x = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + n * C + c, mask=c_ok, other=0.0)
     shift = tl.load(shift_ptr + n * C + c, mask=c_ok, other=0.0)
@@ -164,12 +184,7 @@ def _grad_partials_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, gmean_ptr, grstd_
                           L, C, G, CG, rows_per_chunk, n_chunks, SILU: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # one program: one chunk of one sample's rows x BLOCK_C channels
-    pid = tl.program_id(0)
-    n, k = pid // n_chunks, pid % n_chunks
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    first = k * rows_per_chunk
-    end = tl.minimum(first + rows_per_chunk, L)
+    n, k, c, c_ok, first, end = _chunk_program(L, C, rows_per_chunk, n_chunks, BLOCK_C)
     base = n.to(tl.int64) * L * C
     scale = tl.load(scale_ptr + n.to(tl.int64) * C + c, mask=c_ok, other=0.0)
     shift = tl.load(shift_ptr + n.to(tl.int64) * C + c, mask=c_ok, other=0.0)
@@ -197,13 +212,7 @@ def _finalize_grad_kernel(p1_ptr, p2_ptr, w_ptr, gmean_ptr, grstd_ptr, t1_ptr, t
                           L, C, G, CG, n_chunks, BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr):
     # one program: one (sample, group)
     pid = tl.program_id(0)
-    n, g = pid // G, pid % G
-    k = tl.arange(0, BLOCK_K)
-    j = tl.arange(0, BLOCK_CG)
-    c = g * CG + j
-    j_ok = j < CG
-    ok = (k < n_chunks)[:, None] & j_ok[None, :]
-    at = (n * n_chunks + k).to(tl.int64)[:, None] * C + c[None, :]
+    n, k, c, j_ok, ok, at = _group_program(C, G, CG, n_chunks, BLOCK_K, BLOCK_CG)
     t1 = tl.sum(tl.load(p1_ptr + at, mask=ok, other=0.0), axis=0)   # per channel: sum dz
     t2 = tl.sum(tl.load(p2_ptr + at, mask=ok, other=0.0), axis=0)   # sum dz * xhat
     tl.store(t1_ptr + n.to(tl.int64) * C + c, t1, mask=j_ok)
@@ -222,12 +231,7 @@ def _finalize_grad_kernel(p1_ptr, p2_ptr, w_ptr, gmean_ptr, grstd_ptr, t1_ptr, t
 def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, shift_ptr, beta_ptr, gamma_ptr, L, C, G, CG,
                        SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # one program: BLOCK_R rows x BLOCK_C channels of one sample
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n = tl.program_id(2).to(tl.int64)
-    c_ok = c < C
-    ok = (rows < L)[:, None] & c_ok[None, :]
-    at = n * L * C + rows[:, None].to(tl.int64) * C + c[None, :]
+    n, c, c_ok, ok, at = _tile_program(L, C, BLOCK_R, BLOCK_C)
     x = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + at, mask=ok, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + n * C + c, mask=c_ok, other=0.0)
