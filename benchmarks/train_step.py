@@ -52,8 +52,10 @@ _CASES = {
 _RECIPES = {
     "cpu": [("configs/debug.toml", ["--train.device=cpu"], 1, 2)],
     "gpu-quick": [("configs/proxy_1b.toml", [], 2, 3),  # compiled, as the recipe says
+                  ("configs/proxy_1b.toml", ["--train.fp32_residual=true"], 2, 3),
                   ("configs/proxy_1b.toml", ["--parallel.compile=false"], 1, 3)],
     "gpu-full": [("configs/proxy_1b.toml", [], 2, 5),
+                 ("configs/proxy_1b.toml", ["--train.fp32_residual=true"], 2, 5),
                  ("configs/proxy_1b.toml", ["--parallel.compile=false"], 1, 5)],
 }
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,7 +180,8 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
                 tokens, images, flops = tokens + out.tokens, images + out.images, flops + micro.flops
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         seconds = sum(times)
-        name = Path(path).stem + (" compiled" if cfg.parallel.compile else "")
+        name = (Path(path).stem + (" compiled" if cfg.parallel.compile else "")
+                + (" fp32-residual" if cfg.train.fp32_residual else ""))
         case = f"recipe {name}"
         params = {"seq_len": cfg.data.seq_len, "rows": cfg.data.rows, "microbatches": n}
         add = lambda metric, value, unit, provider="engine": result.add(  # noqa: E731

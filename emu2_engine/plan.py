@@ -159,13 +159,16 @@ class Precision:
     of one RMSNorm output for q, k and v); the casts of fp32 *parameters* that require grad are
     cached for the whole autocast region (`autocast_cache_params`); `layer_norm` is on the fp32
     list, so it casts its input to fp32 and saves that; everything else (embedding, RMSNorm's
-    elementwise ops, residual adds) keeps eager type promotion, so the residual streams are in
-    the parameters' dtype (the LLaMA's) or fp32 (the ViT's: fp32 LayerNorm outputs)."""
+    elementwise ops, residual adds) keeps eager type promotion. The model casts both residual
+    streams to bf16 at their entry under autocast and the ViT's LayerNorm outputs back to the
+    stream's dtype, unless `train.fp32_residual` keeps them in the parameters' dtype."""
 
     params: int
     """Bytes per element of the parameters the forward reads (4: fp32, 2: bf16)."""
     autocast: bool
     """torch.autocast(dtype=bfloat16) is on."""
+    fp32_residual: bool = False
+    """`train.fp32_residual`: under autocast the residual streams stay in the parameters' dtype."""
 
     @property
     def compute(self) -> int:
@@ -178,10 +181,14 @@ class Precision:
         return FP32 if self.autocast else self.compute
 
     @property
-    def vit_stream(self) -> int:
-        """Bytes of the ViT's residual stream: under autocast fp32, since LayerNorm returns fp32
-        (the first block's input is in the parameters' dtype; counted as fp32 too)."""
-        return FP32 if self.autocast else self.params
+    def stream(self) -> int:
+        """Bytes of the ViT's and the LLaMA's residual streams (the blocks' inputs)."""
+        return BF16 if self.autocast and not self.fp32_residual else self.params
+
+    @property
+    def norm_output(self) -> int:
+        """Bytes of an RMSNorm's output, weight x normalised: the wider of the two dtypes."""
+        return max(self.params, self.stream)
 
 
 FP32_ONLY = Precision(FP32, autocast=False)
@@ -190,6 +197,8 @@ BF16_ONLY = Precision(BF16, autocast=False)
 """A model cast to bf16 with `.to(torch.bfloat16)`, without autocast."""
 MIXED = Precision(FP32, autocast=True)
 """The engine without data parallelism: fp32 parameters under autocast."""
+MIXED_FP32_RESIDUAL = Precision(FP32, autocast=True, fp32_residual=True)
+"""The same with `train.fp32_residual`: fp32 residual streams."""
 MIXED_FSDP = Precision(BF16, autocast=True)
 """The engine under FSDP2: bf16 gathered parameters under autocast."""
 
@@ -245,13 +254,13 @@ def _rms_norm_activations(H: int, consumers: int, p: Precision, tp: int) -> int:
 
     It computes in fp32: x.float() is saved by pow and by the product with rsqrt (a new fp32
     tensor when x is bf16, x itself when it is fp32), rsqrt per token, and the normalised
-    tensor cast back to x's dtype (the stream's: the parameters'), saved by the weight multiply.
-    Its output is in the stream's dtype too (weight x normalised): when that is the matmuls'
-    dtype the linears share it and it is saved once (all-gathered under SP, so full size);
-    under autocast with fp32 parameters each linear saves its own bf16 cast of it."""
-    a, s = p.compute, p.params
-    linear_inputs = (1 if s == a else consumers) * a * H
-    return (FP32 * H + FP32 + s * H) // tp + linear_inputs
+    tensor cast back to x's dtype (the stream's), saved by the weight multiply. Its output,
+    weight x normalised, is in the wider of the parameters' and the stream's dtypes: when that
+    is the matmuls' dtype the linears share it and it is saved once (all-gathered under SP, so
+    full size); under autocast with fp32 parameters each linear saves its own bf16 cast of it."""
+    a = p.compute
+    linear_inputs = (1 if p.norm_output == a else consumers) * a * H
+    return (FP32 * H + FP32 + p.stream * H) // tp + linear_inputs
 
 
 def llama_layer_activations(llm: LlamaConfig, tokens: int, ac: str = "none",
@@ -259,7 +268,7 @@ def llama_layer_activations(llm: LlamaConfig, tokens: int, ac: str = "none",
     """Bytes one LLaMA block keeps for backward over `tokens` tokens."""
     H, F, D = llm.hidden, llm.ffn_hidden, llm.head_dim
     q, kv = llm.heads * D, llm.kv_heads * D
-    a, s = p.compute, p.params
+    a, s = p.compute, p.stream
     if ac == "full":
         return tokens * s * H // tp  # the block input (sequence-sharded under SP)
     if ac == "selective":
@@ -270,8 +279,8 @@ def llama_layer_activations(llm: LlamaConfig, tokens: int, ac: str = "none",
                      # o_proj and down_proj outputs: under TP the full-sequence partial sums
                      # that the reduce-scatter consumes, so full size at any tp
                      + 2 * a * H)
-        if tp > 1:  # the collectives' outputs: two all-gathered norm outputs (stream dtype),
-            per_token += 2 * s * H + 2 * a * H // tp  # two reduce-scattered matmul outputs
+        if tp > 1:  # the collectives' outputs: two all-gathered norm outputs,
+            per_token += 2 * p.norm_output * H + 2 * a * H // tp  # two reduce-scattered matmul outputs
         return tokens * per_token
     per_token = (
         _rms_norm_activations(H, 3, p, tp)  # input_layernorm, read by q/k/v_proj
@@ -298,9 +307,9 @@ def vit_block_activations(v: VisionConfig, images: int, ac: str = "none",
     a, ln = p.compute, p.layer_norm
     tokens = images * (v.n_patches + 1)  # patches + CLS
     if ac == "full":
-        return tokens * p.vit_stream * C  # the block input (replicated: no SP in the ViT)
+        return tokens * p.stream * C  # the block input (replicated: no SP in the ViT)
     if ac == "selective":
-        per_token = (p.vit_stream * C  # the block input
+        per_token = (p.stream * C  # the block input
                      + 3 * a * C // tp  # qkv output (local heads)
                      + a * C // tp + FP32 * v.heads // tp  # attention output and log-sum-exp
                      + a * M // tp  # fc1 output
@@ -360,7 +369,7 @@ def head_activations(cfg: Emu2Config, tokens: int, p: Precision = BF16_ONLY, tp:
     LM-head rows and of `project_down` (regression rows are not counted: at most n_query per
     regressed image)."""
     H, a = cfg.llm.hidden, p.compute
-    norm = tokens * (FP32 * H + FP32 + p.params * H) // tp  # final RMSNorm, as in the blocks
+    norm = tokens * (FP32 * H + FP32 + p.stream * H) // tp  # final RMSNorm, as in the blocks
     grads = tokens * a * H + -(-cfg.llm.vocab_size // tp) * H * a + cfg.vision.width * H * a
     return norm + grads
 

@@ -229,14 +229,17 @@ def _cuda_layer_norm_policy(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "layer_norm", fp32_layer_norm)
 
 
-@pytest.mark.parametrize("ac, params, freeze_vision", [
-    ("none", torch.float32, False), ("full", torch.float32, False),
-    ("selective", torch.float32, False), ("none", torch.float32, True),
-    ("none", torch.bfloat16, False)])
-def test_autocast_activations_match_measured(debug, monkeypatch, ac, params, freeze_vision):
+@pytest.mark.parametrize("ac, params, freeze_vision, fp32_residual", [
+    ("none", torch.float32, False, False), ("full", torch.float32, False, False),
+    ("selective", torch.float32, False, False), ("none", torch.float32, True, False),
+    ("none", torch.bfloat16, False, False), ("full", torch.float32, False, True),
+    ("none", torch.float32, False, True)])
+def test_autocast_activations_match_measured(debug, monkeypatch, ac, params, freeze_vision,
+                                             fp32_residual):
     """How the engine trains: torch.autocast(bf16) over fp32 parameters (one GPU, no FSDP:
-    `plan.MIXED`), or over bf16 parameters (what FSDP2 gathers: `plan.MIXED_FSDP`). The
-    activations and the bf16 weight casts that autocast caches for the step, both against
+    `plan.MIXED`), or over bf16 parameters (what FSDP2 gathers: `plan.MIXED_FSDP`), with the
+    residual streams in bf16 or, with `train.fp32_residual`, in fp32 (`plan.MIXED_FP32_RESIDUAL`).
+    The activations and the bf16 weight casts that autocast caches for the step, both against
     the formulas. CPU autocast caches weight casts as CUDA's does; its op lists differ from
     CUDA's only in ways `_cuda_layer_norm_policy` makes up for."""
     assert torch.is_autocast_cache_enabled()
@@ -245,6 +248,7 @@ def test_autocast_activations_match_measured(debug, monkeypatch, ac, params, fre
     cfg, batch = debug
     torch.manual_seed(0)
     model = Emu2Model(cfg).to(params)
+    model.visual.fp32_residual = model.llm.fp32_residual = fp32_residual
     if freeze_vision:
         model.visual.requires_grad_(False)
     apply_ac(model, ac)
@@ -252,6 +256,8 @@ def test_autocast_activations_match_measured(debug, monkeypatch, ac, params, fre
         measured, cached = _measure_activations(model, batch)
     whole = plan.Chunk(0, cfg.llm.layers, stem=True, head=True)
     p = plan.MIXED if params == torch.float32 else plan.MIXED_FSDP
+    if fp32_residual:
+        p = plan.MIXED_FP32_RESIDUAL
     want = plan.chunk_activations(cfg, _workload(batch, freeze_vision), whole, ac, tp=1, p=p)
     assert want == pytest.approx(measured, rel=REL)
     if params == torch.float32:
@@ -280,16 +286,19 @@ def test_activation_formulas_by_hand():
 def test_mixed_precision_terms_by_hand():
     """What autocast changes, by hand, on proxy-1b (bytes per token): with fp32 parameters
     each RMSNorm keeps its normalised tensor in fp32 and every linear it feeds saves its own
-    bf16 cast of its output; the ViT's LayerNorms save an fp32 cast of their input; autocast
+    bf16 cast of its output; the residual streams are bf16 unless `train.fp32_residual`; the
+    ViT's LayerNorms save an fp32 cast of their input; autocast
     caches a bf16 copy of the trained linears' weights and biases, and only without FSDP."""
     cfg = Emu2Config.from_preset("proxy-1b")
     H, F, D, heads = 2048, 5632, 128, 16
     norm = lambda s, linears: 4 * H + 4 + s * H + linears * 2 * H  # noqa: E731
     rest = 8 * D + 2 * 3 * H + 2 * H + 4 * heads + 4 * 2 * F  # RoPE casts, attention, SwiGLU
     llama = lambda p, ac="none": plan.llama_layer_activations(cfg.llm, 1, ac, p)  # noqa: E731
-    assert llama(plan.MIXED) == norm(4, 3) + norm(4, 2) + rest
+    assert llama(plan.MIXED) == norm(2, 3) + norm(2, 2) + rest  # bf16 stream, fp32 norm outputs
+    assert llama(plan.MIXED_FP32_RESIDUAL) == norm(4, 3) + norm(4, 2) + rest
     assert llama(plan.MIXED_FSDP) == 2 * norm(2, 1) + rest
-    assert llama(plan.MIXED, "full") == 4 * H  # the fp32 stream
+    assert llama(plan.MIXED, "full") == 2 * H  # the bf16 stream
+    assert llama(plan.MIXED_FP32_RESIDUAL, "full") == 4 * H
     C, M, T = 1024, 4096, 1025
     vit = lambda ln: 2 * C + 3 * 2 * C + 2 * C + 4 * 16 + 2 * (ln * C + 8) + 2 * C + 4 * M  # noqa: E731
     block = lambda p: plan.vit_block_activations(cfg.vision, 1, "none", p)  # noqa: E731

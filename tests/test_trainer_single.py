@@ -159,3 +159,29 @@ def test_side_stream_copies_equal_a_plain_copy_on_cuda(tmp_path):
         assert sums["images"] == want.images.to(torch.bfloat16).float().sum().item()
         assert sums["input_ids"] == want.input_ids.float().sum().item()
         assert sums["labels"] == want.labels.float().sum().item()
+
+
+@pytest.mark.parametrize("fp32_residual", [False, True])
+def test_residual_streams_under_autocast(tmp_path, fp32_residual):
+    """Under bf16 autocast the ViT's and the LLM's blocks get bf16 residual streams (their
+    inputs and outputs), or fp32 ones with train.fp32_residual; the loss agrees between the two
+    within bf16's resolution."""
+    import torch
+
+    flag = f"--train.fp32_residual={str(fp32_residual).lower()}"
+    trainer = Trainer(tiny_config(tmp_path / "run", "--train.dtype=bf16", "--data.prefetch=0", flag))
+    model = trainer.model
+    seen = []
+    for blocks in (model.visual.blocks, model.llm.layers):
+        for block in blocks.values():
+            block.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    batch = next(trainer.loader)
+    with trainer.autocast():
+        loss = model(batch).total
+    want = torch.float32 if fp32_residual else torch.bfloat16
+    assert len(seen) == len(model.visual.blocks) + len(model.llm.layers)
+    assert all(pair == (want, want) for pair in seen), seen
+    model.visual.fp32_residual = model.llm.fp32_residual = not fp32_residual
+    with trainer.autocast():
+        other = model(batch).total
+    torch.testing.assert_close(loss.float(), other.float(), rtol=2e-2, atol=2e-2)

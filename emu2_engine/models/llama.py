@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from emu2_engine.models.config import LlamaConfig
 from emu2_engine.ops import modality_attention
+from emu2_engine.ops.backend import autocast_dtype
 
 
 class RMSNorm(nn.Module):
@@ -117,6 +118,9 @@ class LlamaDecoder(nn.Module):
         self.layers = nn.ModuleDict({str(i): LlamaBlock(cfg) for i in range(cfg.layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.fp32_residual = False
+        """Under autocast, keep the residual stream in fp32 (`train.fp32_residual`); by default
+        it runs in the autocast dtype (see `EVAVisionTransformer.fp32_residual`)."""
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -130,6 +134,8 @@ class LlamaDecoder(nn.Module):
                 span_ids: torch.Tensor) -> torch.Tensor:
         """h: (B, S, hidden) input embeddings (visual rows already scattered in)."""
         rope = self.rotary(position_ids)
+        if autocast_dtype(h) is not None and not self.fp32_residual:
+            h = h.to(autocast_dtype(h))
         for layer in self.layers.values():
             h = layer(h, rope, doc_ids, span_ids)
         return self.norm(h) if self.norm is not None else h

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from emu2_engine.models.config import VisionConfig
 from emu2_engine.ops import modality_attention
+from emu2_engine.ops.backend import autocast_dtype
 
 
 class PatchEmbed(nn.Module):
@@ -80,8 +81,10 @@ class VisionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.norm1(self.attn(x))
-        return x + self.norm2(self.mlp(x))
+        # The norms' outputs take the residual stream's dtype: CUDA autocast runs layer_norm in
+        # fp32, which would otherwise turn a bf16 stream into fp32 at the first add.
+        x = x + self.norm1(self.attn(x)).to(x.dtype)
+        return x + self.norm2(self.mlp(x)).to(x.dtype)
 
 
 class EVAVisionTransformer(nn.Module):
@@ -94,6 +97,11 @@ class EVAVisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.n_patches + 1, cfg.width))
         self.blocks = nn.ModuleDict({str(i): VisionBlock(cfg) for i in range(cfg.depth)})
+        self.fp32_residual = False
+        """Under autocast, keep the residual stream in fp32 (`train.fp32_residual`). By default
+        it runs in the autocast dtype: the embeddings come out fp32 (fp32 parameters) and every
+        residual add would keep them fp32, doubling the bytes each add and norm moves; with
+        FSDP's bf16 parameters, and in Megatron-LM by default, the stream is bf16."""
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -124,6 +132,8 @@ class EVAVisionTransformer(nn.Module):
             dtype = torch.get_autocast_dtype(pixels.device.type)
         x = self.patch_embed(pixels.to(dtype))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        if autocast_dtype(x) is not None and not self.fp32_residual:
+            x = x.to(autocast_dtype(x))
         for block in self.blocks.values():
             x = block(x)
         return x[:, 1:]

@@ -134,6 +134,10 @@ class TrainSection:
     """auto (first GPU if any, else CPU), cpu or cuda."""
     dtype: str = "auto"
     """Compute dtype: auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16."""
+    fp32_residual: bool = False
+    """Under bf16 autocast, keep the ViT's and the LLM's residual streams in fp32 (Megatron-LM's
+    --fp32-residual-connection). Off: they run in bf16, as with Megatron's default and as
+    FSDP's bf16 parameters make them."""
     global_batch: int = 0
     """Packed rows per optimiser step over all data-parallel ranks, as the recipe intends it;
     a layout that does not give dp x parallel.microbatches x data.rows rows is refused, with

@@ -255,6 +255,8 @@ class Trainer:
         meta = self.dims is not None and cfg.parallel.meta_init
         with torch.device("meta" if meta else self.device):
             model = Emu2Model(self.model_cfg)
+        for part in (model.visual, model.llm):  # pipeline stages copy the setting
+            part.fp32_residual = cfg.train.fp32_residual
         if self.dims is not None:
             from emu2_engine.parallel import MicroBatchShape, parallelize
 
