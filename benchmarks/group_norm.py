@@ -53,7 +53,7 @@ _compiled = None
 def _compiled_torch(x, w, b):
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(_torch)
+        _compiled = torch.compile(_torch, dynamic=False)  # static, as compile_unet_blocks
     return _compiled(x, w, b)
 
 

@@ -20,7 +20,8 @@ Forward, three launches:
    channel's mean and sum of squared deviations over the chunk, combining blocks of rows by
    Chan's formula (no E[x^2] - E[x]^2 cancellation).
 2. `_finalize_stats_kernel`, one program per (sample, group): the group's mean and rstd from
-   its chunks x channels, and each channel's affine map y = x * scale + shift.
+   its chunks x channels (the mean first, then the deviations around it, a block of channels
+   at a time), and each channel's affine map y = x * scale + shift.
 3. `_apply_kernel`: y = act(x * scale + shift), elementwise.
 Backward, with dz the gradient before SiLU (recomputed from x) and xhat = (x - mean) * rstd:
 1. `_grad_partials_kernel`: per chunk and channel, sum(dz) and sum(dz * xhat).
@@ -56,6 +57,10 @@ else:
     BLOCK_R, BLOCK_C, ROWS = 64, 64, 512
 MAX_CHUNKS = 64
 """A sample's rows are split into at most this many chunks (longer chunks past that)."""
+GROUP_BLOCK = 4 if _INTERPRET else 64
+"""Channels a per-group program takes at a time: its tiles are at most MAX_CHUNKS x GROUP_BLOCK
+fp32 values whatever the group size (a whole group of 1,280 channels at once spilled
+registers when compiled for sm_90)."""
 NUM_WARPS = 4
 
 
@@ -87,18 +92,16 @@ def _chunk_program(L, C, rows_per_chunk, n_chunks, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _group_program(C, G, CG, n_chunks, BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr):
-    """A per-(sample, group) program's (sample, its channels, their mask, the offsets of their
-    (chunk, channel) partials and that tile's mask)."""
-    pid = tl.program_id(0)
-    n, g = pid // G, pid % G
+def _group_tile(n, g, j0, C, CG, n_chunks, BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """Channels j0 .. j0 + BLOCK_CG of group g of sample n: (chunk indices, channels, channel
+    mask, the offsets of their (chunk, channel) partials, that tile's mask)."""
     k = tl.arange(0, BLOCK_K)
-    j = tl.arange(0, BLOCK_CG)
+    j = j0 + tl.arange(0, BLOCK_CG)
     c = g * CG + j
     j_ok = j < CG
     ok = (k < n_chunks)[:, None] & j_ok[None, :]
     at = (n * n_chunks + k).to(tl.int64)[:, None] * C + c[None, :]
-    return n, k, c, j_ok, ok, at
+    return k, c, j_ok, ok, at
 
 
 @triton.jit
@@ -144,25 +147,35 @@ def _stats_kernel(x_ptr, mean_ptr, m2_ptr, L, C, rows_per_chunk, n_chunks,
 def _finalize_stats_kernel(mean_ptr, m2_ptr, w_ptr, b_ptr, gmean_ptr, grstd_ptr, scale_ptr, shift_ptr,
                            L, C, G, CG, rows_per_chunk, n_chunks, eps,
                            BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr):
-    # one program: one (sample, group)
+    # one program: one (sample, group), its channels BLOCK_CG at a time: the mean, then the
+    # sum of squared deviations around it, then each channel's affine map
     pid = tl.program_id(0)
-    n, k, c, j_ok, ok, at = _group_program(C, G, CG, n_chunks, BLOCK_K, BLOCK_CG)
-    means = tl.load(mean_ptr + at, mask=ok, other=0.0)
-    m2s = tl.load(m2_ptr + at, mask=ok, other=0.0)
-    counts = tl.minimum(tl.maximum(L - k * rows_per_chunk, 0), rows_per_chunk).to(tl.float32)
-    counts = tl.where(ok, counts[:, None], 0.0)
+    n, g = pid // G, pid % G
     total = (L * CG) * 1.0
-    mean = tl.sum(tl.sum(means * counts, axis=1), axis=0) / total
-    dev = means - mean
-    m2 = tl.sum(tl.sum(tl.where(ok, m2s + counts * dev * dev, 0.0), axis=1), axis=0)
+    weighted = tl.sum(tl.zeros([BLOCK_CG], dtype=tl.float32), axis=0)
+    for j0 in range(0, CG, BLOCK_CG):
+        k, c, j_ok, ok, at = _group_tile(n, g, j0, C, CG, n_chunks, BLOCK_K, BLOCK_CG)
+        counts = tl.minimum(tl.maximum(L - k * rows_per_chunk, 0), rows_per_chunk).to(tl.float32)
+        means = tl.load(mean_ptr + at, mask=ok, other=0.0)
+        weighted += tl.sum(tl.sum(means * counts[:, None], axis=1), axis=0)
+    mean = weighted / total
+    m2 = tl.sum(tl.zeros([BLOCK_CG], dtype=tl.float32), axis=0)
+    for j0 in range(0, CG, BLOCK_CG):
+        k, c, j_ok, ok, at = _group_tile(n, g, j0, C, CG, n_chunks, BLOCK_K, BLOCK_CG)
+        counts = tl.minimum(tl.maximum(L - k * rows_per_chunk, 0), rows_per_chunk).to(tl.float32)
+        dev = tl.load(mean_ptr + at, mask=ok, other=0.0) - mean
+        m2s = tl.load(m2_ptr + at, mask=ok, other=0.0)
+        m2 += tl.sum(tl.sum(tl.where(ok, m2s + counts[:, None] * dev * dev, 0.0), axis=1), axis=0)
     rstd = 1.0 / tl.sqrt(m2 / total + eps)
     tl.store(gmean_ptr + pid, mean)
     tl.store(grstd_ptr + pid, rstd)
-    w = tl.load(w_ptr + c, mask=j_ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + c, mask=j_ok, other=0.0).to(tl.float32)
-    scale = rstd * w
-    tl.store(scale_ptr + n.to(tl.int64) * C + c, scale, mask=j_ok)
-    tl.store(shift_ptr + n.to(tl.int64) * C + c, b - mean * scale, mask=j_ok)
+    for j0 in range(0, CG, BLOCK_CG):
+        k, c, j_ok, ok, at = _group_tile(n, g, j0, C, CG, n_chunks, BLOCK_K, BLOCK_CG)
+        w = tl.load(w_ptr + c, mask=j_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + c, mask=j_ok, other=0.0).to(tl.float32)
+        scale = rstd * w
+        tl.store(scale_ptr + n.to(tl.int64) * C + c, scale, mask=j_ok)
+        tl.store(shift_ptr + n.to(tl.int64) * C + c, b - mean * scale, mask=j_ok)
 
 
 @triton.jit
@@ -210,16 +223,20 @@ def _grad_partials_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, gmean_ptr, grstd_
 @triton.jit
 def _finalize_grad_kernel(p1_ptr, p2_ptr, w_ptr, gmean_ptr, grstd_ptr, t1_ptr, t2_ptr, beta_ptr, gamma_ptr,
                           L, C, G, CG, n_chunks, BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr):
-    # one program: one (sample, group)
+    # one program: one (sample, group), its channels BLOCK_CG at a time
     pid = tl.program_id(0)
-    n, k, c, j_ok, ok, at = _group_program(C, G, CG, n_chunks, BLOCK_K, BLOCK_CG)
-    t1 = tl.sum(tl.load(p1_ptr + at, mask=ok, other=0.0), axis=0)   # per channel: sum dz
-    t2 = tl.sum(tl.load(p2_ptr + at, mask=ok, other=0.0), axis=0)   # sum dz * xhat
-    tl.store(t1_ptr + n.to(tl.int64) * C + c, t1, mask=j_ok)
-    tl.store(t2_ptr + n.to(tl.int64) * C + c, t2, mask=j_ok)
-    w = tl.load(w_ptr + c, mask=j_ok, other=0.0).to(tl.float32)
-    a = tl.sum(t1 * w, axis=0)
-    b = tl.sum(t2 * w, axis=0)
+    n, g = pid // G, pid % G
+    a = tl.sum(tl.zeros([BLOCK_CG], dtype=tl.float32), axis=0)
+    b = tl.sum(tl.zeros([BLOCK_CG], dtype=tl.float32), axis=0)
+    for j0 in range(0, CG, BLOCK_CG):
+        k, c, j_ok, ok, at = _group_tile(n, g, j0, C, CG, n_chunks, BLOCK_K, BLOCK_CG)
+        t1 = tl.sum(tl.load(p1_ptr + at, mask=ok, other=0.0), axis=0)   # per channel: sum dz
+        t2 = tl.sum(tl.load(p2_ptr + at, mask=ok, other=0.0), axis=0)   # sum dz * xhat
+        tl.store(t1_ptr + n.to(tl.int64) * C + c, t1, mask=j_ok)
+        tl.store(t2_ptr + n.to(tl.int64) * C + c, t2, mask=j_ok)
+        w = tl.load(w_ptr + c, mask=j_ok, other=0.0).to(tl.float32)
+        a += tl.sum(t1 * w, axis=0)
+        b += tl.sum(t2 * w, axis=0)
     mean = tl.load(gmean_ptr + pid)
     rstd = tl.load(grstd_ptr + pid)
     inv_m = 1.0 / ((L * CG) * 1.0)
@@ -252,7 +269,8 @@ def _chunking(L: int) -> tuple[int, int]:
 
 
 def _small_blocks(n_chunks: int, cg: int) -> dict:
-    return dict(BLOCK_K=triton.next_power_of_2(n_chunks), BLOCK_CG=triton.next_power_of_2(cg))
+    return dict(BLOCK_K=triton.next_power_of_2(n_chunks),
+                BLOCK_CG=min(GROUP_BLOCK, triton.next_power_of_2(cg)))
 
 
 @torch.library.custom_op("emu2::group_norm_rows_fwd", mutates_args=())

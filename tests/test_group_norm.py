@@ -41,6 +41,7 @@ def inputs(shape, seed, offset=0.0):
     ((2, 24, 5, 7, 9), 3, False),    # 5D: statistics over frames x pixels (315 rows, 8 chunks)
     ((1, 96, 3, 5), 32, True),       # 3 channels per group, 15 rows: one chunk, one block
     ((2, 64, 1, 2), 64, False),      # one channel per group, two values each
+    ((2, 24, 6, 5), 1, True),        # one group of 24 channels: six channel blocks per group
 ])
 def test_kernel_matches_reference(monkeypatch, dtype, shape, groups, silu):
     x, w, b, grad = inputs(shape, seed=sum(shape))

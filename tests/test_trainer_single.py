@@ -133,11 +133,14 @@ def test_padding_images_are_dropped_without_changing_the_step(tmp_path):
 
 
 @pytest.mark.gpu
-def test_side_stream_copies_equal_a_plain_copy_on_cuda(tmp_path):
+def test_side_stream_copies_are_safe_while_the_gpu_is_busy(tmp_path):
     """On CUDA the micro-batches are copied on the side stream (pinned, non-blocking, images cast
-    there): after the compute stream's own work each tensor equals a plain synchronous copy,
-    even when the compute stream is busy while the copies run and their buffers are freed and
-    reused from one micro-batch to the next."""
+    there). Images of 150 MB make each copy slow: a read queued right after a micro-batch is
+    taken would see a partial copy without the compute stream's wait, and a read queued behind
+    long compute work, still pending when the next copy starts, would see that copy's data in
+    its buffer without `record_stream`. Both reads stay on the GPU until the end."""
+    import dataclasses
+
     import torch
 
     from emu2_engine.data.prefetch import pin_batch
@@ -145,20 +148,24 @@ def test_side_stream_copies_equal_a_plain_copy_on_cuda(tmp_path):
 
     device = torch.device("cuda")
     trainer = Trainer(tiny_config(tmp_path / "cpu", "--data.prefetch=0", "--train.device=cpu"))
-    batches = [pin_batch(next(trainer.loader)) for _ in range(4)]
+    base = next(trainer.loader)
+    g = torch.Generator().manual_seed(0)
+    batches = [pin_batch(dataclasses.replace(base, images=torch.randn(64, 3, 448, 448, generator=g)))
+               for _ in range(4)]
     busy = torch.randn(4096, 4096, device=device)
-    got = []
+    first_reads, late_reads = [], []
     for moved in MicroBatches(iter(batches), 4, device, lambda b: 0, torch.bfloat16):
-        for _ in range(8):  # keep the compute stream busy while the next copy is queued
-            busy = (busy @ busy).tanh()
-        got.append({f: getattr(moved, f).float().sum().item() for f in ("images", "input_ids", "labels")})
+        first_reads.append(moved.images.float().sum())
+        for _ in range(8):  # about 10 ms of queued work before the late read
+            busy = torch.tanh(busy @ busy)
+        late_reads.append((moved.images.float() * 2).sum())
+        del moved  # its memory may go to the next copy: record_stream must hold it back
     torch.cuda.synchronize()
-    assert copy_stream(device) is copy_stream(device)
-    for b, sums in zip(batches, got):
-        want = b.to(device)
-        assert sums["images"] == want.images.to(torch.bfloat16).float().sum().item()
-        assert sums["input_ids"] == want.input_ids.float().sum().item()
-        assert sums["labels"] == want.labels.float().sum().item()
+    assert copy_stream(device) is copy_stream(torch.device("cuda", torch.cuda.current_device()))
+    for b, first, late in zip(batches, first_reads, late_reads):
+        want = b.images.to(device).to(torch.bfloat16).float()
+        torch.testing.assert_close(first, want.sum(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(late, (want * 2).sum(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("fp32_residual", [False, True])

@@ -135,9 +135,10 @@ class TrainSection:
     dtype: str = "auto"
     """Compute dtype: auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16."""
     fp32_residual: bool = False
-    """Under bf16 autocast, keep the ViT's and the LLM's residual streams in fp32 (Megatron-LM's
-    --fp32-residual-connection). Off: they run in bf16, as with Megatron's default and as
-    FSDP's bf16 parameters make them."""
+    """Under bf16 autocast over fp32 parameters (no data parallelism), keep the ViT's and the
+    LLM's residual streams in fp32 (Megatron-LM's --fp32-residual-connection). Off: they run in
+    bf16, as with Megatron's default. Under FSDP (dp > 1) they are bf16 either way: FSDP2 casts
+    every block's input to its bf16 parameters' dtype."""
     global_batch: int = 0
     """Packed rows per optimiser step over all data-parallel ranks, as the recipe intends it;
     a layout that does not give dp x parallel.microbatches x data.rows rows is refused, with

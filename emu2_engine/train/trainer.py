@@ -73,11 +73,16 @@ class NonFiniteError(RuntimeError):
                    f"lower optim.lr, check the data, or resume from the last checkpoint")
 
 
-@functools.cache
 def copy_stream(device: torch.device) -> torch.cuda.Stream:
-    """The side stream micro-batches are copied on: one per device for the process, so that the
+    """The side stream micro-batches are copied on: one per GPU for the process, so that the
     caching allocator keeps one pool of batch buffers (it caches memory per stream)."""
-    return torch.cuda.Stream(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _copy_stream(index)
+
+
+@functools.cache
+def _copy_stream(index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(torch.device("cuda", index))
 
 
 class MicroBatches:
@@ -145,8 +150,8 @@ class MicroBatches:
 
     def _to_device(self, batch: PackedBatch) -> PackedBatch:
         """`batch` on the device, images in `image_dtype` (on CUDA: copied on the side stream)."""
-        if self._copy_stream is None:
-            return self._move(batch)
+        if self._copy_stream is None or batch.input_ids.device.type != "cpu":
+            return self._move(batch)  # (a batch made on the GPU is written on the compute stream)
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._copy_stream):
             moved = self._move(batch)
