@@ -11,6 +11,9 @@ Providers (ours is "triton"); each computes y = s + temporal(s), s = spatial(x):
   version's backward), to show in one run what the library weight gradients buy.
 - triton-nosplit (the deep shapes only, 8x8 and 4x4 frames): the op with `SPLIT_K = False`, to
   show what splitting the K loop buys where the tile grid cannot fill the GPU.
+- library: the op's library path (`spatiotemporal_conv_library`, what `auto` runs below
+  LIBRARY_BELOW pixel rows): cuDNN's conv2d on the channels-last frames, then the temporal conv
+  and the residual as cuBLAS GEMMs over row ranges of the same storage (`ops.temporal_gemm`).
 - cudnn-2d+1d-cl (the issue's first baseline): conv2d on the channels-last (B*F, C, H, W)
   view of x, a transpose of s to frames-inner (B*H*W, F, C) so conv1d runs channels-last,
   conv1d, a transpose back and the residual add.
@@ -54,6 +57,7 @@ from benchmarks.common import BenchResult, device_name, time_cpu, time_cuda
 from emu2_engine.kernels import spatiotemporal_conv as K
 from emu2_engine.models.flops import peak_flops
 from emu2_engine.ops import spatiotemporal_conv, spatiotemporal_conv_library, spatiotemporal_conv_reference
+from emu2_engine.ops.temporal_gemm import temporal_gemm_grads, temporal_gemm_rows
 
 SUITES = ("cpu", "gpu-quick", "gpu-full")
 CL3D = torch.channels_last_3d
@@ -61,6 +65,22 @@ CL3D = torch.channels_last_3d
 
 def triton_path(x, w_s, b_s, w_t, b_t):
     return spatiotemporal_conv(x, w_s, b_s, w_t, b_t)
+
+
+def cudnn_2d_1d_cl(x, w_s, b_s, w_t, b_t):
+    """The issue's first baseline: conv2d on the channels-last (B*F, C, H, W) view of x, s copied
+    to frames-inner (B*H*W, F, C) so that conv1d runs channels-last, conv1d, the result viewed
+    back, and the residual add (the op's library path until it moved to GEMMs)."""
+    B, C, Fr, H, W = x.shape
+    cout, _, kh, kw = w_s.shape
+    kt = w_t.shape[2]
+    frames = x.permute(0, 2, 1, 3, 4).reshape(B * Fr, C, H, W)        # a channels-last view
+    s = F.conv2d(frames, w_s, b_s, padding=(kh // 2, kw // 2))
+    s = s.view(B, Fr, cout, H, W).permute(0, 1, 3, 4, 2)              # (B, F, H, W, C) view
+    seq = s.permute(0, 2, 3, 1, 4).reshape(B * H * W, Fr, cout)        # frames inner: one copy
+    t = F.conv1d(seq.transpose(1, 2), w_t, b_t, padding=kt // 2)       # (BHW, C, F) channels last
+    t = t.transpose(1, 2).reshape(B, H, W, Fr, cout).permute(0, 3, 1, 2, 4)
+    return (s + t).permute(0, 4, 1, 2, 3)                              # (B, C, F, H, W) view
 
 
 def _conv3d_pair(x, w_s, b_s, w_t, b_t):
@@ -71,7 +91,8 @@ def _conv3d_pair(x, w_s, b_s, w_t, b_t):
 
 PROVIDERS = {"triton": (triton_path, CL3D), "triton-wgrad-kernel": (triton_path, CL3D),
              "triton-nosplit": (triton_path, CL3D),
-             "cudnn-2d+1d-cl": (spatiotemporal_conv_library, CL3D),  # what auto runs on small inputs
+             "library": (spatiotemporal_conv_library, CL3D),  # what auto runs on small inputs
+             "cudnn-2d+1d-cl": (cudnn_2d_1d_cl, CL3D),
              "conv3d-ncdhw": (_conv3d_pair, torch.contiguous_format),
              "conv3d-cl3d": (_conv3d_pair, CL3D), "eager": (spatiotemporal_conv_reference, CL3D)}
 WGRAD_OF = {"triton-wgrad-kernel": "triton"}
@@ -152,8 +173,9 @@ def _measure(result, providers, shape, dtype, device, timer):
 
 def _measure_passes(result, shape, dtype, timer, sweep: bool):
     """Each pass of the op alone against the cuDNN call that does the same work (provider
-    "cudnn"), so a GPU run shows which pass is short of cuDNN. Same FLOPs each side; cuDNN's
-    temporal forward has no residual add (ours has it fused). sweep: also time the spatial
+    "cudnn"), so a GPU run shows which pass is short of cuDNN; "gemm" is the library path's
+    temporal half (`ops.temporal_gemm`). Same FLOPs each side; cuDNN's temporal passes have no
+    residual add (ours have it fused). sweep: also time the spatial
     forward with each of `K.WIDE_TILE_CANDIDATES`."""
     B, C, Fr, H, W, kt = shape
     P, geometry = B * Fr * H * W, (Fr, H, W)
@@ -166,6 +188,7 @@ def _measure_passes(result, shape, dtype, timer, sweep: bool):
     x4 = rows.view(B * Fr, H, W, C).permute(0, 3, 1, 2)                  # channels-last views
     x5 = rows.view(B, Fr, H, W, C).permute(0, 4, 1, 2, 3)
     w_s = randn(C, C, 3, 3)
+    w_t = randn(C, C, kt)
     w4 = randn(C, C, 3, 3).contiguous(memory_format=torch.channels_last)
     w5 = randn(C, C, kt, 1, 1).contiguous(memory_format=CL3D)
     grad = torch.nn.grad
@@ -176,7 +199,12 @@ def _measure_passes(result, shape, dtype, timer, sweep: bool):
             "cudnn": lambda: F.conv2d(x4, w4, bias, padding=1)}),
         "temporal-fwd": (temporal, {
             "triton": lambda: K._tap_conv(rows, w_tp, bias, rows, geometry, (kt, 1, 1)),
+            "gemm": lambda: temporal_gemm_rows(x5, w_t, bias),
             "cudnn": lambda: F.conv3d(x5, w5, bias, padding=(kt // 2, 0, 0))}),
+        "temporal-dgrad": (temporal, {
+            "triton": lambda: K._tap_conv(rows, w_tp, None, rows, geometry, (kt, 1, 1)),
+            "gemm": lambda: temporal_gemm_grads(x5, x5, w_t, True, False, False),
+            "cudnn": lambda: grad.conv3d_input(x5.shape, w5, x5, padding=(kt // 2, 0, 0))}),
         "spatial-dgrad": (spatial, {
             "triton": lambda: K._tap_conv(rows, w_sp, None, None, geometry, (1, 3, 3)),
             "cudnn": lambda: grad.conv2d_input(x4.shape, w4, x4, padding=1)}),
@@ -215,7 +243,8 @@ def run(suite: str, out_dir: Path) -> BenchResult:
     if suite == "cpu":
         result.skipped.append("triton: the kernel runs on a CPU only in the interpreter "
                               "(correctness in tests/test_spatiotemporal_conv.py, no timing)")
-        _measure(result, ["eager", "conv3d-ncdhw"], (1, 64, 8, 16, 16, 3), torch.float32, "cpu",
+        _measure(result, ["eager", "library", "cudnn-2d+1d-cl", "conv3d-ncdhw"], (1, 64, 8, 16, 16, 3),
+                 torch.float32, "cpu",
                  lambda step: time_cpu(step, warmup=1, repeats=3))
     elif not torch.cuda.is_available():
         result.skipped.append(f"{suite}: no CUDA device on this machine")

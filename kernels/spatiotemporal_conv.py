@@ -363,10 +363,10 @@ def _tap_wgrad(inp, grad, geometry, taps, with_bias: bool):
 
 
 def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b per batch element in fp32. On CUDA cuBLAS writes 16-bit products' fp32 accumulators
-    as they are (out_dtype), so the sum over batch elements is not rounded to 16 bits per term;
-    the CPU has no such kernel, so 16-bit inputs are upcast there."""
-    if a.dtype == torch.float32:
+    """a @ b per batch element in fp32 (fp64 inputs: in fp64). On CUDA cuBLAS writes 16-bit
+    products' fp32 accumulators as they are (out_dtype), so the sum over batch elements is not
+    rounded to 16 bits per term; the CPU has no such kernel, so 16-bit inputs are upcast there."""
+    if a.dtype in (torch.float32, torch.float64):
         return torch.bmm(a, b)
     if a.is_cuda:
         return torch.bmm(a, b, out_dtype=torch.float32)

@@ -498,3 +498,83 @@ def test_auto_runs_small_inputs_on_the_library_path(monkeypatch):
     monkeypatch.setenv("EMU2_KERNELS", "spatiotemporal_conv=triton")
     op_module(x, w_s, None, w_t, None)
     assert calls == ["library", "kernel"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B, Fr, kt, bias", [(1, 5, 3, True), (2, 5, 3, False), (2, 4, 5, True),
+                                             (1, 1, 3, True), (2, 2, 5, False)])
+def test_temporal_gemm_matches_the_reference(dtype, B, Fr, kt, bias):
+    """The library path's temporal half (GEMMs over row ranges, the residual in the first one):
+    one clip and a batch (addmm and batched GEMMs), 1 frame and fewer frames than taps (taps that
+    leave the clip are skipped), with and without bias; y and the three gradients within the rule
+    of the fp64 reference (conv1d over frames, + s)."""
+    from emu2_engine.ops.temporal_gemm import temporal_gemm
+
+    C, H, W = 24, 3, 5
+    g = torch.Generator().manual_seed(B * 100 + Fr * 10 + kt)
+    s = torch.randn(B, C, Fr, H, W, generator=g, dtype=torch.float64)
+    w_t = torch.randn(C, C, kt, generator=g, dtype=torch.float64) * (C * kt) ** -0.5
+    b_t = torch.randn(C, generator=g, dtype=torch.float64) if bias else None
+    grad = torch.randn(B, C, Fr, H, W, generator=g, dtype=torch.float64)
+
+    def reference(s, w_t, b_t):
+        seq = s.permute(0, 3, 4, 1, 2).reshape(B * H * W, C, Fr)
+        t = F.conv1d(seq, w_t, b_t, padding=kt // 2).reshape(B, H, W, C, Fr).permute(0, 3, 4, 1, 2)
+        return s + t
+
+    def run(fn, dt):
+        inputs = [None if t is None else t.to(dt, copy=True).requires_grad_() for t in (s, w_t, b_t)]
+        if dt != torch.float64:
+            inputs[0] = inputs[0].detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+        y = fn(*inputs)
+        y.backward(grad.to(dt))
+        return [y] + [None if t is None else t.grad for t in inputs]
+
+    ref, low, got = run(reference, torch.float64), run(reference, dtype), run(temporal_gemm, dtype)
+    assert got[0].is_contiguous(memory_format=torch.channels_last_3d)
+    for name, a, lo, r in zip(("y", "d s", "d w_t", "d b_t"), got, low, ref):
+        if r is None:
+            assert a is None
+            continue
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert_within_rule(a, lo, r, dtype, name)
+
+
+def test_temporal_gemm_copies_nothing_and_counts_its_flops():
+    """Forward and backward read and write the channels-last storage in place: the only copies
+    are the residual's initial values (y = s, ds = dy: same layout), the rest are GEMMs on views;
+    FlopCounterMode counts the temporal conv's multiply-adds through the custom ops' formulas."""
+    from emu2_engine.ops.temporal_gemm import temporal_gemm, temporal_gemm_grads, temporal_gemm_rows
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names, self.layout_changes = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.names.append(func.__name__)
+            if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
+                src, dst = (args[1], args[0]) if func is torch.ops.aten.copy_.default else (args[0], out)
+                if src.dim() >= 2 and src.stride() != dst.stride():
+                    self.layout_changes.append((func.__name__, tuple(src.shape)))
+            return out
+
+    B, C, Fr, H, W, kt = 2, 16, 4, 3, 5, 3
+    s = torch.randn(B, C, Fr, H, W).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    w_t = (torch.randn(C, C, kt) * 0.1).requires_grad_()
+    b_t = torch.randn(C, requires_grad=True)
+    dy = torch.randn(B, C, Fr, H, W).contiguous(memory_format=torch.channels_last_3d)
+    with Ops() as ops:  # the custom ops' bodies (a dispatch mode sees a custom op as one call)
+        y = temporal_gemm_rows(s.detach(), w_t.detach(), b_t.detach())
+        temporal_gemm_grads(dy, s.detach(), w_t.detach(), True, True, True)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not ops.layout_changes, ops.layout_changes
+    assert sum(n.startswith(("addmm", "baddbmm")) for n in ops.names) == 2 * kt  # fwd and ds
+    torch.library.opcheck(torch.ops.emu2.temporal_gemm_fwd, (s.detach(), w_t.detach(), b_t.detach()))
+    torch.library.opcheck(torch.ops.emu2.temporal_gemm_bwd,
+                          (dy, s.detach(), w_t.detach(), True, True, True))
+    flops = 2 * B * Fr * H * W * C * C * kt
+    with FlopCounterMode(display=False) as fc:
+        temporal_gemm(s, w_t, b_t).backward(dy)
+    assert fc.get_total_flops() == 3 * flops  # forward, ds, dw_t

@@ -11,8 +11,9 @@ to the 2D one. This module holds the argument checks, the PyTorch reference and 
 which runs the Triton kernel (`emu2_engine.kernels.spatiotemporal_conv`: implicit GEMMs over
 the channels-last tensor for the forward and the input gradients, the weight gradients on
 cuBLAS and cuDNN) or the reference (`ops.backend`). Under `auto` on a GPU, small inputs (the
-video UNet's deepest levels: `LIBRARY_BELOW`) run two cuDNN convolutions instead
-(`spatiotemporal_conv_library`), which were measured faster there; `triton` forces the kernel.
+video UNet's deepest levels: `LIBRARY_BELOW`) run the library path instead
+(`spatiotemporal_conv_library`: cuDNN's conv2d, then the temporal conv as cuBLAS GEMMs on the
+same storage), which was measured faster there; `triton` forces the kernel.
 
 The kernel works on `torch.channels_last_3d` tensors (strides of B, F, H, W, C) and returns
 that format; other inputs are converted first (one copy, counted in the backward too).
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from emu2_engine.kernels import spatiotemporal_conv as _kernel
 from emu2_engine.ops.backend import autocast_dtype, requested_backend, use_triton
+from emu2_engine.ops.temporal_gemm import temporal_gemm
 
 
 def check_spatiotemporal_args(x, w_s, b_s, w_t, b_t) -> None:
@@ -72,31 +74,35 @@ def prefers_library(x: torch.Tensor) -> bool:
 
 def spatiotemporal_conv_library(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
                                 w_t: torch.Tensor, b_t: torch.Tensor | None) -> torch.Tensor:
-    """The reference's arithmetic as two cuDNN convolutions on channels-last views (no layout
-    copies between them): conv2d on the frames, conv1d over frames with the pixels as the batch.
-    Returns (B, Cout, F, H, W) with channels-last-3d strides. What `auto` runs on small inputs
-    (`LIBRARY_BELOW`), and the benchmark's "cudnn-2d+1d-cl" baseline."""
+    """The reference's arithmetic on the vendor libraries, without a layout copy: conv2d on the
+    channels-last (B*F, C, H, W) view of the frames (cuDNN on CUDA), then the temporal conv and
+    the residual as GEMMs over row ranges of the channels-last storage (`ops.temporal_gemm`).
+    Returns (B, Cout, F, H, W) in channels_last_3d. What `auto` runs on small inputs
+    (`LIBRARY_BELOW`)."""
     check_spatiotemporal_args(x, w_s, b_s, w_t, b_t)
     B, C, Fr, H, W = x.shape
     cout, _, kh, kw = w_s.shape
-    kt = w_t.shape[2]
     x = x.contiguous(memory_format=torch.channels_last_3d)
     frames = x.permute(0, 2, 1, 3, 4).reshape(B * Fr, C, H, W)        # a channels-last view
     s = F.conv2d(frames, w_s, b_s, padding=(kh // 2, kw // 2))
-    s = s.view(B, Fr, cout, H, W).permute(0, 1, 3, 4, 2)              # (B, F, H, W, C) view
-    seq = s.permute(0, 2, 3, 1, 4).reshape(B * H * W, Fr, cout)        # frames inner: one copy
-    t = F.conv1d(seq.transpose(1, 2), w_t, b_t, padding=kt // 2)       # (BHW, C, F) channels last
-    t = t.transpose(1, 2).reshape(B, H, W, Fr, cout).permute(0, 3, 1, 2, 4)
-    return (s + t).permute(0, 4, 1, 2, 3)                              # (B, C, F, H, W) view
+    s = s.view(B, Fr, cout, H, W).permute(0, 2, 1, 3, 4)                # channels_last_3d when s is channels-last
+    return temporal_gemm(s, w_t, b_t)
 
 
 LIBRARY_BELOW = 16384
 """Under `auto` on a GPU, inputs of fewer pixel rows (B x F x H x W) than this run
 `spatiotemporal_conv_library` instead of the Triton kernel. Measured on an H200 (bf16, batch 1,
-16 frames, benchmarks/results/h200-gpu-quick-2026-11-27-s4): at 1280 channels the two cuDNN
-convolutions took 0.87 ms forward + backward at 8x8 (1,024 rows) and 1.48 ms at 4x4 (256 rows)
-against the kernel's 1.81 and 2.62 ms; at 32x32 (16,384 rows) they tied (4.25 against 4.30 ms);
-at 320 channels and 64x64 (65,536 rows) the kernel was faster (1.77 against 2.32 ms)."""
+16 frames, benchmarks/results/h200-gpu-quick-2026-11-27-s4) with the library path's first
+version (cuDNN conv2d + conv1d, with a frames-inner copy): at 1280 channels it took 0.87 ms
+forward + backward at 8x8 (1,024 rows) and 1.48 ms at 4x4 (256 rows) against the kernel's 1.81
+and 2.62 ms; at 32x32 (16,384 rows) they tied (4.25 against 4.30 ms); at 320 channels and 64x64
+(65,536 rows) the kernel was faster (1.77 against 2.32 ms). The library path's temporal half is
+now GEMMs over the storage (`ops.temporal_gemm`): no copy, the residual in the first GEMM. Its
+passes were timed in that run on their own: at 32x32 x 1280 channels cuDNN's conv2d took 0.73 ms
+forward against the kernel's 1.18 (spatial dgrad 1.01 against 1.12), and the temporal weight
+gradient's GEMMs 0.35 ms against cuDNN's 0.44; the whole path is not measured yet, so the
+threshold stays where the conv1d version put it (the benchmark's "library" provider is the
+A/B that would move it)."""
 
 
 def spatiotemporal_conv(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
