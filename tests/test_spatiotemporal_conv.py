@@ -419,6 +419,23 @@ def test_cuda_auto_takes_the_library_on_small_inputs(dtype, monkeypatch):
         assert_within_rule(a, b, r, dtype, name)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_library_path_on_a_batch_of_clips(dtype, monkeypatch):
+    """The library path called directly on two clips (the temporal taps as batched GEMMs on
+    strided views, in place) at a video-UNet width, within the rule of the fp64 reference."""
+    from emu2_engine.ops import spatiotemporal_conv_library
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    args, grad = make_inputs(2, 640, 16, 16, 16, 640, 3, 3, 3, True, True, seed=8, device="cuda")
+    ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
+    low = run(spatiotemporal_conv_reference, args, grad, dtype)
+    got = run(spatiotemporal_conv_library, args, grad, dtype, torch.channels_last_3d)
+    for name, a, b, r in zip(NAMES, got, low, ref):
+        assert_within_rule(a, b, r, dtype, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_split_k_on_small_frames(monkeypatch, dtype):
     """A deep-level shape (3 frames of 4x4, 40 channels, kt = 5): 48 pixel rows x 2 channel tiles
