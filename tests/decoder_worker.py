@@ -7,7 +7,8 @@ Each rank runs, one after the other:
 2. ``split``: the same run, in which rank 1 sends itself SIGTERM during step 2 (rank 0 is
    never signalled): both ranks must stop after step 2 with a checkpoint (and rank 0 writes
    stopped.json); then a fresh trainer resumes from it and runs step 3;
-3. ``video``: two steps of the inflated video UNet on clips (`VIDEO_ARGS`);
+3. ``video``: two steps of the inflated video UNet on clips (`VIDEO_ARGS`); ``micro``: the
+   ``whole`` run with each rank's slice in two micro-batches (gradients reduced once);
 4. ``shards``: the image decoder on small shards with bad samples (`write_small_shards`),
    each rank reading its own: 4 steps; then the same run checkpointed at step 2 and killed
    after step 3, and resumed by fresh trainers.
@@ -133,6 +134,9 @@ def run(rank: int, init_file: str, out_dir: str) -> None:
     resumed_records = resumed.train(progress=False)
     resumed_params = full_parameters(resumed)
     video_records = DecoderTrainer(config(out / "video", *VIDEO_ARGS)).train(progress=False)
+    micro = DecoderTrainer(config(out / "micro", "--train.microbatches=2"))
+    micro_records = micro.train(progress=False)
+    micro_params = full_parameters(micro)
 
     if rank == 0:
         write_small_shards(out / "shards")
@@ -145,7 +149,7 @@ def run(rank: int, init_file: str, out_dir: str) -> None:
 
     result = {"whole": whole_records, "first": first_records, "first_stdout": printed.getvalue(),
               "after_signal": after_signal, "stopped": stopped, "stopped_after_resume": stopped_file.exists(),
-              "resumed": resumed_records, "video": video_records, "layout": held,
+              "resumed": resumed_records, "video": video_records, "micro": micro_records, "layout": held,
               "shards_whole": shards_whole, "shards_resumed": shards_resumed,
               "shards_own_skips": dict(on_shards.skip_counts()),
               "world": whole.world, "local_batch": whole.local_batch}
@@ -153,6 +157,7 @@ def run(rank: int, init_file: str, out_dir: str) -> None:
     dist.all_gather_object(gathered, result)
     if rank == 0:
         torch.save({"ranks": gathered, "whole_params": whole_params, "resumed_params": resumed_params,
+                    "micro_params": micro_params,
                     "checkpoints": [s for s, _ in complete_checkpoints(out / "split" / "checkpoints")]},
                    out / "results.pt")
     dist.barrier()

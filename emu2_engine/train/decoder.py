@@ -397,11 +397,24 @@ class DecoderTrainer:
         return dict(sorted(counts.items()))
 
     def step(self) -> DecoderStep:
-        """One optimiser step on this rank's slice of the current step's global batch. One
-        reduction returns the global mean loss and whether any rank was signalled."""
+        """One optimiser step on this rank's slice of the current step's global batch, in
+        `train.microbatches` micro-batches (their gradients accumulated: the gradient of the
+        slice's mean loss). One reduction returns the global mean loss and whether any rank was
+        signalled."""
         self.unet.train()
-        loss = self.loss(next(self.batches), self.generators(self.step_count))
-        loss.backward()
+        batch, generators = next(self.batches), self.generators(self.step_count)
+        n = self.cfg.train.microbatches
+        size = len(generators) // n
+        sharded = hasattr(self.unet, "set_requires_gradient_sync")  # FSDP2
+        loss = torch.zeros((), device=self.device)
+        for i in range(n):
+            part = slice(i * size, (i + 1) * size)
+            if sharded:  # reduce-scatter the gradients once, after the last micro-batch
+                self.unet.set_requires_gradient_sync(i == n - 1)
+            micro = DecoderBatch(batch.encoder_pixels[part], batch.vae_pixels[part])
+            part_loss = self.loss(micro, generators[part]) / n
+            part_loss.backward()
+            loss += part_loss.detach()
         grad_norm = self.clip_grad_norm()  # global: every rank takes the same decision below
         skipped = not math.isfinite(grad_norm)
         if skipped:  # NaN or inf gradients would poison AdamW's moments, then every checkpoint

@@ -134,6 +134,10 @@ class DecoderTrainSection:
     """Continue from the newest checkpoint in run_dir/checkpoints, if there is one."""
     run_dir: str = "runs/decoder_debug"
     """Where the resolved config, metrics and checkpoints go."""
+    microbatches: int = 1
+    """Micro-batches each rank's slice of the global batch runs as, one forward and backward
+    after the other with the gradients accumulated (activations for one micro-batch at a time;
+    under FSDP the gradients are reduced once, after the last). The slice must divide by it."""
     compile: bool = False
     """torch.compile every resnet and transformer of the UNet (`compile_unet_blocks`), before
     FSDP wraps them. The convolution and attention ops stay opaque custom ops inside the compiled
@@ -161,6 +165,13 @@ class DecoderJobConfig(JobConfig):
             raise ValueError(f"data.batch_size is the global batch and must divide by the number of "
                              f"ranks (WORLD_SIZE = {world_size}); got {d.batch_size}, which leaves "
                              f"{d.batch_size % world_size} over")
+        if t.microbatches < 1:
+            raise ValueError(f"train.microbatches must be >= 1, got {t.microbatches}")
+        local = d.batch_size // (world_size or 1)
+        if local % t.microbatches:
+            raise ValueError(f"train.microbatches ({t.microbatches}) must divide each rank's "
+                             f"{local} sample(s) (data.batch_size {d.batch_size} over "
+                             f"{world_size or 1} rank(s))")
         if m.unet not in UNET_PRESETS:
             raise ValueError(f"model.unet must be one of {sorted(UNET_PRESETS)}, got {m.unet!r}")
         if m.encoder not in PRESETS:
