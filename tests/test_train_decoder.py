@@ -334,6 +334,26 @@ def test_bad_config_refused(override, message):
         DecoderJobConfig.load(None, [override])
 
 
+def test_base_weights_start_the_trainer_and_exclude_unet_weights(tmp_path, capsys):
+    """model.unet_base_weights: a UNet conditioned on other widths initialises the trainer's UNet
+    (the condition projections fresh, the rest loaded); with unet_weights too it is refused."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from emu2_engine.models.config import UNetConfig
+    from emu2_engine.models.unet import UNet
+
+    base = UNet(dataclasses.replace(UNetConfig.from_preset("debug"), cross_attention_dim=48))
+    path = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, path)
+    trainer = DecoderTrainer(_cfg(tmp_path / "run", f"--model.unet_base_weights=\"{path}\""))
+    assert "projection(s) that read the condition start fresh" in capsys.readouterr().out
+    assert torch.equal(trainer.unet.conv_in.weight.cpu(), base.conv_in.weight)
+    with pytest.raises(ValueError, match="both give the initial UNet: set one"):
+        DecoderJobConfig.load(None, [f"--model.unet_base_weights=\"{path}\"", f"--model.unet_weights=\"{path}\""])
+
+
 def test_cli_reports_bad_config(capsys):
     assert train_decoder.main(["--model.unet=nope"]) == 2
     assert "model.unet must be one of" in capsys.readouterr().err

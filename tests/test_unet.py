@@ -199,6 +199,37 @@ def test_load_unet_weights_from_an_emu2_gen_file(tmp_path, debug_unet):
         load_unet_weights(UNet(DEBUG), str(tmp_path / "broken.safetensors"))
 
 
+def test_base_weights_load_all_but_the_condition_projections(tmp_path):
+    """A base UNet of the same shape conditioned on 48-wide embeddings (as SDXL-base's 2048-wide
+    text against Emu2's 1792): every tensor loads except the cross-attention keys/values and the
+    added-condition projection, which keep the fresh initialisation and are named; a base that
+    differs anywhere else loads nothing."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from emu2_engine.models.unet import CONDITION_INPUTS, load_base_unet_weights
+
+    base = UNet(dataclasses.replace(DEBUG, cross_attention_dim=48))
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, tmp_path / "base.safetensors")
+    torch.manual_seed(3)
+    model = UNet(DEBUG)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = load_base_unet_weights(model, str(tmp_path / "base.safetensors"))
+    assert kept and all(k.endswith(CONDITION_INPUTS) for k in kept)
+    assert {k.rsplit(".", 2)[-2] for k in kept} == {"to_k", "to_v", "linear_1"}
+    for k, v in model.state_dict().items():
+        want = fresh[k] if k in kept else base.state_dict()[k]
+        assert torch.equal(v, want), k
+    other = UNet(dataclasses.replace(DEBUG, cross_attention_dim=48, block_out_channels=(32, 48)))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, tmp_path / "other.safetensors")
+    model = UNet(DEBUG)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="nothing was loaded"):
+        load_base_unet_weights(model, str(tmp_path / "other.safetensors"))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(cross_attention=(True,)), "one entry per level"),
     (dict(block_out_channels=(32, 60)), "multiple of norm_groups"),

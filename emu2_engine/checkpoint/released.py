@@ -96,6 +96,9 @@ class LoadReport:
     """Checkpoint names with no engine parameter."""
     ignored_keys: list[str] = field(default_factory=list)
     """Checkpoint names skipped on purpose (rotary buffers, Emu2-Gen's decoder)."""
+    kept_keys: list[str] = field(default_factory=list)
+    """Engine names whose checkpoint tensor had another shape and which `keep_fresh` let keep
+    their own initialisation (not copied, not an error)."""
 
 
 # -- names ----------------------------------------------------------------------------------
@@ -241,11 +244,14 @@ def _section(title: str, lines: list[str]) -> str:
 
 
 def load_weights(model: nn.Module, source: str | os.PathLike, *,
-                 rename: Callable[[str], str | None] | None = None, strict: bool = True) -> LoadReport:
+                 rename: Callable[[str], str | None] | None = None, strict: bool = True,
+                 keep_fresh: Callable[[str], bool] | None = None) -> LoadReport:
     """Copy the tensors of a checkpoint file or directory into `model`'s state dict.
 
     `rename` maps a checkpoint key to the model's name (None: ignore the key; KeyError: the key
-    is unexpected); None keeps the names as they are (an engine checkpoint). Every problem is
+    is unexpected); None keeps the names as they are (an engine checkpoint). `keep_fresh(name)`
+    True lets a model tensor whose checkpoint tensor has another shape keep its own values
+    (`LoadReport.kept_keys`) instead of failing the load. Every problem is
     gathered into one `WeightsError` before anything is copied: with strict=True, missing and
     unexpected keys; always, wrong shapes and weights that two checkpoint names map onto. Tensors
     are cast to the dtype of, and copied onto the device of, the model's tensor.
@@ -279,11 +285,14 @@ def load_weights(model: nn.Module, source: str | os.PathLike, *,
             elif engine in plan:
                 duplicate.append(f"{name}: maps to {engine}, which {plan[engine][1]} already fills")
             else:
-                plan[engine] = (f, name)
                 want = tuple(targets[engine].shape)
+                if shape != want and keep_fresh is not None and keep_fresh(engine):
+                    report.kept_keys.append(engine)
+                    continue
+                plan[engine] = (f, name)
                 if shape != want:
                     wrong.append(f"{name}: checkpoint {_fmt_shape(shape)}, model {want} ({engine})")
-    report.missing_keys = [k for k in targets if k not in plan]
+    report.missing_keys = [k for k in targets if k not in plan and k not in report.kept_keys]
     # Name a missing weight as the checkpoint would: the released name for released weights.
     shown = to_released_name if rename is to_engine_name else str
     missing = [f"{shown(k)} {tuple(targets[k].shape)}" for k in report.missing_keys]

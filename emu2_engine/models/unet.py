@@ -488,6 +488,14 @@ def load_unet_state_dict(model: UNet, state_dict: Mapping[str, torch.Tensor], pr
 _EMU2_GEN_OTHER_PARTS = ("multimodal_encoder.", "vae.", "safety_checker.")
 
 
+def _unet_name(name: str) -> str | None:
+    """A checkpoint key's UNet name: Emu2-Gen's ``unet.*`` keys lose the prefix, its other parts
+    are skipped, a diffusers UNet's keys stay as they are."""
+    if name.startswith("unet."):
+        return name[len("unet."):]
+    return None if name.startswith(_EMU2_GEN_OTHER_PARTS) else name
+
+
 def load_unet_weights(model: UNet, source: str) -> None:
     """Load a checkpoint file or sharded directory (safetensors or torch) into `model`: the
     released Emu2-Gen weights (their ``unet.*`` keys; the encoder, VAE and safety checker are
@@ -495,12 +503,30 @@ def load_unet_weights(model: UNet, source: str) -> None:
     copied (`checkpoint.released.load_weights`)."""
     from emu2_engine.checkpoint.released import load_weights
 
-    def rename(name: str) -> str | None:
-        if name.startswith("unet."):
-            return name[len("unet."):]
-        return None if name.startswith(_EMU2_GEN_OTHER_PARTS) else name
+    load_weights(model, source, rename=_unet_name)
 
-    load_weights(model, source, rename=rename)
+
+CONDITION_INPUTS = ("attn2.to_k.weight", "attn2.to_v.weight", "add_embedding.linear_1.weight")
+"""The UNet tensors whose input width is the conditioning's: the cross-attention key and value
+projections (they read the condition tokens) and, with `text_time`, the first layer of the
+added-condition embedding (it reads the pooled condition and the six size ids)."""
+
+
+def load_base_unet_weights(model: UNet, source: str) -> list[str]:
+    """Initialise `model` from a UNet of the same architecture trained on other conditioning, as
+    the paper starts its decoders: from SDXL-base (Emu2-Gen) and Stable Diffusion 2.1 (the video
+    decoder), "adjusting the dimension of the projection layers in cross-attention modules" to
+    the visual embeddings. Every tensor must match, except the `CONDITION_INPUTS` whose width
+    differs (SDXL's cross-attention reads 2048-wide text states and its added condition 1280
+    pooled text + 6 x 256 id features; SD 2.1's cross-attention 1024; Emu2's embeddings are
+    1792 wide): those keep `model`'s fresh initialisation. Returns their names. Validated whole
+    before anything is copied, like `load_unet_weights`. Head counts are not in the weights'
+    shapes: the preset must use the base's (`UNET_PRESETS` states them)."""
+    from emu2_engine.checkpoint.released import load_weights
+
+    report = load_weights(model, source, rename=_unet_name,
+                          keep_fresh=lambda name: name.endswith(CONDITION_INPUTS))
+    return report.kept_keys
 
 
 def diffusers_unet_config(cfg: UNetConfig) -> dict:

@@ -63,7 +63,7 @@ from emu2_engine.data.shapes import ShapesWorld
 from emu2_engine.inference.decode import size_ids, zero_image_embedding
 from emu2_engine.models.config import Emu2Config, UNetConfig
 from emu2_engine.models.projector import Projector
-from emu2_engine.models.unet import UNet, load_unet_weights
+from emu2_engine.models.unet import UNet, load_base_unet_weights, load_unet_weights
 from emu2_engine.models.unet3d import inflate_unet
 from emu2_engine.models.vit import EVAVisionTransformer
 from emu2_engine.parallel.dims import ParallelDims
@@ -269,6 +269,11 @@ class DecoderTrainer:
         unet = UNet(self.unet_cfg)
         if cfg.model.unet_weights:
             load_unet_weights(unet, cfg.model.unet_weights)
+        elif cfg.model.unet_base_weights:
+            fresh = load_base_unet_weights(unet, cfg.model.unet_base_weights)
+            if self.rank == 0:
+                print(f"train_decoder: UNet from {cfg.model.unet_base_weights}; {len(fresh)} "
+                      f"projection(s) that read the condition start fresh", flush=True)
         self.unet: UNet = (inflate_unet(unet) if cfg.model.video else unet).to(self.device)
         if cfg.train.compile:
             compile_unet_blocks(self.unet)

@@ -22,6 +22,12 @@ class DecoderModelSection:
     unet_weights: str = ""
     """Initial UNet weights: the released Emu2-Gen checkpoint (its unet.* keys) or a diffusers
     UNet weights file/folder; "" = a fresh initialisation."""
+    unet_base_weights: str = ""
+    """Initial UNet weights from a UNet of the same shape trained on other conditioning (a
+    diffusers weights file/folder: SDXL-base for emu2-gen, Stable Diffusion 2.1 for emu2-video,
+    as the paper starts them): everything loads but the projections that read the condition
+    (cross-attention keys/values, the added-condition embedding's first layer), which start
+    fresh (`models.unet.load_base_unet_weights`). Exclusive with unet_weights."""
     encoder: str = "debug"
     """An Emu2 preset (`models.config.PRESETS`) whose vision tower and n_query make the embeddings."""
     encoder_weights: str = ""
@@ -184,6 +190,9 @@ class DecoderJobConfig(JobConfig):
             (unet.cond_tokens == enc.n_query,
              f"the {m.unet} UNet expects {unet.cond_tokens} embeddings per image, but the {m.encoder} "
              f"encoder makes {enc.n_query}"),
+            (not (m.unet_weights and m.unet_base_weights),
+             f"model.unet_weights ({m.unet_weights!r}) and model.unet_base_weights "
+             f"({m.unet_base_weights!r}) both give the initial UNet: set one"),
             (d.image_size >= 16, f"data.image_size must be >= 16, got {d.image_size}"),
             (d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}"),
             (d.frames > 0, f"data.frames must be >= 1, got {d.frames}"),
