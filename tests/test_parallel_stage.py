@@ -70,6 +70,56 @@ def test_stage_with_host_indices_computes_the_same(batch, reference):
     _assert_same(losses.detach(), _grads(stage), reference)
 
 
+class _DeviceReads(TorchDispatchMode):
+    """Records the ops that read a device value back to the host on a GPU: a scalar read
+    (item, int, bool: aten._local_scalar_dense), nonzero, and indexing by a boolean mask (whose
+    result size is data-dependent), with whether the tensor read was `exempt`."""
+
+    def __init__(self, exempt: torch.Tensor):
+        super().__init__()
+        self.exempt, self.reads = exempt, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        flat = [a for a in args if isinstance(a, torch.Tensor)]
+        indices = [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+        if name in ("_local_scalar_dense", "nonzero") or (
+                name in ("index", "index_put", "index_put_") and any(t.dtype == torch.bool for t in indices)):
+            self.reads.append((name, bool(flat) and flat[0] is self.exempt))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("split_backward", [False, True])
+def test_stage_under_a_schedule_takes_the_step_indices(batch, reference, split_backward):
+    """Under a pipeline schedule the fixed-shape kwargs carry only ``mb_index`` (a CPU tensor);
+    the stage finds the micro-batch's host-made indices in `step_indices`: same losses and
+    gradients, and the loss (the regression selection and the fused head loss) reads no value
+    back from any tensor but that index; without them it reads the boolean masks and labels.
+    (The CPU's reference attention reads the ids; the GPU runs the Triton kernel.)"""
+    mb = {**stage_inputs(batch), "mb_index": torch.tensor([1])}
+    stage = Emu2Stage(_model())
+    stage.split_backward = split_backward
+    other = {"reg_images": batch.reg_images[:0], "text_rows": torch.zeros(0, dtype=torch.long)}
+    indices = [other, {"reg_images": batch.reg_images, "text_rows": batch.with_text_rows().text_rows}]
+    loss, modes = stage._loss, []
+
+    def watched_loss(*args, **kwargs):
+        modes.append(_DeviceReads(mb["mb_index"]))
+        with modes[-1]:
+            return loss(*args, **kwargs)
+
+    stage._loss = watched_loss
+    stage.step_indices = indices
+    losses = stage(**mb)
+    stage.step_indices = None  # as a step without them: the masks and the labels are read
+    stage(**mb)
+    with_indices, without = modes
+    assert with_indices.reads and all(exempt for _, exempt in with_indices.reads), with_indices.reads
+    assert any(not exempt for _, exempt in without.reads), without.reads
+    losses[0].backward()
+    _assert_same(losses.detach(), _grads(stage), reference)
+
+
 def test_cut_stages_chain_to_the_model(batch, reference):
     model = _model()
     # Stage 0 holds only the ViT, projector and embedding; stages 1 and 2 one layer each.

@@ -124,10 +124,20 @@ class ParallelModel:
         if self.schedule is None:  # one micro-batch at a time: `batches` may take them lazily
             losses = self._accumulate((stage_inputs(b, host_indices=True) for b in batches), n)
         else:  # the schedule splits one merged batch: every micro-batch at once
-            inputs = [stage_inputs(b) for b in batches]
+            batches = list(batches)
+            inputs = [{**stage_inputs(b), "mb_index": torch.tensor([i])} for i, b in enumerate(batches)]
             merged = concat_microbatches(inputs)
             dummy_target = torch.zeros(len(batches), device=merged["input_ids"].device)
-            out = self.schedule.step(target=dummy_target, **merged)
+            step_indices = [{"reg_images": b.reg_images,
+                             **({"text_rows": b.text_rows} if b.text_rows is not None else {})}
+                            for b in batches]
+            for stage in self.stages:
+                stage.step_indices = step_indices
+            try:
+                out = self.schedule.step(target=dummy_target, **merged)
+            finally:
+                for stage in self.stages:
+                    stage.step_indices = None
             losses = torch.zeros(3, device=dummy_target.device)
             if out is not None:  # the last stage's outputs, one [total, ce, mse] per micro-batch
                 losses = out.detach().view(len(batches), 3).float().mean(0)

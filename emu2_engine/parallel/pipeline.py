@@ -19,6 +19,10 @@ returns ``[total, ce, mse]``. Without pipeline parallelism the one stage is the 
 and this is the same computation as `Emu2Model.forward` (the tests check both against it).
 Keyword inputs reach every stage (`torch.distributed.pipelining` hands a step's kwargs to all
 stages), so no stage needs more than the activations from its neighbour.
+The regressed images' indices and the labelled rows have data-dependent lengths, so they cannot
+travel in those kwargs; the step hands them to the stages directly (`Emu2Stage.step_indices`)
+and each micro-batch carries its index (``mb_index``, a CPU tensor), so the last stage's loss
+reads nothing back from the GPU (no boolean-mask selection, no label scan in the head loss).
 
 **Schedules**: ``1f1b`` (one stage per rank), ``interleaved-1f1b`` and ``zero-bubble``
 (`ScheduleInterleavedZeroBubble`, ZB1P: backward split into input and weight gradients, the
@@ -111,6 +115,11 @@ class Emu2Stage(nn.Module):
         self.vocab_group: dist.ProcessGroup | None = None
         self.split_backward = False
         """Set for zero-bubble schedules: see `_loss`."""
+        self.step_indices: list[dict[str, torch.Tensor]] | None = None
+        """Under a pipeline schedule, for the step under way: each micro-batch's host-made
+        ``reg_images`` and ``text_rows`` (variable lengths, so they cannot travel in the
+        schedule's fixed-shape kwargs), found by the micro-batch's ``mb_index``. With them the
+        loss reads nothing back from the device (`ParallelModel.forward_backward` sets them)."""
 
     @property
     def is_first(self) -> bool:
@@ -148,18 +157,28 @@ class Emu2Stage(nn.Module):
         hidden = model.embed(mb["input_ids"], mb["image_slots"], visual, mb["image_mask"])
         return hidden, pooled
 
+    def _host_indices(self, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The micro-batch's host-made ``reg_images`` and ``text_rows`` (those it has): in `mb`
+        without a schedule; under one, looked up by its ``mb_index`` (a CPU tensor: reading it
+        is no device read) in `step_indices`."""
+        if "mb_index" in mb and self.step_indices is not None:
+            return self.step_indices[int(mb["mb_index"])]
+        return {k: mb[k] for k in ("reg_images", "text_rows") if k in mb}
+
     def _loss(self, hidden: torch.Tensor, pooled: torch.Tensor,
               mb: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[total, ce, mse]`` of the micro-batch (only ``total`` carries gradients)."""
         model = self.model
-        reg = mb.get("reg_images", mb["reg_mask"])  # integer indices when the host made them
+        host = self._host_indices(mb)
+        reg = host.get("reg_images", mb["reg_mask"])  # integer indices when the host made them
         target = pooled[reg].reshape(-1, pooled.shape[-1])
         index = mb["reg_positions"][reg].reshape(-1)
+        text_rows = host.get("text_rows")
         weights = (model.lm_head.weight, model.project_down.weight)
         if not self.split_backward:
             out = emu2_head_loss(hidden, *weights[:1], mb["labels"], weights[1], index, target,
                                  model.cfg.regression_weight, group=self.vocab_group,
-                                 text_rows=mb.get("text_rows"))
+                                 text_rows=text_rows)
             return torch.stack([out.total, out.ce.detach(), out.mse.detach()])
         # Zero-bubble schedules run the backward in two passes, one for the stage's inputs and
         # one for its weights, and the second re-runs every node where the two paths meet. The
@@ -168,7 +187,7 @@ class Emu2Stage(nn.Module):
         # attach them with one node per path.
         leaves = [t.detach().requires_grad_() for t in (hidden, *weights)]
         out = emu2_head_loss(leaves[0], leaves[1], mb["labels"], leaves[2], index, target,
-                             model.cfg.regression_weight, group=self.vocab_group)
+                             model.cfg.regression_weight, group=self.vocab_group, text_rows=text_rows)
         grads = torch.autograd.grad(out.total, leaves, allow_unused=True)
         d_hidden = grads[0] if grads[0] is not None else torch.zeros_like(hidden)
         total = _Precomputed.apply(out.total.detach(), d_hidden, hidden)
