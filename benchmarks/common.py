@@ -105,6 +105,26 @@ def environment() -> dict:
     return env
 
 
+HBM_BANDWIDTH = {"NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA H100 PCIe": 2.0e12,
+                 "NVIDIA H100 NVL": 3.9e12, "NVIDIA H200": 4.8e12}
+"""HBM bandwidth (bytes/s) by device-name prefix, from the vendors' data sheets."""
+
+
+def hbm_bandwidth() -> float | None:
+    """This GPU's HBM bandwidth in bytes/s, or None when it has none on record."""
+    return next((v for k, v in HBM_BANDWIDTH.items() if device_name().startswith(k)), None)
+
+
+def measure_gpu_shapes(result: "BenchResult", shapes: list, measure: Callable[[object], None]) -> None:
+    """`measure(shape)` for each shape on the GPU, the cache emptied between them; notes in
+    `result` when the device has no HBM bandwidth on record (no roofline fractions then)."""
+    if hbm_bandwidth() is None:
+        result.skipped.append(f"of_roofline: no HBM bandwidth on record for {device_name()}")
+    for shape in shapes:
+        measure(shape)
+        torch.cuda.empty_cache()
+
+
 def time_cpu(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> float:
     """Median wall time of fn() in milliseconds, after warm-up."""
     for _ in range(warmup):

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import BenchResult, device_name, time_cpu, time_cuda
-from benchmarks.pool_project import HBM_BANDWIDTH
+from benchmarks.common import (BenchResult, device_name, hbm_bandwidth, measure_gpu_shapes, time_cpu,
+                               time_cuda)
 from emu2_engine.ops import group_norm
 
 SUITES = ("cpu", "gpu-quick", "gpu-full")
@@ -73,7 +73,7 @@ def _measure(result: BenchResult, providers: list[str], shape: tuple[int, ...], 
     size = base.numel() * base.element_size()
     name = f"N{N} C{C} {H}x{W}"
     params = {"N": N, "C": C, "side": H}
-    bandwidth = next((v for k, v in HBM_BANDWIDTH.items() if device_name().startswith(k)), None)
+    bandwidth = hbm_bandwidth()
     for p in providers:
         fn, channels_last = PROVIDERS[p]
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -120,12 +120,9 @@ def run(suite: str, out_dir: Path) -> BenchResult:
         shapes = [(16, 320, 64, 64), (16, 640, 32, 32), (16, 1280, 16, 16), (16, 2560, 8, 8)]
         if suite == "gpu-full":
             shapes += [(32, c, s, s) for _, c, s, _ in shapes]
-        if not any(device_name().startswith(k) for k in HBM_BANDWIDTH):
-            result.skipped.append(f"of_roofline: no HBM bandwidth on record for {device_name()}")
-        for shape in shapes:
-            _measure(result, list(PROVIDERS), shape, torch.bfloat16, "cuda",
-                     lambda step: time_cuda(step, warmup=3, repeats=10))
-            torch.cuda.empty_cache()
+        measure_gpu_shapes(result, shapes, lambda shape: _measure(
+            result, list(PROVIDERS), shape, torch.bfloat16, "cuda",
+            lambda step: time_cuda(step, warmup=3, repeats=10)))
     return result
 
 

@@ -25,14 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import BenchResult, device_name, time_cpu, time_cuda
+from benchmarks.common import (BenchResult, device_name, hbm_bandwidth, measure_gpu_shapes, time_cpu,
+                               time_cuda)
 from emu2_engine.models.flops import peak_flops
 from emu2_engine.ops import pool_patches, pool_project
 
 SUITES = ("cpu", "gpu-quick", "gpu-full")
-# HBM bandwidth (bytes/s) by device-name prefix, from the vendors' data sheets.
-HBM_BANDWIDTH = {"NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA H100 PCIe": 2.0e12,
-                 "NVIDIA H100 NVL": 3.9e12, "NVIDIA H200": 4.8e12}
 
 
 def eager(x, w, n_query):
@@ -71,7 +69,7 @@ def _measure(result, providers, shape, dtype, device, timer):
     fwd_bytes = (N * P * C + H * C + M * H) * size
     both_bytes = fwd_bytes + (M * H + H * C + M * C + N * P * C + H * C) * size  # + dout, W, pooled in; dx, dW out
     flops = 2 * M * C * H
-    bandwidth = next((v for k, v in HBM_BANDWIDTH.items() if device_name().startswith(k)), None)
+    bandwidth = hbm_bandwidth()
     peak = peak_flops(device_name()) if device == "cuda" else None
     for p in providers:
         fn = PROVIDERS[p]
@@ -114,12 +112,9 @@ def run(suite: str, out_dir: Path) -> BenchResult:
         shapes = [(256, 1024, 1792, 6656, 64)]
         if suite == "gpu-full":
             shapes += [(256, 1024, 1792, 6656, 256), (64, 1024, 1792, 6656, 64)]
-        if not any(device_name().startswith(k) for k in HBM_BANDWIDTH):
-            result.skipped.append(f"of_roofline: no HBM bandwidth on record for {device_name()}")
-        for shape in shapes:
-            _measure(result, list(PROVIDERS), shape, torch.bfloat16, "cuda",
-                     lambda step: time_cuda(step, warmup=3, repeats=10))
-            torch.cuda.empty_cache()
+        measure_gpu_shapes(result, shapes, lambda shape: _measure(
+            result, list(PROVIDERS), shape, torch.bfloat16, "cuda",
+            lambda step: time_cuda(step, warmup=3, repeats=10)))
     return result
 
 

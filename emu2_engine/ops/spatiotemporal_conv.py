@@ -85,7 +85,7 @@ def spatiotemporal_conv_library(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.T
     x = x.contiguous(memory_format=torch.channels_last_3d)
     frames = x.permute(0, 2, 1, 3, 4).reshape(B * Fr, C, H, W)        # a channels-last view
     s = F.conv2d(frames, w_s, b_s, padding=(kh // 2, kw // 2))
-    s = s.view(B, Fr, cout, H, W).permute(0, 2, 1, 3, 4)                # channels_last_3d when s is channels-last
+    s = s.view(B, Fr, cout, H, W).permute(0, 2, 1, 3, 4)    # channels_last_3d (s is channels-last)
     return temporal_gemm(s, w_t, b_t)
 
 
