@@ -206,7 +206,11 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path):
             return step(*args, **kwargs)
 
         trainer.optimizer.step = capture
+        sizes, loss = [], trainer.loss
+        trainer.loss = lambda batch, generators, **kw: (sizes.append(len(generators))
+                                                        or loss(batch, generators, **kw))
         out = trainer.step()
+        assert sizes == [4 // n] * n  # the slice really ran in n parts
         results.append((out.loss, out.grad_norm, grads))
     (loss1, norm1, grads1), (loss2, norm2, grads2) = results
     assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)

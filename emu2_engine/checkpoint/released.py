@@ -215,19 +215,28 @@ def _open_sharded(index_path: Path) -> list[_File]:
     return list(files.values())
 
 
+DIFFUSERS_NAMES = ("diffusion_pytorch_model.safetensors.index.json",
+                   "diffusion_pytorch_model.bin.index.json",
+                   "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+"""What a diffusers model folder (a UNet's `unet/`) holds its weights as, preferred first; the
+precision variants (`diffusion_pytorch_model.fp16.safetensors`) are not picked by a folder:
+name the file."""
+
+
 def _open_source(source: Path) -> list[_File]:
     if not source.exists():
         raise FileNotFoundError(f"checkpoint not found: {source}")
     if source.is_file():
         return [_open_file(source)]
-    for index in (SAFETENSORS_INDEX, BIN_INDEX):
+    for index in (SAFETENSORS_INDEX, BIN_INDEX, *DIFFUSERS_NAMES[:2]):
         if (source / index).is_file():
             return _open_sharded(source / index)
-    for single in ("model.safetensors", "pytorch_model.bin"):
+    for single in ("model.safetensors", "pytorch_model.bin", *DIFFUSERS_NAMES[2:]):
         if (source / single).is_file():
             return [_open_file(source / single)]
     raise FileNotFoundError(f"no checkpoint in directory {source}: expected {SAFETENSORS_INDEX}, "
-                            f"{BIN_INDEX}, model.safetensors or pytorch_model.bin")
+                            f"{BIN_INDEX}, model.safetensors, pytorch_model.bin or diffusers' "
+                            f"diffusion_pytorch_model.* (for a precision variant, name the file)")
 
 
 # -- loading --------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ batch element ONE contiguous range of output rows and one of input rows. So the 
 convolution is kt GEMMs over views of the storage (a batched GEMM over the B clips), no
 transposes, no padding copies:
 
-- forward: y = s + b_t, then y += s @ W_center^T over all rows (cuBLAS reads y as C with
-  beta = 1: the residual costs no separate pass), then y[rows] += s[shifted rows] @ W_t^T for
-  the other taps;
+- forward: y = s + b_t (one elementwise pass, which the old path's residual add also was), then
+  y += s @ W_center^T over all rows (cuBLAS reads y as C with beta = 1), then
+  y[rows] += s[shifted rows] @ W_t^T for the other taps;
 - backward: ds = dy + dy @ W_center, then ds[shifted rows] += dy[rows] @ W_t for the others
   (the adjoint: the same ranges, the weight not transposed); dW_t by the batched GEMMs of
   `kernels.spatiotemporal_conv._temporal_wgrad_gemms` (fp32 results), db_t a row sum in fp32.
@@ -59,7 +59,9 @@ def temporal_gemm_rows(s: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor | N
     """The forward on s (B, C, F, H, W) in channels_last_3d -> y, channels_last_3d."""
     B, _, Fr, H, W = s.shape
     rows = _rows(s)
-    taps = w_t.permute(2, 1, 0)                      # (kt, C in, C out): tap t is W_t^T
+    # (kt, C in, C out): tap t is W_t^T, contiguous so that cuBLAS takes each tap as it is (a
+    # strided (C, C) view would be copied per GEMM, and per clip when expanded for the batch)
+    taps = w_t.permute(2, 1, 0).contiguous()
     y = rows + b_t if b_t is not None else rows.clone()
     y.addmm_(rows, taps[w_t.shape[2] // 2])
     _add_shifted_taps(y, rows, taps, B, Fr, H * W, adjoint=False)
@@ -84,7 +86,7 @@ def temporal_gemm_grads(dy: torch.Tensor, s: torch.Tensor, w_t: torch.Tensor, ne
     ds = dw = db = None
     g = _rows(dy)
     if need_ds:
-        taps = w_t.permute(2, 0, 1)                  # (kt, C out, C in): tap t is W_t
+        taps = w_t.permute(2, 0, 1).contiguous()     # (kt, C out, C in): tap t is W_t
         rows = g.clone()
         rows.addmm_(g, taps[w_t.shape[2] // 2])
         _add_shifted_taps(rows, g, taps, B, Fr, H * W, adjoint=True)

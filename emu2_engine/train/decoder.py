@@ -367,6 +367,15 @@ class DecoderTrainer:
             pred = self.unet(noisy, t, cond, time_ids)
         return F.mse_loss(pred.float(), noise.float())
 
+    def micro_batches(self, batch: DecoderBatch, generators: list[torch.Generator]
+                      ) -> list[tuple[DecoderBatch, list[torch.Generator]]]:
+        """This rank's slice split into `train.microbatches` equal parts, each with its samples'
+        generators."""
+        n = self.cfg.train.microbatches
+        size = len(generators) // n
+        parts = [slice(i * size, (i + 1) * size) for i in range(n)]
+        return [(DecoderBatch(batch.encoder_pixels[p], batch.vae_pixels[p]), generators[p]) for p in parts]
+
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
         """Each value summed over the ranks (itself in one process), in one reduction."""
         if not dist.is_initialized():
@@ -407,17 +416,14 @@ class DecoderTrainer:
         slice's mean loss). One reduction returns the global mean loss and whether any rank was
         signalled."""
         self.unet.train()
-        batch, generators = next(self.batches), self.generators(self.step_count)
         n = self.cfg.train.microbatches
-        size = len(generators) // n
         sharded = hasattr(self.unet, "set_requires_gradient_sync")  # FSDP2
         loss = torch.zeros((), device=self.device)
-        for i in range(n):
-            part = slice(i * size, (i + 1) * size)
+        parts = self.micro_batches(next(self.batches), self.generators(self.step_count))
+        for i, (micro, generators) in enumerate(parts):
             if sharded:  # reduce-scatter the gradients once, after the last micro-batch
                 self.unet.set_requires_gradient_sync(i == n - 1)
-            micro = DecoderBatch(batch.encoder_pixels[part], batch.vae_pixels[part])
-            part_loss = self.loss(micro, generators[part]) / n
+            part_loss = self.loss(micro, generators) / n
             part_loss.backward()
             loss += part_loss.detach()
         grad_norm = self.clip_grad_norm()  # global: every rank takes the same decision below
@@ -440,14 +446,18 @@ class DecoderTrainer:
         """Denoising loss on held-out samples with fixed noise and timesteps (comparable across
         steps): with each sample's own embeddings, and with the previous sample's (of the
         global batch). A decoder that reads its condition does better with the right one.
-        Each rank evaluates its slice; the means are of the global batches."""
+        Each rank evaluates its slice, in `train.microbatches` parts as the step does; the means
+        are of the global batches."""
         self.unet.eval()
-        right = wrong = 0.0
+        totals = {"right": 0.0, "wrong": 0.0}
+        n_micro = self.cfg.train.microbatches
         for i, (batch, shifted_pixels) in enumerate(self.data.heldout(n_batches)):
-            right += self.loss(batch, self.generators(i, held_out=True), drop=False).item()
-            batch.encoder_pixels = shifted_pixels
-            wrong += self.loss(batch, self.generators(i, held_out=True), drop=False).item()
-        right, wrong = self._sum_over_ranks([right, wrong])
+            generators = self.generators(i, held_out=True)
+            shifted = DecoderBatch(shifted_pixels, batch.vae_pixels)
+            for key, source in (("right", batch), ("wrong", shifted)):
+                for micro, gens in self.micro_batches(source, generators):  # as the step splits
+                    totals[key] += self.loss(micro, gens, drop=False).item() / n_micro
+        right, wrong = self._sum_over_ranks([totals["right"], totals["wrong"]])
         self.unet.train()
         n = n_batches * self.world
         return {"heldout_loss": right / n, "heldout_loss_wrong_cond": wrong / n}

@@ -143,7 +143,9 @@ class DecoderTrainSection:
     microbatches: int = 1
     """Micro-batches each rank's slice of the global batch runs as, one forward and backward
     after the other with the gradients accumulated (activations for one micro-batch at a time;
-    under FSDP the gradients are reduced once, after the last). The slice must divide by it."""
+    the evaluation splits the same way). Under FSDP the gradients are reduced once, after the
+    last; until then FSDP2 holds them unsharded in fp32 on every rank (4 bytes per UNet
+    parameter: about 10 GB for emu2-gen's 2.5B). The slice must divide by it."""
     compile: bool = False
     """torch.compile every resnet and transformer of the UNet (`compile_unet_blocks`), before
     FSDP wraps them. The convolution and attention ops stay opaque custom ops inside the compiled
