@@ -201,9 +201,10 @@ def test_load_unet_weights_from_an_emu2_gen_file(tmp_path, debug_unet):
 
 def test_base_weights_load_all_but_the_condition_projections(tmp_path):
     """A base UNet of the same shape conditioned on 48-wide embeddings (as SDXL-base's 2048-wide
-    text against Emu2's 1792): every tensor loads except the cross-attention keys/values and the
-    added-condition projection, which keep the fresh initialisation and are named; a base that
-    differs anywhere else loads nothing."""
+    text against Emu2's 1792), from a file or a diffusers folder: every tensor loads except the
+    cross-attention keys/values, which keep the fresh initialisation, and the added-condition
+    projection, which takes the base's size-id columns and zero pooled ones; all are named; a
+    base that differs anywhere else loads nothing."""
     import dataclasses
 
     from safetensors.torch import save_file
@@ -212,13 +213,23 @@ def test_base_weights_load_all_but_the_condition_projections(tmp_path):
 
     base = UNet(dataclasses.replace(DEBUG, cross_attention_dim=48))
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, tmp_path / "base.safetensors")
+    (tmp_path / "unet").mkdir()  # a diffusers folder, as `unet/` of SDXL-base holds its weights
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()},
+              tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
     torch.manual_seed(3)
     model = UNet(DEBUG)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     kept = load_base_unet_weights(model, str(tmp_path / "base.safetensors"))
+    from_folder = UNet(DEBUG)
+    assert load_base_unet_weights(from_folder, str(tmp_path / "unet")) == kept
+    assert torch.equal(from_folder.conv_in.weight, base.conv_in.weight)
     assert kept and all(k.endswith(CONDITION_INPUTS) for k in kept)
     assert {k.rsplit(".", 2)[-2] for k in kept} == {"to_k", "to_v", "linear_1"}
+    ids = 6 * DEBUG.addition_time_embed_dim  # the added condition: [pooled | size ids]
     for k, v in model.state_dict().items():
+        if k == "add_embedding.linear_1.weight":  # the base's size-id columns, zero pooled ones
+            assert torch.equal(v[:, -ids:], base.state_dict()[k][:, -ids:]) and not v[:, :-ids].any()
+            continue
         want = fresh[k] if k in kept else base.state_dict()[k]
         assert torch.equal(v, want), k
     other = UNet(dataclasses.replace(DEBUG, cross_attention_dim=48, block_out_channels=(32, 48)))

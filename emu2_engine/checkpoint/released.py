@@ -329,6 +329,17 @@ def load_weights(model: nn.Module, source: str | os.PathLike, *,
     return report
 
 
+def read_tensor(source: str | os.PathLike, name: str, *,
+                rename: Callable[[str], str | None] | None = None) -> torch.Tensor:
+    """One tensor of a checkpoint file or directory, by its model name (`rename` maps the
+    checkpoint's names as in `load_weights`); KeyError when the checkpoint has none."""
+    for f in _open_source(Path(source)):
+        for stored in f.shapes:
+            if (stored if rename is None else rename(stored)) == name:
+                return next(iter(f.read([stored])))[1]
+    raise KeyError(f"{name!r} is not in checkpoint {source}")
+
+
 def load_released_weights(model: nn.Module, source: str | os.PathLike, strict: bool = True) -> LoadReport:
     """Load released Emu2 weights (any variant in the module docstring) into an `Emu2Model`.
 

@@ -519,14 +519,34 @@ def load_base_unet_weights(model: UNet, source: str) -> list[str]:
     the visual embeddings. Every tensor must match, except the `CONDITION_INPUTS` whose width
     differs (SDXL's cross-attention reads 2048-wide text states and its added condition 1280
     pooled text + 6 x 256 id features; SD 2.1's cross-attention 1024; Emu2's embeddings are
-    1792 wide): those keep `model`'s fresh initialisation. Returns their names. Validated whole
-    before anything is copied, like `load_unet_weights`. Head counts are not in the weights'
-    shapes: the preset must use the base's (`UNET_PRESETS` states them)."""
-    from emu2_engine.checkpoint.released import load_weights
+    1792 wide): those keep `model`'s fresh initialisation, except that the added-condition
+    projection takes the base's size-id columns and zeroes its pooled ones
+    (`_adopt_size_id_columns`). Returns their names. Validated whole before anything is copied,
+    like `load_unet_weights`. Head counts are not in the weights' shapes: the preset must use
+    the base's (`UNET_PRESETS` states them)."""
+    from emu2_engine.checkpoint.released import load_weights, read_tensor
 
     report = load_weights(model, source, rename=_unet_name,
                           keep_fresh=lambda name: name.endswith(CONDITION_INPUTS))
+    name = "add_embedding.linear_1.weight"
+    if name in report.kept_keys:
+        _adopt_size_id_columns(model, read_tensor(source, name, rename=_unet_name))
     return report.kept_keys
+
+
+def _adopt_size_id_columns(model: UNet, base: torch.Tensor) -> None:
+    """The added-condition projection reads [pooled condition | six size/crop ids x 256]. The
+    base's size-id columns mean the same thing here, so they are copied; its pooled columns read
+    another encoder's features, so ours start at zero: the base was trained with zeroed pooled
+    text for classifier-free guidance (SDXL), a state it has seen. Leaves the layer as it is
+    when the id widths differ."""
+    weight = model.add_embedding.linear_1.weight
+    ids = TIME_IDS * model.cfg.addition_time_embed_dim
+    if base.shape[0] != weight.shape[0] or base.shape[1] <= ids:
+        return
+    with torch.no_grad():
+        weight[:, -ids:].copy_(base[:, -ids:])
+        weight[:, :-ids].zero_()
 
 
 def diffusers_unet_config(cfg: UNetConfig) -> dict:
