@@ -203,10 +203,13 @@ MIXED_FSDP = Precision(BF16, autocast=True)
 """The engine under FSDP2: bf16 gathered parameters under autocast."""
 
 
-def training_precision(lay: Layout) -> Precision:
+def training_precision(lay: Layout, fp32_residual: bool = False) -> Precision:
     """What a layout's training step runs in: FSDP (`parallel/fsdp.py`) is applied only with
-    data parallelism (`ParallelDims.fsdp_mesh`); without it the parameters stay fp32."""
-    return MIXED_FSDP if lay.dp_shard * lay.dp_replicate > 1 else MIXED
+    data parallelism (`ParallelDims.fsdp_mesh`); without it the parameters stay fp32, and
+    `fp32_residual` (`train.fp32_residual`) keeps the residual streams fp32."""
+    if lay.dp_shard * lay.dp_replicate > 1:
+        return MIXED_FSDP
+    return MIXED_FP32_RESIDUAL if fp32_residual else MIXED
 
 
 def autocast_cache_params(cfg: Emu2Config, c: Chunk, freeze_vision: bool = False) -> int:
@@ -391,6 +394,8 @@ class Workload:
     """Images per sequence (Emu2's interleaved documents: 8 per 1024 tokens; packed pairs more)."""
     freeze_vision: bool = False
     """Encoder frozen (Emu2 stage 2): no ViT gradients, optimiser states or saved activations."""
+    fp32_residual: bool = False
+    """`train.fp32_residual`: fp32 residual streams under autocast (no effect under FSDP)."""
 
     @property
     def images(self) -> int:
@@ -548,7 +553,7 @@ def _rank_memory(cfg: Emu2Config, wl: Workload, lay: Layout, chunks: tuple[Chunk
     shard = lay.tp * lay.dp_shard
     total = sum(chunk_params(cfg, c) for c in own)
     trained = sum(chunk_params(cfg, c, True, wl.freeze_vision) for c in own)
-    p = training_precision(lay)
+    p = training_precision(lay, wl.fp32_residual)
     working, cache = 0, 0
     if p.autocast and p.params == FP32:  # no FSDP: autocast's bf16 weight copies, for the step
         cache = BF16 * sum(autocast_cache_params(cfg, c, wl.freeze_vision) for c in own) // lay.tp
@@ -634,7 +639,7 @@ def estimate(cfg: Emu2Config, wl: Workload, lay: Layout, gpu: GPU) -> Estimate |
             # The recomputed elementwise ops are bound by memory traffic: they read their
             # inputs and write the tensors that checkpointing did not keep, about twice the
             # bytes the mode saves against none.
-            p = training_precision(lay)
+            p = training_precision(lay, wl.fp32_residual)
             dropped = (chunk_activations(cfg, wl, c, "none", lay.tp, p)
                        - chunk_activations(cfg, wl, c, "selective", lay.tp, p))
             compute += 2 * dropped / gpu.hbm
@@ -759,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--global-batch", type=int, default=Workload.global_batch, help="sequences per step")
     p.add_argument("--images-per-seq", type=int, default=Workload.images_per_seq)
     p.add_argument("--freeze-vision", action="store_true", help="encoder frozen (Emu2 stage 2)")
+    p.add_argument("--fp32-residual", action="store_true",
+                   help="fp32 residual streams (train.fp32_residual; no effect with data parallelism)")
     p.add_argument("--top", type=int, default=20, help="rows to print, best first (0: all)")
     args = p.parse_args(argv)
     for name in ("gpus", "seq_len", "micro_batch", "global_batch"):
@@ -768,14 +775,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--images-per-seq and --top must be >= 0")
     cfg = Emu2Config.from_preset(args.preset)
     gpu = GPUS[args.gpu]
-    wl = Workload(args.seq_len, args.micro_batch, args.global_batch, args.images_per_seq, args.freeze_vision)
+    wl = Workload(args.seq_len, args.micro_batch, args.global_batch, args.images_per_seq, args.freeze_vision,
+                  args.fp32_residual)
     rows, refused = plan(cfg, args.gpus, gpu, wl)
     print(f"{cfg.name}: {model_params(cfg) / 1e9:.2f}B parameters on {args.gpus} x {args.gpu} "
           f"({gpu.memory / GiB:.1f} GiB each, {usable_memory(gpu) / GiB:.1f} GiB usable after "
           f"{RESERVED_BYTES / GiB:.0f} GiB reserved and a {MARGIN:.0%} margin)")
     print(f"workload: {wl.seq_len} tokens x {wl.micro_batch} per micro-batch, {wl.global_batch} "
           f"sequences per step, {wl.images_per_seq} images per sequence"
-          f"{', encoder frozen' if wl.freeze_vision else ''}; memory of the fullest GPU, under "
+          f"{', encoder frozen' if wl.freeze_vision else ''}"
+          f"{', fp32 residual streams' if wl.fp32_residual else ''}; memory of the fullest GPU, under "
           f"bf16 autocast (fp32 weights without data parallelism, FSDP's bf16 copies with it)")
     for line in refused:
         print(f"  ruled out: {line}")

@@ -15,6 +15,7 @@ Measured, on the CPU:
   policy imitated on the CPU (`_cuda_layer_norm_policy`).
 """
 
+import dataclasses
 import gc
 
 import pytest
@@ -283,7 +284,7 @@ def test_activation_formulas_by_hand():
     assert per_mode == sorted(per_mode) and len(set(per_mode)) == 3
 
 
-def test_mixed_precision_terms_by_hand():
+def test_mixed_precision_terms_by_hand(capsys):
     """What autocast changes, by hand, on proxy-1b (bytes per token): with fp32 parameters
     each RMSNorm keeps its normalised tensor in fp32 and every linear it feeds saves its own
     bf16 cast of its output; the residual streams are bf16 unless `train.fp32_residual`; the
@@ -315,6 +316,16 @@ def test_mixed_precision_terms_by_hand():
     assert one.autocast_cache == 2 * linears and one.working == 0  # no FSDP on one GPU
     fsdp = plan.estimate(cfg, wl, plan.Layout(1, 1, 2, 1, "none"), gpu)
     assert fsdp.autocast_cache == 0 and fsdp.working > 0
+    # train.fp32_residual (--fp32-residual): fp32 streams cost more without FSDP, nothing with it
+    wide = dataclasses.replace(wl, fp32_residual=True)
+    assert plan.estimate(cfg, wide, plan.Layout(1, 1, 1, 1, "none"), gpu).activations > one.activations
+    assert plan.estimate(cfg, wide, plan.Layout(1, 1, 2, 1, "none"), gpu).activations == fsdp.activations
+    args = ["--preset", "proxy-1b", "--gpus", "1", "--micro-batch", "2", "--global-batch", "32",
+            "--images-per-seq", "22", "--top", "1"]
+    assert plan.main(args) == 0
+    default = capsys.readouterr().out
+    assert plan.main(args + ["--fp32-residual"]) == 0
+    assert "fp32 residual streams" in capsys.readouterr().out and "fp32 residual" not in default
 
 
 # ----------------------------------------------------------------------------------------------
