@@ -134,8 +134,8 @@ class LlamaDecoder(nn.Module):
                 span_ids: torch.Tensor) -> torch.Tensor:
         """h: (B, S, hidden) input embeddings (visual rows already scattered in)."""
         rope = self.rotary(position_ids)
-        if autocast_dtype(h) is not None and not self.fp32_residual:
-            h = h.to(autocast_dtype(h))
+        if (stream := autocast_dtype(h)) is not None and not self.fp32_residual:
+            h = h.to(stream)
         for layer in self.layers.values():
             h = layer(h, rope, doc_ids, span_ids)
         return self.norm(h) if self.norm is not None else h

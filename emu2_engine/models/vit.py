@@ -132,8 +132,8 @@ class EVAVisionTransformer(nn.Module):
             dtype = torch.get_autocast_dtype(pixels.device.type)
         x = self.patch_embed(pixels.to(dtype))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        if autocast_dtype(x) is not None and not self.fp32_residual:
-            x = x.to(autocast_dtype(x))
+        if (stream := autocast_dtype(x)) is not None and not self.fp32_residual:
+            x = x.to(stream)
         for block in self.blocks.values():
             x = block(x)
         return x[:, 1:]
