@@ -53,6 +53,7 @@ _RECIPES = {
     "cpu": [("configs/debug.toml", ["--train.device=cpu"], 1, 2)],
     "gpu-quick": [("configs/proxy_1b.toml", [], 2, 3),  # compiled, as the recipe says
                   ("configs/proxy_1b.toml", ["--train.fp32_residual=true"], 2, 3),
+                  ("configs/emu2_widths_slice.toml", [], 2, 3),  # issue 6's 55 % target
                   ("configs/proxy_1b.toml", ["--parallel.compile=false"], 1, 3)],
     "gpu-full": [("configs/proxy_1b.toml", [], 2, 5),
                  ("configs/proxy_1b.toml", ["--train.fp32_residual=true"], 2, 5),
