@@ -1,8 +1,9 @@
 """One training step of a whole model: time per phase, throughput, TFLOP/s and MFU.
 
 - cpu: the `debug` preset on the shapes world (fp32), as `make run` trains it.
-- gpu-quick / gpu-full: `proxy-1b` (and, in gpu-full, `emu2-37b-slice` through its recipe
-  `configs/emu2_widths_slice.toml`) in bf16 autocast.
+- gpu-quick / gpu-full: `proxy-1b` and `emu2-37b-slice` (through its recipe
+  `configs/emu2_widths_slice.toml`) in bf16 autocast, with A/B cases for `train.fp32_residual`
+  and `train.weight_cast = op` (autocast's per-use weight casts, as before the default "step").
   Two kinds of case:
   - per micro-batch (`proxy-1b S=2048 rows=1`): one micro-batch, then clipping and the
     optimiser, with a sync between phases to time each; the three warm-up steps, one per
@@ -54,10 +55,14 @@ _RECIPES = {
     "gpu-quick": [("configs/proxy_1b.toml", [], 2, 3),  # compiled, as the recipe says
                   ("configs/proxy_1b.toml", ["--train.fp32_residual=true"], 2, 3),
                   ("configs/emu2_widths_slice.toml", [], 2, 3),  # issue 6's 55 % target
+                  ("configs/emu2_widths_slice.toml", ["--train.weight_cast=op"], 2, 3),
+                  ("configs/proxy_1b.toml", ["--train.weight_cast=op"], 2, 3),
                   ("configs/proxy_1b.toml", ["--parallel.compile=false"], 1, 3)],
     "gpu-full": [("configs/proxy_1b.toml", [], 2, 5),
                  ("configs/proxy_1b.toml", ["--train.fp32_residual=true"], 2, 5),
                  ("configs/emu2_widths_slice.toml", [], 2, 3),  # issue 6's 55 % target
+                 ("configs/emu2_widths_slice.toml", ["--train.weight_cast=op"], 2, 3),
+                 ("configs/proxy_1b.toml", ["--train.weight_cast=op"], 2, 5),
                  ("configs/proxy_1b.toml", ["--parallel.compile=false"], 1, 5)],
 }
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,13 +91,13 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
         batch, fwd = batches[i % 3], flops[i % 3]
         _sync(device)
         t0 = time.perf_counter()
-        with trainer.autocast():
+        with trainer.compute():  # (train.weight_cast = step: the weights' cast counts as forward)
             out = model(batch)
-        _sync(device)
-        t1 = time.perf_counter()
-        out.total.backward()
-        _sync(device)
-        t2 = time.perf_counter()
+            _sync(device)
+            t1 = time.perf_counter()
+            out.total.backward()
+            _sync(device)
+            t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -183,7 +188,8 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         seconds = sum(times)
         name = (Path(path).stem + (" compiled" if cfg.parallel.compile else "")
-                + (" fp32-residual" if cfg.train.fp32_residual else ""))
+                + (" fp32-residual" if cfg.train.fp32_residual else "")
+                + ("" if cfg.train.weight_cast == "step" else f" weight-cast-{cfg.train.weight_cast}"))
         case = f"recipe {name}"
         params = {"seq_len": cfg.data.seq_len, "rows": cfg.data.rows, "microbatches": n}
         add = lambda metric, value, unit, provider="engine": result.add(  # noqa: E731
@@ -233,7 +239,8 @@ def _components(trainer: Trainer, batch, flops: dict, case: str, params: dict, r
 
         timer = (lambda f: time_cuda(f, warmup=2, repeats=5)) if device.type == "cuda" else \
             (lambda f: time_cpu(f, warmup=1, repeats=3))
-        ms = timer(vit_step)
+        with trainer.compute():  # weights as inside a step (cast once, before the timing)
+            ms = timer(vit_step)
         model.zero_grad(set_to_none=True)
         result.add(benchmark="train_step", case=case, provider="vit", metric="time", value=ms, unit="ms",
                    params=params)
@@ -246,8 +253,9 @@ def _components(trainer: Trainer, batch, flops: dict, case: str, params: dict, r
         out.total.backward()
         model.zero_grad(set_to_none=True)
 
-    try:
-        families = profile_kernels(train_step, out_dir / "kernels.md", f"train_step {case}", device.type)
+    try:  # one micro-batch as in the middle of a step: weights already cast, gradients accumulated
+        with trainer.compute():
+            families = profile_kernels(train_step, out_dir / "kernels.md", f"train_step {case}", device.type)
     except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the timings
         result.skipped.append(f"{case} profile: {type(e).__name__}: {str(e)[:200]}")
         return

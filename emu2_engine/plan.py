@@ -23,6 +23,8 @@ The memory model (what the engine keeps, per GPU; it trains under torch.autocast
 - Without data parallelism there is no FSDP (`ParallelDims.fsdp_mesh` is None): the forward
   reads the fp32 parameters themselves, and autocast caches a bf16 copy of every trained
   linear weight for the whole step (`autocast_cache_params`) instead of FSDP's gathered copies.
+  `train.weight_cast = step` (the default; `train/weight_cast.py`) holds the same copies for the
+  step, compiled blocks or not.
 - Activations: what autograd saves in one forward, per micro-batch in flight, by
   checkpointing mode and `Precision` (the formulas below, one comment per saved tensor).
 """

@@ -139,6 +139,12 @@ class TrainSection:
     LLM's residual streams in fp32 (Megatron-LM's --fp32-residual-connection). Off: they run in
     bf16, as with Megatron's default. Under FSDP (dp > 1) they are bf16 either way: FSDP2 casts
     every block's input to its bf16 parameters' dtype."""
+    weight_cast: str = "step"
+    """Under 16-bit autocast in one process: "step" casts the blocks' linear weights to the
+    autocast dtype once per optimiser step and accumulates their gradients in fp32 over the
+    micro-batches (`train/weight_cast.py`; the same numbers, less memory traffic, and 2 bytes
+    per block parameter more memory); "op" lets autocast cast them at every use, each
+    micro-batch. FSDP runs cast through their MixedPrecisionPolicy either way."""
     global_batch: int = 0
     """Packed rows per optimiser step over all data-parallel ranks, as the recipe intends it;
     a layout that does not give dp x parallel.microbatches x data.rows rows is refused, with
@@ -316,6 +322,8 @@ class JobConfig:
             (d.video_frames > 0, f"data.video_frames must be positive, got {d.video_frames}"),
             (d.prefetch >= -1, f"data.prefetch must be >= -1 (-1 = auto, 0 = off), got {d.prefetch}"),
             (self.train.steps > 0, f"train.steps must be positive, got {self.train.steps}"),
+            (self.train.weight_cast in ("step", "op"),
+             f"train.weight_cast must be 'step' or 'op', got {self.train.weight_cast!r}"),
             (self.model.llm_layers >= 0, f"model.llm_layers must be >= 0, got {self.model.llm_layers}"),
             (self.metrics.log_interval > 0,
              f"metrics.log_interval must be positive, got {self.metrics.log_interval}"),

@@ -43,6 +43,7 @@ from emu2_engine.models.flops import batch_flops, training_flops
 from emu2_engine.train.config import JobConfig
 from emu2_engine.train.metrics import MetricsWriter, ThroughputMeter, peak_memory_gib
 from emu2_engine.train.optim import build_optimizer, build_scheduler
+from emu2_engine.train.weight_cast import StepWeightCast, block_linear_parameters
 
 STOPPED_FILE = "stopped.json"
 """Written into the run folder by rank 0 when a signal stopped the run and its checkpoint is
@@ -280,7 +281,14 @@ class Trainer:
                 apply_compile(model)
         self.model = model
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim)  # (freezes groups whose lr is 0)
+        # One process under 16-bit autocast: the blocks' linear weights are cast once per step
+        # (train.weight_cast = step). FSDP casts its own way (MixedPrecisionPolicy).
+        self.weight_cast: StepWeightCast | None = None
+        if self.parallel is None and self.autocast_dtype is not None and cfg.train.weight_cast == "step":
+            params = block_linear_parameters(self.model)
+            if params:
+                self.weight_cast = StepWeightCast(params, self.autocast_dtype)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         self.tokenizer = Emu2Tokenizer(chat=self.model_cfg.chat)
         dp_rank, dp = (self.dims.dp_rank, self.dims.dp) if self.dims else (0, 1)
@@ -305,11 +313,22 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    @contextlib.contextmanager
+    def compute(self):
+        """Autocast, and (`train.weight_cast = step`) the blocks' linear weights held in the
+        autocast dtype: run a step's forwards *and* backwards inside one of these. On leaving,
+        the parameters hold their fp32 values and the step's fp32 gradients."""
+        with contextlib.ExitStack() as stack:
+            if self.weight_cast is not None:
+                stack.enter_context(self.weight_cast.cast())
+            stack.enter_context(self.autocast())
+            yield
+
     def forward_backward(self, batches: MicroBatches) -> torch.Tensor:
         """Forward and backward over one step's micro-batches; gradients of their mean loss.
         Returns that mean as ``[total, ce, mse]`` (the same on every rank)."""
         n = len(batches)
-        with self.autocast():
+        with self.compute():
             if self.parallel is not None:
                 return self.parallel.forward_backward(batches)
             losses = torch.zeros(3, device=self.device)
@@ -502,7 +521,7 @@ class Trainer:
         right = wrong = 0.0
         for _ in range(n_batches):
             batch = next(loader).to(self.device)
-            with self.autocast():
+            with self.compute():
                 right += self.model(batch).ce.item()
                 # every real image moves to another sample (padding images stay padding)
                 real = batch.image_mask.nonzero().squeeze(1)
