@@ -56,6 +56,8 @@ _RECIPES = {
                   ("configs/proxy_1b.toml", ["--train.fp32_residual=true"], 2, 3),
                   ("configs/emu2_widths_slice.toml", [], 2, 3),  # issue 6's 55 % target
                   ("configs/emu2_widths_slice.toml", ["--train.weight_cast=op"], 2, 3),
+                  # the same 8 rows per step as 4 micro-batches of 2 (69.6 GiB by the plan tool)
+                  ("configs/emu2_widths_slice.toml", ["--data.rows=2", "--parallel.microbatches=4"], 2, 3),
                   ("configs/proxy_1b.toml", ["--train.weight_cast=op"], 2, 3),
                   ("configs/proxy_1b.toml", ["--parallel.compile=false"], 1, 3)],
     "gpu-full": [("configs/proxy_1b.toml", [], 2, 5),
@@ -189,7 +191,9 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
         seconds = sum(times)
         name = (Path(path).stem + (" compiled" if cfg.parallel.compile else "")
                 + (" fp32-residual" if cfg.train.fp32_residual else "")
-                + ("" if cfg.train.weight_cast == "step" else f" weight-cast-{cfg.train.weight_cast}"))
+                + ("" if cfg.train.weight_cast == "step" else f" weight-cast-{cfg.train.weight_cast}")
+                + (f" {cfg.data.rows}x{n}" if any(o.startswith(("--data.rows", "--parallel.microbatches"))
+                                                  for o in overrides) else ""))
         case = f"recipe {name}"
         params = {"seq_len": cfg.data.seq_len, "rows": cfg.data.rows, "microbatches": n}
         add = lambda metric, value, unit, provider="engine": result.add(  # noqa: E731
