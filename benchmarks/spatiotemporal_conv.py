@@ -4,19 +4,22 @@ against the cuDNN paths a video UNet would otherwise take.
     python -m benchmarks.spatiotemporal_conv     # cpu suite
     python -m benchmarks.run --suite gpu-quick --only spatiotemporal_conv
 
-Providers (ours is "triton"); each computes y = s + temporal(s), s = spatial(x):
-- triton: `spatiotemporal_conv` on a channels_last_3d x (the kernel's layout, no copies), as it
-  runs by default: Triton forward and dgrad kernels, weight gradients on cuBLAS / cuDNN.
+Providers; each computes y = s + temporal(s), s = spatial(x). Under `auto` on a GPU the op runs
+"library" from `LIBRARY_BELOW` pixel rows up and "cudnn-2d+1d-cl" below (measured faster than
+the kernel at every size here: `ops.spatiotemporal_conv.LIBRARY_BELOW`).
+- triton: `spatiotemporal_conv` forced to the Triton kernel on a channels_last_3d x (the
+  kernel's layout, no copies): Triton forward and dgrad kernels, weight gradients on cuBLAS /
+  cuDNN.
 - triton-wgrad-kernel: the same op with `WGRAD = "triton"` (the Triton wgrad kernel, the first
   version's backward), to show in one run what the library weight gradients buy.
 - triton-nosplit (the deep shapes only, 8x8 and 4x4 frames): the op with `SPLIT_K = False`, to
   show what splitting the K loop buys where the tile grid cannot fill the GPU.
-- library: the op's library path (`spatiotemporal_conv_library`, what `auto` runs below
-  LIBRARY_BELOW pixel rows): cuDNN's conv2d on the channels-last frames, then the temporal conv
-  and the residual as cuBLAS GEMMs over row ranges of the same storage (`ops.temporal_gemm`).
-- cudnn-2d+1d-cl (the issue's first baseline): conv2d on the channels-last (B*F, C, H, W)
-  view of x, a transpose of s to frames-inner (B*H*W, F, C) so conv1d runs channels-last,
-  conv1d, a transpose back and the residual add.
+- library: the op's GEMM library path (`spatiotemporal_conv_library`): cuDNN's conv2d on the
+  channels-last frames, then the temporal conv and the residual as cuBLAS GEMMs over row ranges
+  of the same storage (`ops.temporal_gemm`).
+- cudnn-2d+1d-cl (the issue's first baseline; `spatiotemporal_conv_cudnn`): conv2d on the
+  channels-last (B*F, C, H, W) view of x, a transpose of s to frames-inner (B*H*W, F, C) so
+  conv1d runs channels-last, conv1d, a transpose back and the residual add.
 - conv3d-ncdhw (the issue's second baseline): x contiguous NCDHW, conv3d with a (1, kh, kw)
   kernel, then conv3d with a (kt, 1, 1) kernel, plus the residual.
 - conv3d-cl3d: the same two conv3d calls on channels_last_3d tensors (no layout shuffles):
@@ -56,7 +59,8 @@ import torch.nn.functional as F
 from benchmarks.common import BenchResult, device_name, time_cpu, time_cuda
 from emu2_engine.kernels import spatiotemporal_conv as K
 from emu2_engine.models.flops import peak_flops
-from emu2_engine.ops import spatiotemporal_conv, spatiotemporal_conv_library, spatiotemporal_conv_reference
+from emu2_engine.ops import (spatiotemporal_conv, spatiotemporal_conv_cudnn, spatiotemporal_conv_library,
+                             spatiotemporal_conv_reference)
 from emu2_engine.ops.temporal_gemm import temporal_gemm_grads, temporal_gemm_rows
 
 SUITES = ("cpu", "gpu-quick", "gpu-full")
@@ -67,22 +71,6 @@ def triton_path(x, w_s, b_s, w_t, b_t):
     return spatiotemporal_conv(x, w_s, b_s, w_t, b_t)
 
 
-def cudnn_2d_1d_cl(x, w_s, b_s, w_t, b_t):
-    """The issue's first baseline: conv2d on the channels-last (B*F, C, H, W) view of x, s copied
-    to frames-inner (B*H*W, F, C) so that conv1d runs channels-last, conv1d, the result viewed
-    back, and the residual add (the op's library path until it moved to GEMMs)."""
-    B, C, Fr, H, W = x.shape
-    cout, _, kh, kw = w_s.shape
-    kt = w_t.shape[2]
-    frames = x.permute(0, 2, 1, 3, 4).reshape(B * Fr, C, H, W)        # a channels-last view
-    s = F.conv2d(frames, w_s, b_s, padding=(kh // 2, kw // 2))
-    s = s.view(B, Fr, cout, H, W).permute(0, 1, 3, 4, 2)              # (B, F, H, W, C) view
-    seq = s.permute(0, 2, 3, 1, 4).reshape(B * H * W, Fr, cout)        # frames inner: one copy
-    t = F.conv1d(seq.transpose(1, 2), w_t, b_t, padding=kt // 2)       # (BHW, C, F) channels last
-    t = t.transpose(1, 2).reshape(B, H, W, Fr, cout).permute(0, 3, 1, 2, 4)
-    return (s + t).permute(0, 4, 1, 2, 3)                              # (B, C, F, H, W) view
-
-
 def _conv3d_pair(x, w_s, b_s, w_t, b_t):
     kh, kw, kt = w_s.shape[2], w_s.shape[3], w_t.shape[2]
     s = F.conv3d(x, w_s.unsqueeze(2), b_s, padding=(0, kh // 2, kw // 2))
@@ -91,8 +79,8 @@ def _conv3d_pair(x, w_s, b_s, w_t, b_t):
 
 PROVIDERS = {"triton": (triton_path, CL3D), "triton-wgrad-kernel": (triton_path, CL3D),
              "triton-nosplit": (triton_path, CL3D),
-             "library": (spatiotemporal_conv_library, CL3D),  # what auto runs on small inputs
-             "cudnn-2d+1d-cl": (cudnn_2d_1d_cl, CL3D),
+             "library": (spatiotemporal_conv_library, CL3D),  # auto from LIBRARY_BELOW rows
+             "cudnn-2d+1d-cl": (spatiotemporal_conv_cudnn, CL3D),  # auto below LIBRARY_BELOW rows
              "conv3d-ncdhw": (_conv3d_pair, torch.contiguous_format),
              "conv3d-cl3d": (_conv3d_pair, CL3D), "eager": (spatiotemporal_conv_reference, CL3D)}
 WGRAD_OF = {"triton-wgrad-kernel": "triton"}
@@ -103,7 +91,7 @@ the op reads it when backward runs)."""
 @contextmanager
 def _settings(provider: str):
     """K.WGRAD and K.SPLIT_K as `provider` runs the op, inside the block; the "triton" providers
-    force the kernel (`auto` would run the library path on the small shapes: LIBRARY_BELOW)."""
+    force the kernel (`auto` runs the library paths: LIBRARY_BELOW)."""
     previous = K.WGRAD, K.SPLIT_K, os.environ.get("EMU2_KERNELS")
     K.WGRAD, K.SPLIT_K = WGRAD_OF.get(provider, K.WGRAD), provider != "triton-nosplit"
     if provider.startswith("triton"):

@@ -405,7 +405,7 @@ def test_cuda(dtype, shape, wgrad, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_auto_takes_the_library_on_small_inputs(dtype, monkeypatch):
     """`auto` on a GPU runs a deep-level shape (16 frames of 4x4, 320 channels: 256 pixel rows)
-    as the two cuDNN convolutions, within the rule of the fp64 reference."""
+    as cuDNN's conv2d + conv1d, within the rule of the fp64 reference."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     args, grad = make_inputs(1, 320, 16, 4, 4, 320, 3, 3, 3, True, True, seed=6, device="cuda")
     ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
@@ -482,39 +482,44 @@ def test_split_count_fits_one_wave(monkeypatch):
     assert kernel._conv_split(48, 20, 40, 9, cfg, cpu) == 1
 
 
-def test_auto_runs_small_inputs_on_the_library_path(monkeypatch):
-    """Below LIBRARY_BELOW pixel rows, `auto` on a GPU takes the two cuDNN convolutions (measured
-    faster there); the library path computes the reference's numbers in channels-last-3d, and
-    `triton` still forces the kernel."""
-    from emu2_engine.ops import spatiotemporal_conv_library
+def test_auto_runs_the_library_paths(monkeypatch):
+    """Under `auto` on a GPU the op runs cuDNN conv2d + conv1d below LIBRARY_BELOW pixel rows and
+    the GEMM library path from there up (both measured faster than the kernel); both compute the
+    reference's numbers in channels-last-3d, and `triton` still forces the kernel."""
     from emu2_engine.ops import spatiotemporal_conv as op_module
+    from emu2_engine.ops import spatiotemporal_conv_cudnn, spatiotemporal_conv_library
     import importlib
     ops_stc = importlib.import_module("emu2_engine.ops.spatiotemporal_conv")  # the module, not the op
 
     small = torch.empty(1, 8, 16, 8, 8)     # 1,024 rows
     large = torch.empty(1, 8, 16, 32, 32)   # 16,384 rows
-    assert ops_stc.prefers_library(small) and not ops_stc.prefers_library(large)
+    assert not ops_stc.prefers_library(small) and ops_stc.prefers_library(large)
 
     args, grad = make_inputs(2, 40, 5, 7, 9, 24, 3, 3, 3, True, True, seed=5)
     ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
-    got = run(spatiotemporal_conv_library, args, grad, torch.float64)
-    for name, a, r in zip(NAMES, got, ref):
-        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=name)
-    out = spatiotemporal_conv_library(*[None if t is None else t.detach() for t in args[:5]])
-    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    for path in (spatiotemporal_conv_library, spatiotemporal_conv_cudnn):
+        got = run(path, args, grad, torch.float64)
+        for name, a, r in zip(NAMES, got, ref):
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=f"{path.__name__} {name}")
+        out = path(*[None if t is None else t.detach() for t in args[:5]])
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
 
-    # the dispatch, with the kernel's availability faked (no GPU here): auto -> library, triton -> kernel
+    # the dispatch, with the kernel's availability faked (no GPU here): auto -> a library path
+    # by size, triton -> kernel
     calls = []
     monkeypatch.setattr(ops_stc, "use_triton", lambda *a, **k: True)
     monkeypatch.setattr(ops_stc, "spatiotemporal_conv_library", lambda *a: calls.append("library"))
+    monkeypatch.setattr(ops_stc, "spatiotemporal_conv_cudnn", lambda *a: calls.append("cudnn"))
     monkeypatch.setattr(ops_stc._kernel.SpatiotemporalConv, "apply", lambda *a: calls.append("kernel"))
-    x = torch.randn(1, 8, 2, 4, 4)
+    monkeypatch.setattr(ops_stc, "LIBRARY_BELOW", 64)
+    x, big = torch.randn(1, 8, 2, 4, 4), torch.randn(1, 8, 4, 4, 4)   # 32 and 64 rows
     w_s, w_t = torch.randn(8, 8, 3, 3), torch.randn(8, 8, 3)
     monkeypatch.setenv("EMU2_KERNELS", "auto")
     op_module(x, w_s, None, w_t, None)
+    op_module(big, w_s, None, w_t, None)
     monkeypatch.setenv("EMU2_KERNELS", "spatiotemporal_conv=triton")
     op_module(x, w_s, None, w_t, None)
-    assert calls == ["library", "kernel"]
+    assert calls == ["cudnn", "library", "kernel"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

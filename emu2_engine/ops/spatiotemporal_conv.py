@@ -10,10 +10,12 @@ layer exactly the 2D convolution on each frame, which is how an inflated UNet st
 to the 2D one. This module holds the argument checks, the PyTorch reference and the public op,
 which runs the Triton kernel (`emu2_engine.kernels.spatiotemporal_conv`: implicit GEMMs over
 the channels-last tensor for the forward and the input gradients, the weight gradients on
-cuBLAS and cuDNN) or the reference (`ops.backend`). Under `auto` on a GPU, small inputs (the
-video UNet's deepest levels: `LIBRARY_BELOW`) run the library path instead
-(`spatiotemporal_conv_library`: cuDNN's conv2d, then the temporal conv as cuBLAS GEMMs on the
-same storage), which was measured faster there; `triton` forces the kernel.
+cuBLAS and cuDNN) or the reference (`ops.backend`). Under `auto` on a GPU the op runs on the
+vendor libraries, which an H200 measured faster than the kernel at every video-UNet size
+(`LIBRARY_BELOW`): inputs of 16,384 pixel rows and more as cuDNN's conv2d then the temporal
+conv as cuBLAS GEMMs on the same storage (`spatiotemporal_conv_library`), smaller ones as
+cuDNN's conv2d then conv1d (`spatiotemporal_conv_cudnn`: fewer launches, which is what counts
+there). `triton` forces the kernel.
 
 The kernel works on `torch.channels_last_3d` tensors (strides of B, F, H, W, C) and returns
 that format; other inputs are converted first (one copy, counted in the backward too).
@@ -66,10 +68,32 @@ def spatiotemporal_conv_reference(x: torch.Tensor, w_s: torch.Tensor, b_s: torch
 
 
 def prefers_library(x: torch.Tensor) -> bool:
-    """Whether `auto` runs the library path for x (too few pixel rows to fill the GPU with the
-    kernel's tiles: `LIBRARY_BELOW`)."""
+    """Whether `auto` runs x on the GEMM library path (`spatiotemporal_conv_library`) rather
+    than cuDNN's conv2d + conv1d (`spatiotemporal_conv_cudnn`): `LIBRARY_BELOW` pixel rows or
+    more."""
     B, _, Fr, H, W = x.shape
-    return B * Fr * H * W < LIBRARY_BELOW
+    return B * Fr * H * W >= LIBRARY_BELOW
+
+
+def spatiotemporal_conv_cudnn(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
+                              w_t: torch.Tensor, b_t: torch.Tensor | None) -> torch.Tensor:
+    """cuDNN's two convolutions on channels-last views: conv2d on the (B*F, C, H, W) frames,
+    one copy of s to frames-inner order (B*H*W, F, C) so that conv1d runs channels-last,
+    conv1d, and the residual add. Returns (B, Cout, F, H, W) in channels_last_3d. Six launches
+    forward, so it is what `auto` runs on small inputs (`LIBRARY_BELOW`), where launches cost
+    more than arithmetic; the benchmark's "cudnn-2d+1d-cl" baseline."""
+    check_spatiotemporal_args(x, w_s, b_s, w_t, b_t)
+    B, C, Fr, H, W = x.shape
+    cout, _, kh, kw = w_s.shape
+    kt = w_t.shape[2]
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    frames = x.permute(0, 2, 1, 3, 4).reshape(B * Fr, C, H, W)        # a channels-last view
+    s = F.conv2d(frames, w_s, b_s, padding=(kh // 2, kw // 2))
+    s = s.view(B, Fr, cout, H, W).permute(0, 1, 3, 4, 2)              # (B, F, H, W, C) view
+    seq = s.permute(0, 2, 3, 1, 4).reshape(B * H * W, Fr, cout)        # frames inner: one copy
+    t = F.conv1d(seq.transpose(1, 2), w_t, b_t, padding=kt // 2)       # (BHW, C, F) channels last
+    t = t.transpose(1, 2).reshape(B, H, W, Fr, cout).permute(0, 3, 1, 2, 4)
+    return (s + t).permute(0, 4, 1, 2, 3)                              # (B, C, F, H, W) view
 
 
 def spatiotemporal_conv_library(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
@@ -77,8 +101,8 @@ def spatiotemporal_conv_library(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.T
     """The reference's arithmetic on the vendor libraries, without a layout copy: conv2d on the
     channels-last (B*F, C, H, W) view of the frames (cuDNN on CUDA), then the temporal conv and
     the residual as GEMMs over row ranges of the channels-last storage (`ops.temporal_gemm`).
-    Returns (B, Cout, F, H, W) in channels_last_3d. What `auto` runs on small inputs
-    (`LIBRARY_BELOW`)."""
+    Returns (B, Cout, F, H, W) in channels_last_3d. What `auto` runs on a GPU from
+    `LIBRARY_BELOW` pixel rows up."""
     check_spatiotemporal_args(x, w_s, b_s, w_t, b_t)
     B, C, Fr, H, W = x.shape
     cout, _, kh, kw = w_s.shape
@@ -90,19 +114,15 @@ def spatiotemporal_conv_library(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.T
 
 
 LIBRARY_BELOW = 16384
-"""Under `auto` on a GPU, inputs of fewer pixel rows (B x F x H x W) than this run
-`spatiotemporal_conv_library` instead of the Triton kernel. Measured on an H200 (bf16, batch 1,
-16 frames, benchmarks/results/h200-gpu-quick-2026-11-27-s4) with the library path's first
-version (cuDNN conv2d + conv1d, with a frames-inner copy): at 1280 channels it took 0.87 ms
-forward + backward at 8x8 (1,024 rows) and 1.48 ms at 4x4 (256 rows) against the kernel's 1.81
-and 2.62 ms; at 32x32 (16,384 rows) they tied (4.25 against 4.30 ms); at 320 channels and 64x64
-(65,536 rows) the kernel was faster (1.77 against 2.32 ms). The library path's temporal half is
-now GEMMs over the storage (`ops.temporal_gemm`): no copy, the residual in the first GEMM. Its
-passes were timed in that run on their own: at 32x32 x 1280 channels cuDNN's conv2d took 0.73 ms
-forward against the kernel's 1.18 (spatial dgrad 1.01 against 1.12), and the temporal weight
-gradient's GEMMs 0.35 ms against cuDNN's 0.44; the whole path is not measured yet, so the
-threshold stays where the conv1d version put it (the benchmark's "library" provider is the
-A/B that would move it)."""
+"""Under `auto` on a GPU, inputs of at least this many pixel rows (B x F x H x W) run
+`spatiotemporal_conv_library` (cuDNN conv2d + cuBLAS GEMMs), smaller ones
+`spatiotemporal_conv_cudnn` (cuDNN conv2d + conv1d); the Triton kernel only when forced.
+Measured on an H200 (bf16, batch 1, 16 frames, kt = 3, forward + backward;
+benchmarks/results/h200-gpu-quick-2026-11-27-s6/run2): at 1280 channels and 32x32 (16,384 rows)
+the GEMM path took 3.25 ms against the kernel's 4.25 and conv2d + conv1d's 4.23; at 320 channels
+and 64x64 (65,536 rows) 1.87 against 2.02 and 2.32. At 8x8 (1,024 rows) and 4x4 (256 rows) with
+1280 channels every path is bound by launches: conv2d + conv1d took 1.04 and 0.84 ms, the GEMM
+path 1.82 and 1.33, the kernel 1.69 and 1.57."""
 
 
 def spatiotemporal_conv(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
@@ -125,7 +145,9 @@ def spatiotemporal_conv(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | 
         use_kernel = False  # auto: the reference handles any dtype
     if not use_kernel:
         return spatiotemporal_conv_reference(x, w_s, b_s, w_t, b_t)
-    if requested_backend("spatiotemporal_conv") == "auto" and prefers_library(x):
-        return spatiotemporal_conv_library(x, w_s, b_s, w_t, b_t)
+    if requested_backend("spatiotemporal_conv") == "auto":
+        if prefers_library(x):
+            return spatiotemporal_conv_library(x, w_s, b_s, w_t, b_t)
+        return spatiotemporal_conv_cudnn(x, w_s, b_s, w_t, b_t)
     x = x.contiguous(memory_format=torch.channels_last_3d)
     return _kernel.SpatiotemporalConv.apply(x, w_s.contiguous(), b_s, w_t.contiguous(), b_t)
