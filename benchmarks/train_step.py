@@ -26,6 +26,7 @@ heads; backward = 2x forward); MFU is reported only for a device in the peak tab
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import statistics
@@ -218,6 +219,7 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
         first_flops = batch_flops(trainer.model_cfg, batches[0])
         _components(trainer, first, first_flops, case, params, result, out_dir)
         del trainer, batches, first
+    gc.collect()  # the next case's peak memory must not include this one's leftovers
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -134,3 +134,20 @@ def test_cuda_step_cast_gives_the_same_numbers(tmp_path):
     for (name, a), b in zip(op.model.named_parameters(), step.model.parameters()):
         assert b.dtype == torch.float32
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_dropped_cast_frees_its_parameters_without_the_garbage_collector():
+    """The hooks hold the caster weakly: dropping the model and the caster frees the weights at
+    once (a reference cycle would keep a dropped trainer's GPU memory until gc ran)."""
+    import gc
+    import weakref
+
+    lin = nn.Linear(4, 4)
+    cast = StepWeightCast(list(lin.parameters()), torch.bfloat16)
+    watch = weakref.ref(lin.weight)
+    gc.disable()
+    try:
+        del lin, cast
+        assert watch() is None
+    finally:
+        gc.enable()

@@ -26,6 +26,7 @@ layers are cast: these layers use them through `F.linear`, which autocast would 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -66,7 +67,17 @@ class StepWeightCast:
         self.dtype = dtype
         self._masters: list[torch.Tensor] | None = None
         self._grads: dict[int, torch.Tensor] = {}
-        self._handles = [p.register_post_accumulate_grad_hook(self._accumulate) for p in self.params]
+        # The hooks reach this object through a weak reference: a strong one would make a cycle
+        # (parameter -> hook -> self -> parameter) that keeps a dropped trainer's GPU memory
+        # until the garbage collector happens to run.
+        me = weakref.ref(self)
+
+        def hook(p: nn.Parameter) -> None:
+            owner = me()
+            if owner is not None:
+                owner._accumulate(p)
+
+        self._handles = [p.register_post_accumulate_grad_hook(hook) for p in self.params]
 
     @property
     def active(self) -> bool:
