@@ -57,8 +57,11 @@ _RECIPES = {
                   ("configs/proxy_1b.toml", ["--train.fp32_residual=true"], 2, 3),
                   ("configs/emu2_widths_slice.toml", [], 2, 3),  # issue 6's 55 % target
                   ("configs/emu2_widths_slice.toml", ["--train.weight_cast=op"], 2, 3),
-                  # the same 8 rows per step as 4 micro-batches of 2 (69.6 GiB by the plan tool)
-                  ("configs/emu2_widths_slice.toml", ["--data.rows=2", "--parallel.microbatches=4"], 2, 3),
+                  # the same 8 rows per step as 4 micro-batches of 2, with room for their images
+                  # (69.6 GiB by the plan tool; session 6's run kept 24 image slots per micro-batch,
+                  # so its rows held half the images and tokens: not comparable)
+                  ("configs/emu2_widths_slice.toml", ["--data.rows=2", "--parallel.microbatches=4",
+                                                      "--data.max_images=48"], 2, 3),
                   ("configs/proxy_1b.toml", ["--train.weight_cast=op"], 2, 3),
                   ("configs/proxy_1b.toml", ["--parallel.compile=false"], 1, 3)],
     "gpu-full": [("configs/proxy_1b.toml", [], 2, 5),
