@@ -1,12 +1,14 @@
-"""Benchmark of `spatiotemporal_conv` (Triton implicit GEMMs over channels-last 3D tensors)
-against the cuDNN paths a video UNet would otherwise take.
+"""Benchmark of `spatiotemporal_conv` (as `auto` runs it, and its Triton kernel forced) against
+the cuDNN paths a video UNet would otherwise take.
 
     python -m benchmarks.spatiotemporal_conv     # cpu suite
     python -m benchmarks.run --suite gpu-quick --only spatiotemporal_conv
 
-Providers; each computes y = s + temporal(s), s = spatial(x). Under `auto` on a GPU the op runs
-"library" from `LIBRARY_BELOW` pixel rows up and "cudnn-2d+1d-cl" below (measured faster than
-the kernel at every size here: `ops.spatiotemporal_conv.LIBRARY_BELOW`).
+Providers; each computes y = s + temporal(s), s = spatial(x). Ours is "auto":
+- auto: `spatiotemporal_conv` as users run it. On a GPU it times its three library paths
+  ("library", "cudnn-2d+1d-cl", "conv3d-cl3d") once per shape and runs the fastest (`AUTOTUNE`
+  in `ops.spatiotemporal_conv`, where the measurements that led to it are). The log says which
+  path it chose for each case.
 - triton: `spatiotemporal_conv` forced to the Triton kernel on a channels_last_3d x (the
   kernel's layout, no copies): Triton forward and dgrad kernels, weight gradients on cuBLAS /
   cuDNN.
@@ -22,8 +24,8 @@ the kernel at every size here: `ops.spatiotemporal_conv.LIBRARY_BELOW`).
   conv1d runs channels-last, conv1d, a transpose back and the residual add.
 - conv3d-ncdhw (the issue's second baseline): x contiguous NCDHW, conv3d with a (1, kh, kw)
   kernel, then conv3d with a (kt, 1, 1) kernel, plus the residual.
-- conv3d-cl3d: the same two conv3d calls on channels_last_3d tensors (no layout shuffles):
-  the strongest cuDNN path we know, reported so the comparison is honest.
+- conv3d-cl3d: the same two conv3d calls on channels_last_3d tensors (no layout shuffles;
+  `spatiotemporal_conv_conv3d`, one of the paths "auto" chooses from).
 - eager: the PyTorch reference (`spatiotemporal_conv_reference`, what the op runs without a GPU).
 
 Suites (`run(suite, out_dir)` for `benchmarks.run`):
@@ -48,6 +50,7 @@ Targets (issue 7): >= 1.2x cudnn-2d+1d-cl and >= 2x conv3d-ncdhw, forward and ba
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from contextlib import contextmanager
@@ -59,9 +62,11 @@ import torch.nn.functional as F
 from benchmarks.common import BenchResult, device_name, time_cpu, time_cuda
 from emu2_engine.kernels import spatiotemporal_conv as K
 from emu2_engine.models.flops import peak_flops
-from emu2_engine.ops import (spatiotemporal_conv, spatiotemporal_conv_cudnn, spatiotemporal_conv_library,
-                             spatiotemporal_conv_reference)
+from emu2_engine.ops import (spatiotemporal_conv, spatiotemporal_conv_conv3d, spatiotemporal_conv_cudnn,
+                             spatiotemporal_conv_library, spatiotemporal_conv_reference)
 from emu2_engine.ops.temporal_gemm import temporal_gemm_grads, temporal_gemm_rows
+
+ops_stc = importlib.import_module("emu2_engine.ops.spatiotemporal_conv")  # the module, not the op
 
 SUITES = ("cpu", "gpu-quick", "gpu-full")
 CL3D = torch.channels_last_3d
@@ -77,12 +82,12 @@ def _conv3d_pair(x, w_s, b_s, w_t, b_t):
     return s + F.conv3d(s, w_t[..., None, None], b_t, padding=(kt // 2, 0, 0))
 
 
-PROVIDERS = {"triton": (triton_path, CL3D), "triton-wgrad-kernel": (triton_path, CL3D),
+PROVIDERS = {"auto": (triton_path, CL3D), "triton": (triton_path, CL3D), "triton-wgrad-kernel": (triton_path, CL3D),
              "triton-nosplit": (triton_path, CL3D),
              "library": (spatiotemporal_conv_library, CL3D),  # auto from LIBRARY_BELOW rows
              "cudnn-2d+1d-cl": (spatiotemporal_conv_cudnn, CL3D),  # auto below LIBRARY_BELOW rows
              "conv3d-ncdhw": (_conv3d_pair, torch.contiguous_format),
-             "conv3d-cl3d": (_conv3d_pair, CL3D), "eager": (spatiotemporal_conv_reference, CL3D)}
+             "conv3d-cl3d": (spatiotemporal_conv_conv3d, CL3D), "eager": (spatiotemporal_conv_reference, CL3D)}
 WGRAD_OF = {"triton-wgrad-kernel": "triton"}
 """Providers that run the op with another `WGRAD` than the default (set while they are timed:
 the op reads it when backward runs)."""
@@ -96,6 +101,8 @@ def _settings(provider: str):
     K.WGRAD, K.SPLIT_K = WGRAD_OF.get(provider, K.WGRAD), provider != "triton-nosplit"
     if provider.startswith("triton"):
         os.environ["EMU2_KERNELS"] = "auto,spatiotemporal_conv=triton"
+    elif provider == "auto":
+        os.environ["EMU2_KERNELS"] = "auto"
     try:
         yield
     finally:
@@ -147,6 +154,10 @@ def _measure(result, providers, shape, dtype, device, timer):
                 continue  # the same forward as "triton"
             with _settings(p):
                 ms = timer(step)
+                if p == "auto" and device == "cuda":  # which path the tuner picked (cached by now)
+                    with torch.enable_grad() if phase == "fwd+bwd" else torch.no_grad():
+                        chose = ops_stc.tuned_choice(*args)
+                    print(f"[spatiotemporal_conv] {case} {phase}: auto runs {chose}", flush=True)
             name = f"{case} {phase}"
             result.add(benchmark="spatiotemporal_conv", case=name, provider=p, metric="time",
                        value=ms, unit="ms", params=params)
@@ -227,7 +238,7 @@ def _add_time(result, case, provider, ms, flops, B, C, Fr, side, P):
 
 def run(suite: str, out_dir: Path) -> BenchResult:
     """The `suite` measurements (out_dir is unused: the harness writes the report)."""
-    result = BenchResult(ours="triton")
+    result = BenchResult(ours="auto")
     if suite == "cpu":
         result.skipped.append("triton: the kernel runs on a CPU only in the interpreter "
                               "(correctness in tests/test_spatiotemporal_conv.py, no timing)")

@@ -5,8 +5,9 @@
 Providers (the same model under different `EMU2_KERNELS` settings and layouts, so each op is
 A/B'd alone):
 - "kernels" (`auto`, the default): the body channels-last (`UNet.channels_last`, the default on
-  CUDA); `spatiotemporal_conv`'s Triton kernel (or, on the deepest levels, its cuDNN library
-  path) for every resnet conv with its temporal conv, the `group_norm` kernel for every norm;
+  CUDA); `spatiotemporal_conv` for every resnet conv with its temporal conv (on a GPU the
+  fastest of its cuDNN / cuBLAS paths, timed once per shape), the `group_norm` kernel for every
+  norm;
   the spatial-temporal self-attention has no mask, so it runs SDPA's fused kernels (flash /
   cuDNN attention; `ops.backend`, dense_attention);
 - "reference" (`reference`, body NCHW): plain PyTorch as a user would write it: cuDNN conv2d +

@@ -287,9 +287,9 @@ _MAX_SPLIT = 3
 """Most slices of one K loop. On an H200 (bf16, 1280 channels, 16 frames; benchmarks/results/
 h200-gpu-quick-2026-11-27-s4) 3 slices at 8x8 made forward + backward 1.26x faster than no
 split, and 13 slices at 4x4 made it 0.84x as fast (forward 0.56x): the fp32 partial sums cost
-more than the idle SMs. Between 3 and 13 is unmeasured. Under `auto` those shapes now run the
-library path (`ops.spatiotemporal_conv.LIBRARY_BELOW`); the split applies where the kernel is
-forced or the channels are few."""
+more than the idle SMs. Between 3 and 13 is unmeasured. Under `auto` the op no longer runs the
+kernel on a GPU (`ops.spatiotemporal_conv.LIBRARY_PATHS`); the split applies where it is forced
+(`EMU2_KERNELS=spatiotemporal_conv=triton`)."""
 
 _MIN_SPLIT_ITERS = 4
 """Fewest K steps per split slice: a guess, not measured (the pipeline's prologue and the

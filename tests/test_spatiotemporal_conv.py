@@ -403,9 +403,9 @@ def test_cuda(dtype, shape, wgrad, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_auto_takes_the_library_on_small_inputs(dtype, monkeypatch):
+def test_cuda_auto_runs_a_library_path(dtype, monkeypatch):
     """`auto` on a GPU runs a deep-level shape (16 frames of 4x4, 320 channels: 256 pixel rows)
-    as cuDNN's conv2d + conv1d, within the rule of the fp64 reference."""
+    on a library path (timed first), within the rule of the fp64 reference."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     args, grad = make_inputs(1, 320, 16, 4, 4, 320, 3, 3, 3, True, True, seed=6, device="cuda")
     ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
@@ -482,44 +482,99 @@ def test_split_count_fits_one_wave(monkeypatch):
     assert kernel._conv_split(48, 20, 40, 9, cfg, cpu) == 1
 
 
-def test_auto_runs_the_library_paths(monkeypatch):
-    """Under `auto` on a GPU the op runs cuDNN conv2d + conv1d below LIBRARY_BELOW pixel rows and
-    the GEMM library path from there up (both measured faster than the kernel); both compute the
-    reference's numbers in channels-last-3d, and `triton` still forces the kernel."""
-    from emu2_engine.ops import spatiotemporal_conv as op_module
-    from emu2_engine.ops import spatiotemporal_conv_cudnn, spatiotemporal_conv_library
-    import importlib
-    ops_stc = importlib.import_module("emu2_engine.ops.spatiotemporal_conv")  # the module, not the op
+def test_the_library_paths_compute_the_reference():
+    """The three paths `auto` chooses from on a GPU compute the reference's numbers (fp64, all
+    five gradients) and return channels-last-3d."""
+    from emu2_engine.ops import (spatiotemporal_conv_conv3d, spatiotemporal_conv_cudnn,
+                                 spatiotemporal_conv_library)
 
+    for shape in [(2, 40, 5, 7, 9, 24, 3, 3, 3), (1, 8, 1, 4, 5, 6, 3, 1, 5)]:
+        args, grad = make_inputs(*shape, True, True, seed=5)
+        ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
+        for path in (spatiotemporal_conv_library, spatiotemporal_conv_cudnn, spatiotemporal_conv_conv3d):
+            got = run(path, args, grad, torch.float64)
+            for name, a, r in zip(NAMES, got, ref):
+                torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=f"{path.__name__} {shape} {name}")
+            out = path(*[None if t is None else t.detach() for t in args[:5]])
+            assert out.is_contiguous(memory_format=torch.channels_last_3d), path.__name__
+
+
+def test_auto_times_the_library_paths_once_per_signature(monkeypatch):
+    """Under `auto` on a GPU (faked here) the op times each library path once per input
+    signature, forward alone for inference and forward + backward for training, and runs the
+    fastest from then on; where it may not time (compiling, or EMU2_CONV_AUTOTUNE=0) the
+    LIBRARY_BELOW rule decides; `triton` still forces the kernel."""
+    import importlib
+    import time as time_module
+
+    ops_stc = importlib.import_module("emu2_engine.ops.spatiotemporal_conv")  # the module, not the op
     small = torch.empty(1, 8, 16, 8, 8)     # 1,024 rows
     large = torch.empty(1, 8, 16, 32, 32)   # 16,384 rows
     assert not ops_stc.prefers_library(small) and ops_stc.prefers_library(large)
 
-    args, grad = make_inputs(2, 40, 5, 7, 9, 24, 3, 3, 3, True, True, seed=5)
-    ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
-    for path in (spatiotemporal_conv_library, spatiotemporal_conv_cudnn):
-        got = run(path, args, grad, torch.float64)
-        for name, a, r in zip(NAMES, got, ref):
-            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=f"{path.__name__} {name}")
-        out = path(*[None if t is None else t.detach() for t in args[:5]])
-        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    runs, timed = [], []
+    delay = {"gemm": 0.004, "conv2d+conv1d": 0.008, "conv3d": 0.0}   # seconds per forward
 
-    # the dispatch, with the kernel's availability faked (no GPU here): auto -> a library path
-    # by size, triton -> kernel
-    calls = []
+    def fake(name):
+        def path(x, w_s, b_s, w_t, b_t):
+            runs.append(name)
+            time_module.sleep(delay[name])
+            if torch.is_grad_enabled() and x.requires_grad:   # the backward is slow for conv3d
+                return _SlowBackward.apply(x * 1.0, 0.02 if name == "conv3d" else 0.0)
+            return x * 1.0
+        return path
+
+    class _SlowBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y, seconds):
+            ctx.seconds = seconds
+            return y.view_as(y)
+
+        @staticmethod
+        def backward(ctx, g):
+            time_module.sleep(ctx.seconds)
+            return g, None
+
+    real_time_path = ops_stc._time_path
+    monkeypatch.setattr(ops_stc, "_time_path", lambda fn, args, grad, repeats=3:
+                        timed.append(grad is not None) or real_time_path(fn, args, grad, repeats))
+    monkeypatch.setattr(ops_stc, "LIBRARY_PATHS", {n: fake(n) for n in delay})
+    monkeypatch.setattr(ops_stc, "_TUNED", {})
     monkeypatch.setattr(ops_stc, "use_triton", lambda *a, **k: True)
-    monkeypatch.setattr(ops_stc, "spatiotemporal_conv_library", lambda *a: calls.append("library"))
-    monkeypatch.setattr(ops_stc, "spatiotemporal_conv_cudnn", lambda *a: calls.append("cudnn"))
-    monkeypatch.setattr(ops_stc._kernel.SpatiotemporalConv, "apply", lambda *a: calls.append("kernel"))
-    monkeypatch.setattr(ops_stc, "LIBRARY_BELOW", 64)
-    x, big = torch.randn(1, 8, 2, 4, 4), torch.randn(1, 8, 4, 4, 4)   # 32 and 64 rows
-    w_s, w_t = torch.randn(8, 8, 3, 3), torch.randn(8, 8, 3)
+    monkeypatch.setattr(ops_stc._kernel.SpatiotemporalConv, "apply", lambda *a: runs.append("kernel"))
     monkeypatch.setenv("EMU2_KERNELS", "auto")
-    op_module(x, w_s, None, w_t, None)
-    op_module(big, w_s, None, w_t, None)
+    x = torch.randn(1, 8, 2, 4, 4)
+    w_s, w_t = torch.randn(8, 8, 3, 3), torch.randn(8, 8, 3)
+
+    with torch.no_grad():   # inference: forward alone, conv3d is fastest
+        ops_stc.spatiotemporal_conv(x, w_s, None, w_t, None)
+    assert timed == [False] * 3 and runs[-1] == "conv3d"
+    runs.clear()
+    with torch.no_grad():   # cached: no more timing
+        ops_stc.spatiotemporal_conv(x, w_s, None, w_t, None)
+    assert runs == ["conv3d"] and len(timed) == 3
+    # training: forward + backward, where conv3d's slow backward makes gemm the fastest
+    xg = x.clone().requires_grad_()
+    ops_stc.spatiotemporal_conv(xg, w_s, None, w_t, None)
+    assert timed[3:] == [True] * 3 and runs[-1] == "gemm"
+    assert len(ops_stc._TUNED) == 2
+    # a new shape is a new signature
+    ops_stc.spatiotemporal_conv(torch.randn(1, 8, 3, 4, 4), w_s, None, w_t, None)
+    assert len(timed) == 9 and len(ops_stc._TUNED) == 3
+
+    # nothing timed while compiling or with the tuner off: the LIBRARY_BELOW rule
+    runs.clear()
+    monkeypatch.setattr(ops_stc, "LIBRARY_BELOW", 64)
+    big = torch.randn(1, 8, 4, 4, 4)   # 64 rows
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    ops_stc.spatiotemporal_conv(x, w_s, None, w_t, None)
+    ops_stc.spatiotemporal_conv(big, w_s, None, w_t, None)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setenv("EMU2_CONV_AUTOTUNE", "0")
+    ops_stc.spatiotemporal_conv(big, w_s, None, w_t, None)
     monkeypatch.setenv("EMU2_KERNELS", "spatiotemporal_conv=triton")
-    op_module(x, w_s, None, w_t, None)
-    assert calls == ["cudnn", "library", "kernel"]
+    ops_stc.spatiotemporal_conv(x, w_s, None, w_t, None)
+    assert runs == ["conv3d", "gemm", "gemm", "kernel"] and len(timed) == 9
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -12,16 +12,24 @@ which runs the Triton kernel (`emu2_engine.kernels.spatiotemporal_conv`: implici
 the channels-last tensor for the forward and the input gradients, the weight gradients on
 cuBLAS and cuDNN) or the reference (`ops.backend`). Under `auto` on a GPU the op runs on the
 vendor libraries, which an H200 measured faster than the kernel at every video-UNet size
-(`LIBRARY_BELOW`): inputs of 16,384 pixel rows and more as cuDNN's conv2d then the temporal
-conv as cuBLAS GEMMs on the same storage (`spatiotemporal_conv_library`), smaller ones as
-cuDNN's conv2d then conv1d (`spatiotemporal_conv_cudnn`: fewer launches, which is what counts
-there). `triton` forces the kernel.
+(`LIBRARY_BELOW`), through whichever of three paths (`LIBRARY_PATHS`) is fastest for the
+input's shape, timed once per shape (`AUTOTUNE`):
+- cuDNN's conv2d, then the temporal conv as cuBLAS GEMMs on the same storage
+  (`spatiotemporal_conv_library`);
+- cuDNN's conv2d, then conv1d (`spatiotemporal_conv_cudnn`);
+- cuDNN's conv3d twice on channels_last_3d (`spatiotemporal_conv_conv3d`).
+
+`triton` forces the kernel.
 
 The kernel works on `torch.channels_last_3d` tensors (strides of B, F, H, W, C) and returns
 that format; other inputs are converted first (one copy, counted in the backward too).
 """
 
 from __future__ import annotations
+
+import os
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +76,9 @@ def spatiotemporal_conv_reference(x: torch.Tensor, w_s: torch.Tensor, b_s: torch
 
 
 def prefers_library(x: torch.Tensor) -> bool:
-    """Whether `auto` runs x on the GEMM library path (`spatiotemporal_conv_library`) rather
-    than cuDNN's conv2d + conv1d (`spatiotemporal_conv_cudnn`): `LIBRARY_BELOW` pixel rows or
-    more."""
+    """Whether, where `auto` cannot time the paths, it runs x on the GEMM path
+    (`spatiotemporal_conv_library`) rather than conv3d (`spatiotemporal_conv_conv3d`):
+    `LIBRARY_BELOW` pixel rows or more."""
     B, _, Fr, H, W = x.shape
     return B * Fr * H * W >= LIBRARY_BELOW
 
@@ -93,7 +101,8 @@ def spatiotemporal_conv_cudnn(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Ten
     seq = s.permute(0, 2, 3, 1, 4).reshape(B * H * W, Fr, cout)        # frames inner: one copy
     t = F.conv1d(seq.transpose(1, 2), w_t, b_t, padding=kt // 2)       # (BHW, C, F) channels last
     t = t.transpose(1, 2).reshape(B, H, W, Fr, cout).permute(0, 3, 1, 2, 4)
-    return (s + t).permute(0, 4, 1, 2, 3)                              # (B, C, F, H, W) view
+    y = (s + t).permute(0, 4, 1, 2, 3)                                 # (B, C, F, H, W) view
+    return y.contiguous(memory_format=torch.channels_last_3d)  # (a no-op unless a size-1 dim broke it)
 
 
 def spatiotemporal_conv_library(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
@@ -113,16 +122,118 @@ def spatiotemporal_conv_library(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.T
     return temporal_gemm(s, w_t, b_t)
 
 
+def spatiotemporal_conv_conv3d(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
+                               w_t: torch.Tensor, b_t: torch.Tensor | None) -> torch.Tensor:
+    """cuDNN's 3D convolution twice on channels_last_3d tensors: a (1, kh, kw) conv3d gives s,
+    a (kt, 1, 1) conv3d over it gives the temporal term, plus the residual. No layout copy; the
+    benchmark's "conv3d-cl3d". Returns (B, Cout, F, H, W) in channels_last_3d."""
+    check_spatiotemporal_args(x, w_s, b_s, w_t, b_t)
+    kh, kw, kt = w_s.shape[2], w_s.shape[3], w_t.shape[2]
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    s = F.conv3d(x, w_s.unsqueeze(2), b_s, padding=(0, kh // 2, kw // 2))
+    s = s.contiguous(memory_format=torch.channels_last_3d)
+    t = F.conv3d(s, w_t[..., None, None], b_t, padding=(kt // 2, 0, 0))
+    return (s + t).contiguous(memory_format=torch.channels_last_3d)
+
+
+LIBRARY_PATHS = {"gemm": spatiotemporal_conv_library, "conv2d+conv1d": spatiotemporal_conv_cudnn,
+                 "conv3d": spatiotemporal_conv_conv3d}
+"""The library paths `auto` chooses from on a GPU, by name. All compute the reference's
+arithmetic and return channels_last_3d; they differ in which cuDNN / cuBLAS calls do it."""
+
 LIBRARY_BELOW = 16384
-"""Under `auto` on a GPU, inputs of at least this many pixel rows (B x F x H x W) run
-`spatiotemporal_conv_library` (cuDNN conv2d + cuBLAS GEMMs), smaller ones
-`spatiotemporal_conv_cudnn` (cuDNN conv2d + conv1d); the Triton kernel only when forced.
-Measured on an H200 (bf16, batch 1, 16 frames, kt = 3, forward + backward;
-benchmarks/results/h200-gpu-quick-2026-11-27-s6/run2): at 1280 channels and 32x32 (16,384 rows)
-the GEMM path took 3.25 ms against the kernel's 4.25 and conv2d + conv1d's 4.23; at 320 channels
-and 64x64 (65,536 rows) 1.87 against 2.02 and 2.32. At 8x8 (1,024 rows) and 4x4 (256 rows) with
-1280 channels every path is bound by launches: conv2d + conv1d took 1.04 and 0.84 ms, the GEMM
-path 1.82 and 1.33, the kernel 1.69 and 1.57."""
+"""Where `auto` cannot time the paths (inside a torch.compile trace or a CUDA graph capture,
+or with `AUTOTUNE` off), inputs of at least this many pixel rows (B x F x H x W) run the
+"gemm" path, smaller ones "conv3d". Measured on an H200 (bf16, batch 1, 16 frames, kt = 3,
+forward + backward; benchmarks/results/h200-gpu-quick-2026-11-27-s6/run2), ms:
+
+| layer (pixel rows) | gemm | conv2d+conv1d | conv3d | Triton kernel |
+|---|---|---|---|---|
+| C320 64x64 (65,536) | 1.87 | 2.32 | 1.65 | 2.02 |
+| C1280 32x32 (16,384) | 3.25 | 4.23 | 3.42 | 4.25 |
+| C1280 8x8 (1,024) | 1.82 | 1.04 | 0.94 | 1.69 |
+| C1280 4x4 (256) | 1.33 | 0.84 | 0.55 | 1.57 |
+
+Forward alone the order changes (64x64: gemm 0.451, conv3d 0.657; 32x32: conv3d 1.07, gemm
+1.20), so no rule of size fits both. `auto` therefore times them (`AUTOTUNE`)."""
+
+AUTOTUNE = True
+"""Under `auto` on a GPU, outside compilation and graph capture, time each of `LIBRARY_PATHS`
+once per input signature (shapes, dtype, biases, device, and whether gradients are wanted:
+forward + backward for training, forward alone for inference) and run the fastest from then on,
+as `torch.backends.cudnn.benchmark` does for cuDNN's algorithms. `EMU2_CONV_AUTOTUNE=0` turns it
+off (the `LIBRARY_BELOW` rule then decides)."""
+
+_TUNED: dict[tuple, str] = {}
+"""The tuner's choices, by input signature (`tuned_choice`)."""
+
+
+def _static_choice(x: torch.Tensor) -> str:
+    return "gemm" if prefers_library(x) else "conv3d"
+
+
+def _signature(x, w_s, b_s, w_t, b_t, training: bool) -> tuple:
+    return (tuple(x.shape), tuple(w_s.shape), w_t.shape[2], b_s is not None, b_t is not None, x.dtype,
+            x.device, training)
+
+
+def _time_path(fn, args: list, grad: torch.Tensor | None, repeats: int = 3) -> float:
+    """Median seconds of `fn(*args)` (and its backward with `grad`), after one warm-up call."""
+    device = args[0].device
+
+    def once():
+        out = fn(*args)
+        if grad is not None:
+            out.backward(grad)
+
+    once()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            once()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def tuned_choice(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None, w_t: torch.Tensor,
+                 b_t: torch.Tensor | None) -> str:
+    """The name of the `LIBRARY_PATHS` entry `auto` runs for these arguments: the fastest when
+    timed on fresh random tensors of the same signature (cached), or `LIBRARY_BELOW`'s rule
+    where nothing may be timed."""
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_s, b_s, w_t, b_t))
+    timeable = (AUTOTUNE and os.environ.get("EMU2_CONV_AUTOTUNE", "1") != "0"
+                and not torch.compiler.is_compiling()
+                and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+    if not timeable:
+        return _static_choice(x)
+    key = _signature(x, w_s, b_s, w_t, b_t, training)
+    name = _TUNED.get(key)
+    if name is None:
+        g = torch.Generator(device=x.device).manual_seed(0)
+
+        def fresh(t, fmt=torch.contiguous_format):
+            if t is None:
+                return None
+            r = torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) / max(1, t[0].numel()) ** 0.5
+            return r.contiguous(memory_format=fmt).requires_grad_(training)
+
+        with torch.enable_grad() if training else torch.no_grad():
+            args = [fresh(x, torch.channels_last_3d), fresh(w_s), fresh(b_s), fresh(w_t), fresh(b_t)]
+            grad = None
+            if training:
+                grad = torch.randn(x.shape[0], w_s.shape[0], *x.shape[2:], generator=g, device=x.device,
+                                   dtype=x.dtype).contiguous(memory_format=torch.channels_last_3d)
+            seconds = {n: _time_path(fn, args, grad) for n, fn in LIBRARY_PATHS.items()}
+        name = _TUNED[key] = min(seconds, key=seconds.get)
+    return name
 
 
 def spatiotemporal_conv(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
@@ -146,8 +257,6 @@ def spatiotemporal_conv(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | 
     if not use_kernel:
         return spatiotemporal_conv_reference(x, w_s, b_s, w_t, b_t)
     if requested_backend("spatiotemporal_conv") == "auto":
-        if prefers_library(x):
-            return spatiotemporal_conv_library(x, w_s, b_s, w_t, b_t)
-        return spatiotemporal_conv_cudnn(x, w_s, b_s, w_t, b_t)
+        return LIBRARY_PATHS[tuned_choice(x, w_s, b_s, w_t, b_t)](x, w_s, b_s, w_t, b_t)
     x = x.contiguous(memory_format=torch.channels_last_3d)
     return _kernel.SpatiotemporalConv.apply(x, w_s.contiguous(), b_s, w_t.contiguous(), b_t)

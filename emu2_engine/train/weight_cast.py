@@ -55,7 +55,11 @@ def block_linear_parameters(model: nn.Module) -> list[nn.Parameter]:
 class StepWeightCast:
     """Swap `params` to `dtype` copies for the length of `cast()`, and accumulate their
     gradients in fp32 (see the module docstring). Hooks stay registered for the object's life;
-    outside `cast()` they only turn a stray low-precision gradient into fp32."""
+    outside `cast()` they only turn a stray low-precision gradient into fp32.
+
+    Inside `cast()` the gradients live in the accumulators, not in ``p.grad`` (which reads
+    None): a `zero_grad()` there clears nothing, and the accumulated gradient comes back on
+    leaving. Clear gradients before or after a step, as `Trainer.step` does."""
 
     def __init__(self, params: list[nn.Parameter], dtype: torch.dtype):
         if dtype not in (torch.bfloat16, torch.float16):
