@@ -223,7 +223,7 @@ def tuned_choice(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None, w
             if t is None:
                 return None
             r = torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) / max(1, t[0].numel()) ** 0.5
-            return r.contiguous(memory_format=fmt).requires_grad_(training)
+            return r.contiguous(memory_format=fmt).requires_grad_(training and t.requires_grad)
 
         with torch.enable_grad() if training else torch.no_grad():
             args = [fresh(x, torch.channels_last_3d), fresh(w_s), fresh(b_s), fresh(w_t), fresh(b_t)]
