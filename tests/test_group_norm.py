@@ -217,3 +217,38 @@ def test_compiled_caller_matches_eager(monkeypatch):
         outs.append((y, xi.grad, weight.grad, bias.grad, conv.weight.grad))
     for name, a, b in zip(("y", "d x", "d weight", "d bias", "d conv"), *outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_auto_leaves_the_norm_to_inductor_inside_a_compiled_graph(monkeypatch):
+    """Under `auto`, a compiled caller gets PyTorch's group_norm in its graph (Inductor
+    generates it, fused; measured faster than the kernel), and eager calls keep the kernel;
+    `triton` forces the kernel into the graph too."""
+    import importlib
+
+    ops_gn = importlib.import_module("emu2_engine.ops.group_norm")  # the module, not the op
+    monkeypatch.setattr(ops_gn, "use_triton", lambda *a, **k: True)   # a GPU, as far as the op knows
+    weight, bias = torch.randn(16), torch.randn(16)
+    x = channels_last(torch.randn(2, 16, 5, 7))
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    def norm(x):
+        return ops_gn.group_norm(x, 4, weight, bias, 1e-5, silu=True)
+
+    for backend in ("auto", "triton"):
+        monkeypatch.setenv("EMU2_KERNELS", backend)
+        torch._dynamo.reset()
+        y = torch.compile(norm, backend=record, fullgraph=True)(x)
+        torch.testing.assert_close(y, group_norm_reference(x, 4, weight, bias, 1e-5, silu=True),
+                                   rtol=1e-4, atol=1e-4)
+    auto_graph, forced_graph = graphs
+    calls, apply = [], ops_gn._kernel.GroupNormRows.apply
+    monkeypatch.setattr(ops_gn._kernel.GroupNormRows, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setenv("EMU2_KERNELS", "auto")
+    norm(x)  # eager: the kernel
+    assert calls == [1]
+    assert any("group_norm" in t for t in auto_graph) and not any("emu2" in t for t in auto_graph), auto_graph
+    assert any("emu2" in t or "GroupNormRows" in t for t in forced_graph), forced_graph
