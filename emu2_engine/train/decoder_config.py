@@ -148,10 +148,11 @@ class DecoderTrainSection:
     parameter: about 10 GB for emu2-gen's 2.5B). The slice must divide by it."""
     compile: bool = False
     """torch.compile every resnet and transformer of the UNet (`compile_unet_blocks`), before
-    FSDP wraps them. The convolution and attention ops stay opaque custom ops inside the compiled
-    graphs; the norms, activations and adds around them are fused. At batch 1 and 32x32 latents
-    the video UNet's step was measured launch-bound on an H200 (75 ms of kernels in 187 ms);
-    compiled, unmeasured on a GPU."""
+    FSDP wraps them. Inside the compiled graphs the convolutions run the library path that
+    `spatiotemporal_conv`'s size rule picks (nothing is timed while compiling) and the norms are
+    Inductor's own, fused with the activations and adds around them; the attention stays SDPA.
+    At batch 1 and 16 frames of 32x32 latents the video UNet's step was launch-bound on an H200
+    (61 ms of kernels in a 180 ms step, session 6); compiled, unmeasured on a GPU."""
 
 
 @dataclass
