@@ -657,3 +657,33 @@ def test_temporal_gemm_copies_nothing_and_counts_its_flops():
     with FlopCounterMode(display=False) as fc:
         temporal_gemm(s, w_t, b_t).backward(dy)
     assert fc.get_total_flops() == 3 * flops  # forward, ds, dw_t
+
+
+def test_a_compiled_caller_traces_the_size_rule(monkeypatch):
+    """Inside a torch.compile trace (a GPU faked) the op times nothing and follows the
+    LIBRARY_BELOW rule: conv3d below it, conv2d + the temporal GEMMs from it; the graph is whole
+    (fullgraph) and computes the reference's numbers."""
+    import importlib
+
+    ops_stc = importlib.import_module("emu2_engine.ops.spatiotemporal_conv")  # the module, not the op
+    monkeypatch.setattr(ops_stc, "use_triton", lambda *a, **k: True)
+    monkeypatch.setattr(ops_stc, "_TUNED", {})
+    monkeypatch.setenv("EMU2_KERNELS", "auto")
+    g = torch.Generator().manual_seed(3)
+    w_s, w_t = torch.randn(8, 8, 3, 3, generator=g) / 9, torch.randn(8, 8, 3, generator=g) / 9
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    for shape in [(1, 8, 2, 4, 4), (1, 8, 16, 32, 32)]:   # 32 and 16,384 pixel rows
+        torch._dynamo.reset()
+        x = torch.randn(*shape, generator=g).contiguous(memory_format=torch.channels_last_3d)
+        y = torch.compile(lambda x: ops_stc.spatiotemporal_conv(x, w_s, None, w_t, None),
+                          backend=record, fullgraph=True)(x)
+        torch.testing.assert_close(y, spatiotemporal_conv_reference(x, w_s, None, w_t, None), rtol=1e-4, atol=1e-4)
+    small, large = graphs
+    assert sum("conv3d" in t for t in small) == 2 and not any("emu2" in t for t in small), small
+    assert any("conv2d" in t for t in large) and any("temporal_gemm" in t for t in large), large
+    assert ops_stc._TUNED == {}

@@ -208,12 +208,13 @@ def tuned_choice(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None, w
     """The name of the `LIBRARY_PATHS` entry `auto` runs for these arguments: the fastest when
     timed on fresh random tensors of the same signature (cached), or `LIBRARY_BELOW`'s rule
     where nothing may be timed."""
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_s, b_s, w_t, b_t))
+    if torch.compiler.is_compiling():  # (first: a trace reads nothing else here)
+        return _static_choice(x)
     timeable = (AUTOTUNE and os.environ.get("EMU2_CONV_AUTOTUNE", "1") != "0"
-                and not torch.compiler.is_compiling()
                 and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
     if not timeable:
         return _static_choice(x)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_s, b_s, w_t, b_t))
     key = _signature(x, w_s, b_s, w_t, b_t, training)
     name = _TUNED.get(key)
     if name is None:
