@@ -687,3 +687,24 @@ def test_a_compiled_caller_traces_the_size_rule(monkeypatch):
     assert sum("conv3d" in t for t in small) == 2 and not any("emu2" in t for t in small), small
     assert any("conv2d" in t for t in large) and any("temporal_gemm" in t for t in large), large
     assert ops_stc._TUNED == {}
+
+
+def test_the_tuner_runs_inside_an_activation_checkpoint(monkeypatch):
+    """The first call of a shape times the real paths (here on the CPU, a GPU faked) inside a
+    non-reentrant activation checkpoint: the trials' graphs do not meet the checkpoint's
+    saved-tensor hooks, and the output and gradients are the reference's."""
+    import importlib
+
+    from torch.utils.checkpoint import checkpoint
+
+    ops_stc = importlib.import_module("emu2_engine.ops.spatiotemporal_conv")  # the module, not the op
+    monkeypatch.setattr(ops_stc, "use_triton", lambda *a, **k: True)
+    monkeypatch.setattr(ops_stc, "_TUNED", {})
+    monkeypatch.setenv("EMU2_KERNELS", "auto")
+    args, grad = make_inputs(1, 8, 3, 5, 6, 8, 3, 3, 3, True, True, seed=9)
+    ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
+    got = run(lambda *a: checkpoint(ops_stc.spatiotemporal_conv, *a, use_reentrant=False), args, grad,
+              torch.float32)   # (fp64 would go to the reference: the kernel's dtypes gate auto)
+    assert len(ops_stc._TUNED) == 1
+    for name, a, r in zip(NAMES, got, ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4, msg=name)

@@ -87,9 +87,8 @@ def spatiotemporal_conv_cudnn(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Ten
                               w_t: torch.Tensor, b_t: torch.Tensor | None) -> torch.Tensor:
     """cuDNN's two convolutions on channels-last views: conv2d on the (B*F, C, H, W) frames,
     one copy of s to frames-inner order (B*H*W, F, C) so that conv1d runs channels-last,
-    conv1d, and the residual add. Returns (B, Cout, F, H, W) in channels_last_3d. Six launches
-    forward, so it is what `auto` runs on small inputs (`LIBRARY_BELOW`), where launches cost
-    more than arithmetic; the benchmark's "cudnn-2d+1d-cl" baseline."""
+    conv1d, and the residual add. Returns (B, Cout, F, H, W) in channels_last_3d. One of the
+    paths `auto` times (`LIBRARY_PATHS`); the benchmark's "cudnn-2d+1d-cl" baseline."""
     check_spatiotemporal_args(x, w_s, b_s, w_t, b_t)
     B, C, Fr, H, W = x.shape
     cout, _, kh, kw = w_s.shape
@@ -110,8 +109,8 @@ def spatiotemporal_conv_library(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.T
     """The reference's arithmetic on the vendor libraries, without a layout copy: conv2d on the
     channels-last (B*F, C, H, W) view of the frames (cuDNN on CUDA), then the temporal conv and
     the residual as GEMMs over row ranges of the channels-last storage (`ops.temporal_gemm`).
-    Returns (B, Cout, F, H, W) in channels_last_3d. What `auto` runs on a GPU from
-    `LIBRARY_BELOW` pixel rows up."""
+    Returns (B, Cout, F, H, W) in channels_last_3d. One of the paths `auto` times
+    (`LIBRARY_PATHS`), and its choice from `LIBRARY_BELOW` pixel rows up where nothing is timed."""
     check_spatiotemporal_args(x, w_s, b_s, w_t, b_t)
     B, C, Fr, H, W = x.shape
     cout, _, kh, kw = w_s.shape
@@ -226,7 +225,10 @@ def tuned_choice(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None, w
             r = torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) / max(1, t[0].numel()) ** 0.5
             return r.contiguous(memory_format=fmt).requires_grad_(training and t.requires_grad)
 
-        with torch.enable_grad() if training else torch.no_grad():
+        # Identity saved-tensor hooks: the trials' graphs must not reach the hooks of a caller
+        # (a non-reentrant activation checkpoint would stash their tensors for recomputation).
+        with (torch.enable_grad() if training else torch.no_grad(),
+              torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)):
             args = [fresh(x, torch.channels_last_3d), fresh(w_s), fresh(b_s), fresh(w_t), fresh(b_t)]
             grad = None
             if training:
