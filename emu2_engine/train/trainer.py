@@ -519,9 +519,9 @@ class Trainer:
         loader = heldout_caption_loader(self.cfg.data, self.tokenizer, self.model_cfg)
         self.model.eval()
         right = wrong = 0.0
-        for _ in range(n_batches):
-            batch = next(loader).to(self.device)
-            with self.compute():
+        with self.compute():  # (the weights cast once for all the batches)
+            for _ in range(n_batches):
+                batch = next(loader).to(self.device)
                 right += self.model(batch).ce.item()
                 # every real image moves to another sample (padding images stay padding)
                 real = batch.image_mask.nonzero().squeeze(1)
