@@ -220,3 +220,60 @@ def test_residual_streams_under_autocast(tmp_path, fp32_residual):
     with trainer.autocast():
         other = model(batch).total
     torch.testing.assert_close(loss.float(), other.float(), rtol=2e-2, atol=2e-2)
+
+
+# aten ops whose result size or value the host must read from the device: on CUDA each one is a
+# host synchronisation (`.item()`, `bool(t)`, `int(t)` become _local_scalar_dense or is_nonzero).
+_READS_BACK = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "masked_scatter",
+                         "equal", "allclose", "unique_dim", "_unique2", "unique_consecutive",
+                         "repeat_interleave", "argwhere", "bincount", "histc"})
+
+
+def _reads_back(trainer, batches) -> dict[str, int]:
+    """The read-back ops (`_READS_BACK`, and indexing with a boolean mask) that one
+    `Trainer.forward_backward` over `batches` (already moved) dispatches, with their counts."""
+    import collections
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: collections.Counter = collections.Counter()
+
+    def boolean_index(args) -> bool:
+        return any(isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool
+                                                        for t in a) for a in args)
+
+    class Scan(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            if name in _READS_BACK or (name.startswith("index") and boolean_index(args)):
+                seen[name] += 1
+            seen["(all)"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Scan():
+        losses = trainer.forward_backward(batches)
+    assert torch.isfinite(losses).all()
+    return dict(seen)
+
+
+def test_the_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """The CPU's view of `test_the_cuda_step_never_waits_for_the_gpu`, run in every CI: with
+    the ops CUDA's auto choice runs (the Triton kernels, through the interpreter here, and SDPA
+    for unmasked attention), a step's forwards and backwards (bf16 autocast, the weights cast
+    once per step, 2 micro-batches, after a first step) dispatch no op that reads a value back to
+    the host. The scan sees the backward too, and it catches the reference path, whose head loss
+    and attention do read back."""
+    monkeypatch.setenv("EMU2_KERNELS", "triton,dense_attention=reference")
+    trainer = Trainer(tiny_config(tmp_path / "run", "--train.dtype=bf16", "--data.prefetch=0",
+                                  "--parallel.microbatches=2"))
+    batches = [next(trainer.loader) for _ in range(2)]
+    trainer.step(trainer.micro_batches(iter(batches), 2))
+    moved = list(trainer.micro_batches(iter(batches), 2))  # validation reads the CPU batch: not scanned
+    seen = _reads_back(trainer, moved)
+    assert seen.pop("(all)") > 500  # forward and backward ops were seen
+    assert seen == {}, f"ops that read back from the device inside a step: {seen}"
+    monkeypatch.setenv("EMU2_KERNELS", "reference")
+    moved = list(trainer.micro_batches(iter(batches), 2))
+    caught = _reads_back(trainer, moved)
+    assert caught.get("_local_scalar_dense", 0) > 0 and caught.get("nonzero", 0) > 0, caught
