@@ -189,6 +189,23 @@ def _idle_gaps(spans: list[tuple[float, float, str]]) -> list[tuple[float, str, 
     return gaps
 
 
+# CUDA runtime calls that can make the host wait for the device (a blocking copy, a
+# synchronisation, or an allocation the caching allocator could not serve from its pool).
+_HOST_BLOCKING = ("Synchronize", "cudaMemcpy", "cudaFree", "cudaMalloc", "cuMemAlloc", "cuMemFree")
+
+
+def _host_lines(host: dict[str, list[float]], top: int) -> list[str]:
+    """Markdown: the host's `top` events by self CPU time, then the runtime calls of
+    `_HOST_BLOCKING` (all of them; "none" when there were none)."""
+    ranked = sorted(host.items(), key=lambda kv: -kv[1][1])[:top]
+    lines = ["| host ms (self) | calls | event |", "|---:|---:|---|"]
+    lines += [f"| {ms:.3f} | {calls} | `{name[:100]}` |" for name, (calls, ms) in ranked]
+    blocking = sorted((n, v) for n, v in host.items() if any(k in n for k in _HOST_BLOCKING))
+    lines += ["", "Runtime calls that can block the host: " + (", ".join(
+        f"`{n}` x{calls} ({ms:.3f} ms)" for n, (calls, ms) in blocking) or "none") + "."]
+    return lines
+
+
 def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: str = "cuda",
                     top: int = 30) -> dict[str, float]:
     """Profile one call of fn() (after one warm-up call). On "cuda" it ranks the GPU kernels by
@@ -197,7 +214,13 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
     `path`, and returns the milliseconds per family (`kernel_family`) plus their sum, "total".
     On "cuda" it also returns "idle": the time within the profiled span (first kernel's start to
     last kernel's end) when no kernel ran, the GPU waiting on the CPU; the largest gaps go to
-    `path` with the kernels on either side, to say where the CPU fell behind."""
+    `path` with the kernels on either side, to say where the CPU fell behind.
+
+    Both return "host": the wall time until fn() returned, before any synchronisation. On
+    "cuda", a host time close to the kernels' span says the CPU, not the GPU, set the pace. The
+    CPU side goes to `path` too: the host's top events by self time (aten ops, CUDA runtime
+    calls) and the runtime calls that can block the host (synchronisations, blocking copies,
+    cudaMalloc / cudaFree), so that a sync inside the profiled call shows with its count."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device == "cuda"
@@ -205,9 +228,12 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
     fn()
     sync()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        start = time.perf_counter()
         fn()
+        host_ms = (time.perf_counter() - start) * 1e3
         sync()
     kernels: dict[str, list[float]] = {}
+    host: dict[str, list[float]] = {}  # on "cuda": the CPU events, by self CPU time
     spans: list[tuple[float, float, str]] = []  # (start us, end us, name) of each device event
     for event in prof.events():
         if getattr(event, "is_user_annotation", False):
@@ -218,6 +244,10 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
         elif not cuda and event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith("aten::"):
             ms = event.self_cpu_time_total / 1e3
         else:
+            if cuda and event.device_type == torch.autograd.DeviceType.CPU:
+                entry = host.setdefault(event.name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += event.self_cpu_time_total / 1e3
             continue
         entry = kernels.setdefault(event.name, [0, 0.0])
         entry[0] += 1
@@ -230,6 +260,7 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
     gaps = _idle_gaps(spans)
     if spans:
         families["idle"] = sum(g for g, _, _ in gaps) / 1e3
+    families["host"] = host_ms
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
     lines = [f"## {title}", "",
              "families (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(families.items())), "",
@@ -241,6 +272,11 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
         lines += ["", f"GPU idle {families['idle']:.2f} ms in {len(gaps)} gaps; the largest:", "",
                   "| idle ms | after | before |", "|---:|---|---|"]
         lines += [f"| {us / 1e3:.3f} | `{a[:70]}` | `{b[:70]}` |" for us, a, b in largest]
+        span = (max(e for _, e, _ in spans) - min(s for s, _, _ in spans)) / 1e3
+        lines += ["", f"Host: fn() returned after {host_ms:.2f} ms; the kernels spanned {span:.2f} ms "
+                  f"(first start to last end).", ""] + _host_lines(host, top=15)
+    else:
+        lines += ["", f"Host: fn() returned after {host_ms:.2f} ms."]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n\n")

@@ -72,7 +72,10 @@ def test_cpu_training_step_benchmark(tmp_path):
     assert 0 < by[("engine", "image_fill")] <= 100
     families = {m["case"].rsplit(" ", 1)[1]: m["value"] for m in bench["measurements"] if m["metric"] == "family_ms"}
     assert families["gemm"] > 0 and families["attention"] > 0
+    # the host's wall time of the profiled call: on the CPU it holds the ops' own time
+    assert families["host"] >= 0.5 * families["total"] > 0
     table = (tmp_path / "kernels.md").read_text()
+    assert "Host: fn() returned after" in table
     assert "## train_step debug S=256 rows=4" in table and "| gemm | `aten::mm` |" in table
     # the recipe, whole optimiser steps through Trainer.step (configs/debug.toml)
     recipe = {(m["provider"], m["metric"]): m["value"] for m in bench["measurements"]
@@ -124,6 +127,19 @@ def test_idle_gaps_of_a_timeline():
     spans = [(0, 10, "a"), (5, 12, "b"), (20, 30, "c"), (31, 40, "d"), (32, 35, "e")]
     assert _idle_gaps(spans) == [(8, "b", "c"), (1, "c", "d")]
     assert _idle_gaps([]) == [] and _idle_gaps([(3, 4, "x")]) == []
+
+
+def test_host_lines_rank_events_and_list_every_blocking_call():
+    """The host table ranks CPU events by self time and, below it, names every runtime call
+    that can block the host however small; with none, it says so."""
+    from benchmarks.common import _host_lines
+    host = {"aten::mm": [10, 4.0], "cudaLaunchKernel": [900, 9.0], "cudaStreamSynchronize": [2, 0.01],
+            "cudaMemcpyAsync": [1, 0.02], "aten::add": [5, 0.5]}
+    lines = _host_lines(host, top=2)
+    assert lines[2:4] == ["| 9.000 | 900 | `cudaLaunchKernel` |", "| 4.000 | 10 | `aten::mm` |"]
+    assert lines[-1] == ("Runtime calls that can block the host: `cudaMemcpyAsync` x1 (0.020 ms), "
+                         "`cudaStreamSynchronize` x2 (0.010 ms).")
+    assert _host_lines({"aten::mm": [1, 1.0]}, top=5)[-1] == "Runtime calls that can block the host: none."
 
 
 def test_video_unet_providers_by_name(monkeypatch):
