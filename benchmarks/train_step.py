@@ -57,18 +57,23 @@ _RECIPES = {
                   ("configs/proxy_1b.toml", ["--train.fp32_residual=true"], 2, 3),
                   ("configs/emu2_widths_slice.toml", [], 2, 3),  # issue 6's 55 % target
                   ("configs/emu2_widths_slice.toml", ["--train.weight_cast=op"], 2, 3),
+                  # the weight gradients added into the fp32 accumulators inside their GEMMs
+                  ("configs/emu2_widths_slice.toml", ["--train.grad_accumulation_fusion=true"], 2, 3),
                   # the same 8 rows per step as 4 micro-batches of 2, with room for their images
                   # (69.6 GiB by the plan tool; session 6's run kept 24 image slots per micro-batch,
                   # so its rows held half the images and tokens: not comparable)
                   ("configs/emu2_widths_slice.toml", ["--data.rows=2", "--parallel.microbatches=4",
                                                       "--data.max_images=48"], 2, 3),
                   ("configs/proxy_1b.toml", ["--train.weight_cast=op"], 2, 3),
+                  ("configs/proxy_1b.toml", ["--train.grad_accumulation_fusion=true"], 2, 3),
                   ("configs/proxy_1b.toml", ["--parallel.compile=false"], 1, 3)],
     "gpu-full": [("configs/proxy_1b.toml", [], 2, 5),
                  ("configs/proxy_1b.toml", ["--train.fp32_residual=true"], 2, 5),
                  ("configs/emu2_widths_slice.toml", [], 2, 3),  # issue 6's 55 % target
                  ("configs/emu2_widths_slice.toml", ["--train.weight_cast=op"], 2, 3),
+                 ("configs/emu2_widths_slice.toml", ["--train.grad_accumulation_fusion=true"], 2, 3),
                  ("configs/proxy_1b.toml", ["--train.weight_cast=op"], 2, 5),
+                 ("configs/proxy_1b.toml", ["--train.grad_accumulation_fusion=true"], 2, 5),
                  ("configs/proxy_1b.toml", ["--parallel.compile=false"], 1, 5)],
 }
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,6 +201,7 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
         name = (Path(path).stem + (" compiled" if cfg.parallel.compile else "")
                 + (" fp32-residual" if cfg.train.fp32_residual else "")
                 + ("" if cfg.train.weight_cast == "step" else f" weight-cast-{cfg.train.weight_cast}")
+                + (" grad-acc-fusion" if cfg.train.grad_accumulation_fusion else "")
                 + (f" {cfg.data.rows}x{n}" if any(o.startswith(("--data.rows", "--parallel.microbatches"))
                                                   for o in overrides) else ""))
         case = f"recipe {name}"
@@ -215,6 +221,10 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
             result.skipped.append(f"{case}: MFU not applicable on {device_name()} (no peak rate)")
         else:
             add("mfu", 100 * achieved, "%")
+        if cfg.train.grad_accumulation_fusion:
+            from emu2_engine.models.block_linear import accumulation_path
+            path = accumulation_path(device, trainer.autocast_dtype)
+            print(f"[train_step] {case}: weight-gradient accumulation path {path}", flush=True)
         print(f"[train_step] {case}: step {statistics.median(times) * 1e3:.0f} ms, "
               f"{tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e12:.0f} TFLOP/s"
               + ("" if achieved is None else f", MFU {100 * achieved:.1f} %"), flush=True)

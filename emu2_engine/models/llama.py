@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from emu2_engine.models.block_linear import BlockLinear
 from emu2_engine.models.config import LlamaConfig
 from emu2_engine.ops import modality_attention
 from emu2_engine.ops.backend import autocast_dtype
@@ -67,10 +68,10 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden, cfg.heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
+        self.q_proj = BlockLinear(cfg.hidden, cfg.heads * cfg.head_dim, bias=False)
+        self.k_proj = BlockLinear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = BlockLinear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = BlockLinear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 doc_ids: torch.Tensor, span_ids: torch.Tensor) -> torch.Tensor:
@@ -86,9 +87,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden, cfg.ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden, cfg.ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.hidden, bias=False)
+        self.gate_proj = BlockLinear(cfg.hidden, cfg.ffn_hidden, bias=False)
+        self.up_proj = BlockLinear(cfg.hidden, cfg.ffn_hidden, bias=False)
+        self.down_proj = BlockLinear(cfg.ffn_hidden, cfg.hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from emu2_engine.models.block_linear import BlockLinear, block_linear
 from emu2_engine.models.config import VisionConfig
 from emu2_engine.ops import modality_attention
 from emu2_engine.ops.backend import autocast_dtype
@@ -43,17 +44,17 @@ class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
+        self.qkv = BlockLinear(cfg.width, 3 * cfg.width, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(cfg.width))
         self.v_bias = nn.Parameter(torch.zeros(cfg.width))
-        self.proj = nn.Linear(cfg.width, cfg.width)
+        self.proj = BlockLinear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, T, _ = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         # The head count comes from the weight: under tensor parallelism this rank holds the
         # q, k and v rows of its own heads only.
-        qkv = F.linear(x, self.qkv.weight, bias).view(N, T, 3, -1, self.head_dim)
+        qkv = block_linear(self.qkv, x, bias).view(N, T, 3, -1, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, T, D)
         out = modality_attention(q, k, v, None, None, causal=False)  # each image: one document, no mask
         return self.proj(out.transpose(1, 2).reshape(N, T, -1))
@@ -62,9 +63,9 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_hidden)
+        self.fc1 = BlockLinear(cfg.width, cfg.mlp_hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.width)
+        self.fc2 = BlockLinear(cfg.mlp_hidden, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

@@ -145,6 +145,13 @@ class TrainSection:
     micro-batches (`train/weight_cast.py`; the same numbers, less memory traffic, and 2 bytes
     per block parameter more memory); "op" lets autocast cast them at every use, each
     micro-batch. FSDP runs cast through their MixedPrecisionPolicy either way."""
+    grad_accumulation_fusion: bool = False
+    """With weight_cast = "step": the blocks' linear layers add their weight gradients into the
+    fp32 accumulators inside the weight-gradient GEMM (Megatron-LM's
+    --gradient-accumulation-fusion; `models/block_linear.py`), instead of writing a bf16
+    gradient that a second kernel adds. Off by default until a GPU run measures it. The sum is
+    slightly more exact, so it is not equal bit for bit to the unfused step. Needs one process
+    under 16-bit autocast and weight_cast = "step"; refused elsewhere."""
     global_batch: int = 0
     """Packed rows per optimiser step over all data-parallel ranks, as the recipe intends it;
     a layout that does not give dp x parallel.microbatches x data.rows rows is refused, with
@@ -324,6 +331,9 @@ class JobConfig:
             (self.train.steps > 0, f"train.steps must be positive, got {self.train.steps}"),
             (self.train.weight_cast in ("step", "op"),
              f"train.weight_cast must be 'step' or 'op', got {self.train.weight_cast!r}"),
+            (not self.train.grad_accumulation_fusion or self.train.weight_cast == "step",
+             "train.grad_accumulation_fusion needs train.weight_cast = 'step' (the accumulators "
+             f"it adds into), got weight_cast = {self.train.weight_cast!r}"),
             (self.model.llm_layers >= 0, f"model.llm_layers must be >= 0, got {self.model.llm_layers}"),
             (self.metrics.log_interval > 0,
              f"metrics.log_interval must be positive, got {self.metrics.log_interval}"),

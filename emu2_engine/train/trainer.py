@@ -43,7 +43,7 @@ from emu2_engine.models.flops import batch_flops, training_flops
 from emu2_engine.train.config import JobConfig
 from emu2_engine.train.metrics import MetricsWriter, ThroughputMeter, peak_memory_gib
 from emu2_engine.train.optim import build_optimizer, build_scheduler
-from emu2_engine.train.weight_cast import StepWeightCast, block_linear_parameters
+from emu2_engine.train.weight_cast import StepWeightCast, block_linear_parameters, fusable_block_linears
 
 STOPPED_FILE = "stopped.json"
 """Written into the run folder by rank 0 when a signal stopped the run and its checkpoint is
@@ -287,8 +287,16 @@ class Trainer:
         self.weight_cast: StepWeightCast | None = None
         if self.parallel is None and self.autocast_dtype is not None and cfg.train.weight_cast == "step":
             params = block_linear_parameters(self.model)
+            fused = fusable_block_linears(self.model) if cfg.train.grad_accumulation_fusion else []
             if params:
-                self.weight_cast = StepWeightCast(params, self.autocast_dtype)
+                self.weight_cast = StepWeightCast(params, self.autocast_dtype, fused)
+        if cfg.train.grad_accumulation_fusion and (self.weight_cast is None or not self.weight_cast.fused):
+            why = ("it runs under torchrun with parallelism (FSDP and TP hold their own gradients)"
+                   if self.parallel is not None else
+                   "it computes in fp32 (no 16-bit autocast)" if self.autocast_dtype is None else
+                   "its blocks have no trainable linear weights")
+            raise ValueError(f"train.grad_accumulation_fusion applies to one process under bf16/fp16 "
+                             f"autocast with weight_cast = 'step'; this run cannot use it: {why}")
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         self.tokenizer = Emu2Tokenizer(chat=self.model_cfg.chat)
         dp_rank, dp = (self.dims.dp_rank, self.dims.dp) if self.dims else (0, 1)

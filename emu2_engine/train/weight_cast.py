@@ -18,6 +18,14 @@ clipping and the checkpoints see fp32 tensors as before.
 The numbers do not change: autocast rounds a weight to bf16 the same way, the GEMMs see the
 same operands, and the gradient sums are the same fp32 additions in the same order.
 
+With ``fuse=True`` (``train.grad_accumulation_fusion``) the weights of the blocks'
+`BlockLinear` layers skip the hook: for the length of the step each layer's ``main_grad`` is
+an fp32 accumulator (zeros, or the gradient the parameter already had), and the layer's
+backward adds its weight gradient into it inside the GEMM (`models/block_linear.py`), so no
+bf16 weight gradient is written, read back and added. The sum is then more exact than without
+the fusion (no micro-batch's gradient is rounded to bf16 first), so it is no longer equal bit
+for bit to ``weight_cast = op``. Biases keep the hook.
+
 Only the weights and biases of the `nn.Linear` layers inside the ViT blocks and the LLaMA
 layers are cast: these layers use them through `F.linear`, which autocast would cast anyway
 (norm weights, embeddings and the heads, whose kernels read fp32 weights, are left alone).
@@ -32,10 +40,27 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from emu2_engine.models.block_linear import BlockLinear
+
 
 def block_linear_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable fp32 weights and biases of the `nn.Linear` layers inside the model's
     transformer blocks (the ViT's ``visual.blocks`` and the LLM's ``llm.layers``)."""
+    params: list[nn.Parameter] = []
+    for module in _block_linears(model):
+        params.extend(p for p in module.parameters(recurse=False)
+                      if p.requires_grad and p.dtype == torch.float32)
+    return params
+
+
+def fusable_block_linears(model: nn.Module) -> list[BlockLinear]:
+    """The `BlockLinear` layers of the model's blocks whose weight `block_linear_parameters`
+    selects (trainable, fp32): the layers ``fuse=True`` hands an fp32 ``main_grad``."""
+    return [m for m in _block_linears(model) if isinstance(m, BlockLinear)
+            and m.weight.requires_grad and m.weight.dtype == torch.float32]
+
+
+def _block_linears(model: nn.Module) -> list[nn.Linear]:
     holders = []
     visual = getattr(model, "visual", None)
     if visual is not None and getattr(visual, "blocks", None) is not None:
@@ -43,13 +68,7 @@ def block_linear_parameters(model: nn.Module) -> list[nn.Parameter]:
     llm = getattr(model, "llm", None)
     if llm is not None and getattr(llm, "layers", None) is not None:
         holders.append(llm.layers)
-    params: list[nn.Parameter] = []
-    for holder in holders:
-        for module in holder.modules():
-            if isinstance(module, nn.Linear):
-                params.extend(p for p in module.parameters(recurse=False)
-                              if p.requires_grad and p.dtype == torch.float32)
-    return params
+    return [m for holder in holders for m in holder.modules() if isinstance(m, nn.Linear)]
 
 
 class StepWeightCast:
@@ -61,7 +80,8 @@ class StepWeightCast:
     None): a `zero_grad()` there clears nothing, and the accumulated gradient comes back on
     leaving. Clear gradients before or after a step, as `Trainer.step` does."""
 
-    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype):
+    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype,
+                 fused: list[BlockLinear] | tuple[BlockLinear, ...] = ()):
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"the weights are cast to a 16-bit autocast dtype, got {dtype}")
         bad = [tuple(p.shape) for p in params if p.dtype != torch.float32]
@@ -69,6 +89,12 @@ class StepWeightCast:
             raise ValueError(f"StepWeightCast needs fp32 parameters; these are not: {bad[:3]}")
         self.params = list(params)
         self.dtype = dtype
+        ids = {id(p) for p in self.params}
+        stray = [type(m).__name__ for m in fused if not isinstance(m, BlockLinear) or id(m.weight) not in ids]
+        if stray:
+            raise ValueError(f"fused layers must be BlockLinear layers whose weight is among the cast "
+                             f"parameters; these are not: {stray[:3]}")
+        self.fused = list(fused)
         self._masters: list[torch.Tensor] | None = None
         self._grads: dict[int, torch.Tensor] = {}
         # The hooks reach this object through a weak reference: a strong one would make a cycle
@@ -81,7 +107,9 @@ class StepWeightCast:
             if owner is not None:
                 owner._accumulate(p)
 
-        self._handles = [p.register_post_accumulate_grad_hook(hook) for p in self.params]
+        fused_ids = {id(m.weight) for m in self.fused}
+        self._handles = [p.register_post_accumulate_grad_hook(hook) for p in self.params
+                         if id(p) not in fused_ids]
 
     @property
     def active(self) -> bool:
@@ -118,8 +146,15 @@ class StepWeightCast:
             with torch.no_grad():
                 for p, master in zip(self.params, masters):
                     p.data = master.to(self.dtype)
+                for m in self.fused:  # the layer adds its weight gradient into this itself
+                    acc = self._grads.get(id(m.weight))
+                    if acc is None:
+                        acc = self._grads[id(m.weight)] = torch.zeros_like(m.weight, dtype=torch.float32)
+                    m.main_grad = acc
             yield
         finally:
+            for m in self.fused:
+                m.main_grad = None
             for p, master in zip(self.params, masters):
                 stray = p.grad  # a gradient the hook did not see (none in a normal step)
                 p.grad = None
