@@ -150,8 +150,7 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
         result.add(benchmark="train_step", case=case, provider=k, metric="flops_share",
                    value=100 * flops[0][k] / total, unit="% of forward FLOPs", params=params)
     del trainer, model, opt, batches
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _fresh_start()
 
 
 def _as_the_step_takes_it(trainer: Trainer, batch):
@@ -232,7 +231,18 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
         first_flops = batch_flops(trainer.model_cfg, batches[0])
         _components(trainer, first, first_flops, case, params, result, out_dir)
         del trainer, batches, first
-    gc.collect()  # the next case's peak memory must not include this one's leftovers
+    _fresh_start()
+
+
+def _fresh_start() -> None:
+    """Between cases: the next case starts as in a fresh process. Its peak memory must not
+    include this one's leftovers, and its blocks must compile for its own shapes. Compiled code
+    is cached per code object, and every case's blocks share `VisionBlock.forward` and
+    `LlamaDecoderLayer.forward`. Without the reset, a second case of other widths would recompile
+    them with dynamic sizes (Dynamo's automatic dynamic shapes), and a long list of cases could
+    reach Dynamo's recompile limit, after which blocks run eagerly."""
+    torch._dynamo.reset()
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
