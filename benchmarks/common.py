@@ -216,7 +216,8 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
     last kernel's end) when no kernel ran, the GPU waiting on the CPU; the largest gaps go to
     `path` with the kernels on either side, to say where the CPU fell behind.
 
-    Both return "host": the wall time until fn() returned, before any synchronisation. On
+    Both return "host": the wall time until fn() returned, before any synchronisation, in a
+    call of its own without the profiler (after the warm-up, before the profiled call). On
     "cuda", a host time close to the kernels' span says the CPU, not the GPU, set the pace. The
     CPU side goes to `path` too: the host's top events by self time (aten ops, CUDA runtime
     calls) and the runtime calls that can block the host (synchronisations, blocking copies,
@@ -227,10 +228,12 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     fn()
     sync()
+    start = time.perf_counter()  # the host's time, without the profiler's own overhead
+    fn()
+    host_ms = (time.perf_counter() - start) * 1e3
+    sync()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        start = time.perf_counter()
         fn()
-        host_ms = (time.perf_counter() - start) * 1e3
         sync()
     kernels: dict[str, list[float]] = {}
     host: dict[str, list[float]] = {}  # on "cuda": the CPU events, by self CPU time
@@ -273,8 +276,8 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
                   "| idle ms | after | before |", "|---:|---|---|"]
         lines += [f"| {us / 1e3:.3f} | `{a[:70]}` | `{b[:70]}` |" for us, a, b in largest]
         span = (max(e for _, e, _ in spans) - min(s for s, _, _ in spans)) / 1e3
-        lines += ["", f"Host: fn() returned after {host_ms:.2f} ms; the kernels spanned {span:.2f} ms "
-                  f"(first start to last end).", ""] + _host_lines(host, top=15)
+        lines += ["", f"Host: fn() returned after {host_ms:.2f} ms (unprofiled); the kernels spanned {span:.2f} ms "
+                  f"(first start to last end, in the profiled call).", ""] + _host_lines(host, top=15)
     else:
         lines += ["", f"Host: fn() returned after {host_ms:.2f} ms."]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,9 @@ _RECIPES = {
                   # so its rows held half the images and tokens: not comparable)
                   ("configs/emu2_widths_slice.toml", ["--data.rows=2", "--parallel.microbatches=4",
                                                       "--data.max_images=48"], 2, 3),
+                  ("configs/emu2_widths_slice.toml", ["--data.rows=2", "--parallel.microbatches=4",
+                                                      "--data.max_images=48",
+                                                      "--train.grad_accumulation_fusion=true"], 2, 3),
                   ("configs/proxy_1b.toml", ["--train.weight_cast=op"], 2, 3),
                   ("configs/proxy_1b.toml", ["--train.grad_accumulation_fusion=true"], 2, 3),
                   ("configs/proxy_1b.toml", ["--parallel.compile=false"], 1, 3)],
@@ -153,6 +156,15 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
     _fresh_start()
 
 
+def _fusion_label(device: torch.device, dtype: torch.dtype | None) -> str:
+    """The case-name suffix of train.grad_accumulation_fusion: the path the accumulation took
+    when it is not the fused GEMM (a build whose addmm refuses an fp32 accumulator)."""
+    from emu2_engine.models.block_linear import accumulation_path
+    path = accumulation_path(device, dtype or torch.float32)
+    fused = path == "addmm-fp32-epilogue" or device.type != "cuda"
+    return " grad-acc-fusion" + ("" if fused else f" ({path})")
+
+
 def _as_the_step_takes_it(trainer: Trainer, batch):
     """`batch` as `Trainer.step` hands it to the model: validated, padding images dropped (no
     pipeline here), text rows added, on the device, images in the autocast dtype."""
@@ -200,7 +212,7 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
         name = (Path(path).stem + (" compiled" if cfg.parallel.compile else "")
                 + (" fp32-residual" if cfg.train.fp32_residual else "")
                 + ("" if cfg.train.weight_cast == "step" else f" weight-cast-{cfg.train.weight_cast}")
-                + (" grad-acc-fusion" if cfg.train.grad_accumulation_fusion else "")
+                + (_fusion_label(device, trainer.autocast_dtype) if cfg.train.grad_accumulation_fusion else "")
                 + (f" {cfg.data.rows}x{n}" if any(o.startswith(("--data.rows", "--parallel.microbatches"))
                                                   for o in overrides) else ""))
         case = f"recipe {name}"
@@ -220,10 +232,6 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
             result.skipped.append(f"{case}: MFU not applicable on {device_name()} (no peak rate)")
         else:
             add("mfu", 100 * achieved, "%")
-        if cfg.train.grad_accumulation_fusion:
-            from emu2_engine.models.block_linear import accumulation_path
-            path = accumulation_path(device, trainer.autocast_dtype)
-            print(f"[train_step] {case}: weight-gradient accumulation path {path}", flush=True)
         print(f"[train_step] {case}: step {statistics.median(times) * 1e3:.0f} ms, "
               f"{tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e12:.0f} TFLOP/s"
               + ("" if achieved is None else f", MFU {100 * achieved:.1f} %"), flush=True)

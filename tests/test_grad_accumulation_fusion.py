@@ -12,7 +12,6 @@ from emu2_engine.train.config import JobConfig
 from emu2_engine.train.trainer import Trainer
 from emu2_engine.train.weight_cast import StepWeightCast
 from test_trainer_resume import tiny_config  # tests/ is on sys.path
-from test_weight_cast import _train
 
 
 def test_without_main_grad_it_is_nn_linear():
@@ -65,11 +64,11 @@ def test_bf16_the_fused_sum_is_closer_to_exact_than_the_unfused_one():
         x = torch.randn(256, 64)
         dy = torch.randn(256, 32).bfloat16()
         xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # backward inside, as a step runs it
             ya, yb = ours(xa), plain(xb)
-        assert torch.equal(ya, yb)
-        ya.backward(dy)
-        yb.backward(dy)
+            assert torch.equal(ya, yb)
+            ya.backward(dy)
+            yb.backward(dy)
         assert torch.equal(xa.grad, xb.grad)
         unfused += plain.weight.grad.float()
         plain.weight.grad = None
@@ -111,30 +110,61 @@ def test_compiled_block_traces_the_accumulation():
     assert graphs[1] == graphs[2]  # no recompilation after the first step
 
 
-def _fused_train(tmp_path, name, *extra):
-    return _train(tmp_path, name, "--train.grad_accumulation_fusion=true", *extra)
+def _gradients(tmp_path, name: str, *extra: str) -> tuple[Trainer, float, dict]:
+    """One step's forwards and backwards (3 micro-batches, bf16 autocast): the mean loss and
+    every parameter's fp32 gradient."""
+    trainer = Trainer(tiny_config(tmp_path / name, "--train.dtype=bf16", "--data.prefetch=0",
+                                  "--parallel.microbatches=3", *extra))
+    batches = [next(trainer.loader) for _ in range(3)]
+    loss = trainer.forward_backward(trainer.micro_batches(iter(batches), 3))[0].item()
+    return trainer, loss, {n: p.grad for n, p in trainer.model.named_parameters()}
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_training_steps_match_the_unfused_ones(tmp_path, compile):
-    """Three steps of three micro-batches under bf16 autocast, eager and with compiled blocks:
-    the first loss is the same bit for bit (the forward does not change), and the later losses,
-    the gradient norms agree within bf16's resolution, and so do the parameters within what three
-    AdamW steps of lr 1e-3 can move a weight whose gradient is near zero (its update's sign may
-    flip: up to 2 x lr a step). Compiled, that is also how far compiled and eager blocks drift
-    apart, fused or not."""
-    flag = f"--parallel.compile={str(compile).lower()}"
-    plain, plain_results = _train(tmp_path, "plain", flag)
-    fused, fused_results = _fused_train(tmp_path, "fused", flag)
+@pytest.mark.parametrize("extra", [(), ("--parallel.compile=true",),
+                                   ("--parallel.activation_checkpoint=full",)],
+                         ids=["eager", "compiled", "checkpointed"])
+def test_a_steps_gradients_match_the_unfused_ones(tmp_path, extra):
+    """One step of three micro-batches: the loss is the same bit for bit (the forward does not
+    change), every parameter has an fp32 gradient where the unfused step has one, and each
+    gradient is within 1 % of the unfused one's norm (the unfused sum rounds each micro-batch's
+    weight gradient to bf16 first). Eager, with compiled blocks, and recomputing them."""
+    plain, plain_loss, want = _gradients(tmp_path, "plain", *extra)
+    fused, fused_loss, got = _gradients(tmp_path, "fused", "--train.grad_accumulation_fusion=true", *extra)
     assert plain.weight_cast.fused == [] and len(fused.weight_cast.fused) > 0
-    assert fused_results[0].loss == plain_results[0].loss
-    for a, b in zip(plain_results, fused_results):
-        assert b.loss == pytest.approx(a.loss, rel=1e-3)
-        assert b.grad_norm == pytest.approx(a.grad_norm, rel=2e-2)
-    for (name, a), b in zip(plain.model.named_parameters(), fused.model.parameters()):
-        assert b.dtype == torch.float32
-        torch.testing.assert_close(b, a, rtol=0, atol=3 * 2 * 1e-3, msg=name)
+    assert fused_loss == plain_loss
+    fused_names = {n for n, p in fused.model.named_parameters()
+                   if any(p is m.weight for m in fused.weight_cast.fused)}
+    assert fused_names
+    for name, g in want.items():
+        assert (got[name] is None) == (g is None), name
+        if g is None:
+            continue
+        assert got[name].dtype == torch.float32, name
+        err = (got[name] - g).norm().item()
+        assert err <= 1e-2 * g.norm().item() + 1e-12, (name, err, g.norm().item())
     assert all(m.main_grad is None for m in fused.weight_cast.fused)
+
+
+def test_a_layer_no_backward_reached_keeps_no_gradient():
+    """A fused layer that no backward of the step reached (a step with no images skips the
+    ViT) ends the step with gradient None, as unfused, so AdamW leaves it alone; one that had a
+    gradient before the step keeps it."""
+    used, idle, held = BlockLinear(4, 3), BlockLinear(4, 3), BlockLinear(4, 3)
+    layers = [used, idle, held]
+    params = [p for m in layers for p in m.parameters()]
+    cast = StepWeightCast(params, torch.bfloat16, fused=layers)
+    held.weight.grad = torch.ones(3, 4)
+    with cast.cast(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert idle.main_grad is not None and held.main_grad is not None
+        used(torch.randn(2, 4)).float().sum().backward()
+    assert used.weight.grad is not None and used.weight.grad.abs().sum() > 0
+    assert idle.weight.grad is None and idle.bias.grad is None
+    assert torch.equal(held.weight.grad, torch.ones(3, 4))
+    # the next step starts clean: nothing stale marks the idle layer as used
+    with cast.cast():
+        pass
+    assert idle.weight.grad is None
+    cast.remove()
 
 
 def test_inside_the_step_the_gradient_is_in_main_grad(tmp_path):
@@ -185,12 +215,15 @@ def test_bad_input(tmp_path):
 
 def test_the_cpu_adds_an_fp32_product():
     assert accumulation_path(torch.device("cpu"), torch.bfloat16) == "fp32-product-then-add"
+    assert accumulation_path(torch.device("cpu"), torch.float16) == "fp32-product-then-add"
 
 
 @pytest.mark.gpu
 def test_cuda_accumulation_matches_fp64():
-    """On the GPU: whichever path this build takes (named in the message), the accumulator
-    after four bf16 micro-batches is within fp32 rounding of the fp64 sum."""
+    """On the GPU, with the backward inside autocast as in a step: with the fused GEMM
+    ("addmm-fp32-epilogue") the accumulator after four bf16 micro-batches is within fp32
+    rounding of the fp64 sum; a build without it ("product-then-add", which the benchmark's
+    case name shows) is held to the unfused step's bf16 rounding instead."""
     torch.manual_seed(0)
     device = torch.device("cuda")
     path = accumulation_path(device, torch.bfloat16)
@@ -200,8 +233,10 @@ def test_cuda_accumulation_matches_fp64():
     for _ in range(4):
         x = torch.randn(1024, 512, device=device, dtype=torch.bfloat16)
         dy = torch.randn(1024, 256, device=device, dtype=torch.bfloat16)
-        layer(x).backward(dy)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            layer(x).backward(dy)
         exact += dy.double().t() @ x.double()
     err = (layer.main_grad.double() - exact).abs().max().item()
-    assert err <= 1e-5 * exact.abs().max().item(), (path, err)
+    bound = 1e-5 if path == "addmm-fp32-epilogue" else 4 * 2.0 ** -8
+    assert err <= bound * exact.abs().max().item(), (path, err)
     assert layer.weight.grad is None

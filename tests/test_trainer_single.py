@@ -1,6 +1,8 @@
 """One process (no mesh): the [parallel] section's activation checkpointing and compile still
 apply, as they do under torchrun."""
 
+import dataclasses
+
 import pytest
 
 from emu2_engine.train.trainer import MicroBatches, Trainer
@@ -139,8 +141,6 @@ def test_side_stream_copies_are_safe_while_the_gpu_is_busy(tmp_path):
     taken would see a partial copy without the compute stream's wait, and a read queued behind
     long compute work, still pending when the next copy starts, would see that copy's data in
     its buffer without `record_stream`. Both reads stay on the GPU until the end."""
-    import dataclasses
-
     import torch
 
     from emu2_engine.data.prefetch import pin_batch
@@ -229,15 +229,45 @@ _READS_BACK = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "masked
                          "repeat_interleave", "argwhere", "bincount", "histc"})
 
 
+# Tensor methods that hand a value to Python or move it to the host: on a CPU tensor some of
+# them dispatch no aten op (tolist, numpy, cpu), so the scan catches them at the Python level.
+_TO_HOST = frozenset({"tolist", "numpy", "cpu", "item", "__bool__", "__int__", "__float__", "__index__"})
+
+
 def _reads_back(trainer, batches) -> dict[str, int]:
     """The read-back ops (`_READS_BACK`, and indexing with a boolean mask) that one
-    `Trainer.forward_backward` over `batches` (already moved) dispatches, with their counts."""
+    `Trainer.forward_backward` over `batches` (already moved) dispatches, and the calls of
+    `_TO_HOST` methods (and ``.to`` a CPU device) made outside the Triton interpreter (which
+    runs the kernels on the host by design), with their counts."""
     import collections
+    import sys
 
     import torch
+    from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seen: collections.Counter = collections.Counter()
+
+    def to_cpu(args, kwargs) -> bool:
+        places = list(args[1:]) + [kwargs.get("device")]
+        return any(isinstance(a, (str, torch.device)) and torch.device(a).type == "cpu" for a in places
+                   if a is not None and not isinstance(a, torch.dtype))
+
+    def in_interpreter() -> bool:
+        frame = sys._getframe(2)
+        while frame is not None:
+            if "/triton/" in frame.f_code.co_filename:
+                return True
+            frame = frame.f_back
+        return False
+
+    class Calls(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            if (name in _TO_HOST or (name == "to" and to_cpu(args, kwargs))) and not in_interpreter():
+                seen[f"Tensor.{name}"] += 1
+            return func(*args, **kwargs)
 
     def boolean_index(args) -> bool:
         return any(isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool
@@ -251,7 +281,7 @@ def _reads_back(trainer, batches) -> dict[str, int]:
             seen["(all)"] += 1
             return func(*args, **(kwargs or {}))
 
-    with Scan():
+    with Calls(), Scan():
         losses = trainer.forward_backward(batches)
     assert torch.isfinite(losses).all()
     return dict(seen)
@@ -277,3 +307,9 @@ def test_the_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
     moved = list(trainer.micro_batches(iter(batches), 2))
     caught = _reads_back(trainer, moved)
     assert caught.get("_local_scalar_dense", 0) > 0 and caught.get("nonzero", 0) > 0, caught
+    assert caught.get("Tensor.__bool__", 0) > 0, caught  # the reference's one-document test
+    # and the Python-level catch sees what dispatches nothing on the CPU: the head loss's range
+    # check reads its flags with .tolist() when a batch carries no text rows
+    monkeypatch.setenv("EMU2_KERNELS", "triton,dense_attention=reference")
+    moved = [dataclasses.replace(b, text_rows=None) for b in trainer.micro_batches(iter(batches), 2)]
+    assert _reads_back(trainer, moved).get("Tensor.tolist", 0) == 2

@@ -16,9 +16,12 @@ written. Fused, the GEMM reads and writes the fp32 accumulator in its epilogue (
 beta = 1 and an fp32 C, `aten::addmm.dtype_out`), so the bf16 gradient never exists. The sum
 is also more exact: the micro-batches' gradients are not rounded to bf16 before they are added.
 
-A CUDA build whose addmm refuses an fp32 accumulator next to bf16 operands gets an fp32-output
-GEMM and an add instead (two kernels, still no bf16 gradient); the CPU upcasts the operands
-(`accumulation_path`).
+A CUDA build whose addmm refuses an fp32 accumulator next to bf16 operands adds the bf16
+product in a second kernel, as the unfused step does (`accumulation_path` says which path runs;
+the trainer warns). The CPU upcasts the operands.
+
+Inside a cast step every backward through the layer adds into ``main_grad``, also one that asks
+only for other gradients (``torch.autograd.grad(loss, x)``), as Megatron-LM's fusion does.
 """
 
 from __future__ import annotations
@@ -35,47 +38,66 @@ from emu2_engine.ops.backend import autocast_dtype
 @functools.cache
 def accumulation_path(device: torch.device, dtype: torch.dtype) -> str:
     """How `wgrad_accumulate_` adds a `dtype` (bf16/fp16) gradient into an fp32 accumulator on
-    `device`, the first of these that this build runs (probed once on tiny tensors):
+    `device` (probed once, on small integer-valued tensors laid out as the backward passes them):
 
-    - "addmm-fp32-epilogue": one GEMM, ``addmm(acc, a, b, out_dtype=float32, out=acc)``, that
-      reads and writes the fp32 accumulator (CUDA builds that accept an fp32 ``self`` next to
-      16-bit operands);
-    - "mm-fp32-then-add": an fp32-output GEMM of the 16-bit operands, then an add (CUDA);
-    - "fp32-product-then-add": the operands upcast, an fp32 product, an add (the CPU, where
-      speed does not matter; the same sum as the fused GEMM's up to the order of additions).
+    - "addmm-fp32-epilogue": one GEMM, ``addmm(acc, dy^T, x, out_dtype=float32, out=acc)``, that
+      reads and writes the fp32 accumulator (CUDA builds whose addmm takes an fp32 ``self`` next
+      to 16-bit operands);
+    - "product-then-add": a CUDA build without it gets the 16-bit product added in a second
+      kernel, which is what the unfused step does (same traffic, same rounding: no gain, no loss);
+    - "fp32-product-then-add": the CPU upcasts the operands (speed does not matter there; the
+      sum is the fused GEMM's up to the order of additions).
     """
-    if device.type == "cuda":
-        acc = torch.zeros(2, 2, device=device)
-        a = torch.ones(2, 2, device=device, dtype=dtype)
-        want = torch.full_like(acc, 2.0)
-        try:
-            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-            if torch.equal(acc, want):
-                return "addmm-fp32-epilogue"
-        except (RuntimeError, TypeError, NotImplementedError):
-            pass
-        try:
-            if torch.equal(torch.mm(a, a, out_dtype=torch.float32), want):
-                return "mm-fp32-then-add"
-        except (RuntimeError, TypeError, NotImplementedError):
-            pass
-    return "fp32-product-then-add"
+    if device.type != "cuda":
+        return "fp32-product-then-add"
+    acc = torch.arange(12, dtype=torch.float32, device=device).view(3, 4)
+    dy = torch.tensor([[1, 2, 0], [0, 1, 3], [2, 0, 1], [1, 1, 1], [3, 0, 2]], device=device, dtype=dtype)
+    x = torch.tensor([[1, 0, 2, 1], [0, 3, 1, 0], [2, 1, 0, 1], [1, 1, 1, 0], [0, 2, 0, 3]],
+                     device=device, dtype=dtype)
+    want = acc + dy.t().float() @ x.float()
+    try:
+        torch.addmm(acc, dy.t(), x, out_dtype=torch.float32, out=acc)
+        if torch.equal(acc, want):
+            return "addmm-fp32-epilogue"
+    except (RuntimeError, TypeError, NotImplementedError):
+        pass
+    return "product-then-add"
+
+
+_WRITTEN: set[int] = set()
+"""The ids of the accumulators `wgrad_accumulate_` has added into. Their owner clears an entry
+when it hands the accumulator out (`forget`) and reads it back while the accumulator is still
+alive (`accumulated`), so a reused id cannot mislead it. The op's body runs at run time, in
+eager and in compiled code alike."""
+
+
+def accumulated(acc: torch.Tensor) -> bool:
+    """Whether any backward added into `acc` since `forget(acc)`."""
+    return id(acc) in _WRITTEN
+
+
+def forget(acc: torch.Tensor) -> None:
+    _WRITTEN.discard(id(acc))
 
 
 @torch.library.custom_op("emu2::wgrad_accumulate_", mutates_args=("acc",))
 def wgrad_accumulate_(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
     """``acc += dy^T @ x`` with fp32 accumulation; acc (out, in) fp32, dy (rows, out) and
-    x (rows, in) in one dtype (`accumulation_path` says how, for 16-bit operands)."""
-    if dy.dtype == torch.float32:
-        acc.addmm_(dy.t(), x)
-        return
-    path = accumulation_path(acc.device, dy.dtype)
-    if path == "addmm-fp32-epilogue":
-        torch.addmm(acc, dy.t(), x, out_dtype=torch.float32, out=acc)
-    elif path == "mm-fp32-then-add":
-        acc.add_(torch.mm(dy.t(), x, out_dtype=torch.float32))
-    else:
-        acc.add_(torch.mm(dy.t().float(), x.float()))
+    x (rows, in) in one dtype (`accumulation_path` says how, for 16-bit operands). Runs with
+    autocast off: a step's backward runs inside the step's autocast, which would round the
+    product to bf16."""
+    _WRITTEN.add(id(acc))
+    with torch.autocast(acc.device.type, enabled=False):
+        if dy.dtype == torch.float32:
+            acc.addmm_(dy.t(), x)
+            return
+        path = accumulation_path(acc.device, dy.dtype)
+        if path == "addmm-fp32-epilogue":
+            torch.addmm(acc, dy.t(), x, out_dtype=torch.float32, out=acc)
+        elif path == "product-then-add":
+            acc.add_(torch.mm(dy.t(), x))
+        else:
+            acc.add_(torch.mm(dy.t().float(), x.float()))
 
 
 @wgrad_accumulate_.register_fake
@@ -98,7 +120,8 @@ class _AccumulatingLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        wgrad_accumulate_(ctx.acc, dy2, x.reshape(-1, x.shape[-1]))
+        if ctx.needs_input_grad[1]:
+            wgrad_accumulate_(ctx.acc, dy2, x.reshape(-1, x.shape[-1]))
         dx = dy @ weight if ctx.needs_input_grad[0] else None
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, None, db, None

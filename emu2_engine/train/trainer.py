@@ -39,6 +39,7 @@ from emu2_engine.data.loader import build_loader, heldout_caption_loader
 from emu2_engine.data.prefetch import Prefetcher, prefetch_depth
 from emu2_engine.data.tokenizer import Emu2Tokenizer
 from emu2_engine.models import Emu2Config, Emu2Model
+from emu2_engine.models.block_linear import accumulation_path
 from emu2_engine.models.flops import batch_flops, training_flops
 from emu2_engine.train.config import JobConfig
 from emu2_engine.train.metrics import MetricsWriter, ThroughputMeter, peak_memory_gib
@@ -297,6 +298,12 @@ class Trainer:
                    "its blocks have no trainable linear weights")
             raise ValueError(f"train.grad_accumulation_fusion applies to one process under bf16/fp16 "
                              f"autocast with weight_cast = 'step'; this run cannot use it: {why}")
+        if cfg.train.grad_accumulation_fusion and self.device.type == "cuda":
+            path = accumulation_path(self.device, self.autocast_dtype)
+            if path != "addmm-fp32-epilogue":
+                warnings.warn(f"train.grad_accumulation_fusion: this PyTorch build's addmm does not add "
+                              f"a 16-bit product into an fp32 output, so the weight gradients are "
+                              f"accumulated as {path!r}, as without the fusion (no gain)", stacklevel=2)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         self.tokenizer = Emu2Tokenizer(chat=self.model_cfg.chat)
         dp_rank, dp = (self.dims.dp_rank, self.dims.dp) if self.dims else (0, 1)

@@ -40,7 +40,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from emu2_engine.models.block_linear import BlockLinear
+from emu2_engine.models.block_linear import BlockLinear, accumulated, forget
 
 
 def block_linear_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -142,6 +142,7 @@ class StepWeightCast:
                 p.grad = None
             masters.append(p.data)
         self._masters = masters
+        fresh = set()  # the fused weights that had no gradient when the step began
         try:
             with torch.no_grad():
                 for p, master in zip(self.params, masters):
@@ -150,11 +151,20 @@ class StepWeightCast:
                     acc = self._grads.get(id(m.weight))
                     if acc is None:
                         acc = self._grads[id(m.weight)] = torch.zeros_like(m.weight, dtype=torch.float32)
+                        fresh.add(id(m.weight))
+                    forget(acc)
                     m.main_grad = acc
             yield
         finally:
             for m in self.fused:
                 m.main_grad = None
+                acc = self._grads.get(id(m.weight))
+                if acc is not None and id(m.weight) in fresh and not accumulated(acc):
+                    # no backward reached the layer (a step with no images skips the ViT): its
+                    # gradient stays None, as unfused, so AdamW leaves the weight alone
+                    del self._grads[id(m.weight)]
+                if acc is not None:
+                    forget(acc)
             for p, master in zip(self.params, masters):
                 stray = p.grad  # a gradient the hook did not see (none in a normal step)
                 p.grad = None
