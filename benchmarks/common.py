@@ -89,6 +89,10 @@ def environment() -> dict:
             env["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
         except (OSError, subprocess.TimeoutExpired, IndexError):
             pass
+    # the CUDA allocator's configuration: the trainer asks for expandable segments when unset
+    env["alloc_conf"] = next((f"{var}={os.environ[var]}" for var in ("PYTORCH_ALLOC_CONF",
+                              "PYTORCH_CUDA_ALLOC_CONF") if os.environ.get(var)),
+                             "unset (Trainer: expandable_segments:True)")
     # A copy of the tree sent to another machine may carry stale git metadata (the device
     # tool's does): whoever sends it can name the commit in EMU2_COMMIT.
     if os.environ.get("EMU2_COMMIT"):

@@ -313,3 +313,35 @@ def test_the_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
     monkeypatch.setenv("EMU2_KERNELS", "triton,dense_attention=reference")
     moved = [dataclasses.replace(b, text_rows=None) for b in trainer.micro_batches(iter(batches), 2)]
     assert _reads_back(trainer, moved).get("Tensor.tolist", 0) == 2
+
+
+def test_the_cuda_allocator_gets_expandable_segments_unless_configured(monkeypatch):
+    """On CUDA the trainer asks PyTorch's allocator for expandable segments (as torchtitan's
+    launcher does), unless PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF says otherwise."""
+    import torch
+
+    from emu2_engine.train.trainer import ALLOC_CONF_VARS, prefer_expandable_segments
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    for var in ALLOC_CONF_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert prefer_expandable_segments() and calls == ["expandable_segments:True"]
+    for var in ALLOC_CONF_VARS:
+        monkeypatch.setenv(var, "max_split_size_mb:128")
+        assert not prefer_expandable_segments() and calls == ["expandable_segments:True"]
+        monkeypatch.delenv(var)
+
+
+@pytest.mark.gpu
+def test_a_cuda_trainer_allocates_expandable_segments(tmp_path, monkeypatch):
+    import torch
+
+    from emu2_engine.train.trainer import ALLOC_CONF_VARS
+
+    for var in ALLOC_CONF_VARS:
+        monkeypatch.delenv(var, raising=False)
+    trainer = Trainer(tiny_config(tmp_path / "run", "--train.device=cuda", "--data.prefetch=0"))
+    trainer.step(trainer.micro_batches(trainer.loader, 1))
+    segments = torch.cuda.memory_snapshot()
+    assert any(seg.get("is_expandable") for seg in segments), [s.get("is_expandable") for s in segments]

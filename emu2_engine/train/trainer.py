@@ -192,12 +192,34 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def prefer_expandable_segments() -> bool:
+    """Have PyTorch's CUDA caching allocator grow expandable segments, unless the user set
+    its configuration (`ALLOC_CONF_VARS`); returns whether it did. torchtitan's launcher does
+    the same. A step's tensors change size from micro-batch to micro-batch (the image count
+    does), which fragments fixed-size segments, and a fragmented pool makes the allocator call
+    cudaFree and cudaMalloc in the middle of a step; cudaFree waits for the GPU. Segments
+    allocated before the call keep their kind."""
+    if any(os.environ.get(var) for var in ALLOC_CONF_VARS):
+        return False
+    settle = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if settle is None:  # a build without the call: the variable works until the first allocation
+        os.environ[ALLOC_CONF_VARS[0]] = "expandable_segments:True"
+    else:
+        settle("expandable_segments:True")
+    return True
+
+
 def rank_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None]:
-    """This rank's device (`pick_device`; on CUDA the GPU of LOCAL_RANK, made current) and the
-    autocast dtype of `train.dtype` (auto: bf16 on CUDA, none on the CPU)."""
+    """This rank's device (`pick_device`; on CUDA the GPU of LOCAL_RANK, made current, with
+    `prefer_expandable_segments`) and the autocast dtype of `train.dtype` (auto: bf16 on CUDA,
+    none on the CPU)."""
     picked = pick_device(device)
     if picked.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        prefer_expandable_segments()
     if dtype == "auto":
         dtype = "bf16" if picked.type == "cuda" else "fp32"
     return picked, (torch.bfloat16 if dtype == "bf16" else None)
