@@ -8,7 +8,7 @@ product, but the backward does not hand the weight gradient to autograd: it adds
 into ``main_grad`` in fp32 (`wgrad_accumulate_`), and the weight's ``.grad`` stays None. The
 bias gradient and the input gradient go to autograd as usual.
 
-`train.weight_cast.StepWeightCast` with ``fuse=True`` (``train.grad_accumulation_fusion``)
+`train.weight_cast.StepWeightCast` with ``fused`` layers (``train.grad_accumulation_fusion``)
 sets ``main_grad`` for the length of a step. Without the fusion, each micro-batch's weight
 gradient is written in bf16 by the GEMM, read back and added into an fp32 accumulator by a
 separate kernel: per block parameter and micro-batch 2 bytes written, then 2 + 4 read and 4

@@ -18,7 +18,7 @@ clipping and the checkpoints see fp32 tensors as before.
 The numbers do not change: autocast rounds a weight to bf16 the same way, the GEMMs see the
 same operands, and the gradient sums are the same fp32 additions in the same order.
 
-With ``fuse=True`` (``train.grad_accumulation_fusion``) the weights of the blocks'
+With ``fused`` layers (``train.grad_accumulation_fusion``) the weights of the blocks'
 `BlockLinear` layers skip the hook: for the length of the step each layer's ``main_grad`` is
 an fp32 accumulator (zeros, or the gradient the parameter already had), and the layer's
 backward adds its weight gradient into it inside the GEMM (`models/block_linear.py`), so no
@@ -55,7 +55,7 @@ def block_linear_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def fusable_block_linears(model: nn.Module) -> list[BlockLinear]:
     """The `BlockLinear` layers of the model's blocks whose weight `block_linear_parameters`
-    selects (trainable, fp32): the layers ``fuse=True`` hands an fp32 ``main_grad``."""
+    selects (trainable, fp32): the layers a fused `StepWeightCast` hands an fp32 ``main_grad``."""
     return [m for m in _block_linears(model) if isinstance(m, BlockLinear)
             and m.weight.requires_grad and m.weight.dtype == torch.float32]
 
