@@ -292,8 +292,9 @@ def test_the_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
     the ops CUDA's auto choice runs (the Triton kernels, through the interpreter here, and SDPA
     for unmasked attention), a step's forwards and backwards (bf16 autocast, the weights cast
     once per step, 2 micro-batches, after a first step) dispatch no op that reads a value back to
-    the host. The scan sees the backward too, and it catches the reference path, whose head loss
-    and attention do read back."""
+    the host, and call no tensor method that hands a value to Python; with the fused gradient
+    accumulation too. The scan sees the backward too, and it catches the reference path, whose
+    head loss and attention do read back."""
     monkeypatch.setenv("EMU2_KERNELS", "triton,dense_attention=reference")
     trainer = Trainer(tiny_config(tmp_path / "run", "--train.dtype=bf16", "--data.prefetch=0",
                                   "--parallel.microbatches=2"))
@@ -304,15 +305,20 @@ def test_the_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
     assert seen.pop("(all)") > 500  # forward and backward ops were seen
     assert seen == {}, f"ops that read back from the device inside a step: {seen}"
     monkeypatch.setenv("EMU2_KERNELS", "reference")
-    moved = list(trainer.micro_batches(iter(batches), 2))
+    moved = list(trainer.micro_batches(iter(batches[:1]), 1))
     caught = _reads_back(trainer, moved)
     assert caught.get("_local_scalar_dense", 0) > 0 and caught.get("nonzero", 0) > 0, caught
     assert caught.get("Tensor.__bool__", 0) > 0, caught  # the reference's one-document test
     # and the Python-level catch sees what dispatches nothing on the CPU: the head loss's range
     # check reads its flags with .tolist() when a batch carries no text rows
     monkeypatch.setenv("EMU2_KERNELS", "triton,dense_attention=reference")
-    moved = [dataclasses.replace(b, text_rows=None) for b in trainer.micro_batches(iter(batches), 2)]
-    assert _reads_back(trainer, moved).get("Tensor.tolist", 0) == 2
+    moved = [dataclasses.replace(b, text_rows=None) for b in trainer.micro_batches(iter(batches[:1]), 1)]
+    assert _reads_back(trainer, moved).get("Tensor.tolist", 0) == 1
+    fused = Trainer(tiny_config(tmp_path / "fused", "--train.dtype=bf16", "--data.prefetch=0",
+                                "--train.grad_accumulation_fusion=true"))
+    fused.step(fused.micro_batches(iter(batches[:1]), 1))
+    seen = _reads_back(fused, list(fused.micro_batches(iter(batches[1:]), 1)))
+    assert seen.pop("(all)") > 500 and seen == {}, seen
 
 
 def test_the_cuda_allocator_gets_expandable_segments_unless_configured(monkeypatch):
