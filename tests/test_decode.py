@@ -90,6 +90,19 @@ def test_dali_and_pil_give_close_pixels_on_the_same_jpegs(size):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_each_decoded_image_owns_its_memory(backend):
+    """Images decoded in one batch do not share memory: an image the loader's pool keeps for a
+    later row holds its own pixels only, not the whole decoded batch (DALI's CPU path copies per
+    item, not one array viewed by every item)."""
+    world = ShapesWorld(3)
+    samples = [(str(i), _image_sample(encode_jpeg(world.sample(i, 64).image))) for i in range(5)]
+    records = Decoder("image_text", 48, backend=backend, log=None).decode_batch(samples)
+    storages = [r.image.untyped_storage() for r in records]
+    assert len({st.data_ptr() for st in storages}) == 5
+    assert all(st.nbytes() == r.image.numel() * r.image.element_size() for st, r in zip(storages, records))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_corrupt_image_costs_only_its_own_sample(backend):
     world = ShapesWorld(2)
     jpegs = [encode_jpeg(world.sample(i, 64).image) for i in range(5)]

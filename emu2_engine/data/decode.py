@@ -289,9 +289,13 @@ class _DaliRunner:
             batch = out.as_tensor()
             result = torch.empty(batch.shape(), dtype=torch.float32, device=torch.device("cuda"))
             feed_ndarray(batch, result, cuda_stream=torch.cuda.current_stream())
-        else:
-            result = torch.from_numpy(out.as_array())
-        return list(result.unbind(0))
+            return list(result.unbind(0))
+        # One copy per item. `as_array()` would copy the whole batch into one fresh array that
+        # every item then views: each batch landed on new pages (faulting them in cost 165 ms per
+        # 48 images of 448 px on the 2-core CI machine while the loader's pool held earlier ones),
+        # and one item left in the pool kept the whole batch's memory alive. Per item the
+        # allocator reuses freed memory: the proxy-1b loader went from 320 to 116 ms a batch.
+        return [torch.from_numpy(np.array(out[i])) for i in range(len(out))]
 
 
 class Decoder:
