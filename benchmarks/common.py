@@ -193,6 +193,19 @@ def _idle_gaps(spans: list[tuple[float, float, str]]) -> list[tuple[float, str, 
     return gaps
 
 
+def _by_shapes(prof, cuda: bool, rows: int) -> str:
+    """The profiler's table of ops grouped by input shapes, sorted by self device (or CPU) time."""
+    averages = prof.key_averages(group_by_input_shape=True)
+    keys = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+    for key in keys:
+        try:
+            return averages.table(sort_by=key, row_limit=rows, max_name_column_width=60,
+                                  max_shapes_column_width=160)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return "(no table: this profiler sorts by none of " + ", ".join(keys) + ")"
+
+
 # CUDA runtime calls that can make the host wait for the device (a blocking copy, a
 # synchronisation, or an allocation the caching allocator could not serve from its pool).
 _HOST_BLOCKING = ("Synchronize", "cudaMemcpy", "cudaFree", "cudaMalloc", "cuMemAlloc", "cuMemFree")
@@ -236,7 +249,8 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
     fn()
     host_ms = (time.perf_counter() - start) * 1e3
     sync()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                 record_shapes=True) as prof:
         fn()
         sync()
     kernels: dict[str, list[float]] = {}
@@ -284,6 +298,8 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
                   f"(first start to last end, in the profiled call).", ""] + _host_lines(host, top=15)
     else:
         lines += ["", f"Host: fn() returned after {host_ms:.2f} ms."]
+    lines += ["", "By op and input shapes (which call launched the kernels above; top 25 by self "
+              + ("device" if cuda else "CPU") + " time):", "", "```", _by_shapes(prof, cuda, 25), "```"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n\n")

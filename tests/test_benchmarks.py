@@ -76,6 +76,8 @@ def test_cpu_training_step_benchmark(tmp_path):
     assert families["host"] >= 0.5 * families["total"] > 0
     table = (tmp_path / "kernels.md").read_text()
     assert "Host: fn() returned after" in table
+    # the ops that launched the work, with their input shapes
+    assert "By op and input shapes" in table and "Input Shapes" in table and "aten::mm" in table
     assert "## train_step debug S=256 rows=4" in table and "| gemm | `aten::mm` |" in table
     # the recipe, whole optimiser steps through Trainer.step (configs/debug.toml)
     recipe = {(m["provider"], m["metric"]): m["value"] for m in bench["measurements"]
