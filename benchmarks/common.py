@@ -238,7 +238,8 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
     "cuda", a host time close to the kernels' span says the CPU, not the GPU, set the pace. The
     CPU side goes to `path` too: the host's top events by self time (aten ops, CUDA runtime
     calls) and the runtime calls that can block the host (synchronisations, blocking copies,
-    cudaMalloc / cudaFree), so that a sync inside the profiled call shows with its count."""
+    cudaMalloc / cudaFree), so that a sync inside the profiled call shows with its count. A
+    fourth call, profiled with its input shapes recorded, gives the table by op and shapes."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device == "cuda"
@@ -249,8 +250,13 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
     fn()
     host_ms = (time.perf_counter() - start) * 1e3
     sync()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
-                 record_shapes=True) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    # The shapes in a call of their own: recording them costs the host time per op, which
+    # would show as GPU idle in the call above.
+    with profile(activities=activities, record_shapes=True) as shaped:
         fn()
         sync()
     kernels: dict[str, list[float]] = {}
@@ -299,7 +305,8 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
     else:
         lines += ["", f"Host: fn() returned after {host_ms:.2f} ms."]
     lines += ["", "By op and input shapes (which call launched the kernels above; top 25 by self "
-              + ("device" if cuda else "CPU") + " time):", "", "```", _by_shapes(prof, cuda, 25), "```"]
+              + ("device" if cuda else "CPU") + " time; a call of its own):", "", "```", _by_shapes(shaped, cuda, 25),
+              "```"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n\n")
