@@ -89,10 +89,12 @@ def environment() -> dict:
             env["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
         except (OSError, subprocess.TimeoutExpired, IndexError):
             pass
-    # the CUDA allocator's configuration: the trainer asks for expandable segments when unset
+    # the CUDA allocator's configuration: unset, `run_suite` asks for expandable segments on a
+    # GPU, as the trainer does (`prefer_expandable_segments`)
     env["alloc_conf"] = next((f"{var}={os.environ[var]}" for var in ("PYTORCH_ALLOC_CONF",
                               "PYTORCH_CUDA_ALLOC_CONF") if os.environ.get(var)),
-                             "unset (Trainer: expandable_segments:True)")
+                             "expandable_segments:True (the engine's default)" if torch.cuda.is_available()
+                             else "unset (no GPU)")
     # A copy of the tree sent to another machine may carry stale git metadata (the device
     # tool's does): whoever sends it can name the commit in EMU2_COMMIT.
     if os.environ.get("EMU2_COMMIT"):
@@ -255,10 +257,14 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
         fn()
         sync()
     # The shapes in a call of their own: recording them costs the host time per op, which
-    # would show as GPU idle in the call above.
-    with profile(activities=activities, record_shapes=True) as shaped:
-        fn()
-        sync()
+    # would show as GPU idle in the call above. A failure there costs the table only.
+    try:
+        with profile(activities=activities, record_shapes=True) as shaped:
+            fn()
+            sync()
+        by_shapes = _by_shapes(shaped, cuda, 25)
+    except Exception as e:  # noqa: BLE001 - the timings above must survive it
+        by_shapes = f"(no table: {type(e).__name__}: {str(e)[:200]})"
     kernels: dict[str, list[float]] = {}
     host: dict[str, list[float]] = {}  # on "cuda": the CPU events, by self CPU time
     spans: list[tuple[float, float, str]] = []  # (start us, end us, name) of each device event
@@ -305,8 +311,7 @@ def profile_kernels(fn: Callable[[], object], path: Path, title: str, device: st
     else:
         lines += ["", f"Host: fn() returned after {host_ms:.2f} ms."]
     lines += ["", "By op and input shapes (which call launched the kernels above; top 25 by self "
-              + ("device" if cuda else "CPU") + " time; a call of its own):", "", "```", _by_shapes(shaped, cuda, 25),
-              "```"]
+              + ("device" if cuda else "CPU") + " time; a call of its own):", "", "```", by_shapes, "```"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n\n")

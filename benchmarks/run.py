@@ -45,6 +45,9 @@ def run_suite(suite: str, out_dir: Path, only: list[str] | None = None) -> dict:
     unknown = sorted(set(only or ()) - set(MODULES))
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}; expected some of {list(MODULES)}")
+    if torch.cuda.is_available():  # every module allocates as training does
+        from emu2_engine.train.trainer import prefer_expandable_segments
+        prefer_expandable_segments()
     report = {"suite": suite, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "environment": environment(), "benchmarks": {}}
     for name in MODULES:

@@ -102,6 +102,15 @@ def test_each_decoded_image_owns_its_memory(backend):
     assert all(st.nbytes() == r.image.numel() * r.image.element_size() for st, r in zip(storages, records))
 
 
+@needs_dali
+def test_each_decoded_video_owns_its_memory():
+    videos = [(str(i), {"webm": _video_bytes(i, 10), "txt": b"c"}) for i in range(3)]
+    decoder = Decoder("video_text", 32, n_frames=4, backend="dali", log=None)
+    frames = [r.frames for r in decoder.decode_batch(videos)]
+    assert len({f.untyped_storage().data_ptr() for f in frames}) == 3
+    assert all(f.untyped_storage().nbytes() == f.numel() * f.element_size() for f in frames)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_corrupt_image_costs_only_its_own_sample(backend):
     world = ShapesWorld(2)

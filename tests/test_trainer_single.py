@@ -322,14 +322,16 @@ def test_the_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
 
 
 def test_the_cuda_allocator_gets_expandable_segments_unless_configured(monkeypatch):
-    """On CUDA the trainer asks PyTorch's allocator for expandable segments (as torchtitan's
-    launcher does), unless PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF says otherwise."""
+    """On CUDA the trainer's device setup asks PyTorch's allocator for expandable segments (as
+    torchtitan's launcher does), unless PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF says
+    otherwise."""
     import torch
 
-    from emu2_engine.train.trainer import ALLOC_CONF_VARS, prefer_expandable_segments
+    from emu2_engine.train import trainer as trainer_module
+    from emu2_engine.train.trainer import ALLOC_CONF_VARS, prefer_expandable_segments, rank_device
 
     calls = []
-    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
     for var in ALLOC_CONF_VARS:
         monkeypatch.delenv(var, raising=False)
     assert prefer_expandable_segments() and calls == ["expandable_segments:True"]
@@ -337,17 +339,32 @@ def test_the_cuda_allocator_gets_expandable_segments_unless_configured(monkeypat
         monkeypatch.setenv(var, "max_split_size_mb:128")
         assert not prefer_expandable_segments() and calls == ["expandable_segments:True"]
         monkeypatch.delenv(var)
+    # rank_device on a CUDA device is where the trainers get it
+    monkeypatch.setattr(trainer_module, "pick_device", lambda device: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    assert rank_device("cuda", "auto") == (torch.device("cuda", 0), torch.bfloat16)
+    assert calls == ["expandable_segments:True"] * 2
 
 
 @pytest.mark.gpu
 def test_a_cuda_trainer_allocates_expandable_segments(tmp_path, monkeypatch):
+    """Starting from fixed-size segments (and an emptied cache), a CUDA trainer's first step
+    allocates expandable ones. The setting is put back to fixed afterwards."""
     import torch
 
     from emu2_engine.train.trainer import ALLOC_CONF_VARS
 
     for var in ALLOC_CONF_VARS:
         monkeypatch.delenv(var, raising=False)
-    trainer = Trainer(tiny_config(tmp_path / "run", "--train.device=cuda", "--data.prefetch=0"))
-    trainer.step(trainer.micro_batches(trainer.loader, 1))
-    segments = torch.cuda.memory_snapshot()
-    assert any(seg.get("is_expandable") for seg in segments), [s.get("is_expandable") for s in segments]
+    settle = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+              or torch.cuda.memory._set_allocator_settings)
+    settle("expandable_segments:False")
+    torch.cuda.empty_cache()
+    assert not any(seg.get("is_expandable") for seg in torch.cuda.memory_snapshot())
+    try:
+        trainer = Trainer(tiny_config(tmp_path / "run", "--train.device=cuda", "--data.prefetch=0"))
+        trainer.step(trainer.micro_batches(trainer.loader, 1))
+        segments = torch.cuda.memory_snapshot()
+        assert any(seg.get("is_expandable") for seg in segments), [s.get("is_expandable") for s in segments]
+    finally:
+        settle("expandable_segments:False")

@@ -204,11 +204,12 @@ def prefer_expandable_segments() -> bool:
     allocated before the call keep their kind."""
     if any(os.environ.get(var) for var in ALLOC_CONF_VARS):
         return False
-    settle = getattr(torch.cuda.memory, "_set_allocator_settings", None)
-    if settle is None:  # a build without the call: the variable works until the first allocation
-        os.environ[ALLOC_CONF_VARS[0]] = "expandable_segments:True"
-    else:
-        settle("expandable_segments:True")
+    # the accelerator-generic setter where the build has it (torch.cuda.memory's warns there)
+    settle = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+              or getattr(torch.cuda.memory, "_set_allocator_settings", None))
+    if settle is None:
+        return False
+    settle("expandable_segments:True")
     return True
 
 
