@@ -353,12 +353,11 @@ def test_a_cuda_trainer_allocates_expandable_segments(tmp_path, monkeypatch):
     may sit in either kind). The setting is put back to fixed afterwards."""
     import torch
 
-    from emu2_engine.train.trainer import ALLOC_CONF_VARS
+    from emu2_engine.train.trainer import ALLOC_CONF_VARS, allocator_settings_call
 
     for var in ALLOC_CONF_VARS:
         monkeypatch.delenv(var, raising=False)
-    settle = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-              or torch.cuda.memory._set_allocator_settings)
+    settle = allocator_settings_call()
     settle("expandable_segments:False")
     torch.cuda.empty_cache()
     try:

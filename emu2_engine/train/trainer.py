@@ -204,13 +204,18 @@ def prefer_expandable_segments() -> bool:
     allocated before the call keep their kind."""
     if any(os.environ.get(var) for var in ALLOC_CONF_VARS):
         return False
-    # the accelerator-generic setter where the build has it (torch.cuda.memory's warns there)
-    settle = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-              or getattr(torch.cuda.memory, "_set_allocator_settings", None))
+    settle = allocator_settings_call()
     if settle is None:
         return False
     settle("expandable_segments:True")
     return True
+
+
+def allocator_settings_call():
+    """The call that changes the caching allocator's settings at run time ("key:value"), or
+    None: the accelerator-generic one where the build has it (torch.cuda.memory's warns there)."""
+    return (getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+            or getattr(torch.cuda.memory, "_set_allocator_settings", None))
 
 
 def rank_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None]:

@@ -159,12 +159,13 @@ class StepWeightCast:
             for m in self.fused:
                 m.main_grad = None
                 acc = self._grads.get(id(m.weight))
-                if acc is not None and id(m.weight) in fresh and not accumulated(acc):
+                if acc is None:
+                    continue
+                if id(m.weight) in fresh and not accumulated(acc):
                     # no backward reached the layer (a step with no images skips the ViT): its
                     # gradient stays None, as unfused, so AdamW leaves the weight alone
                     del self._grads[id(m.weight)]
-                if acc is not None:
-                    forget(acc)
+                forget(acc)
             for p, master in zip(self.params, masters):
                 stray = p.grad  # a gradient the hook did not see (none in a normal step)
                 p.grad = None
