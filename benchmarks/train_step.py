@@ -11,7 +11,11 @@
   - the recipe (`recipe proxy_1b compiled`): `configs/proxy_1b.toml` as users run it (every
     block compiled), through `Trainer.step` (its micro-batches one after the other, then one
     optimiser step); and the same eager (`recipe proxy_1b`). This is the number issue 6's MFU
-    target is read from.
+    target is read from. Each timed step carries a `StepTimeline`: the median time of each
+    phase (the weights' cast, the first micro-batch, the rest, the fp32 weights' return, the
+    clipping, the host's read-back, the optimiser, the reset) on the device and on the host
+    goes into the report (`phase_ms`) and into `kernels.md`, and the clipping + optimiser are
+    profiled on their own (`<case> tail <family>`).
 
 Batches are built before timing and reused (pinned, as the prefetcher hands them over), so the
 numbers are the step's alone (the data loader has its own benchmark). Each micro-batch is taken
@@ -38,6 +42,7 @@ import torch
 from benchmarks.common import BenchResult, device_name, profile_kernels, time_cpu, time_cuda
 from emu2_engine.models.flops import batch_flops, mfu, training_flops
 from emu2_engine.train.config import JobConfig
+from emu2_engine.train.timeline import StepTimeline
 from emu2_engine.train.trainer import Trainer
 
 SUITES = ("cpu", "gpu-quick", "gpu-full")
@@ -52,7 +57,7 @@ _CASES = {
 }
 # (recipe file, overrides, warm-up steps, steps timed): whole optimiser steps through Trainer.step
 _RECIPES = {
-    "cpu": [("configs/debug.toml", ["--train.device=cpu"], 1, 2)],
+    "cpu": [("configs/debug.toml", ["--train.device=cpu", "--parallel.microbatches=2"], 1, 2)],
     "gpu-quick": [("configs/proxy_1b.toml", [], 2, 3),  # compiled, as the recipe says
                   ("configs/proxy_1b.toml", ["--train.fp32_residual=true"], 2, 3),
                   ("configs/emu2_widths_slice.toml", [], 2, 3),  # issue 6's 55 % target
@@ -197,16 +202,18 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
             batches = [b.to("cpu") for b in batches]
             from emu2_engine.data.prefetch import pin_batch
             batches = [pin_batch(b) for b in batches]
-        times, tokens, images, flops = [], 0, 0, 0
+        times, tokens, images, flops, timelines = [], 0, 0, 0, []
         for i in range(warmup + steps):
             _sync(device)
             t0 = time.perf_counter()
             micro = trainer.micro_batches(iter(batches), n)
-            out = trainer.step(micro)
+            timeline = StepTimeline(device) if i >= warmup else None
+            out = trainer.step(micro, timeline)
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
                 tokens, images, flops = tokens + out.tokens, images + out.images, flops + micro.flops
+                timelines.append(timeline.summary())
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         seconds = sum(times)
         name = (Path(path).stem + (" compiled" if cfg.parallel.compile else "")
@@ -235,11 +242,66 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
         print(f"[train_step] {case}: step {statistics.median(times) * 1e3:.0f} ms, "
               f"{tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e12:.0f} TFLOP/s"
               + ("" if achieved is None else f", MFU {100 * achieved:.1f} %"), flush=True)
+        _phases(timelines, case, params, result, out_dir)
         first = _as_the_step_takes_it(trainer, batches[0])
         first_flops = batch_flops(trainer.model_cfg, batches[0])
         _components(trainer, first, first_flops, case, params, result, out_dir)
+        _tail(trainer, batches[0], case, params, result, out_dir)
         del trainer, batches, first
     _fresh_start()
+
+
+def _phases(timelines: list[dict], case: str, params: dict, result: BenchResult, out_dir: Path) -> None:
+    """The timed steps' phases (`StepTimeline.summary`), the median of each, into the report
+    (`phase_ms`, providers "device" and "host") and as a table into `kernels.md`."""
+    names = list(timelines[0])
+    rows = []
+    for name in names:
+        host = statistics.median(t[name].host_ms for t in timelines)
+        dev = None if timelines[0][name].device_ms is None else \
+            statistics.median(t[name].device_ms for t in timelines)
+        rows.append((name, dev, host))
+        result.add(benchmark="train_step", case=f"{case} {name}", provider="host", metric="phase_ms",
+                   value=host, unit="ms", params=params)
+        if dev is not None:
+            result.add(benchmark="train_step", case=f"{case} {name}", provider="device", metric="phase_ms",
+                       value=dev, unit="ms", params=params)
+    lines = [f"## train_step {case}: the step's phases (median of {len(timelines)} steps)", "",
+             "Device: from the stream reaching the phase's start to finishing its work, idle "
+             "included. Host: from the previous mark to this one (the read-back is the host "
+             "waiting for the device).", "", "| phase | device ms | host ms |", "|---|---:|---:|"]
+    lines += [f"| {name} | {'-' if dev is None else f'{dev:.2f}'} | {host:.2f} |" for name, dev, host in rows]
+    devs = [dev for _, dev, _ in rows if dev is not None]
+    lines += [f"| all | {sum(devs):.2f} | {sum(h for _, _, h in rows):.2f} |" if devs else
+              f"| all | - | {sum(h for _, _, h in rows):.2f} |"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "kernels.md", "a") as f:
+        f.write("\n".join(lines) + "\n\n")
+
+
+def _tail(trainer: Trainer, batch, case: str, params: dict, result: BenchResult, out_dir: Path) -> None:
+    """The kernel profile of the step's tail, the clipping and the optimiser, on the gradients
+    of one micro-batch (every parameter the step trains has one). After the timings: it
+    updates the weights, which nothing measures afterwards."""
+    device = trainer.device
+    micro = trainer.micro_batches(iter([batch]), 1)
+    trainer.forward_backward(micro)
+
+    def tail():
+        trainer.clip_grad_norm()
+        trainer.optimizer.step()
+
+    try:
+        families = profile_kernels(tail, out_dir / "kernels.md", f"train_step {case}: clipping + optimiser",
+                                   device.type)
+    except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the timings
+        result.skipped.append(f"{case} tail profile: {type(e).__name__}: {str(e)[:200]}")
+        return
+    finally:
+        trainer.optimizer.zero_grad(set_to_none=True)
+    for family, ms in families.items():
+        result.add(benchmark="train_step", case=f"{case} tail {family}", provider="engine", metric="family_ms",
+                   value=ms, unit="ms", params=params)
 
 
 def _fresh_start() -> None:

@@ -70,7 +70,8 @@ def test_cpu_training_step_benchmark(tmp_path):
     # components: the ViT alone, the image-slot fill, and one profiled step
     assert 0 < by[("vit", "time")] < by[("step", "time")] * 1.5 and by[("vit", "tflops")] > 0
     assert 0 < by[("engine", "image_fill")] <= 100
-    families = {m["case"].rsplit(" ", 1)[1]: m["value"] for m in bench["measurements"] if m["metric"] == "family_ms"}
+    families = {m["case"][len(case) + 1:]: m["value"] for m in bench["measurements"]
+                if m["metric"] == "family_ms" and m["case"].startswith(case)}
     assert families["gemm"] > 0 and families["attention"] > 0
     # the host's wall time of the profiled call: on the CPU it holds the ops' own time
     assert families["host"] >= 0.5 * families["total"] > 0
@@ -79,14 +80,28 @@ def test_cpu_training_step_benchmark(tmp_path):
     # the ops that launched the work, with their input shapes
     assert "By op and input shapes" in table and "Input Shapes" in table and "aten::mm" in table
     assert "## train_step debug S=256 rows=4" in table and "| gemm | `aten::mm` |" in table
-    # the recipe, whole optimiser steps through Trainer.step (configs/debug.toml)
+    # the recipe, whole optimiser steps through Trainer.step (configs/debug.toml, 2 micro-batches)
     recipe = {(m["provider"], m["metric"]): m["value"] for m in bench["measurements"]
-              if m["case"] == "recipe debug"}
+              if m["case"] == "recipe debug 4x2"}
     assert recipe[("step", "time")] > 0 and recipe[("engine", "throughput")] > 0
     assert recipe[("engine", "tflops")] > 0 and 0 < recipe[("engine", "image_fill")] <= 100
     assert recipe[("vit", "time")] > 0
-    assert any(s.startswith("recipe debug: MFU not applicable") for s in bench["skipped"])
-    assert "## train_step recipe debug" in table
+    assert any(s.startswith("recipe debug 4x2: MFU not applicable") for s in bench["skipped"])
+    assert "## train_step recipe debug 4x2" in table
+    # the recipe's step by phase (Trainer.step's timeline): every micro-batch, then the tail
+    phases = {m["case"][len("recipe debug 4x2 "):]: m["value"] for m in bench["measurements"]
+              if m["metric"] == "phase_ms" and m["case"].startswith("recipe debug 4x2 ")}
+    assert list(phases) == ["weight cast", "micro-batch 1", "micro-batches 2+", "fp32 weights back", "clip",
+                            "read-back", "optimizer", "zero_grad + schedule"]
+    assert all(ms >= 0 for ms in phases.values()) and phases["micro-batch 1"] > 0 and phases["optimizer"] > 0
+    # the phases partition the step: their sum is the step's time less what precedes the first mark
+    assert 0.8 * recipe[("step", "time")] <= sum(phases.values()) <= recipe[("step", "time")] * 1.01
+    assert "## train_step recipe debug 4x2: the step's phases (median of 2 steps)" in table
+    # the tail (clipping + optimiser) profiled on its own
+    tail = {m["case"][len("recipe debug 4x2 tail "):]: m["value"] for m in bench["measurements"]
+            if m["metric"] == "family_ms" and m["case"].startswith("recipe debug 4x2 tail ")}
+    assert tail["total"] > 0 and tail["host"] > 0
+    assert "## train_step recipe debug 4x2: clipping + optimiser" in table
 
 
 def test_kernel_families():

@@ -44,6 +44,7 @@ from emu2_engine.models.flops import batch_flops, training_flops
 from emu2_engine.train.config import JobConfig
 from emu2_engine.train.metrics import MetricsWriter, ThroughputMeter, peak_memory_gib
 from emu2_engine.train.optim import build_optimizer, build_scheduler
+from emu2_engine.train.timeline import StepTimeline
 from emu2_engine.train.weight_cast import StepWeightCast, block_linear_parameters, fusable_block_linears
 
 STOPPED_FILE = "stopped.json"
@@ -83,6 +84,10 @@ def copy_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 @functools.cache
+def _no_mark(_name: str) -> None:
+    """A step without a timeline marks nothing."""
+
+
 def _copy_stream(index: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(torch.device("cuda", index))
 
@@ -367,19 +372,27 @@ class Trainer:
             stack.enter_context(self.autocast())
             yield
 
-    def forward_backward(self, batches: MicroBatches) -> torch.Tensor:
+    def forward_backward(self, batches: MicroBatches, timeline: StepTimeline | None = None) -> torch.Tensor:
         """Forward and backward over one step's micro-batches; gradients of their mean loss.
-        Returns that mean as ``[total, ce, mse]`` (the same on every rank)."""
+        Returns that mean as ``[total, ce, mse]`` (the same on every rank). `timeline` (if
+        given) marks the weights' cast, each micro-batch (or, pipelined, the whole schedule)
+        and the return of the fp32 weights and gradients."""
         n = len(batches)
+        mark = timeline.mark if timeline is not None else _no_mark
         with self.compute():
+            mark("weight cast")
             if self.parallel is not None:
-                return self.parallel.forward_backward(batches)
-            losses = torch.zeros(3, device=self.device)
-            for batch in batches:
-                out = self.model(batch)
-                (out.total / n).backward()
-                losses += torch.stack([out.total, out.ce, out.mse]).detach().float() / n
-            return losses
+                losses = self.parallel.forward_backward(batches)
+                mark("forward + backward")
+            else:
+                losses = torch.zeros(3, device=self.device)
+                for i, batch in enumerate(batches, 1):
+                    out = self.model(batch)
+                    (out.total / n).backward()
+                    losses += torch.stack([out.total, out.ce, out.mse]).detach().float() / n
+                    mark(f"micro-batch {i}")
+        mark("fp32 weights back")
+        return losses
 
     def micro_batches(self, source, n: int) -> MicroBatches:
         """`n` micro-batches from `source` for one step on this rank: validated, counted, given
@@ -403,18 +416,23 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, clip)
 
-    def step(self, batches: list[PackedBatch] | MicroBatches) -> StepResult:
+    def step(self, batches: list[PackedBatch] | MicroBatches,
+             timeline: StepTimeline | None = None) -> StepResult:
         """One optimiser step on this rank's micro-batches (`parallel.microbatches` of them): a
         list, or a `MicroBatches` that takes them from the loader as the step goes.
         A non-finite loss or gradient norm skips the update; the schedule advances anyway, so
-        the learning rate stays a function of the step."""
+        the learning rate stays a function of the step. `timeline` (a fresh `StepTimeline`)
+        records where the step's time goes."""
         self.model.train()
+        mark = timeline.mark if timeline is not None else _no_mark
         if not isinstance(batches, MicroBatches):
             batches = self.micro_batches(batches, len(batches))
-        losses = self.forward_backward(batches)
+        losses = self.forward_backward(batches, timeline)
         norm = self.clip_grad_norm()
+        mark("clip")
         loss, ce, mse = losses.tolist()
         grad_norm = float(norm)
+        mark("read-back")
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped:
             self.nonfinite_in_a_row += 1
@@ -422,10 +440,12 @@ class Trainer:
         else:
             self.nonfinite_in_a_row = 0
             self.optimizer.step()
+        mark("optimizer")
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped first step: the schedule still advances
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             self.scheduler.step()
+        mark("zero_grad + schedule")
         self.step_count += 1
         return StepResult(loss=loss, ce=ce, mse=mse, grad_norm=grad_norm, tokens=batches.tokens,
                           images=batches.images, skipped=skipped)
