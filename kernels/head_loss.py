@@ -297,8 +297,15 @@ def fused_forward(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.T
         if with_grads:
             dh_reg = torch.mm(g_pred, down_weight)
             d_down = torch.mm(g_pred.t(), hidden.index_select(0, reg_index))
-    n_text_t = torch.tensor(n_text, dtype=torch.int64, device=hidden.device)
+    n_text_t = device_count(n_text, hidden.device)
     return text_sum * scale, mse, n_text_t, dh, d_lm, dh_reg, d_down
+
+
+def device_count(n: int, device: torch.device) -> torch.Tensor:
+    """`n` as an int64 scalar on `device`, filled there: ``torch.tensor(n, device=cuda)`` would
+    copy it from pageable host memory, which PyTorch follows with a stream synchronisation (the
+    host would wait for the GPU in the middle of every micro-batch)."""
+    return torch.full((), n, dtype=torch.int64, device=device)
 
 
 # -- custom ops: opaque to torch.compile and to FlopCounterMode --------------------------------

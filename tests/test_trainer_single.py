@@ -238,11 +238,17 @@ def _reads_back(trainer, batches) -> dict[str, int]:
     """The read-back ops (`_READS_BACK`, and indexing with a boolean mask) that one
     `Trainer.forward_backward` over `batches` (already moved) dispatches, and the calls of
     `_TO_HOST` methods (and ``.to`` a CPU device) made outside the Triton interpreter (which
-    runs the kernels on the host by design), with their counts."""
+    runs the kernels on the host by design), with their counts. Also the tensors built from
+    Python data on a device (``torch.tensor(3, device=d)``): on CUDA that is a copy from pageable
+    memory, which PyTorch follows with a stream synchronisation (``torch.full`` fills on the
+    device instead)."""
     import collections
     import sys
 
     import torch
+
+    _FROM_HOST_DATA = (torch.tensor, torch.as_tensor)
+    from torch._library.custom_ops import OPDEFS
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -267,21 +273,37 @@ def _reads_back(trainer, batches) -> dict[str, int]:
             name = getattr(func, "__name__", "")
             if (name in _TO_HOST or (name == "to" and to_cpu(args, kwargs))) and not in_interpreter():
                 seen[f"Tensor.{name}"] += 1
+            if func in _FROM_HOST_DATA and kwargs.get("device") is not None and args \
+                    and not isinstance(args[0], torch.Tensor) and not in_interpreter():
+                seen[f"torch.{name}(data, device=...)"] += 1
             return func(*args, **kwargs)
 
     def boolean_index(args) -> bool:
         return any(isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool
                                                         for t in a) for a in args)
 
+    calls = Calls()
+
     class Scan(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
             name = func._schema.name.split("::")[-1]
             if name in _READS_BACK or (name.startswith("index") and boolean_index(args)):
                 seen[name] += 1
             seen["(all)"] += 1
-            return func(*args, **(kwargs or {}))
+            opdef = OPDEFS.get(func._schema.name)
+            if opdef is not None:
+                # one of the engine's custom ops (the head loss, the attention kernels, ...):
+                # both modes are off while a handler runs, and the op's body would run unseen,
+                # so run its body here under both, as the op itself would run it
+                seen["(custom ops)"] += 1
+                devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+                body = next((opdef._backend_fns[d] for d in devices if d in opdef._backend_fns), opdef._init_fn)
+                with calls, self:
+                    return body(*args, **kwargs)
+            return func(*args, **kwargs)
 
-    with Calls(), Scan():
+    with calls, Scan():
         losses = trainer.forward_backward(batches)
     assert torch.isfinite(losses).all()
     return dict(seen)
@@ -303,12 +325,24 @@ def test_the_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
     moved = list(trainer.micro_batches(iter(batches), 2))  # validation reads the CPU batch: not scanned
     seen = _reads_back(trainer, moved)
     assert seen.pop("(all)") > 500  # forward and backward ops were seen
+    assert seen.pop("(custom ops)") >= 4  # and the bodies of the engine's custom ops
     assert seen == {}, f"ops that read back from the device inside a step: {seen}"
     monkeypatch.setenv("EMU2_KERNELS", "reference")
     moved = list(trainer.micro_batches(iter(batches[:1]), 1))
     caught = _reads_back(trainer, moved)
     assert caught.get("_local_scalar_dense", 0) > 0 and caught.get("nonzero", 0) > 0, caught
     assert caught.get("Tensor.__bool__", 0) > 0, caught  # the reference's one-document test
+    # a tensor built from Python data on the device, as the fused head loss once built its
+    # text-row count: caught
+    import torch
+
+    from emu2_engine.kernels import head_loss as fused_head_loss
+
+    monkeypatch.setenv("EMU2_KERNELS", "triton,dense_attention=reference")
+    with monkeypatch.context() as m:
+        m.setattr(fused_head_loss, "device_count", lambda n, device: torch.tensor(n, dtype=torch.int64, device=device))
+        moved = list(trainer.micro_batches(iter(batches[:1]), 1))
+        assert _reads_back(trainer, moved).get("torch.tensor(data, device=...)", 0) == 1
     # and the Python-level catch sees what dispatches nothing on the CPU: the head loss's range
     # check reads its flags with .tolist() when a batch carries no text rows
     monkeypatch.setenv("EMU2_KERNELS", "triton,dense_attention=reference")
@@ -318,7 +352,7 @@ def test_the_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
                                 "--train.grad_accumulation_fusion=true"))
     fused.step(fused.micro_batches(iter(batches[:1]), 1))
     seen = _reads_back(fused, list(fused.micro_batches(iter(batches[1:]), 1)))
-    assert seen.pop("(all)") > 500 and seen == {}, seen
+    assert seen.pop("(all)") > 500 and seen.pop("(custom ops)") >= 4 and seen == {}, seen
 
 
 def test_the_cuda_allocator_gets_expandable_segments_unless_configured(monkeypatch):
