@@ -108,6 +108,8 @@ def test_zero_image_embedding():
 @pytest.mark.parametrize("shape, message", [
     ((2, CFG.cond_tokens, 32), "width 64"),
     ((2, 10, CFG.cross_attention_dim), "16 visual embeddings"),
+    ((1, 32, CFG.cross_attention_dim), r"exactly 16 visual embeddings per sample.*got 32"),  # two images joined
+    ((1, 64, CFG.cross_attention_dim), r"exactly 16 visual embeddings per sample.*got 64"),
     ((CFG.cond_tokens, CFG.cross_attention_dim), r"\(B, N, D\)"),
 ])
 def test_bad_embeddings_fail_before_sampling(parts, calls, shape, message):

@@ -144,6 +144,10 @@ def debug_unet():
 @pytest.mark.parametrize("change, message", [
     (lambda x, t, c, i: (x, t, c[:, :, :32], i), "width 64"),
     (lambda x, t, c, i: (x, t, c[:, :10], i), "16 visual embeddings"),
+    # two images' embeddings joined, or Emu2-Chat's 256 per image: never averaged silently
+    (lambda x, t, c, i: (x, t, c.repeat(1, 2, 1), i), r"exactly 16 visual embeddings per sample.*got 32 "
+                                                     r"\(embeddings of shape \(2, 32, 64\)\)"),
+    (lambda x, t, c, i: (x, t, c.repeat(1, 16, 1), i), r"exactly 16 .* got 256"),
     (lambda x, t, c, i: (x, t, c[:1], i), r"\(B=2, N, 64\)"),
     (lambda x, t, c, i: (x[:, :3], t, c, i), "4 channels"),
     (lambda x, t, c, i: (x, t, c, None), r"time_ids of shape \(2, 6\)"),

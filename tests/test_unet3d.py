@@ -194,6 +194,20 @@ def test_bad_video_conditioning(models, cond_shape, message):
         video(torch.randn(B, CFG.in_channels, 3, H, W), t, torch.randn(cond_shape), ids)
 
 
+def test_video_unet_joins_the_embeddings_of_several_images(models):
+    """Fc images per clip give Fc x cond_tokens cross-attention keys: accepted by the video UNet
+    (only the image UNet requires exactly cond_tokens), and the clip's output depends on every
+    image's embeddings."""
+    _, video = models
+    t, cond, ids = _conditions()
+    x = torch.randn(B, CFG.in_channels, 2, H, W)
+    two = torch.stack([cond, torch.randn_like(cond)], dim=1)  # (B, 2, N, D)
+    with torch.no_grad():
+        out = video(x, t, two, ids)
+        first_only = video(x, t, two[:, :1], ids)
+    assert out.shape == x.shape and not torch.allclose(out, first_only, atol=1e-4)
+
+
 def test_image_latents_refused(models):
     _, video = models
     t, cond, ids = _conditions()

@@ -380,8 +380,8 @@ class UNet(nn.Module):
     def check_inputs(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
                      time_ids: torch.Tensor | None) -> None:
         """ValueError naming the first input whose shape does not fit this model. `latents` is
-        (B, C, H, W) here and (B, C, F, H, W) for the video UNet; cond is (B, N, D), N a
-        multiple of cond_tokens (one set per conditioning image)."""
+        (B, C, H, W) here and (B, C, F, H, W) for the video UNet; cond is (B, N, D) with N as
+        `check_cond_count` requires."""
         cfg = self.cfg
         B, C = latents.shape[:2]
         if C != cfg.in_channels:
@@ -395,9 +395,7 @@ class UNet(nn.Module):
         if cond.shape[2] != cfg.cross_attention_dim:
             raise ValueError(f"visual embeddings must have width {cfg.cross_attention_dim} "
                              f"(cross_attention_dim), got {cond.shape[2]}")
-        if cond.shape[1] == 0 or cond.shape[1] % cfg.cond_tokens:
-            raise ValueError(f"each image is conditioned on {cfg.cond_tokens} visual embeddings; "
-                             f"got {cond.shape[1]} per sample")
+        self.check_cond_count(cond)
         if timesteps.dim() > 1 or (timesteps.dim() == 1 and timesteps.shape[0] not in (1, B)):
             raise ValueError(f"timesteps must be a scalar, (1,) or (B={B},), got shape "
                              f"{tuple(timesteps.shape)}")
@@ -408,6 +406,18 @@ class UNet(nn.Module):
                                  f"h, w, crop top, left, target h, w), got {got}")
         elif time_ids is not None:
             raise ValueError("time_ids given, but this UNet has no text_time conditioning")
+
+    def check_cond_count(self, cond: torch.Tensor) -> None:
+        """The image UNet reads exactly cond_tokens embeddings per sample: one image's. More
+        (Emu2-Chat's 256 per image, or two images' joined) would fail nowhere below: the
+        cross-attention takes any number of keys and the pooled `text_time` condition is their
+        mean, so they would run silently as a condition the decoder was never trained on. Only
+        the video UNet joins several images' embeddings (`VideoUNet.check_cond_count`)."""
+        n = self.cfg.cond_tokens
+        if cond.shape[1] != n:
+            raise ValueError(f"the image UNet is conditioned on exactly {n} visual embeddings per "
+                             f"sample (one image's: (B, {n}, {self.cfg.cross_attention_dim})), got "
+                             f"{cond.shape[1]} (embeddings of shape {tuple(cond.shape)})")
 
     # -- forward --------------------------------------------------------------------------------
     def embed_time(self, timesteps: torch.Tensor, cond: torch.Tensor, time_ids: torch.Tensor | None,

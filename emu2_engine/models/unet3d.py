@@ -57,6 +57,13 @@ class VideoUNet(UNet):
                            cond.to(latents.dtype), frames)
         return frames_to_clips(out, frames)
 
+    def check_cond_count(self, cond: torch.Tensor) -> None:
+        """The flattened (B, Fc*N, D) conditioning of a clip: Fc >= 1 images' cond_tokens each."""
+        n = self.cfg.cond_tokens
+        if cond.shape[1] == 0 or cond.shape[1] % n:
+            raise ValueError(f"the video UNet reads {n} visual embeddings per conditioning image "
+                             f"(Fc x {n} per clip), got {cond.shape[1]} per clip (flattened shape "
+                             f"{tuple(cond.shape)})")
 
     def flatten_cond(self, cond: torch.Tensor) -> torch.Tensor:
         """(B, Fc, N, D) embeddings of Fc images per clip -> (B, Fc*N, D), the cross-attention
