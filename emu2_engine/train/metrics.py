@@ -10,9 +10,11 @@ TFLOP/s and MFU are per device, against the peak of the device in `models/flops.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -73,7 +75,11 @@ class MetricsWriter:
 
     `keep_until`: on resume, the records of steps up to it are kept (those written after the
     checkpoint by the interrupted run are dropped, as their steps will run again); None
-    starts a new file."""
+    starts a new file. A last line cut short by a kill during its write is dropped with a
+    warning; any other line that is not a JSON record is an error.
+
+    The file is strict JSON: non-finite numbers (a NaN loss or gradient norm) are written as
+    null, since NaN and Infinity are not JSON and strict readers refuse them."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, keep_until: int | None):
         self.enabled = enabled
@@ -81,13 +87,12 @@ class MetricsWriter:
         self.tb = None
         if not enabled:
             return
-        kept: list[str] = []
+        kept: list[dict] = []
         if keep_until is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                record = json.loads(line)
-                if "loss" in record and record["step"] <= keep_until:
-                    kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_records(self.path) if "loss" in r and r["step"] <= keep_until]
+        tmp = self.path.with_name(self.path.name + ".tmp")  # a kill now leaves the old file whole
+        tmp.write_text("".join(_json_line(r) for r in kept))
+        tmp.replace(self.path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -95,13 +100,15 @@ class MetricsWriter:
                 print("metrics: the tensorboard package is not installed; metrics go to "
                       f"{self.path} only", file=sys.stderr)
             else:
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=keep_until)
+                # TensorBoard drops the events of steps >= purge_step: the first step run again
+                purge = None if keep_until is None else keep_until + 1
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_json_line(record))
         if self.tb is not None and "step" in record:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -110,3 +117,42 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics file. A last line that does not parse is a write cut short by
+    a kill (the writer appends whole lines): it is dropped with a warning, so a restarted run
+    does not fail on it again and again. A bad line before the last one is an error."""
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                print(f"metrics: dropping the last line of {path} (line {number}), cut short "
+                      f"by an interrupted write: {line[:80]!r}", file=sys.stderr)
+                break
+            raise ValueError(f"{path} line {number} is not a JSON record ({e.msg}): "
+                             f"{line[:80]!r}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path} line {number} must be a JSON object with an integer "
+                             f"\"step\", got {line[:80]!r}")
+        records.append(record)
+    return records
+
+
+def _finite_or_none(value: Any) -> Any:
+    """`value` with every non-finite float (in nested dicts and lists too) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _json_line(record: dict) -> str:
+    """One line of strict JSON (non-finite numbers as null)."""
+    return json.dumps(_finite_or_none(record), allow_nan=False) + "\n"
