@@ -65,7 +65,7 @@ def test_batched_guidance_equals_separate_passes(parts):
 def test_one_batched_call_per_step(parts, calls):
     unet, vae = parts
     emb = torch.randn(3, CFG.cond_tokens, CFG.cross_attention_dim)
-    decode_images(emb, unet=unet, vae=vae, steps=3, height=32, width=32)
+    decode_images(emb, unet=unet, vae=vae, steps=3, height=32, width=32, negative="zeros")
     assert calls == [6, 6, 6]  # unconditional and conditional together
     calls.clear()
     decode_images(emb, unet=unet, vae=vae, steps=3, guidance=1.0, height=32, width=32)
@@ -75,11 +75,12 @@ def test_one_batched_call_per_step(parts, calls):
 def test_decode_images_gives_pil_images(parts):
     unet, vae = parts
     emb = torch.randn(2, CFG.cond_tokens, CFG.cross_attention_dim)
-    images = decode_images(emb, unet=unet, vae=vae, steps=2, height=32, width=24, seed=7)
+    neg = torch.randn(CFG.cond_tokens, CFG.cross_attention_dim)
+    images = decode_images(emb, unet=unet, vae=vae, steps=2, height=32, width=24, seed=7, negative=neg)
     assert len(images) == 2 and all(isinstance(im, Image.Image) for im in images)
     assert images[0].size == (24, 32) and images[0].mode == "RGB"
-    again = decode_images(emb, unet=unet, vae=vae, steps=2, height=32, width=24, seed=7)
-    other = decode_images(emb, unet=unet, vae=vae, steps=2, height=32, width=24, seed=8)
+    again = decode_images(emb, unet=unet, vae=vae, steps=2, height=32, width=24, seed=7, negative=neg)
+    other = decode_images(emb, unet=unet, vae=vae, steps=2, height=32, width=24, seed=8, negative=neg)
     assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
     assert not np.array_equal(np.asarray(images[0]), np.asarray(other[0]))
 
@@ -88,10 +89,33 @@ def test_decode_video_gives_uint8_frames(parts):
     unet, vae = parts
     video = inflate_unet(unet).eval()
     emb = torch.randn(2, 1, CFG.cond_tokens, CFG.cross_attention_dim)  # one image per clip
-    clips = decode_video(emb, unet=video, vae=vae, frames=3, steps=2, height=16, width=16, seed=1)
+    clips = decode_video(emb, unet=video, vae=vae, frames=3, steps=2, height=16, width=16, seed=1,
+                         negative="zeros")
     assert len(clips) == 2
     assert all(c.shape == (3, 16, 16, 3) and c.dtype == np.uint8 for c in clips)
     assert not np.array_equal(clips[0][0], clips[0][1])  # each frame starts from its own noise
+
+
+def test_guidance_needs_an_explicit_negative(parts, calls):
+    """No default negative: with guidance, None is refused (before any UNet call) with what to
+    pass; "zeros" is the all-zero negative, spelled out; guidance 1 needs none."""
+    unet, vae = parts
+    emb = torch.randn(2, CFG.cond_tokens, CFG.cross_attention_dim)
+    video = inflate_unet(unet).eval()
+    for decode, model, e in ((decode_images, unet, emb), (decode_video, video, emb[:, None])):
+        with pytest.raises(ValueError, match=r"guidance 3.0 needs the negative .*zero_image_embedding\(encoder, "
+                                             r"image_size\).* null embedding saved with .* negative=\"zeros\""):
+            decode(e, unet=model, vae=vae, steps=2, height=16, width=16)
+        with pytest.raises(ValueError, match=r"must be a tensor or the string \"zeros\", got 'zero'"):
+            decode(e, unet=model, vae=vae, steps=2, height=16, width=16, negative="zero")
+    assert calls == []
+    zeros = decode_images(emb, unet=unet, vae=vae, steps=2, height=16, width=16, seed=3, negative="zeros")
+    explicit = decode_images(emb, unet=unet, vae=vae, steps=2, height=16, width=16, seed=3,
+                             negative=torch.zeros(CFG.cond_tokens, CFG.cross_attention_dim))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(zeros, explicit))
+    calls.clear()
+    decode_images(emb, unet=unet, vae=vae, steps=2, guidance=1.0, height=16, width=16)
+    assert calls == [2, 2]
 
 
 def test_zero_image_embedding():
@@ -115,7 +139,7 @@ def test_zero_image_embedding():
 def test_bad_embeddings_fail_before_sampling(parts, calls, shape, message):
     unet, vae = parts
     with pytest.raises(ValueError, match=message):
-        decode_images(torch.randn(shape), unet=unet, vae=vae, steps=2, height=32, width=32)
+        decode_images(torch.randn(shape), unet=unet, vae=vae, steps=2, height=32, width=32, negative="zeros")
     assert calls == []
 
 

@@ -6,11 +6,14 @@ classifier-free guidance 3.0, the conditional and unconditional passes batched i
 call per step, then the VAE's decoder. `decode_video` is the same loop over the video UNet's
 (B, C, F, h, w) latents, decoded frame by frame.
 
-The negative (unconditional) condition: Emu2-Gen uses the embedding of an empty prompt, or of
-a zero image when autoencoding. Both need the encoder (and, for the prompt, the LLM), so the
-caller passes it as `negative`; `zero_image_embedding` computes the zero-image one. With
-`negative=None` the negative is all-zero embeddings -- what a decoder trained with
-``null_condition = "zeros"`` saw when its condition was dropped.
+The negative (unconditional) condition must be the one the decoder was trained to treat as
+"no condition": Emu2-Gen uses the embedding of an empty prompt, or of a zero image when
+autoencoding, and the decoder trainer drops conditions to the zero-image embedding by default.
+Both need the encoder (and, for the prompt, the LLM), so with guidance the caller must pass
+`negative`: a tensor (`zero_image_embedding` computes the zero-image one), or the string
+"zeros" for all-zero embeddings, what a decoder trained with ``null_condition = "zeros"`` saw.
+There is no default: a wrong negative gives plausible but wrong pictures without any error.
+Guidance 1 makes no unconditional pass and needs none.
 """
 
 from __future__ import annotations
@@ -57,9 +60,26 @@ def _vae_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _negative_like(cond: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
-    """`negative` broadcast to cond's shape (it may lack the batch dim or have batch 1)."""
-    if negative is None:
+NEGATIVE_HELP = ("pass negative=zero_image_embedding(encoder, image_size) (autoencoding: the trainer's "
+                 "default null condition, diffusion.null_condition = \"zero-image\"), the null embedding "
+                 "saved with the decoder's training run, or negative=\"zeros\" for a decoder trained "
+                 "with diffusion.null_condition = \"zeros\"; guidance=1.0 needs no negative")
+
+
+def _check_negative(guidance: float, negative: torch.Tensor | str | None) -> None:
+    """With guidance, `negative` is a tensor or "zeros" (see the module docstring)."""
+    if not (negative is None or isinstance(negative, torch.Tensor) or negative == "zeros"):
+        raise ValueError(f"negative must be a tensor or the string \"zeros\", got {negative!r}: "
+                         + NEGATIVE_HELP)
+    if negative is None and guidance != 1.0:
+        raise ValueError(f"guidance {guidance} needs the negative (unconditional) condition the decoder "
+                         "was trained with, and there is no safe default: " + NEGATIVE_HELP)
+
+
+def _negative_like(cond: torch.Tensor, negative: torch.Tensor | str) -> torch.Tensor:
+    """`negative` broadcast to cond's shape (it may lack the batch dim or have batch 1);
+    "zeros" gives all-zero embeddings."""
+    if isinstance(negative, str):
         return torch.zeros_like(cond)
     negative = negative.to(device=cond.device, dtype=cond.dtype)
     if negative.dim() == cond.dim() - 1:
@@ -80,10 +100,12 @@ def _check_guidance(steps: int, guidance: float) -> None:
 
 def sample_latents(unet: UNet, cond: torch.Tensor, latent_shape: tuple[int, ...],
                    time_ids: torch.Tensor | None, *, steps: int, guidance: float,
-                   negative: torch.Tensor | None, generator: torch.Generator | None,
+                   negative: torch.Tensor | str | None, generator: torch.Generator | None,
                    schedule: dict | None = None) -> torch.Tensor:
-    """The Euler loop with classifier-free guidance: latents of `latent_shape` (batch first)."""
+    """The Euler loop with classifier-free guidance: latents of `latent_shape` (batch first).
+    `negative`: a tensor or "zeros", required unless guidance is 1 (`_check_negative`)."""
     _check_guidance(steps, guidance)
+    _check_negative(guidance, negative)
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
     scheduler = euler_scheduler(schedule)
@@ -132,13 +154,15 @@ def _pixel_size(unet: UNet, vae, height: int | None, width: int | None) -> tuple
 
 @torch.no_grad()
 def decode_images(embeddings: torch.Tensor, *, unet: UNet, vae, steps: int = 50, guidance: float = 3.0,
-                  negative: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
-                  seed: int | None = None, schedule: dict | None = None) -> list[Image.Image]:
+                  negative: torch.Tensor | str | None = None, height: int | None = None,
+                  width: int | None = None, seed: int | None = None,
+                  schedule: dict | None = None) -> list[Image.Image]:
     """Visual embeddings (B, N, D) -> B PIL images of height x width pixels (default: the UNet's
     sample_size through the VAE, 1024 for Emu2-Gen).
 
-    `negative`: the unconditional embeddings, (N, D) or (1 or B, N, D); None = all zeros.
-    `seed` makes the initial noise reproducible.
+    `negative`: the unconditional embeddings, (N, D) or (1 or B, N, D), or "zeros"; required
+    unless guidance is 1 (see the module docstring). `seed` makes the initial noise
+    reproducible.
     """
     if isinstance(unet, VideoUNet):
         raise ValueError("decode_images needs the image UNet; use decode_video for a VideoUNet")
@@ -160,13 +184,13 @@ def decode_images(embeddings: torch.Tensor, *, unet: UNet, vae, steps: int = 50,
 
 @torch.no_grad()
 def decode_video(embeddings: torch.Tensor, *, unet: VideoUNet, vae, frames: int = 8, steps: int = 50,
-                 guidance: float = 3.0, negative: torch.Tensor | None = None, height: int | None = None,
-                 width: int | None = None, seed: int | None = None,
+                 guidance: float = 3.0, negative: torch.Tensor | str | None = None,
+                 height: int | None = None, width: int | None = None, seed: int | None = None,
                  schedule: dict | None = None) -> list[np.ndarray]:
     """Visual embeddings of Fc images per clip (B, Fc, N, D) -> B uint8 arrays (frames, H, W, 3).
 
-    `negative`: (Fc, N, D) or (1 or B, Fc, N, D); None = all zeros. Frames go through the VAE's
-    decoder one clip at a time.
+    `negative`: (Fc, N, D) or (1 or B, Fc, N, D), or "zeros"; required unless guidance is 1.
+    Frames go through the VAE's decoder one clip at a time.
     """
     if not isinstance(unet, VideoUNet):
         raise ValueError("decode_video needs a VideoUNet (see models.unet3d.inflate_unet)")
