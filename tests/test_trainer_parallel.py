@@ -1,9 +1,10 @@
 """`torchrun --nproc_per_node=2 -m emu2_engine.pretrain` end to end on the CPU (gloo): tensor
-parallel against one process, and sharded data parallel with two micro-batches per step and a
-checkpoint. Two launches in all (each costs seconds of start-up)."""
+parallel against one process, pipeline parallel against one process and resumed by two ranks,
+and sharded data parallel with two micro-batches per step and a checkpoint."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +22,12 @@ TINY = ["--data.seq_len=128", "--data.rows=2", "--data.max_images=8", "--data.te
         "--metrics.log_interval=1", "--metrics.tensorboard=false", "--train.steps=3"]
 
 
-def torchrun(run_dir: Path, *args: str) -> list[dict]:
+def torchrun(run_dir: Path, *args: str, steps: int = 3) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "emu2_engine.pretrain", "--no-progress", *TINY, f"--train.run_dir={run_dir}", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "done: 3 steps" in proc.stdout
+    assert f"done: {steps} steps" in proc.stdout
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -44,24 +45,31 @@ def test_tp2_matches_one_process(tmp_path):
     assert [s for s, _ in complete_checkpoints(tmp_path / "tp2" / "checkpoints")] == [3]
 
 
-def test_pp2_interleaved_matches_one_process_and_its_checkpoint_loads_anywhere(tmp_path):
+def test_pp2_interleaved_matches_one_process_resumes_exactly_and_its_checkpoint_loads_anywhere(tmp_path):
     """pp = 2 with the interleaved 1F1B schedule (4 stages, two per rank, the debug model made
-    4 layers deep): the same data as one process, so the same losses; each rank's two stages
+    4 layers deep): the same data as one process, so the same losses. Resumed by two ranks from
+    step 2, it repeats steps 3 and 4 bit for bit (each rank's optimiser groups come back: saved
+    by position they collided across ranks, and the resumed step failed). Each rank's two stages
     are checkpointed under the whole model's names, so one process resumes from it."""
-    deep = ["--model.llm_layers=4", "--parallel.microbatches=2"]
-    records = [r for r in torchrun(tmp_path / "pp2", *deep, "--parallel.pp=2",
-                                   "--parallel.pp_schedule=interleaved-1f1b",
-                                   "--parallel.stages_per_rank=2") if "loss" in r]
+    deep = ["--model.llm_layers=4", "--parallel.microbatches=2", "--train.steps=4",
+            "--checkpoint.interval=2", "--checkpoint.keep=2"]
+    pp = ["--parallel.pp=2", "--parallel.pp_schedule=interleaved-1f1b", "--parallel.stages_per_rank=2"]
+    records = [r for r in torchrun(tmp_path / "pp2", *deep, *pp, steps=4) if "loss" in r]
     single = Trainer(JobConfig.load(None, TINY + deep + [f"--train.run_dir={tmp_path / 'one'}"]))
     reference = [r for r in single.train(progress=False) if "loss" in r]
     for got, want in zip(records, reference, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    shutil.copytree(tmp_path / "pp2" / "checkpoints" / "step-000002",
+                    tmp_path / "resumed" / "checkpoints" / "step-000002")
+    resumed = [r for r in torchrun(tmp_path / "resumed", *deep, *pp, steps=4) if "loss" in r]
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in resumed] == \
+        [(r["step"], r["loss"], r["grad_norm"]) for r in records[2:]]
     # the whole model's parameters and optimiser moments, from the two ranks' four stages
     reloaded = Trainer(JobConfig.load(None, TINY + deep + [
         f"--train.run_dir={tmp_path / 'reload'}",
-        f"--checkpoint.resume={tmp_path / 'pp2' / 'checkpoints' / 'step-000003'}"]))
-    assert reloaded.resume() == 3
+        f"--checkpoint.resume={tmp_path / 'pp2' / 'checkpoints' / 'step-000004'}"]))
+    assert reloaded.resume() == 4
     for (name, a), b in zip(single.model.state_dict().items(), reloaded.model.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
     assert reloaded.scheduler.get_last_lr() == single.scheduler.get_last_lr()

@@ -67,8 +67,8 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, monkeypatch):
     real = trainer.forward_backward
     seen = []
 
-    def nan_at_step_2(batches):
-        out = real(batches)
+    def nan_at_step_2(batches, timeline=None):
+        out = real(batches, timeline)
         seen.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
         return out * float("nan") if trainer.step_count == 1 else out
 

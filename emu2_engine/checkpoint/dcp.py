@@ -5,8 +5,9 @@ A checkpoint is one folder per step, ``<dir>/step-000123``, holding DCP's files 
 
 - ``model`` and ``optimizer``: through `get_state_dict` / `set_state_dict`
   (torch.distributed.checkpoint.state_dict), so FSDP2 / DTensor parameters are saved as
-  shards and load into any sharding of the same model; optimiser states are keyed by
-  parameter name, not by position;
+  shards and load into any sharding of the same model; optimiser states and the
+  parameter groups' settings are keyed by parameter name, not by position (pipeline ranks
+  hold different groups);
 - ``scheduler``: any object with ``state_dict``/``load_state_dict`` (an LR scheduler);
 - ``dataloader``: one entry per rank (each rank reads its own part of the data);
 - ``rng``: one entry per rank: Python's, NumPy's and torch's CPU generator, and every CUDA
@@ -56,7 +57,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -143,6 +144,14 @@ def _single_process_ok() -> Iterator[None]:
         yield
 
 
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+"""Optimiser entries keyed by parameter name, the parameter groups' settings included
+(``param_groups.<name>.lr``). Unflattened, the groups are a list saved by position: pipeline
+ranks hold different groups at the same positions, DCP keeps one rank's copy of each key, and
+after a resume the other ranks' groups lack their settings (AdamW's first step then fails with
+KeyError: 'betas')."""
+
+
 class _ModelAndOptimizer(Stateful):
     """Model and optimiser state as DCP sees them: named, and sharded where the parameters are.
 
@@ -159,7 +168,7 @@ class _ModelAndOptimizer(Stateful):
         if self.optimizer is None:
             state = {"model": get_model_state_dict(self.model)}
         else:
-            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            model_state, optim_state = get_state_dict(self.model, self.optimizer, options=_FLAT)
             state = {"model": model_state, "optimizer": optim_state}
         self._gathered.clear()
         return self._gather_strided(state, ())
@@ -187,7 +196,7 @@ class _ModelAndOptimizer(Stateful):
             set_model_state_dict(self.model, state["model"])
         else:
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"])
+                           optim_state_dict=state["optimizer"], options=_FLAT)
 
 
 def rng_state() -> dict[str, Any]:
@@ -387,3 +396,46 @@ def _reason(err: BaseException) -> str:
     lines = [line.strip() for line in (str(err).strip() or type(err).__name__).splitlines() if line.strip()]
     errors = [line for line in lines if "Error" in line]
     return (errors or lines)[-1][:500]
+
+
+def load_model_weights(path: str | Path, model: nn.Module) -> int:
+    """Load only the model entries of the complete checkpoint folder `path` (``step-000123``,
+    as `Checkpointer.save` writes it) into `model`, and return the checkpoint's step: for
+    sampling or evaluating a trained model, with no optimiser, schedule or data state and no
+    process group (a plain, unsharded `model` in one process; DCP joins the saved shards).
+
+    The entries are the ``app.model.*`` keys of `_ModelAndOptimizer(model, None)`, the names
+    the Checkpointer saved. Every key and shape is compared with `model` first: a missing or
+    incomplete folder, or a checkpoint of another model (missing, unexpected or wrongly shaped
+    tensors: one CheckpointError listing them), loads nothing."""
+    path = Path(path)
+    if not (path / _INDEX).is_file():
+        what = "does not exist" if not path.exists() else f"has no {_INDEX} (not a checkpoint, or its save did not finish)"
+        raise CheckpointError(f"{path} is not a complete checkpoint folder: it {what}")
+    app = _ModelAndOptimizer(model, None)
+    want = {name: tuple(t.shape) for name, t in app.state_dict()["model"].items()}
+    prefix = "app.model."
+    try:
+        saved = {key[len(prefix):]: tuple(meta.size) for key, meta in
+                 dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
+                 if key.startswith(prefix) and hasattr(meta, "size")}
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path} (corrupt, or not written by this "
+                              f"engine): {_reason(err)}") from err
+    problems = {
+        "missing": [f"{name} {shape}" for name, shape in want.items() if name not in saved],
+        "unexpected": [name for name in saved if name not in want],
+        "wrong shape": [f"{name}: saved {saved[name]}, model {shape}" for name, shape in want.items()
+                        if name in saved and saved[name] != shape]}
+    if any(problems.values()):
+        listed = "".join(f"\n  {kind} ({len(items)}): " + ", ".join(items[:6]) + (" ..." if len(items) > 6 else "")
+                         for kind, items in problems.items() if items)
+        raise CheckpointError(f"checkpoint {path} holds another model ({len(saved)} tensors; this "
+                              f"{type(model).__name__} has {len(want)}); nothing was loaded:{listed}")
+    state = {"app": app, "train": {"step": -1, "world_size": -1}}
+    try:
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    except (Exception, dcp.CheckpointException) as err:
+        raise CheckpointError(f"cannot load the model of checkpoint {path}: {_reason(err)}") from err
+    return int(state["train"]["step"])
