@@ -25,11 +25,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 when the run finished or was stopped by a signal (with a checkpoint),
-    1 when it stopped on non-finite losses, 2 for a config that cannot work."""
+    1 when it stopped on non-finite losses, 2 for a config or an input that cannot work (found
+    before training or once it starts: a checkpoint that is missing or does not fit the model,
+    data or metrics files that cannot be read), said in one line on stderr."""
     try:
         cfg, progress = parse_args(argv)
     except (ValueError, FileNotFoundError) as e:
-        print(f"pretrain: {e}", file=sys.stderr)
+        print(f"pretrain: {one_line(e)}", file=sys.stderr)
         return 2
     import torch.distributed as dist
 
@@ -38,20 +40,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             trainer = Trainer(cfg)
-        except ValueError as e:  # a config that only the world size rules out
-            print(f"pretrain: {e}", file=sys.stderr)
-            return 2
-        try:
             records = trainer.train(progress=progress)
         except NonFiniteError as e:
-            print(f"pretrain: {e}", file=sys.stderr)
+            print(f"pretrain: {one_line(e)}", file=sys.stderr)
             return 1
+        # The engine's errors for bad input: a config that only the world size rules out,
+        # checkpoint.resume naming no complete checkpoint or one of another model
+        # (CheckpointError is a ValueError), missing shards, a corrupt metrics file.
+        except (ValueError, FileNotFoundError) as e:
+            print(f"pretrain: {one_line(e)}", file=sys.stderr)
+            return 2
         if trainer.rank == 0:
             report(trainer, records)
         return 0
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (its lines joined with "; ")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
 
 
 def report(trainer, records: list[dict]) -> None:

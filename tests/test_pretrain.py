@@ -241,3 +241,41 @@ def test_world_size_must_be_the_product_of_the_degrees():
     cfg.validate(world_size=4)
     with pytest.raises(ValueError, match=r"1 x 2 x 2 x 1 = 4 must equal the world size 8"):
         cfg.validate(world_size=8)
+
+
+TINY_RUN = ["--no-progress", "--data.seq_len=128", "--data.rows=2", "--data.max_images=8",
+            "--data.text_len=128", "--data.interleaved_len=128", "--train.steps=2",
+            "--optim.warmup_steps=1", "--train.eval_batches=0", "--metrics.tensorboard=false"]
+
+
+def test_checkpoint_errors_inside_train_exit_2_with_one_line(tmp_path, capsys):
+    """checkpoint.resume is only read once train() starts: a folder that is no checkpoint, or
+    the checkpoint of another model, is bad input (exit 2, one line on stderr), not a crash
+    that exits 1, which means non-finite losses."""
+    import torch
+
+    from emu2_engine.checkpoint.dcp import Checkpointer
+
+    missing = tmp_path / "nowhere" / "step-000010"
+    rc = pretrain.main([*TINY_RUN, f"--train.run_dir={tmp_path / 'a'}", f"--checkpoint.resume={missing}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"pretrain: {missing} is not a complete checkpoint (no "
+                                            f".metadata: missing, or its save did not finish)")
+
+    other = torch.nn.Linear(3, 2)  # a complete checkpoint, of something else
+    folder = Checkpointer(tmp_path / "other", other, torch.optim.SGD(other.parameters(), lr=0.1)).save(1)
+    rc = pretrain.main([*TINY_RUN, f"--train.run_dir={tmp_path / 'b'}", f"--checkpoint.resume={folder}"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith(f"pretrain: cannot load checkpoint {folder} into this model: ")
+
+
+def test_a_corrupt_metrics_file_on_resume_exits_2_with_one_line(tmp_path, capsys):
+    """A metrics file with a bad line before its last (not a torn write) stops the resumed run
+    with the line's number (the torn last line case is tests/test_metrics_writer.py)."""
+    run = tmp_path / "run"
+    assert pretrain.main([*TINY_RUN, f"--train.run_dir={run}"]) == 0  # 2 steps, checkpoint at 2
+    (run / "metrics.jsonl").write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.0}\n')
+    rc = pretrain.main([*TINY_RUN, "--train.steps=3", f"--train.run_dir={run}"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith(f"pretrain: {run / 'metrics.jsonl'} line 1 is not a JSON record")
