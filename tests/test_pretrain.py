@@ -196,6 +196,8 @@ VIDEO_BLEND = ["--data.datasets=['video_text', 'text']", "--data.weights=[1.0, 1
     (["--parallel.pp=2"], r"parallel.microbatches \(1\) must be at least pp \(2\) to fill the pipeline"),
     (["--parallel.pp=2", "--parallel.microbatches=2", "--parallel.pp_schedule=zbv",
       "--parallel.stages_per_rank=2"], r"4 pipeline stages \(pp x stages_per_rank\) need at least 3 LLM layers"),
+    (["--parallel.tp=2", "--data.seq_len=127", "--data.text_len=127", "--data.interleaved_len=127"],
+     r"sequence parallelism needs data.seq_len \(127\) to be a multiple of parallel.tp \(2\)"),
     (["--model.llm_layers=-1"], "model.llm_layers must be >= 0, got -1"),
     (["--train.global_batch=10", "--parallel.tp=2"],
      r"train.global_batch \(10\) must be dp \(1\) x parallel.microbatches \(1\) x data.rows \(4\) = 4: "

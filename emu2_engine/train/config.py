@@ -392,11 +392,17 @@ class JobConfig:
 
     def _validate_parallel(self, model_cfg, world_size: int | None) -> None:
         """The engine's own checks (`ParallelDims.validate`, `ParallelConfig.validate`): degrees,
-        world size, the model's divisibility, micro-batches against the schedule."""
+        world size, the model's divisibility, micro-batches against the schedule; and the
+        shape rules of the parallel layer that the config alone decides (the row length
+        against tp), so they fail here rather than in the first forward, after the model is
+        built."""
         dims = self.parallel.dims()
         # the world-size check only once the world is known; the product stands in until then
         dims.validate(dims.world_size if world_size is None else world_size, model_cfg)
         self.parallel.parallel_config().validate(dims, model_cfg)
+        if self.data.seq_len % dims.tp:  # the LLM's stream is split along the row (Shard(1))
+            raise ValueError(f"sequence parallelism needs data.seq_len ({self.data.seq_len}) to be a "
+                             f"multiple of parallel.tp ({dims.tp})")
         wanted, rows = self.train.global_batch, self.data.rows
         if wanted < 0:
             raise ValueError(f"train.global_batch must be >= 0, got {wanted}")
