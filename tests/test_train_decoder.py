@@ -219,6 +219,48 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * norm1)
 
 
+def test_a_trained_decoder_loads_for_sampling(tmp_path):
+    """2 steps on the CPU, then `load_trained_decoder` from the run folder, its checkpoints
+    folder or the step folder: a fresh UNet gets the trained weights bit for bit, the returned
+    negative is the run's null embedding (saved before the first step, the same after a
+    resume), and decode_images samples with it. Another model, or no checkpoint, is refused."""
+    from safetensors.torch import load_file
+
+    from emu2_engine.checkpoint.dcp import CheckpointError
+    from emu2_engine.inference.decode import NULL_EMBEDDING_FILE, decode_images, load_trained_decoder
+    from emu2_engine.models.unet import UNet
+
+    cfg = _cfg(tmp_path, "--train.steps=2", "--optim.warmup_steps=1", "--train.eval_batches=0",
+               "--data.batch_size=1", "--data.image_size=32")
+    trainer = DecoderTrainer(cfg)
+    trainer.train(progress=False, stop_at=0)  # no step: the null embedding is already there
+    null = load_file(tmp_path / NULL_EMBEDDING_FILE)["null_embedding"]
+    assert torch.equal(null, trainer.null_embedding) and null.shape == (16, 64) and null.abs().sum() > 0
+    trainer.train(progress=False)
+    for where in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "step-000002"):
+        unet = UNet(trainer.unet_cfg)
+        negative = load_trained_decoder(where, unet)
+        for (name, got), want in zip(unet.state_dict().items(), trainer.unet.state_dict().values()):
+            assert torch.equal(got, want), (where, name)
+        assert torch.equal(negative, trainer.null_embedding)
+    emb = trainer.encoder(trainer.data.train_batch(0).encoder_pixels)
+    images = decode_images(emb, unet=unet.eval(), vae=trainer.vae, steps=2, height=32, width=32, negative=negative)
+    assert len(images) == 1 and images[0].size == (32, 32)
+
+    assert DecoderTrainer(cfg).train(progress=False) == [{"resumed_from": 2}]  # a resumed start
+    assert torch.equal(load_file(tmp_path / NULL_EMBEDDING_FILE)["null_embedding"], null)
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(CheckpointError, match=r"holds another model \(212 tensors; this VideoUNet has 244\); "
+                                              r"nothing was loaded:\n  missing \(32\): down_blocks.0.resnets.0.temporal"):
+        load_trained_decoder(tmp_path, VideoUNet(trainer.unet_cfg))
+    with pytest.raises(CheckpointError, match="holds no complete decoder checkpoint"):
+        load_trained_decoder(tmp_path / "elsewhere", UNet(trainer.unet_cfg))
+    with pytest.raises(CheckpointError, match="step-000001 is not a complete checkpoint folder: it does not exist"):
+        load_trained_decoder(tmp_path / "checkpoints" / "step-000001", UNet(trainer.unet_cfg))
+    (tmp_path / NULL_EMBEDDING_FILE).unlink()  # a run from before the trainer saved it
+    assert load_trained_decoder(tmp_path, UNet(trainer.unet_cfg)) is None
+
+
 def test_cfg_dropout_uses_the_null_condition(tmp_path, monkeypatch):
     trainer = DecoderTrainer(_cfg(tmp_path, "--diffusion.cfg_drop=1.0", "--data.batch_size=3"))
     seen = []

@@ -410,7 +410,8 @@ def load_model_weights(path: str | Path, model: nn.Module) -> int:
     tensors: one CheckpointError listing them), loads nothing."""
     path = Path(path)
     if not (path / _INDEX).is_file():
-        what = "does not exist" if not path.exists() else f"has no {_INDEX} (not a checkpoint, or its save did not finish)"
+        what = ("does not exist" if not path.exists() else
+                f"has no {_INDEX} (not a checkpoint, or its save did not finish)")
         raise CheckpointError(f"{path} is not a complete checkpoint folder: it {what}")
     app = _ModelAndOptimizer(model, None)
     want = {name: tuple(t.shape) for name, t in app.state_dict()["model"].items()}
@@ -428,8 +429,8 @@ def load_model_weights(path: str | Path, model: nn.Module) -> int:
         "wrong shape": [f"{name}: saved {saved[name]}, model {shape}" for name, shape in want.items()
                         if name in saved and saved[name] != shape]}
     if any(problems.values()):
-        listed = "".join(f"\n  {kind} ({len(items)}): " + ", ".join(items[:6]) + (" ..." if len(items) > 6 else "")
-                         for kind, items in problems.items() if items)
+        listed = "".join(f"\n  {kind} ({len(items)}): " + ", ".join(items[:6])
+                         + (" ..." if len(items) > 6 else "") for kind, items in problems.items() if items)
         raise CheckpointError(f"checkpoint {path} holds another model ({len(saved)} tensors; this "
                               f"{type(model).__name__} has {len(want)}); nothing was loaded:{listed}")
     state = {"app": app, "train": {"step": -1, "world_size": -1}}

@@ -14,11 +14,15 @@ Both need the encoder (and, for the prompt, the LLM), so with guidance the calle
 "zeros" for all-zero embeddings, what a decoder trained with ``null_condition = "zeros"`` saw.
 There is no default: a wrong negative gives plausible but wrong pictures without any error.
 Guidance 1 makes no unconditional pass and needs none.
+
+`load_trained_decoder` loads a checkpoint of the decoder trainer into a UNet and returns the
+null embedding its run saved: the negative that decoder was trained with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +34,11 @@ from emu2_engine.models.unet3d import VideoUNet
 SDXL_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                            beta_schedule="scaled_linear")
 """The training noise schedule of SDXL and of the Emu2-Gen decoder (scheduler/ of the release)."""
+
+NULL_EMBEDDING_FILE = "null_embedding.safetensors"
+"""Where the decoder trainer saves its run's null condition, run_dir/NULL_EMBEDDING_FILE (one
+tensor, "null_embedding", (N, D) fp32): the embeddings a dropped condition became in training,
+and so the negative to sample its checkpoints with."""
 
 
 def euler_scheduler(schedule: dict | None = None):
@@ -49,6 +58,45 @@ def zero_image_embedding(encode: Callable[[torch.Tensor], torch.Tensor], image_s
     return encode(torch.zeros(1, 3, image_size, image_size, device=device))
 
 
+def load_trained_decoder(path: str | Path, unet: UNet) -> torch.Tensor | None:
+    """Load a decoder trained by `train.decoder.DecoderTrainer` into `unet` for sampling and
+    return its run's null embedding, the `negative` to sample it with (None when the run saved
+    none: runs from before the trainer saved it).
+
+    path: the run folder (train.run_dir), its checkpoints/ folder (the newest complete
+    checkpoint is loaded), or one checkpoint folder (checkpoints/step-NNNNNN). `unet` must be
+    the trained shape: a `UNet` of the run's preset, or a `VideoUNet` for a video run. Only the
+    UNet's weights are read (`checkpoint.dcp.load_model_weights`: every key and shape checked
+    first, no optimiser, one process); CheckpointError when there is no complete checkpoint or
+    it holds another model."""
+    from safetensors.torch import load_file
+
+    from emu2_engine.checkpoint.dcp import CheckpointError, complete_checkpoints, load_model_weights
+
+    path = Path(path)
+    if path.name.startswith("step-"):  # one checkpoint (load_model_weights says if incomplete)
+        checkpoint, run_dir = path, path.parent.parent
+    else:
+        for folder in (path, path / "checkpoints"):
+            if found := complete_checkpoints(folder):
+                checkpoint, run_dir = found[-1][1], folder.parent
+                break
+        else:
+            raise CheckpointError(f"{path} holds no complete decoder checkpoint: expected a run folder "
+                                  f"(train.run_dir, with checkpoints/step-NNNNNN), its checkpoints "
+                                  f"folder, or one step-NNNNNN folder")
+    load_model_weights(checkpoint, unet)
+    null_file = run_dir / NULL_EMBEDDING_FILE
+    if not null_file.is_file():
+        return None
+    null = load_file(null_file)["null_embedding"]
+    want = (unet.cfg.cond_tokens, unet.cfg.cross_attention_dim)
+    if tuple(null.shape) != want:
+        raise CheckpointError(f"{null_file} holds a null embedding of shape {tuple(null.shape)}, but the "
+                              f"loaded UNet reads {want}: it belongs to another run")
+    return null
+
+
 def size_ids(height: int, width: int, batch: int, device) -> torch.Tensor:
     """SDXL's six size/crop ids for an uncropped image generated at its own size."""
     ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
@@ -62,8 +110,9 @@ def _vae_factor(vae) -> int:
 
 NEGATIVE_HELP = ("pass negative=zero_image_embedding(encoder, image_size) (autoencoding: the trainer's "
                  "default null condition, diffusion.null_condition = \"zero-image\"), the null embedding "
-                 "saved with the decoder's training run, or negative=\"zeros\" for a decoder trained "
-                 "with diffusion.null_condition = \"zeros\"; guidance=1.0 needs no negative")
+                 "saved with the decoder's training run (what load_trained_decoder(run_dir, unet) "
+                 "returns), or negative=\"zeros\" for a decoder trained with "
+                 "diffusion.null_condition = \"zeros\"; guidance=1.0 needs no negative")
 
 
 def _check_negative(guidance: float, negative: torch.Tensor | str | None) -> None:

@@ -32,7 +32,9 @@ Checkpoints (`train.save_every`, the last step, and a SIGTERM/SIGINT stop) go th
 AdamW state, the schedule, the step and, when reading shards, each rank's stream position,
 written atomically, the newest `train.keep` kept. With `train.resume` a run continues from the
 newest one. A signalled stop writes run_dir/stopped.json once its checkpoint is complete, as
-the pretraining trainer does.
+the pretraining trainer does. Before the first step rank 0 writes the null condition to
+run_dir/null_embedding.safetensors: sampling a checkpoint needs it as its negative
+(`inference.decode.load_trained_decoder` loads both).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from torch.distributed.tensor import DTensor
 from emu2_engine.checkpoint.dcp import Checkpointer
 from emu2_engine.data.prefetch import Prefetcher, prefetch_depth
 from emu2_engine.data.shapes import ShapesWorld
-from emu2_engine.inference.decode import size_ids, zero_image_embedding
+from emu2_engine.inference.decode import NULL_EMBEDDING_FILE, size_ids, zero_image_embedding
 from emu2_engine.models.config import Emu2Config, UNetConfig
 from emu2_engine.models.projector import Projector
 from emu2_engine.models.unet import UNet, load_base_unet_weights, load_unet_weights
@@ -312,6 +314,22 @@ class DecoderTrainer:
             null = zero_image_embedding(self.encoder, self.encoder_cfg.vision.image_size, self.device)
         return null[0].float()
 
+    def save_null_embedding(self) -> Path:
+        """Write `null_embedding` to run_dir/NULL_EMBEDDING_FILE (rank 0, before the first step):
+        the negative to sample this run's checkpoints with (`inference.decode.load_trained_decoder`
+        returns it). Written under a temporary name, then renamed, so a reader never sees half a
+        file. Every start of the run writes it again: it is a function of the config (the seed,
+        the encoder and null_condition), so a resumed run writes the same tensor."""
+        from safetensors.torch import save_file
+
+        path = self.run_dir / NULL_EMBEDDING_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"null_embedding": self.null_embedding.detach().float().cpu().contiguous()}, str(tmp),
+                  metadata={"null_condition": self.cfg.diffusion.null_condition,
+                            "encoder": self.cfg.model.encoder})
+        os.replace(tmp, path)
+        return path
+
     def _positions(self) -> range:
         """Positions in the global batch of this rank's samples."""
         first = self.rank * self.local_batch
@@ -484,6 +502,7 @@ class DecoderTrainer:
         if lead:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.toml")
+            self.save_null_embedding()
             (self.run_dir / STOPPED_FILE).unlink(missing_ok=True)  # this run has not stopped yet
             print(f"train_decoder: data: {self.data.describe()}", flush=True)
         records: list[dict] = []
