@@ -226,6 +226,36 @@ def test_parallel_and_run_config_errors(overrides, message):
         JobConfig.load(None, overrides)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--model.regression_weight=nan", r"model.regression_weight must be a finite number >= 0, got nan"),
+    ("--model.regression_weight=-1", r"model.regression_weight must be a finite number >= 0, got -1.0"),
+    ("--optim.betas=[1.5, 2]", r"optim.betas must each lie in \[0, 1\), got \[1.5, 2.0\]"),
+    ("--optim.betas=[0.9, 1.0]", r"optim.betas must each lie in \[0, 1\), got \[0.9, 1.0\]"),
+    ("--optim.betas=[-0.1, 0.9]", r"optim.betas must each lie in \[0, 1\)"),
+    ("--optim.weight_decay=-1", r"optim.weight_decay must be a finite number >= 0, got -1.0"),
+    ("--optim.eps=0", r"optim.eps must be a finite number > 0, got 0.0"),
+    ("--optim.eps=nan", r"optim.eps must be a finite number > 0, got nan"),
+    ("--optim.lr=inf", r"optim.lr, optim.lr_vision and optim.lr_projector must be finite numbers >= 0, "
+                       r"got inf, 0.001 and 0.001"),
+    ("--optim.lr_vision=nan", r"must be finite numbers >= 0, got 0.001, nan and 0.001"),
+    ("--optim.lr_projector=-1e-4", r"must be finite numbers >= 0, got 0.001, 0.001 and -0.0001"),
+    ("--data.weights=[inf, 1, 1]", r"data.weights must be finite, >= 0 and not all 0, got \[inf, 1.0, 1.0\]"),
+    ("--train.run_dir=", r"train.run_dir must name a folder \(it gets the config, metrics and "
+                         r"checkpoints\), got ''"),
+])
+def test_numbers_out_of_range_are_refused(override, message):
+    """NaN and infinities pass comparisons like `x >= 0` the wrong way or not at all: each
+    value is checked for its range and finiteness, with what came in the message."""
+    with pytest.raises(ValueError, match=message):
+        JobConfig.load(None, [override])
+
+
+def test_the_edges_of_the_ranges_load():
+    cfg = JobConfig.load(None, ["--model.regression_weight=0", "--optim.betas=[0, 0.999]",
+                                "--optim.weight_decay=0", "--optim.lr_vision=0", "--optim.eps=1e-30"])
+    assert cfg.optim.betas == (0.0, 0.999) and cfg.model.regression_weight == 0.0
+
+
 def test_video_and_image_spans_that_just_fit_load():
     """The limits are exact: 20 tokens hold one debug image, 75 one 4-frame video, and 4
     frames fit max_images = 4; a video dataset with weight 0 is not drawn, so not checked."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,7 +301,7 @@ class JobConfig:
         if self.data.seq_len > max_positions:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds the {self.model.preset} "
                              f"model's max_positions ({max_positions})")
-        d = self.data
+        d, o = self.data, self.optim
         n = len(d.datasets)
         unknown = sorted(set(d.datasets + d.regress) - set(DATASET_KINDS))
         checks = [
@@ -310,8 +311,8 @@ class JobConfig:
             (len(d.weights) == n and len(d.paths) == n,
              f"data.weights and data.paths need one entry per dataset ({n}), got "
              f"{len(d.weights)} and {len(d.paths)}"),
-            (all(w >= 0 for w in d.weights) and sum(d.weights) > 0,
-             f"data.weights must be >= 0 and not all 0, got {d.weights}"),
+            (all(_finite_at_least(w, 0) for w in d.weights) and sum(d.weights) > 0,
+             f"data.weights must be finite, >= 0 and not all 0, got {d.weights}"),
             (d.shapes_scale > 0, f"data.shapes_scale must be positive, got {d.shapes_scale}"),
             (d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}"),
             (d.rows > 0, f"data.rows must be positive, got {d.rows}"),
@@ -335,6 +336,8 @@ class JobConfig:
              "train.grad_accumulation_fusion needs train.weight_cast = 'step' (the accumulators "
              f"it adds into), got weight_cast = {self.train.weight_cast!r}"),
             (self.model.llm_layers >= 0, f"model.llm_layers must be >= 0, got {self.model.llm_layers}"),
+            (_finite_at_least(self.model.regression_weight, 0),
+             f"model.regression_weight must be a finite number >= 0, got {self.model.regression_weight}"),
             (self.metrics.log_interval > 0,
              f"metrics.log_interval must be positive, got {self.metrics.log_interval}"),
             (self.train.max_nonfinite > 0,
@@ -344,6 +347,9 @@ class JobConfig:
             (self.checkpoint.keep > 0, f"checkpoint.keep must be positive, got {self.checkpoint.keep}"),
             (self.checkpoint.resume != "",
              'checkpoint.resume must be auto, none or a checkpoint folder, got ""'),
+            (self.train.run_dir.strip() != "",
+             f"train.run_dir must name a folder (it gets the config, metrics and checkpoints), "
+             f"got {self.train.run_dir!r}"),
             (self.train.eval_batches >= 0, f"train.eval_batches must be >= 0, got {self.train.eval_batches}"),
             (self.train.device in ("auto", "cpu", "cuda"),
              f"train.device must be auto, cpu or cuda, got {self.train.device!r}"),
@@ -351,8 +357,14 @@ class JobConfig:
              f"train.dtype must be auto, fp32 or bf16, got {self.train.dtype!r}"),
             (self.optim.schedule in ("cosine", "linear"),
              f"optim.schedule must be cosine or linear, got {self.optim.schedule!r}"),
-            (min(self.optim.lr, self.optim.lr_vision, self.optim.lr_projector) >= 0,
-             "optim learning rates must be >= 0"),
+            (all(_finite_at_least(lr, 0) for lr in (o.lr, o.lr_vision, o.lr_projector)),
+             f"optim.lr, optim.lr_vision and optim.lr_projector must be finite numbers >= 0, got "
+             f"{o.lr}, {o.lr_vision} and {o.lr_projector}"),
+            (all(math.isfinite(b) and 0.0 <= b < 1.0 for b in o.betas),
+             f"optim.betas must each lie in [0, 1), got {list(o.betas)}"),
+            (_finite_at_least(o.weight_decay, 0),
+             f"optim.weight_decay must be a finite number >= 0, got {o.weight_decay}"),
+            (math.isfinite(o.eps) and o.eps > 0, f"optim.eps must be a finite number > 0, got {o.eps}"),
             (0 <= self.optim.warmup_steps < self.train.steps,
              f"optim.warmup_steps ({self.optim.warmup_steps}) must be in [0, train.steps = {self.train.steps})"),
             (0.0 <= self.optim.min_lr_ratio <= 1.0,
@@ -436,6 +448,11 @@ class JobConfig:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(self.to_toml())
         tmp.replace(path)
+
+
+def _finite_at_least(value: float, low: float) -> bool:
+    """`value` is a finite number >= `low` (NaN and infinities fail)."""
+    return math.isfinite(value) and value >= low
 
 
 def _toml_value(value: Any) -> str:
