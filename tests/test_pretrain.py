@@ -311,3 +311,26 @@ def test_a_corrupt_metrics_file_on_resume_exits_2_with_one_line(tmp_path, capsys
     rc = pretrain.main([*TINY_RUN, "--train.steps=3", f"--train.run_dir={run}"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and last.startswith(f"pretrain: {run / 'metrics.jsonl'} line 1 is not a JSON record")
+
+
+def test_init_from_must_exist_and_excludes_a_resume_path(tmp_path):
+    """checkpoint.init_from names weights to start a new run from (the loading is the
+    trainer's); the config checks that they exist and that no resume path contradicts it."""
+    assert JobConfig.load(None).checkpoint.init_from == ""
+    folder, weights = tmp_path / "step-000100", tmp_path / "emu2.safetensors"
+    folder.mkdir()
+    weights.write_bytes(b"")
+    for path in (folder, weights):
+        for resume in ("auto", "none"):
+            cfg = JobConfig.load(None, [f"--checkpoint.init_from={path}", f"--checkpoint.resume={resume}"])
+            assert cfg.checkpoint.init_from == str(path)
+    saved = tmp_path / "config.toml"
+    cfg.save(saved)
+    assert JobConfig.load(saved) == cfg
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match=f"checkpoint.init_from must be an existing checkpoint folder or "
+                                         f"weights file or folder, got '{missing}', which does not exist"):
+        JobConfig.load(None, [f"--checkpoint.init_from={missing}"])
+    with pytest.raises(ValueError, match=r"checkpoint.init_from \(.*\) starts a new run from weights and "
+                                         r"checkpoint.resume \('runs/a/step-000010'\) continues a saved one"):
+        JobConfig.load(None, [f"--checkpoint.init_from={folder}", "--checkpoint.resume=runs/a/step-000010"])

@@ -230,6 +230,11 @@ class CheckpointSection:
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in dir if there is one (what a rank
     restarted by torchrun --max-restarts does); none: start afresh; else a checkpoint folder."""
+    init_from: str = ""
+    """Start a new run from these model weights only: a checkpoint folder of this engine
+    (step-NNNNNN, DCP) or a released/converted weights file or folder. The step, optimiser,
+    schedule and data position start fresh. Ignored when the run resumes from its own
+    checkpoint (resume = auto finding one in dir); cannot be combined with a resume path."""
 
 
 @dataclass
@@ -347,6 +352,13 @@ class JobConfig:
             (self.checkpoint.keep > 0, f"checkpoint.keep must be positive, got {self.checkpoint.keep}"),
             (self.checkpoint.resume != "",
              'checkpoint.resume must be auto, none or a checkpoint folder, got ""'),
+            (not self.checkpoint.init_from or Path(self.checkpoint.init_from).exists(),
+             f"checkpoint.init_from must be an existing checkpoint folder or weights file or "
+             f"folder, got {self.checkpoint.init_from!r}, which does not exist"),
+            (not self.checkpoint.init_from or self.checkpoint.resume in ("auto", "none"),
+             f"checkpoint.init_from ({self.checkpoint.init_from!r}) starts a new run from weights "
+             f"and checkpoint.resume ({self.checkpoint.resume!r}) continues a saved one: set one "
+             f"(resume = auto or none with init_from)"),
             (self.train.run_dir.strip() != "",
              f"train.run_dir must name a folder (it gets the config, metrics and checkpoints), "
              f"got {self.train.run_dir!r}"),
