@@ -421,6 +421,31 @@ def test_missing_vae_folder_refused(tmp_path):
         DecoderTrainer(_cfg(tmp_path, f"--model.vae={tmp_path / 'nowhere'}"))
 
 
+@pytest.mark.parametrize("field", ["encoder_weights", "unet_weights", "unet_base_weights", "vae", "vae-file"])
+def test_missing_weight_paths_refused_before_anything_is_built(tmp_path, monkeypatch, capsys, field):
+    """A typo in any configured path is one line (exit status 2) before the frozen encoder, the
+    data or anything else heavy is built; a VAE path that is a file is no folder."""
+    import emu2_engine.train.decoder as decoder
+
+    built = []
+    monkeypatch.setattr(decoder, "FrozenEncoder", lambda cfg: built.append("encoder"))
+    monkeypatch.setattr(decoder, "InMemoryData", lambda *a: built.append("data"))
+    wrong = tmp_path / "sdxl-vea"
+    problem = "no such file or folder"
+    if field == "vae-file":
+        field, problem = "vae", "is not a folder"
+        wrong.write_text("")
+    elif field == "vae":
+        problem = "no such folder"
+    args = [f"--model.{field}={wrong}", f"--train.run_dir={tmp_path / 'run'}"]
+    with pytest.raises(FileNotFoundError, match=f"model.{field} = '{wrong}': {problem}"):
+        DecoderTrainer(_cfg(tmp_path, *args))
+    assert train_decoder.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train_decoder: model.{field} = '{wrong}': {problem} (expected ") and err.count("\n") == 1
+    assert built == []
+
+
 # -- two ranks (one spawn of 2 gloo processes) ----------------------------------------------------
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):

@@ -231,6 +231,7 @@ class DecoderTrainer:
     def __init__(self, cfg: DecoderJobConfig):
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world_size=world)
+        cfg.check_files()  # a mistyped weights path, before the encoder is built and loaded
         from diffusers import DDPMScheduler
 
         self.cfg = cfg

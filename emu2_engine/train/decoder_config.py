@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from emu2_engine.models.config import PRESETS, UNET_PRESETS
 from emu2_engine.train.config import JobConfig
@@ -233,3 +234,20 @@ class DecoderJobConfig(JobConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def check_files(self) -> None:
+        """FileNotFoundError, in one line, for the first configured weights path that does not
+        exist: the trainer calls it before building anything, so a typo costs no encoder build
+        or multi-GB load first. Not part of `validate`: the recipes name placeholder paths
+        (/path/to/Emu2) and must still load."""
+        m = self.model
+        files = [("model.encoder_weights", m.encoder_weights, "released Emu2 weights: a file or a folder of shards"),
+                 ("model.unet_weights", m.unet_weights, "a UNet weights file or folder"),
+                 ("model.unet_base_weights", m.unet_base_weights, "a diffusers UNet weights file or folder")]
+        for name, path, what in files:
+            if path and not Path(path).exists():
+                raise FileNotFoundError(f"{name} = {path!r}: no such file or folder (expected {what})")
+        if m.vae != "tiny-random" and not Path(m.vae).is_dir():
+            problem = "is not a folder" if Path(m.vae).exists() else "no such folder"
+            raise FileNotFoundError(f"model.vae = {m.vae!r}: {problem} (expected a diffusers AutoencoderKL "
+                                    f"folder (config.json + weights) or tiny-random)")
