@@ -49,8 +49,9 @@ class DecoderDataSection:
     (.webm/.mp4/...) when model.video is true. A directory (its *.tar), a glob, a brace pattern
     (/data/laion/{00000..01023}.tar) or one tar. "" = the in-memory generators."""
     heldout_paths: str = ""
-    """Held-out shards of the same kind for the before/after evaluation; "" with data.paths set
-    skips that evaluation (said once at the start)."""
+    """Held-out shards of the same kind for the before/after evaluation (of train.eval_batches
+    batches, which must then be >= 1); "" with data.paths set skips that evaluation (said once
+    at the start)."""
     image_size: int = 64
     """Pixels per side of the decoder's images (the VAE's input; Emu2-Gen: 1024)."""
     batch_size: int = 8
@@ -204,6 +205,9 @@ class DecoderJobConfig(JobConfig):
             (d.paths or not d.heldout_paths,
              f"data.heldout_paths ({d.heldout_paths!r}) needs data.paths: the in-memory data "
              f"(data.paths = \"\") has its own held-out samples"),
+            (not d.heldout_paths or t.eval_batches > 0,
+             f"data.heldout_paths ({d.heldout_paths!r}) is set but train.eval_batches = 0 skips the "
+             f"held-out evaluation: set train.eval_batches >= 1, or leave data.heldout_paths empty"),
             (z.train_timesteps > 1, f"diffusion.train_timesteps must be > 1, got {z.train_timesteps}"),
             (z.beta_schedule in ("linear", "scaled_linear"),
              f"diffusion.beta_schedule must be linear or scaled_linear, got {z.beta_schedule!r}"),
