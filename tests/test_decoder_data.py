@@ -313,16 +313,30 @@ def test_fewer_shards_than_ranks_split_the_samples(tmp_path):
 
 
 def test_heldout_batches_split_over_ranks_like_one_process(world, tmp_path):
+    """Each held-out sample's "wrong" embeddings are the next sample's (the last of a batch
+    gets the next batch's first), and two ranks' slices are one process's."""
     cfg = _cfg(tmp_path, f"--data.paths={world}/image_text/train",
                f"--data.heldout_paths={world}/image_text/heldout", "--data.batch_size=4", "--data.image_size=16")
-    (whole, whole_shifted), = ShardData(cfg, 16, range(4), log=None).heldout(1)
+    whole = list(ShardData(cfg, 16, range(4), log=None).heldout(2))
     for r in (0, 1):
-        (part, shifted), = ShardData(cfg, 16, range(2 * r, 2 * r + 2), rank=r, world=2, log=None).heldout(1)
-        assert torch.equal(part.vae_pixels, whole.vae_pixels[2 * r:2 * r + 2])
-        assert torch.equal(shifted, whole_shifted[2 * r:2 * r + 2])
-    assert torch.equal(whole_shifted, whole.encoder_pixels[[3, 0, 1, 2]])  # each gets the previous one's
-    with pytest.raises(ValueError, match="gives 200 usable samples; train.eval_batches x data.batch_size = 400"):
+        parts = list(ShardData(cfg, 16, range(2 * r, 2 * r + 2), rank=r, world=2, log=None).heldout(2))
+        for (part, other), (batch, batch_other) in zip(parts, whole, strict=True):
+            assert torch.equal(part.vae_pixels, batch.vae_pixels[2 * r:2 * r + 2])
+            assert torch.equal(other, batch_other[2 * r:2 * r + 2])
+    (first, first_other), (second, _) = whole
+    assert torch.equal(first_other, torch.cat([first.encoder_pixels[1:], second.encoder_pixels[:1]]))
+    with pytest.raises(ValueError, match=r"gives 200 usable samples; train.eval_batches x data.batch_size \+ 1 = 401"):
         list(ShardData(cfg, 16, range(4), log=None).heldout(100))
+
+
+def test_heldout_wrong_condition_is_another_sample_at_batch_1(world, tmp_path):
+    """At batch size 1, sample k's "wrong" embeddings are sample k + 1's, never its own."""
+    cfg = _cfg(tmp_path, f"--data.paths={world}/image_text/train",
+               f"--data.heldout_paths={world}/image_text/heldout", "--data.batch_size=1", "--data.image_size=16")
+    batches = list(ShardData(cfg, 16, range(1), log=None).heldout(3))
+    for (batch, other), (after, _) in zip(batches, batches[1:]):
+        assert torch.equal(other, after.encoder_pixels)
+    assert all(not torch.equal(batch.encoder_pixels, other) for batch, other in batches)
 
 
 def test_heldout_decodes_in_chunks_and_gives_the_same_batches(world, tmp_path, monkeypatch):

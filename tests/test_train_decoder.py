@@ -25,7 +25,7 @@ from emu2_engine.data.prefetch import Prefetcher
 from emu2_engine.models.unet3d import VideoUNet
 from emu2_engine.train.decoder import (DecoderJobConfig, DecoderTrainer, build_vae, offset_noise,
                                        unet_units)
-from emu2_engine.train.decoder_data import InMemoryData, make_batch, moving_shapes_clip
+from emu2_engine.train.decoder_data import HELD_OUT_SEED_OFFSET, InMemoryData, make_batch, moving_shapes_clip
 from emu2_engine.train.trainer import STOPPED_FILE
 
 pytest.importorskip("diffusers")
@@ -173,8 +173,8 @@ def test_the_prefetch_thread_gives_the_same_run_and_ends_with_it(tmp_path, end):
 
 def test_a_rank_slice_draws_what_one_process_draws(tmp_path):
     """Rank 1 of 2 (global batch 4) reads samples 2 and 3 of the step and draws their latents,
-    noise and timesteps exactly as one process does for them; the evaluation's shifted batch
-    gives rank 0 the samples 3 and 0 (the global batch rolled by one)."""
+    noise and timesteps exactly as one process does for them; the evaluation's "wrong"
+    embeddings give rank 0 those of held-out samples 1 and 2 (each sample the next one's)."""
     cfg = _cfg(tmp_path, "--data.batch_size=4", "--data.image_size=32")
     trainer = DecoderTrainer(cfg)
     whole = trainer.data.train_batch(5)
@@ -185,10 +185,30 @@ def test_a_rank_slice_draws_what_one_process_draws(tmp_path):
     assert torch.equal(part.vae_pixels, whole.vae_pixels[2:])
     part_latents, part_cond = trainer.conditions(part, trainer.generators(5))
     assert torch.equal(part_latents, latents[2:]) and torch.equal(part_cond, cond[2:])
-    (heldout, _), = InMemoryData(cfg, 64, range(4)).heldout(1)
-    (rank0, shifted), = InMemoryData(cfg, 64, range(2)).heldout(1)
+    (heldout, other), = InMemoryData(cfg, 64, range(4)).heldout(1)
+    (rank0, other0), = InMemoryData(cfg, 64, range(2)).heldout(1)
+    (rank1, other1), = InMemoryData(cfg, 64, range(2, 4)).heldout(1)
     assert torch.equal(rank0.vae_pixels, heldout.vae_pixels[:2])
-    assert torch.equal(shifted, heldout.encoder_pixels[[3, 0]])
+    assert torch.equal(torch.cat([other0, other1]), other)
+    assert torch.equal(other0, heldout.encoder_pixels[[1, 2]])
+    sample_4 = make_batch(cfg, 64, [4], cfg.data.seed + HELD_OUT_SEED_OFFSET).encoder_pixels  # the next batch's first
+    assert torch.equal(other1, torch.cat([heldout.encoder_pixels[3:], sample_4]))
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_heldout_wrong_condition_is_another_sample_at_batch_1(tmp_path, video):
+    """At batch size 1 (one clip per step is the video recipe's) each held-out sample still
+    gets another sample's embeddings -- the next one's, across batches -- so the evaluation's
+    wrong-condition loss differs from the right one."""
+    args = ["--data.batch_size=1", "--data.image_size=32", "--model.video=true", "--data.frames=2"]
+    cfg = _cfg(tmp_path, *(args if video else args[:2]), "--train.eval_batches=2")
+    (first, other_first), (second, other_second) = InMemoryData(cfg, 64, range(1)).heldout(2)
+    assert torch.equal(other_first, second.encoder_pixels)
+    assert not torch.equal(first.encoder_pixels, other_first)
+    assert not torch.equal(second.encoder_pixels, other_second)
+    if not video:
+        losses = DecoderTrainer(cfg).evaluate(1)
+        assert losses["heldout_loss"] != losses["heldout_loss_wrong_cond"], losses
 
 
 def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path):

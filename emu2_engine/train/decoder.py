@@ -463,17 +463,18 @@ class DecoderTrainer:
     @torch.no_grad()
     def evaluate(self, n_batches: int) -> dict:
         """Denoising loss on held-out samples with fixed noise and timesteps (comparable across
-        steps): with each sample's own embeddings, and with the previous sample's (of the
-        global batch). A decoder that reads its condition does better with the right one.
+        steps): with each sample's own embeddings, and with the next held-out sample's (another
+        sample at any batch size, `InMemoryData.heldout`). A decoder that reads its condition
+        does better with the right one.
         Each rank evaluates its slice, in `train.microbatches` parts as the step does; the means
         are of the global batches."""
         self.unet.eval()
         totals = {"right": 0.0, "wrong": 0.0}
         n_micro = self.cfg.train.microbatches
-        for i, (batch, shifted_pixels) in enumerate(self.data.heldout(n_batches)):
+        for i, (batch, other_pixels) in enumerate(self.data.heldout(n_batches)):
             generators = self.generators(i, held_out=True)
-            shifted = DecoderBatch(shifted_pixels, batch.vae_pixels)
-            for key, source in (("right", batch), ("wrong", shifted)):
+            other = DecoderBatch(other_pixels, batch.vae_pixels)  # another sample's embeddings
+            for key, source in (("right", batch), ("wrong", other)):
                 for micro, gens in self.micro_batches(source, generators):  # as the step splits
                     totals[key] += self.loss(micro, gens, drop=False).item() / n_micro
         right, wrong = self._sum_over_ranks([totals["right"], totals["wrong"]])

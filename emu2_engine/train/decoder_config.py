@@ -245,7 +245,8 @@ class DecoderJobConfig(JobConfig):
         or multi-GB load first. Not part of `validate`: the recipes name placeholder paths
         (/path/to/Emu2) and must still load."""
         m = self.model
-        files = [("model.encoder_weights", m.encoder_weights, "released Emu2 weights: a file or a folder of shards"),
+        files = [("model.encoder_weights", m.encoder_weights,
+                  "released Emu2 weights: a file or a folder of shards"),
                  ("model.unet_weights", m.unet_weights, "a UNet weights file or folder"),
                  ("model.unet_base_weights", m.unet_base_weights, "a diffusers UNet weights file or folder")]
         for name, path, what in files:

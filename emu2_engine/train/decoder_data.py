@@ -146,23 +146,24 @@ class InMemoryData:
     def __init__(self, cfg: DecoderJobConfig, encoder_size: int, positions: range):
         self.cfg, self.encoder_size, self.positions = cfg, encoder_size, positions
 
-    def _batch(self, step: int, held_out: bool, shift: int = 0) -> DecoderBatch:
-        """This rank's slice of the global batch of `step`, rolled by `shift` samples (position
-        p holds sample p - shift, wrapping around)."""
-        seed = self.cfg.data.seed + (HELD_OUT_SEED_OFFSET if held_out else 0)
-        size = self.cfg.data.batch_size
-        indices = [step * size + (p - shift) % size for p in self.positions]
-        return make_batch(self.cfg, self.encoder_size, indices, seed)
+    def _indices(self, step: int) -> list[int]:
+        """Sample indices of this rank's slice of the global batch of `step`."""
+        return [step * self.cfg.data.batch_size + p for p in self.positions]
 
     def train_batch(self, step: int) -> DecoderBatch:
         """This rank's slice of the global batch of `step`."""
-        return self._batch(step, held_out=False)
+        return make_batch(self.cfg, self.encoder_size, self._indices(step), self.cfg.data.seed)
 
     def heldout(self, n_batches: int) -> Iterator[tuple[DecoderBatch, torch.Tensor]]:
         """For each held-out global batch, this rank's slice and the encoder pixels of the
-        slice rolled by one (position p gets sample p - 1's, wrapping around)."""
+        samples that follow its own: held-out sample k is given sample k + 1's (the "wrong
+        condition" of the evaluation), across batch boundaries, so it is another sample even
+        at batch size 1 (`ShardData.heldout` follows the same rule)."""
+        seed = self.cfg.data.seed + HELD_OUT_SEED_OFFSET
         for i in range(n_batches):
-            yield self._batch(i, held_out=True), self._batch(i, held_out=True, shift=1).encoder_pixels
+            own = self._indices(i)
+            yield (make_batch(self.cfg, self.encoder_size, own, seed),
+                   make_batch(self.cfg, self.encoder_size, [k + 1 for k in own], seed).encoder_pixels)
 
     def describe(self) -> str:
         return f"in-memory shapes-world {'clips' if self.cfg.model.video else 'images'} (data.paths is empty)"
@@ -470,7 +471,8 @@ def stack_pairs(pairs: list[PixelPair]) -> DecoderBatch:
 
 HELDOUT_DECODE_BATCH = 32
 """Held-out samples decoded at a time: every rank reads the whole held-out global batch (to find
-the same first usable samples at any world size) but keeps only its slice and the neighbours."""
+the same first usable samples at any world size) but keeps only its slice and the samples after
+them."""
 
 
 class ShardData:
@@ -516,24 +518,29 @@ class ShardData:
         """The held-out global batches are the first n_batches x data.batch_size usable samples
         of data.heldout_paths, in file order: the same at every evaluation and for any number
         of ranks. Each rank decodes them all and yields its slice and, like `InMemoryData`,
-        the encoder pixels of the slice rolled by one. Skips go to their own counts."""
+        the encoder pixels of the samples after its own (sample k gets sample k + 1's; one
+        more usable sample is read for the last). Skips go to their own counts."""
         size = self.cfg.data.batch_size
+        needed = n_batches * size + 1
         chunk = min(size, HELDOUT_DECODE_BATCH)  # decoded pixels of a 1024 px image: ~15 MB
         records = iter_records(self.cfg.data.heldout_paths, self._decoder(chunk, SkipStats()),
                                batch_size=chunk, log=self.log)
-        wanted = set(self.positions) | {(p - 1) % size for p in self.positions}
+        mine = set(self.positions)
+        kept: dict[int, PixelPair] = {}  # by index in the held-out sequence
+        read = 0
         for i in range(n_batches):
-            kept, seen = {}, 0
-            for j, record in enumerate(itertools.islice(records, size)):
-                seen = j + 1
-                if j in wanted:  # this rank's slice and each sample's predecessor, nothing else
-                    kept[j] = record
-            if seen < size:
-                raise ValueError(f"data.heldout_paths = {self.cfg.data.heldout_paths!r} gives "
-                                 f"{i * size + seen} usable samples; train.eval_batches x "
-                                 f"data.batch_size = {n_batches * size} are needed")
-            yield (stack_pairs([kept[p] for p in self.positions]),
-                   torch.stack([kept[(p - 1) % size].encoder_pixels for p in self.positions]))
+            first = i * size
+            for record in itertools.islice(records, first + size + 1 - read):  # through sample first + size
+                if read % size in mine or (read >= 1 and (read - 1) % size in mine):  # ours, or one after ours
+                    kept[read] = record
+                read += 1
+            if read < first + size + 1:
+                raise ValueError(f"data.heldout_paths = {self.cfg.data.heldout_paths!r} gives {read} usable "
+                                 f"samples; train.eval_batches x data.batch_size + 1 = {needed} are needed "
+                                 f"(the last one lends its embeddings to the one before it)")
+            yield (stack_pairs([kept[first + p] for p in self.positions]),
+                   torch.stack([kept[first + p + 1].encoder_pixels for p in self.positions]))
+            kept = {k: record for k, record in kept.items() if k >= first + size}  # the next batches' only
 
     def describe(self) -> str:
         """One line: what is read and how (for the start of a run)."""
