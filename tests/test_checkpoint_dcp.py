@@ -187,12 +187,58 @@ def test_checkpointed_emu2_model_loads_into_a_plain_one(tmp_path):
     assert all(torch.equal(want[k], v) for k, v in plain.state_dict().items())
 
 
+class Counts:
+    def __init__(self, n: int):
+        self.n = n
+
+    def state_dict(self) -> dict:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = state["n"]
+
+
+def test_the_data_position_follows_the_data_parallel_rank(tmp_path, caplog):
+    """The data position is saved per data-parallel rank: it loads into the same degree (the
+    layout may differ), it is left alone with a warning for another degree (samples would
+    repeat or be skipped), and a checkpoint saved per rank (older ones) still loads. `extra`
+    entries come back, or are named in the warning when the checkpoint lacks them."""
+    model, opt, sched, data = make_run(0)
+    for _ in range(2):
+        train_step(model, opt, sched, data)
+    Checkpointer(tmp_path / "a", model, opt, dataloader=data, data_rank=(0, 1),
+                 extra={"counts": Counts(5)}).save(2)
+    model2, opt2, _, data2 = make_run(1)
+    counts = Counts(0)
+    assert Checkpointer(tmp_path / "a", model2, opt2, dataloader=data2, data_rank=(0, 1),
+                        extra={"counts": counts}).load() == 2
+    assert data2.state_dict()["position"] == 2 and counts.n == 5
+    # another data-parallel degree: the model comes back, the data position does not
+    model3, opt3, _, data3 = make_run(2)
+    with caplog.at_level(logging.WARNING, logger="emu2_engine.checkpoint.dcp"):
+        assert Checkpointer(tmp_path / "a", model3, opt3, dataloader=data3, data_rank=(1, 2)).load() == 2
+    assert data3.position == 0 and all(torch.equal(a, b) for a, b in zip(model.parameters(), model3.parameters()))
+    assert "not restored: the data position (this rank reads dp1of2, the checkpoint holds dp0of1" in caplog.text
+    # saved per rank, loaded per data-parallel rank; an extra entry the checkpoint lacks
+    Checkpointer(tmp_path / "b", model, opt, dataloader=data).save(2)
+    model4, opt4, _, data4 = make_run(3)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="emu2_engine.checkpoint.dcp"):
+        assert Checkpointer(tmp_path / "b", model4, opt4, dataloader=data4, data_rank=(0, 1),
+                            extra={"counts": Counts(0)}).load() == 2
+    assert data4.position == 2 and "not restored: 'counts' (not in the checkpoint)" in caplog.text
+
+
 def test_bad_arguments(tmp_path):
     model = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="keep must be >= 1"):
         Checkpointer(tmp_path, model, keep=0)
     with pytest.raises(ValueError, match="dataloader must have state_dict"):
         Checkpointer(tmp_path, model, dataloader=object())
+    with pytest.raises(ValueError, match=r"data_rank must be \(dp_rank, dp\)"):
+        Checkpointer(tmp_path, model, data_rank=(2, 2))
+    with pytest.raises(ValueError, match=r"extra state names \['rng'\]"):
+        Checkpointer(tmp_path, model, extra={"rng": Counts(0)})
     with pytest.raises(ValueError, match="step must be >= 0"):
         step_folder(tmp_path, -1)
 
@@ -312,7 +358,7 @@ def test_fsdp2_sharded_save_and_load_on_two_gloo_ranks(tmp_path, caplog):
     opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
     with caplog.at_level(logging.WARNING, logger="emu2_engine.checkpoint.dcp"):
         assert Checkpointer(directory, plain, opt).load() == 4
-    assert "saved by 2 ranks and is loaded by 1" in caplog.text
+    assert "not restored: the RNG states (saved by 2 ranks, loaded by 1)" in caplog.text
     for name, value in plain.state_dict().items():
         assert torch.equal(value, result["full"][name]), name
     assert all(opt.state[p]["exp_avg"].shape == p.shape for p in plain.parameters())

@@ -101,6 +101,26 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):
     assert err[-1].startswith("pretrain: 2 steps in a row (up to step 2) had a non-finite loss or gradient norm")
 
 
+def test_nonfinite_counts_survive_a_resume(tmp_path):
+    """Steps 2-4 non-finite with train.max_nonfinite = 3: the run stops at step 4, also when it
+    was interrupted after step 3 and resumed (the counts are in the checkpoint; a restart under
+    torchrun --max-restarts would otherwise count from 0 and never stop)."""
+    def trainer(run):
+        t = Trainer(tiny_config(tmp_path / run, "--train.steps=5", "--train.max_nonfinite=3",
+                                "--checkpoint.interval=0"))
+        real = t.forward_backward
+        t.forward_backward = lambda b, tl=None: real(b, tl) * (float("nan") if t.step_count in (1, 2, 3) else 1.0)
+        return t
+
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row \(up to step 4\)"):
+        trainer("whole").train(progress=False)
+    trainer("split").train(progress=False, stop_at=3)
+    resumed = trainer("split")
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row \(up to step 4\)"):
+        resumed.train(progress=False)
+    assert resumed.nonfinite_total == 3
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_0_then_resume_continues(tmp_path):
     """SIGTERM to `python -m emu2_engine.pretrain` mid-run: the step under way finishes, its
     checkpoint is written, the exit status is 0 with a message; a new trainer resumes from it
@@ -181,7 +201,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_a_second_launch_fi
     assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     with warnings.catch_warnings():  # DCP warns when loading without a process group
         warnings.simplefilter("ignore")
-        state = {"dataloader": {"rank0": b"", "rank1": b""}, "train": {"step": -1}}
+        state = {"dataloader": {"dp0of2": b"", "dp1of2": b""}, "train": {"step": -1}}
         dcp.load(state, checkpoint_id=str(folder), no_dist=True)
     assert state["train"]["step"] == step
     cfg = JobConfig.load(None, args)
@@ -189,7 +209,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_a_second_launch_fi
         loader = build_loader(cfg.data, Emu2Tokenizer(), cfg.model.build_config(), rank=rank, world_size=2)
         for _ in range(step):
             next(loader)
-        assert pickle.loads(state["dataloader"][f"rank{rank}"]) == loader.state_dict(), rank
+        assert pickle.loads(state["dataloader"][f"dp{rank}of2"]) == loader.state_dict(), rank
 
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=300)
     assert second.returncode == 0, second.stderr[-4000:]

@@ -9,10 +9,12 @@ A checkpoint is one folder per step, ``<dir>/step-000123``, holding DCP's files 
   parameter groups' settings are keyed by parameter name, not by position (pipeline ranks
   hold different groups);
 - ``scheduler``: any object with ``state_dict``/``load_state_dict`` (an LR scheduler);
-- ``dataloader``: one entry per rank (each rank reads its own part of the data);
+- ``dataloader``: one entry per data-parallel rank (``dp0of2``: the ranks of one tensor- or
+  pipeline-parallel group read the same batches), or per rank without a `data_rank`;
 - ``rng``: one entry per rank: Python's, NumPy's and torch's CPU generator, and every CUDA
   device's when CUDA is initialised;
-- ``train``: the step and the world size that saved it.
+- ``train``: the step and the world size that saved it;
+- any `extra` entries (the trainer's count of non-finite steps).
 
 Writes are atomic: every rank writes into ``step-000123.tmp``; once DCP has written the index
 (its last collective has returned on every rank) and a barrier has passed, rank 0 renames the
@@ -31,10 +33,12 @@ background thread writes it (over a separate gloo group, so it never interleaves
 training's collectives); the next `save` (or `wait`) waits for it first, and rank 0 renames
 the folder as soon as its write completes.
 
-Resume is exact when the world size is unchanged: the next steps see the same parameters,
-optimiser moments, learning rate, batches and random numbers as an uninterrupted run. A
-checkpoint loaded by a different world size restores the model, optimiser, scheduler and step
-(DCP reshards them) but keeps the current RNG and data-loader states, with a warning.
+Resume is exact when the layout is unchanged: the next steps see the same parameters,
+optimiser moments, learning rate, batches and random numbers as an uninterrupted run. Another
+layout restores the model, optimiser, scheduler and step (DCP reshards them); the data
+position too when the data-parallel degree is the same (each rank then reads on from where
+its data-parallel rank stopped), and the RNG states when the world size is the same. What is
+not restored is named in a warning.
 """
 
 from __future__ import annotations
@@ -221,14 +225,18 @@ class _PerRank(Stateful):
     rank. Each entry is one pickled blob: DCP loads into a template of the same structure,
     and a data loader's state may change shape from step to step."""
 
-    def __init__(self, get, put):
-        self.get, self.put = get, put
+    def __init__(self, get, put, key: str | None = None):
+        self.get, self.put, self.key = get, put, key
+
+    def name(self) -> str:
+        """This rank's entry: `key`, or ``rank<r>``."""
+        return self.key or f"rank{_rank()}"
 
     def state_dict(self) -> dict[str, bytes]:
-        return {f"rank{_rank()}": pickle.dumps(self.get())}
+        return {self.name(): pickle.dumps(self.get())}
 
     def load_state_dict(self, state: dict[str, bytes]) -> None:
-        self.put(pickle.loads(state[f"rank{_rank()}"]))
+        self.put(pickle.loads(state[self.name()]))
 
 
 class Checkpointer:
@@ -240,10 +248,17 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, model: nn.Module,
                  optimizer: torch.optim.Optimizer | None = None, scheduler: HasState | None = None,
-                 dataloader: HasState | None = None, keep: int = 3, async_save: bool = False):
+                 dataloader: HasState | None = None, keep: int = 3, async_save: bool = False,
+                 data_rank: tuple[int, int] | None = None, extra: dict[str, HasState] | None = None):
         if keep < 1:
             raise ValueError(f"keep must be >= 1 (the newest checkpoint is always kept), got {keep}")
-        for name, obj in (("scheduler", scheduler), ("dataloader", dataloader)):
+        if data_rank is not None and not 0 <= data_rank[0] < data_rank[1]:
+            raise ValueError(f"data_rank must be (dp_rank, dp) with 0 <= dp_rank < dp, got {data_rank}")
+        extra = dict(extra or {})
+        taken = {"app", "train", "rng", "scheduler", "dataloader"} & set(extra)
+        if taken:
+            raise ValueError(f"extra state names {sorted(taken)} are the checkpoint's own entries")
+        for name, obj in (("scheduler", scheduler), ("dataloader", dataloader), *extra.items()):
             if obj is not None and not (callable(getattr(obj, "state_dict", None))
                                         and callable(getattr(obj, "load_state_dict", None))):
                 raise ValueError(f"{name} must have state_dict() and load_state_dict(), "
@@ -251,6 +266,11 @@ class Checkpointer:
         self.directory = Path(directory)
         self.model, self.optimizer = model, optimizer
         self.scheduler, self.dataloader = scheduler, dataloader
+        # The data position is per data-parallel rank (the ranks of one tensor- or pipeline-
+        # parallel group read the same batches), so a checkpoint restores it into any layout
+        # with the same data-parallel degree.
+        self._data_key = None if data_rank is None else f"dp{data_rank[0]}of{data_rank[1]}"
+        self.extra = extra
         self.keep, self.async_save = keep, async_save
         self._pending: tuple[Future, Path] | None = None
         self._published = threading.Event()  # rank 0: the pending save is renamed (or failed)
@@ -267,7 +287,9 @@ class Checkpointer:
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler
         if self.dataloader is not None:
-            state["dataloader"] = _PerRank(self.dataloader.state_dict, self.dataloader.load_state_dict)
+            state["dataloader"] = _PerRank(self.dataloader.state_dict, self.dataloader.load_state_dict,
+                                           key=self._data_key)
+        state.update(self.extra)
         return state
 
     # -- saving ---------------------------------------------------------------------------
@@ -364,19 +386,44 @@ class Checkpointer:
             raise CheckpointError(f"{path} is not a complete checkpoint (no {_INDEX}: missing, or "
                                   f"its save did not finish)")
         saved = self._saved_world_size(path)
+        keys = self._saved_keys(path)
         state = self._state(step=-1)
-        if saved != _world():
-            log.warning("checkpoint %s was saved by %d ranks and is loaded by %d: the model, optimiser, "
-                        "scheduler and step are restored, the RNG and data-loader states are not "
-                        "(the run continues, but not bit for bit)", path, saved, _world())
+        not_restored = []
+        if saved != _world() or f"rng.{state['rng'].name()}" not in keys:
             state.pop("rng")
-            state.pop("dataloader", None)
+            not_restored.append(f"the RNG states (saved by {saved} ranks, loaded by {_world()})")
+        data = state.get("dataloader")
+        if data is not None and f"dataloader.{data.name()}" not in keys:
+            if data.key is not None and saved == _world() and f"dataloader.rank{_rank()}" in keys:
+                data.key = None  # saved per rank (before the positions were per data-parallel rank)
+            else:
+                state.pop("dataloader")
+                saved_data = sorted(k.split(".", 1)[1] for k in keys if k.startswith("dataloader."))
+                not_restored.append(f"the data position (this rank reads {data.name()}, the checkpoint "
+                                    f"holds {', '.join(saved_data) or 'none'}: another data-parallel "
+                                    f"degree, so samples may repeat or be skipped)")
+        for name in self.extra:
+            if not any(k.startswith(f"{name}.") for k in keys):
+                state.pop(name)
+                not_restored.append(f"{name!r} (not in the checkpoint)")
+        if not_restored:
+            log.warning("checkpoint %s: the model, optimiser, scheduler and step are restored; not "
+                        "restored: %s. The run continues, but not bit for bit as the saved one would.",
+                        path, "; ".join(not_restored))
         try:
             with _single_process_ok():
                 dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         except (Exception, dcp.CheckpointException) as err:  # the latter is a BaseException
             raise CheckpointError(f"cannot load checkpoint {path} into this model: {_reason(err)}") from err
         return int(state["train"]["step"])
+
+    @staticmethod
+    def _saved_keys(path: Path) -> set[str]:
+        """The flattened names of the entries the checkpoint holds (``dataloader.dp0of2``)."""
+        try:
+            return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        except Exception as err:  # noqa: BLE001 - any unreadable index is the same problem
+            raise CheckpointError(f"cannot read checkpoint {path}'s index: {_reason(err)}") from err
 
     @staticmethod
     def _saved_world_size(path: Path) -> int:

@@ -25,6 +25,7 @@ import os
 import signal
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -74,6 +75,24 @@ class NonFiniteError(RuntimeError):
         return cls(f"{in_a_row} steps in a row (up to step {step}) had a non-finite {what} (last: "
                    f"loss {loss}, grad norm {grad_norm}); their updates were skipped. Stopping: "
                    f"lower optim.lr, check the data, or resume from the last checkpoint")
+
+
+class NonFiniteCounts:
+    """A trainer's counts of skipped non-finite steps, as a checkpoint entry: a resumed run (a
+    restart under ``torchrun --max-restarts`` too) goes on counting, so `train.max_nonfinite`
+    steps in a row still stop it. Holds the trainer weakly (the trainer holds its checkpointer,
+    which holds this)."""
+
+    def __init__(self, trainer):
+        self._trainer = weakref.ref(trainer)
+
+    def state_dict(self) -> dict[str, int]:
+        t = self._trainer()
+        return {"in_a_row": t.nonfinite_in_a_row, "total": t.nonfinite_total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        t = self._trainer()
+        t.nonfinite_in_a_row, t.nonfinite_total = int(state["in_a_row"]), int(state["total"])
 
 
 def copy_stream(device: torch.device) -> torch.cuda.Stream:
@@ -352,7 +371,8 @@ class Trainer:
         self.checkpointer = Checkpointer(
             cfg.checkpoint.dir or self.run_dir / "checkpoints", self.model, self.optimizer,
             scheduler=self.scheduler, dataloader=self.loader, keep=cfg.checkpoint.keep,
-            async_save=cfg.checkpoint.async_save)
+            async_save=cfg.checkpoint.async_save, data_rank=(dp_rank, dp),
+            extra={"nonfinite": NonFiniteCounts(self)})
         self._stop_signal: str | None = None
 
     # -- one step ---------------------------------------------------------------------------
