@@ -118,6 +118,50 @@ def test_guidance_needs_an_explicit_negative(parts, calls):
     assert calls == [2, 2]
 
 
+def test_video_negative_broadcasts_over_frames_and_batch(parts):
+    """decode_video takes the trainer's (N, D) null embedding and zero_image_embedding's (1, N, D)
+    with Fc > 1 conditioning images: the same clips as the negative written out per clip and
+    image; a shape that fits neither is refused with the shape the caller passed."""
+    unet, vae = parts
+    video = inflate_unet(unet).eval()
+    emb = torch.randn(2, 3, CFG.cond_tokens, CFG.cross_attention_dim)  # 3 conditioning images per clip
+    null = torch.randn(CFG.cond_tokens, CFG.cross_attention_dim)
+    kwargs = dict(unet=video, vae=vae, frames=2, steps=2, height=16, width=16, seed=4)
+    want = decode_video(emb, negative=null.expand(2, 3, -1, -1), **kwargs)
+    per_image = torch.randn(3, CFG.cond_tokens, CFG.cross_attention_dim)
+    for negative in (null, null[None], null[None, None]):
+        got = decode_video(emb, negative=negative, **kwargs)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), tuple(negative.shape)
+    got = decode_video(emb, negative=per_image, **kwargs)  # one negative per conditioning image
+    assert all(np.array_equal(a, b) for a, b in
+               zip(got, decode_video(emb, negative=per_image.expand(2, -1, -1, -1), **kwargs)))
+    with pytest.raises(ValueError, match=r"negative embeddings must be \(16, 64\), \(1 or 3, 16, 64\) or "
+                                         r"\(1 or 2, 1 or 3, 16, 64\) .*\(2, 3, 16, 64\); got shape \(2, 16, 64\)"):
+        decode_video(emb, negative=null.expand(2, -1, -1), **kwargs)
+    with pytest.raises(ValueError, match=r"must be \(16, 64\) or \(1 or 2, 16, 64\) .*; got shape \(16, 65\)"):
+        decode_images(emb[:, 0], unet=unet, vae=vae, steps=2, height=16, width=16, negative=torch.zeros(16, 65))
+
+
+def test_zero_image_embedding_runs_where_the_encoder_is():
+    """No device given: the all-zero image is made on the encoder's device, in its dtype (here
+    the meta device, standing in for a GPU, and float64); an explicit device still works."""
+    seen = []
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, device, dtype):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones((), device=device, dtype=dtype))
+
+        def forward(self, pixels):
+            seen.append((pixels.device, pixels.dtype))
+            return (pixels * self.scale).mean(dim=(2, 3))[:, None]
+
+    zero_image_embedding(Encoder("meta", torch.float64), 8)
+    zero_image_embedding(Encoder("cpu", torch.float64), 8, device="cpu")
+    assert seen == [(torch.device("meta"), torch.float64), (torch.device("cpu"), torch.float64)]
+    assert zero_image_embedding(lambda x: x.sum(), 4) == 0  # any callable: made on the CPU
+
+
 def test_zero_image_embedding():
     from emu2_engine.models.config import PRESETS
     from emu2_engine.train.decoder import FrozenEncoder
@@ -152,7 +196,7 @@ def test_bad_arguments(parts):
         decode_images(emb, unet=unet, vae=vae, steps=0, height=32, width=32)
     with pytest.raises(ValueError, match="guidance must be >= 1"):
         decode_images(emb, unet=unet, vae=vae, steps=2, guidance=0.5, height=32, width=32)
-    with pytest.raises(ValueError, match="negative embeddings must have shape"):
+    with pytest.raises(ValueError, match=r"negative embeddings must be .*; got shape \(3, 16, 64\)"):
         decode_images(emb, unet=unet, vae=vae, steps=2, height=32, width=32, negative=torch.zeros(3, 16, 64))
     video = inflate_unet(unet)
     with pytest.raises(ValueError, match="use decode_video"):

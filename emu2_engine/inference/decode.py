@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from PIL import Image
 
 from emu2_engine.models.unet import UNet
@@ -52,10 +53,18 @@ def euler_scheduler(schedule: dict | None = None):
 
 @torch.no_grad()
 def zero_image_embedding(encode: Callable[[torch.Tensor], torch.Tensor], image_size: int,
-                         device: torch.device | str = "cpu") -> torch.Tensor:
+                         device: torch.device | str | None = None) -> torch.Tensor:
     """The negative condition for autoencoding: the encoder's embeddings (1, N, D) of an
-    all-zero input image (zero after CLIP normalisation, the dataset's mean colour)."""
-    return encode(torch.zeros(1, 3, image_size, image_size, device=device))
+    all-zero input image (zero after CLIP normalisation, the dataset's mean colour).
+
+    The image is made where the encoder runs: on `device`, or with none given, on the device
+    of an `nn.Module` encoder's parameters (the CPU for any other callable), and in the
+    parameters' floating dtype (float32 otherwise)."""
+    param = next(encode.parameters(), None) if isinstance(encode, nn.Module) else None
+    dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
+    if device is None:
+        device = param.device if param is not None else "cpu"
+    return encode(torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype))
 
 
 def load_trained_decoder(path: str | Path, unet: UNet) -> torch.Tensor | None:
@@ -126,18 +135,23 @@ def _check_negative(guidance: float, negative: torch.Tensor | str | None) -> Non
 
 
 def _negative_like(cond: torch.Tensor, negative: torch.Tensor | str) -> torch.Tensor:
-    """`negative` broadcast to cond's shape (it may lack the batch dim or have batch 1);
-    "zeros" gives all-zero embeddings."""
+    """`negative` broadcast to cond's shape, (B, N, D) for images, (B, Fc, N, D) for clips:
+    (N, D) exactly, with any of the leading dims, each 1 or cond's. So the trainer's (N, D)
+    null embedding and zero_image_embedding's (1, N, D) serve every sample and every
+    conditioning image of a clip. "zeros" gives all-zero embeddings."""
     if isinstance(negative, str):
         return torch.zeros_like(cond)
+    lead, tokens = cond.shape[:-2], tuple(cond.shape[-2:])
+    given = tuple(negative.shape)
+    fits = (2 <= len(given) <= cond.dim() and given[-2:] == tokens
+            and all(n in (1, c) for n, c in zip(reversed(given[:-2]), reversed(lead))))
+    if not fits:
+        forms = [tuple(f"1 or {c}" for c in lead[len(lead) - k:]) + tokens for k in range(len(lead) + 1)]
+        spelled = [f"({', '.join(map(str, form))})" for form in forms]
+        raise ValueError(f"negative embeddings must be {', '.join(spelled[:-1])} or {spelled[-1]} to go with "
+                         f"embeddings of shape {tuple(cond.shape)}; got shape {given}")
     negative = negative.to(device=cond.device, dtype=cond.dtype)
-    if negative.dim() == cond.dim() - 1:
-        negative = negative.unsqueeze(0)
-    if negative.dim() != cond.dim() or negative.shape[0] not in (1, cond.shape[0]) \
-            or negative.shape[1:] != cond.shape[1:]:
-        raise ValueError(f"negative embeddings must have shape {tuple(cond.shape[1:])} (optionally with "
-                         f"a batch of 1 or {cond.shape[0]}), got {tuple(negative.shape)}")
-    return negative.expand_as(cond)
+    return negative.reshape((1,) * (cond.dim() - len(given)) + given).expand_as(cond)
 
 
 def _check_guidance(steps: int, guidance: float) -> None:
@@ -238,7 +252,9 @@ def decode_video(embeddings: torch.Tensor, *, unet: VideoUNet, vae, frames: int 
                  schedule: dict | None = None) -> list[np.ndarray]:
     """Visual embeddings of Fc images per clip (B, Fc, N, D) -> B uint8 arrays (frames, H, W, 3).
 
-    `negative`: (Fc, N, D) or (1 or B, Fc, N, D), or "zeros"; required unless guidance is 1.
+    `negative`: (N, D) (the trainer's null embedding), (1 or Fc, N, D) (zero_image_embedding's
+    (1, N, D), or one per conditioning image) or (1 or B, 1 or Fc, N, D), broadcast over the
+    clips and their conditioning images; or "zeros". Required unless guidance is 1.
     Frames go through the VAE's decoder one clip at a time.
     """
     if not isinstance(unet, VideoUNet):
