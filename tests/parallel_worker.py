@@ -147,6 +147,10 @@ def parallel_run(name: str, batches) -> dict:
         opt.step()
         opt.zero_grad()
     seconds = time.perf_counter() - start
+    sharded_grads = None
+    if dims.fsdp_mesh is not None and pm.schedule is None:
+        sharded_grads = _grads_sharded_between_micro_batches(pm, batches[:2])
+        opt.zero_grad()
     params = {}
     for stage in pm.stages:
         for pname, p in stage.named_parameters():
@@ -155,7 +159,37 @@ def parallel_run(name: str, batches) -> dict:
     layout = {_plain_name(n): (str(p.placements), tuple(p.to_local().shape))
               for stage in pm.stages for n, p in stage.named_parameters() if isinstance(p, DTensor)}
     return {"losses": torch.stack(losses), "norms": torch.stack(norms), "params": params,
-            "seconds": seconds, "layout": layout}
+            "seconds": seconds, "layout": layout, "sharded_grads": sharded_grads}
+
+
+def _grads_sharded_between_micro_batches(pm, batches) -> bool:
+    """Under FSDP: after the first of two micro-batches, has FSDP reduce-scattered every
+    gradient, so that no parameter's whole (unsharded) gradient is held until the next
+    micro-batch? Skipping the gradient sync keeps them all (FSDP's `unsharded_accumulated_grad`);
+    HSDP without its all-reduce keeps only the reduce-scattered shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from emu2_engine.parallel.pipeline import stage_inputs
+
+    seen = {}
+
+    def inputs():
+        yield stage_inputs(batches[0], host_indices=True)
+        groups = [m._get_fsdp_state()._fsdp_param_group for stage in pm.stages for m in stage.modules()
+                  if isinstance(m, FSDPModule)]
+        params = [fp for group in groups if group is not None for fp in group.fsdp_params]
+        seen["sharded"] = bool(params) and not any(_unsharded_grad(fp) for fp in params)
+        yield stage_inputs(batches[1], host_indices=True)
+
+    pm._accumulate(inputs(), 2)
+    return seen["sharded"]
+
+
+def _unsharded_grad(fsdp_param) -> bool:
+    """Does FSDP hold this parameter's whole gradient (accumulating without a sync: in the
+    unsharded parameter's ``.grad``, or in a buffer of the reduce dtype)?"""
+    unsharded = getattr(fsdp_param, "_unsharded_param", None)
+    return fsdp_param.unsharded_accumulated_grad is not None or (unsharded is not None and unsharded.grad is not None)
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -> None:

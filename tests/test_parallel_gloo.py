@@ -108,6 +108,10 @@ def test_fsdp_shards_every_parameter(request):
         "(_StridedShard(dim=0, sf=2), Shard(dim=0))", (16, 128))
     hsdp = _layout(request, "hsdp2x2-ac-selective")
     assert hsdp["lm_head.weight"] == ("(Replicate(), Shard(dim=0))", (392, 128))
+    # between micro-batches every rank holds only its shard of each gradient (FSDP
+    # reduce-scatters every micro-batch; HSDP all-reduces the shards after the last)
+    for name in ("fsdp2", "tp2-fsdp2", "hsdp2x2-ac-selective"):
+        assert [r["sharded_grads"] for r in _result(request, name)["ranks"]] == [True] * worker.LAYOUTS[name][0]
 
 
 def test_pipeline_stages_split_the_model(request):

@@ -151,11 +151,16 @@ class ParallelModel:
     def _accumulate(self, inputs, n: int) -> torch.Tensor:
         """Forward and backward of the `n` micro-batch inputs one after the other."""
         stage = self.stages[0]
-        sharded = self.dims.fsdp_mesh is not None
+        # FSDP reduce-scatters each micro-batch's gradients, so a rank only ever holds its
+        # shard of them (skipping the sync would keep every parameter's unsharded fp32 gradient
+        # between micro-batches: for emu2-37b at tp = 4, 34 GiB more per GPU than the plan
+        # counts). Under HSDP the shards are all-reduced across the replicas once, after the
+        # last micro-batch.
+        replicated = self.dims.fsdp_mesh is not None and self.dims.fsdp_mesh.ndim == 2
         total = None
         for i, mb in enumerate(inputs):
-            if sharded:  # reduce gradients once, after the last micro-batch
-                stage.set_requires_gradient_sync(i == n - 1)
+            if replicated:
+                stage.set_requires_all_reduce(i == n - 1)
             losses = stage(**mb)
             (losses[0] / n).backward()
             total = losses.detach().float() if total is None else total + losses.detach().float()
