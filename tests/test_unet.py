@@ -203,6 +203,16 @@ def test_load_unet_weights_from_an_emu2_gen_file(tmp_path, debug_unet):
         load_unet_weights(UNet(DEBUG), str(tmp_path / "broken.safetensors"))
 
 
+def test_load_unet_weights_points_training_checkpoints_elsewhere(tmp_path):
+    """A DCP folder (the decoder trainer's step-NNNNNN, found by DCP's index) is not a weights
+    file: the error names the function that loads it."""
+    step = tmp_path / "step-000003"
+    step.mkdir()
+    (step / ".metadata").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"is a training checkpoint .*load_trained_decoder\(path, unet\)"):
+        load_unet_weights(UNet(DEBUG), str(step))
+
+
 def test_base_weights_load_all_but_the_condition_projections(tmp_path):
     """A base UNet of the same shape conditioned on 48-wide embeddings (as SDXL-base's 2048-wide
     text against Emu2's 1792), from a file or a diffusers folder: every tensor loads except the

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -510,9 +511,14 @@ def load_unet_weights(model: UNet, source: str) -> None:
     """Load a checkpoint file or sharded directory (safetensors or torch) into `model`: the
     released Emu2-Gen weights (their ``unet.*`` keys; the encoder, VAE and safety checker are
     skipped) or a diffusers UNet's own weights (no prefix). Validated whole before anything is
-    copied (`checkpoint.released.load_weights`)."""
+    copied (`checkpoint.released.load_weights`). A training checkpoint of the decoder trainer
+    (a DCP folder) is refused with a pointer to `inference.decode.load_trained_decoder`."""
     from emu2_engine.checkpoint.released import load_weights
 
+    if (Path(source) / ".metadata").is_file():  # DCP's index: the trainer's step-NNNNNN folder
+        raise ValueError(f"{source} is a training checkpoint (torch.distributed.checkpoint, as "
+                         f"train_decoder writes them), not a weights file: load it with "
+                         f"emu2_engine.inference.decode.load_trained_decoder(path, unet)")
     load_weights(model, source, rename=_unet_name)
 
 
