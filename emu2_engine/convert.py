@@ -2,6 +2,10 @@
 
     python -m emu2_engine.convert --preset emu2-37b --from /ckpt/Emu2 --to emu2-37b.pt
     python -m emu2_engine.convert --preset emu2-37b --export --from emu2-37b.pt --to /out/Emu2
+    python -m emu2_engine.convert --preset emu2-37b --from /ckpt/Emu2 --to /ckpt/emu2-37b-dcp
+
+The last writes a checkpoint folder (DCP) that a run starts from with `checkpoint.init_from`
+in any parallel layout.
 
 An engine checkpoint is, for now, the engine's state dict: `torch.save`d in a .pt/.pth file,
 or a .safetensors file. Both directions go through an `Emu2Model` of the preset, so every key
@@ -26,6 +30,7 @@ from emu2_engine.checkpoint.released import (
     load_weights,
     write_safetensors,
 )
+from emu2_engine.checkpoint.dcp import save_model_weights
 from emu2_engine.models import PRESETS, Emu2Config, Emu2Model
 from emu2_engine.models.llama import RotaryEmbedding
 
@@ -77,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with a sharded checkpoint and its index json; Emu2, Emu2-Chat, Emu2-Gen, "
                         "Hugging Face layouts); --export: an engine checkpoint (.pt/.pth/.safetensors)")
     p.add_argument("--to", dest="dst", required=True, type=Path,
-                   help="import: the engine checkpoint to write (.pt/.pth or .safetensors); "
+                   help="import: the engine checkpoint to write (.pt/.pth or .safetensors), or a "
+                        "new folder name without a suffix for a checkpoint folder (DCP) that a "
+                        "run's checkpoint.init_from loads in any parallel layout; "
                         "--export: a .safetensors file, or a directory for a sharded checkpoint "
                         "with model.safetensors.index.json")
     p.add_argument("--export", action="store_true",
@@ -97,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.shard_size is not None and not args.export:
         parser.error("--shard-size applies to --export only")
     engine_path = args.src if args.export else args.dst
-    if engine_path.suffix not in ENGINE_SUFFIXES:
-        parser.error(f"engine checkpoint {engine_path} must end in one of {', '.join(ENGINE_SUFFIXES)}")
+    to_folder = not args.export and args.dst.suffix == ""
+    if not to_folder and engine_path.suffix not in ENGINE_SUFFIXES:
+        parser.error(f"engine checkpoint {engine_path} must end in one of {', '.join(ENGINE_SUFFIXES)}"
+                     + ("" if args.export else " (or be a folder name without a suffix)"))
     if args.export and args.dst.suffix == ".safetensors" and args.shard_size is not None:
         parser.error("--shard-size needs a directory for --to, not a .safetensors file")
 
@@ -109,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             export_released_weights(model, args.dst, args.shard_size)
         else:
             report = load_released_weights(model, args.src)
-            save_engine_checkpoint(model, args.dst)
+            if to_folder:
+                save_model_weights(model, args.dst)
+            else:
+                save_engine_checkpoint(model, args.dst)
             if report.ignored_keys:
                 print(f"ignored {len(report.ignored_keys)} keys (rotary buffers, Emu2-Gen decoder, ...)")
     except (FileNotFoundError, FileExistsError, ValueError) as e:

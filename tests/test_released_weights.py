@@ -340,6 +340,23 @@ def test_convert_cli_both_directions(tmp_path, source, capsys):
     assert torch.equal(half.lm_head.weight, source.lm_head.weight.to(torch.bfloat16))
 
 
+def test_convert_to_a_checkpoint_folder_that_a_run_starts_from(tmp_path, source):
+    """Import into a folder name without a suffix: a checkpoint folder (DCP) holding the model
+    alone, which `load_model_weights` (and so checkpoint.init_from) reads; an existing folder
+    is refused, and no temporary folder is left."""
+    from emu2_engine.checkpoint.dcp import load_model_weights
+
+    export_released_weights(source, tmp_path / "released")
+    assert convert.main(["--preset", "debug", "--from", str(tmp_path / "released"),
+                         "--to", str(tmp_path / "folder")]) == 0
+    model = _random_model(6)
+    assert load_model_weights(tmp_path / "folder", model) == 0
+    _assert_state_equal(model.state_dict(), source.state_dict())
+    assert convert.main(["--preset", "debug", "--from", str(tmp_path / "released"),
+                         "--to", str(tmp_path / "folder")]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "released"]
+
+
 def test_convert_cli_errors(tmp_path, capsys):
     assert convert.main(["--preset", "debug", "--from", str(tmp_path / "nope"),
                          "--to", str(tmp_path / "e.pt")]) == 1
@@ -351,7 +368,7 @@ def test_convert_cli_errors(tmp_path, capsys):
     assert not (tmp_path / "e.pt").exists()
     with pytest.raises(SystemExit):
         convert.main(["--preset", "debug", "--from", "a", "--to", "engine.ckpt"])
-    assert "must end in one of" in capsys.readouterr().err
+    assert "must end in one of .pt, .pth, .safetensors (or be a folder name" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         convert.main(["--help"])
     assert "--export" in capsys.readouterr().out

@@ -43,6 +43,15 @@ def test_tp2_matches_one_process(tmp_path):
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
     assert records[-1]["mfu"] is None and records[-1]["tokens_per_s"] > 0
     assert [s for s, _ in complete_checkpoints(tmp_path / "tp2" / "checkpoints")] == [3]
+    # a one-process run starts from the two ranks' weights (checkpoint.init_from), nothing else
+    fresh = Trainer(JobConfig.load(None, TINY + [f"--train.run_dir={tmp_path / 'fresh'}", "--checkpoint.init_from="
+                                                 f"{tmp_path / 'tp2' / 'checkpoints' / 'step-000003'}"]))
+    assert fresh.resume() is None and fresh.step_count == 0 and not fresh.optimizer.state
+    resumed = Trainer(JobConfig.load(None, TINY + [f"--train.run_dir={tmp_path / 'resumed'}", "--checkpoint.resume="
+                                                   f"{tmp_path / 'tp2' / 'checkpoints' / 'step-000003'}"]))
+    assert resumed.resume() == 3  # the whole state, through the Checkpointer: the same weights
+    for name, a in resumed.model.state_dict().items():
+        assert torch.equal(a, fresh.model.state_dict()[name]), name
 
 
 def test_pp2_interleaved_matches_one_process_resumes_exactly_and_its_checkpoint_loads_anywhere(tmp_path):

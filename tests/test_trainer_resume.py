@@ -216,3 +216,45 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_a_second_launch_fi
     assert f"resumed from step {step} " in second.stdout and "done: 20 steps" in second.stdout
     assert sorted(losses(run)) == list(range(1, 21))
     assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [step, 20]
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_a_new_run_starts_from_another_runs_weights(tmp_path, capsys):
+    """checkpoint.init_from: a new run takes the weights of an engine checkpoint folder, of
+    engine weights (a state dict file) or of released Emu2 weights, and nothing else: its step,
+    optimiser, schedule and data start fresh. Once the new run has its own checkpoint, that is
+    what it resumes from. Weights of another model load nothing and say why."""
+    from emu2_engine.checkpoint.released import WeightsError, export_released_weights
+
+    first = Trainer(tiny_config(tmp_path / "first", "--train.steps=2"))
+    first.train(progress=False)
+    folder = tmp_path / "first" / "checkpoints" / "step-000002"
+    torch.save(first.model.state_dict(), tmp_path / "engine.pt")
+    export_released_weights(first.model, tmp_path / "released")
+    for source, what in ((folder, "an engine checkpoint"), (tmp_path / "engine.pt", "engine weights"),
+                         (tmp_path / "released", "released Emu2 weights")):
+        run = tmp_path / f"from-{Path(source).name}"
+        second = Trainer(tiny_config(run, "--train.steps=3", f"--checkpoint.init_from={source}"))
+        assert not _same_weights(first.model, second.model)
+        assert second.resume() is None and second.step_count == 0
+        assert _same_weights(first.model, second.model), what
+        assert not second.optimizer.state and second.scheduler.last_epoch == 0
+        assert f"weights from {source} ({what})" in capsys.readouterr().out
+    # its own checkpoint wins over init_from once it has one
+    second.train(progress=False, stop_at=1)
+    again = Trainer(tiny_config(run, "--train.steps=3", f"--checkpoint.init_from={folder}"))
+    assert again.resume() == 1 and _same_weights(second.model, again.model)
+    # weights of another model: nothing is loaded
+    other = Trainer(tiny_config(tmp_path / "other", "--train.steps=3", "--model.llm_layers=3",
+                                f"--checkpoint.init_from={tmp_path / 'engine.pt'}"))
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(WeightsError, match=r"(?s)does not match the model; nothing was loaded.*missing: 9\s+llm.layers.2"):
+        other.resume()
+    assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())
+    deep = Trainer(tiny_config(tmp_path / "deep", "--train.steps=3", "--model.llm_layers=3",
+                               f"--checkpoint.init_from={folder}"))
+    with pytest.raises(ValueError, match=r"(?s)holds another model .* missing \(9\): llm.layers.2"):
+        deep.resume()

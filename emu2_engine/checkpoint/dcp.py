@@ -445,16 +445,20 @@ def _reason(err: BaseException) -> str:
     return (errors or lines)[-1][:500]
 
 
-def load_model_weights(path: str | Path, model: nn.Module) -> int:
+def load_model_weights(path: str | Path, model: nn.Module, strict: bool = True) -> int:
     """Load only the model entries of the complete checkpoint folder `path` (``step-000123``,
-    as `Checkpointer.save` writes it) into `model`, and return the checkpoint's step: for
-    sampling or evaluating a trained model, with no optimiser, schedule or data state and no
-    process group (a plain, unsharded `model` in one process; DCP joins the saved shards).
+    as `Checkpointer.save` or `save_model_weights` writes it) into `model`, and return the
+    checkpoint's step: for sampling or evaluating a trained model, or for starting a new run
+    from one (`checkpoint.init_from`), with no optimiser, schedule or data state.
 
-    The entries are the ``app.model.*`` keys of `_ModelAndOptimizer(model, None)`, the names
-    the Checkpointer saved. Every key and shape is compared with `model` first: a missing or
-    incomplete folder, or a checkpoint of another model (missing, unexpected or wrongly shaped
-    tensors: one CheckpointError listing them), loads nothing."""
+    `model` may be plain in one process, or sharded or one pipeline rank's stages under torch
+    distributed (call it on every rank then): DCP reshards the saved tensors into it. The
+    entries are the ``app.model.*`` keys of `_ModelAndOptimizer(model, None)`, the names the
+    Checkpointer saved. Every key and (global) shape of `model` is compared with the checkpoint
+    first; with `strict`, tensors the checkpoint holds beyond `model`'s are refused too (a
+    pipeline rank holds only its stages: pass strict=False). A missing or incomplete folder,
+    or a checkpoint of another model (one CheckpointError listing the missing, unexpected and
+    wrongly shaped tensors), loads nothing."""
     path = Path(path)
     if not (path / _INDEX).is_file():
         what = ("does not exist" if not path.exists() else
@@ -472,7 +476,7 @@ def load_model_weights(path: str | Path, model: nn.Module) -> int:
                               f"engine): {_reason(err)}") from err
     problems = {
         "missing": [f"{name} {shape}" for name, shape in want.items() if name not in saved],
-        "unexpected": [name for name in saved if name not in want],
+        "unexpected": [name for name in saved if name not in want] if strict else [],
         "wrong shape": [f"{name}: saved {saved[name]}, model {shape}" for name, shape in want.items()
                         if name in saved and saved[name] != shape]}
     if any(problems.values()):
@@ -483,7 +487,26 @@ def load_model_weights(path: str | Path, model: nn.Module) -> int:
     state = {"app": app, "train": {"step": -1, "world_size": -1}}
     try:
         with _single_process_ok():
-            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except (Exception, dcp.CheckpointException) as err:
         raise CheckpointError(f"cannot load the model of checkpoint {path}: {_reason(err)}") from err
     return int(state["train"]["step"])
+
+
+def save_model_weights(model: nn.Module, path: str | Path, step: int = 0) -> Path:
+    """Write `model`'s weights alone (one process, no optimiser) as a checkpoint folder that
+    `load_model_weights` and a run's `checkpoint.init_from` read in any parallel layout: into
+    ``<path>.tmp``, renamed to `path` once complete. An existing `path` is refused."""
+    path = Path(path)
+    if dist.is_initialized():
+        raise ValueError("save_model_weights writes from one process; a run saves with its Checkpointer")
+    if path.exists():
+        raise FileExistsError(f"{path} exists: choose a new folder for the checkpoint")
+    tmp = path.with_name(path.name + _TMP)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    state = {"app": _ModelAndOptimizer(model, None), "train": {"step": step, "world_size": 1}}
+    with _single_process_ok():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
+    tmp.rename(path)
+    return path

@@ -329,6 +329,21 @@ def load_weights(model: nn.Module, source: str | os.PathLike, *,
     return report
 
 
+def holds_released_names(source: str | os.PathLike) -> bool:
+    """Whether a weights file or folder names its tensors as the released Emu2 checkpoints do
+    (``decoder.lm.*``, ``visual.*``, ...) rather than as the engine's state dict: its first
+    name that `to_engine_name` maps is renamed by it."""
+    for f in _open_source(Path(source)):
+        for name in f.shapes:
+            try:
+                engine = to_engine_name(name)
+            except KeyError:
+                return False
+            if engine is not None:
+                return engine != name
+    return False
+
+
 def read_tensor(source: str | os.PathLike, name: str, *,
                 rename: Callable[[str], str | None] | None = None) -> torch.Tensor:
     """One tensor of a checkpoint file or directory, by its model name (`rename` maps the

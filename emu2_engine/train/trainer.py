@@ -483,7 +483,36 @@ class Trainer:
             if self.rank == 0:
                 source = latest(self.checkpointer.directory) if how == "auto" else how
                 print(f"resumed from step {step} ({source})")
+        elif self.cfg.checkpoint.init_from:
+            what = self.init_weights(self.cfg.checkpoint.init_from)
+            if self.rank == 0:
+                print(f"weights from {self.cfg.checkpoint.init_from} ({what}); step, optimiser, "
+                      f"schedule and data start fresh")
         return step
+
+    def init_weights(self, source: str) -> str:
+        """Load the model's weights (only) from `source` at the start of a new run
+        (`checkpoint.init_from`), and say what it was: an engine checkpoint folder (DCP; any
+        layout loads into any other), or, in a one-process run, a weights file or folder: the
+        engine's own state dict (`python -m emu2_engine.convert` writes one) or released Emu2
+        weights. Nothing is loaded unless every tensor matches."""
+        from emu2_engine.checkpoint.dcp import load_model_weights
+        from emu2_engine.checkpoint.released import holds_released_names, load_released_weights, load_weights
+
+        path = Path(source).expanduser()
+        if path.is_dir() and (path / ".metadata").is_file():
+            load_model_weights(path, self.model, strict=not (self.parallel and self.parallel.schedule))
+            return "an engine checkpoint"
+        if self.parallel is not None:
+            raise ValueError(f"checkpoint.init_from = {source!r} is not an engine checkpoint folder: "
+                             f"a parallel layout loads weights from one (write it with `python -m "
+                             f"emu2_engine.convert --preset {self.cfg.model.preset} --from {source} "
+                             f"--to <folder>`)")
+        if holds_released_names(path):
+            load_released_weights(self.model, path)
+            return "released Emu2 weights"
+        load_weights(self.model, path)
+        return "engine weights"
 
     def train(self, progress: bool = True, stop_at: int | None = None) -> list[dict]:
         """Run to `train.steps` (from the checkpoint that `checkpoint.resume` picks); return
