@@ -87,7 +87,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert names == ["step-000004", "step-000005"]  # every 2 steps and the last; newest 2 kept
     saved = dcp.FileSystemReader(str(tmp_path / "checkpoints" / "step-000005")).read_metadata()
     keys = set(saved.state_dict_metadata)
-    assert {k.split(".")[0] for k in keys} == {"app", "train", "rng", "scheduler"}
+    assert {k.split(".")[0] for k in keys} == {"app", "train", "rng", "scheduler", "nonfinite"}
     assert {f"app.model.{n}" for n, _ in trainer.unet.named_parameters()} <= keys
     assert any(k.startswith("app.optimizer.state.") and k.endswith("exp_avg_sq") for k in keys)
     assert not any("encoder" in k or "vae" in k for k in keys)  # the frozen parts are not saved
@@ -670,3 +670,23 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, ca
                              "--data.batch_size=2"])
     assert rc == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("train_decoder: 2 steps in a row")
+
+
+def test_nonfinite_counts_survive_a_resume(tmp_path, monkeypatch):
+    """Steps 2-4 non-finite with train.max_nonfinite = 3: the run stops at step 4, also when it
+    was interrupted after step 3 and resumed from that step's checkpoint (the counts are in it:
+    a restart under torchrun --max-restarts would otherwise count from 0 and never stop)."""
+    from emu2_engine.train.trainer import NonFiniteError
+
+    real = DecoderTrainer.clip_grad_norm
+    monkeypatch.setattr(DecoderTrainer, "clip_grad_norm",
+                        lambda self: float("nan") if self.step_count in (1, 2, 3) else real(self))
+    args = ["--train.steps=6", "--train.max_nonfinite=3", "--train.save_every=3", "--train.eval_batches=0",
+            "--data.batch_size=1", "--data.image_size=32"]
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row \(up to step 4\)"):
+        DecoderTrainer(_cfg(tmp_path / "whole", *args)).train(progress=False)
+    DecoderTrainer(_cfg(tmp_path / "split", *args)).train(progress=False, stop_at=3)  # saved step 3
+    resumed = DecoderTrainer(_cfg(tmp_path / "split", *args))
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row \(up to step 4\)"):
+        resumed.train(progress=False)
+    assert (resumed.nonfinite_in_a_row, resumed.nonfinite_total) == (3, 3)

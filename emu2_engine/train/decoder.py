@@ -29,12 +29,13 @@ one-process update of the whole batch, and the logged loss is the mean over the 
 
 Checkpoints (`train.save_every`, the last step, and a SIGTERM/SIGINT stop) go through
 `checkpoint.dcp.Checkpointer`: run_dir/checkpoints/step-NNNNNN with the (sharded) UNet, the
-AdamW state, the schedule, the step and, when reading shards, each rank's stream position,
-written atomically, the newest `train.keep` kept. With `train.resume` a run continues from the
-newest one. A signalled stop writes run_dir/stopped.json once its checkpoint is complete, as
-the pretraining trainer does. Before the first step rank 0 writes the null condition to
-run_dir/null_embedding.safetensors: sampling a checkpoint needs it as its negative
-(`inference.decode.load_trained_decoder` loads both).
+AdamW state, the schedule, the step, the counts of non-finite steps and, when reading shards,
+each rank's stream position, written atomically, the newest `train.keep` kept. With
+`train.resume` a run continues from the newest one. A signalled stop writes
+run_dir/stopped.json once its checkpoint is complete, as the pretraining trainer does. Before
+the first step rank 0 writes the null condition to run_dir/null_embedding.safetensors:
+sampling a checkpoint needs it as its negative (`inference.decode.load_trained_decoder` loads
+both).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ from emu2_engine.parallel.dims import ParallelDims
 from emu2_engine.train.decoder_config import DecoderJobConfig
 from emu2_engine.train.decoder_data import DecoderBatch, InMemoryData, ShardData, StepBatches, vae_pixels
 from emu2_engine.train.optim import build_scheduler
-from emu2_engine.train.trainer import STOPPED_FILE, NonFiniteError, mark_stopped, rank_device
+from emu2_engine.train.trainer import STOPPED_FILE, NonFiniteCounts, NonFiniteError, mark_stopped, rank_device
 
 __all__ = ["DecoderJobConfig", "DecoderTrainer", "FrozenEncoder", "build_vae", "mark_stopped",
            "offset_noise", "sample_generator", "shard_unet", "unet_units", "compile_unet_blocks"]
@@ -292,13 +293,15 @@ class DecoderTrainer:
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr, betas=o.betas, eps=o.eps, fused=(self.device.type == "cuda") or None)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, o)
-        # the in-memory data has no state (a batch is a function of the step); a shard stream's
-        # position is saved per rank
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.unet, self.optimizer,
-                                         scheduler=self.scheduler, keep=cfg.train.keep,
-                                         dataloader=self.batches if isinstance(self.data, ShardData) else None)
         self.step_count = 0
         self.nonfinite_in_a_row = self.nonfinite_total = 0
+        # the in-memory data has no state (a batch is a function of the step); a shard stream's
+        # position is saved per rank. The non-finite counts are saved too, so that a resumed
+        # run (a torchrun --max-restarts restart too) goes on counting towards max_nonfinite.
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.unet, self.optimizer,
+                                         scheduler=self.scheduler, keep=cfg.train.keep,
+                                         dataloader=self.batches if isinstance(self.data, ShardData) else None,
+                                         extra={"nonfinite": NonFiniteCounts(self)})
         self._stop_signal: str | None = None
 
     # -- pieces ---------------------------------------------------------------------------------
