@@ -638,6 +638,32 @@ def test_two_rank_checkpoint_loads_in_one_process(two_ranks, one_process, tmp_pa
         assert (p.detach() - one_process["params"][name]).abs().max().item() <= 1e-5, name
 
 
+def test_two_rank_shard_checkpoint_resumes_in_one_process_with_the_data_from_the_start(
+        two_ranks, tmp_path, caplog):
+    """Each rank's shard position is saved under its data-parallel rank (`dataloader.dp0of2`,
+    `dataloader.dp1of2`). One process resuming the 2-rank run's checkpoint gets the model and
+    step, and reads the shards from their start, with the checkpointer's warning that the data
+    position was not restored (each of the 2 ranks read its own half: neither position fits one
+    reader). Keyed per rank (`dataloader.rank0`) the checkpoint handed rank 0's position to the
+    single reader, whose stream refused it and the whole load failed."""
+    import logging
+
+    import torch.distributed.checkpoint as dcp
+
+    step4 = two_ranks["dir"] / "shards_whole" / "checkpoints" / "step-000004"
+    keys = set(dcp.FileSystemReader(str(step4)).read_metadata().state_dict_metadata)
+    assert {k for k in keys if k.startswith("dataloader.")} == {"dataloader.dp0of2", "dataloader.dp1of2"}
+    trainer = DecoderTrainer(worker.config(tmp_path, *worker.SHARD_ARGS,
+                                           f"--data.paths={two_ranks['dir'] / 'shards'}"))
+    fresh_position = trainer.batches.state_dict()
+    before = {n: p.detach().clone() for n, p in trainer.unet.named_parameters()}
+    with caplog.at_level(logging.WARNING, logger="emu2_engine.checkpoint.dcp"):
+        assert trainer.checkpointer.load(step4) == 4
+    assert "not restored: the RNG states" in caplog.text and "the data position" in caplog.text
+    assert trainer.batches.state_dict() == fresh_position
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.unet.named_parameters())
+
+
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
     """An inf gradient norm at step 2 leaves the UNet as it was (clipping by an inf norm would
     have scaled every gradient into NaN) and is counted; train.max_nonfinite in a row stop the

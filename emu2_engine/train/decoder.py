@@ -30,7 +30,7 @@ one-process update of the whole batch, and the logged loss is the mean over the 
 Checkpoints (`train.save_every`, the last step, and a SIGTERM/SIGINT stop) go through
 `checkpoint.dcp.Checkpointer`: run_dir/checkpoints/step-NNNNNN with the (sharded) UNet, the
 AdamW state, the schedule, the step, the counts of non-finite steps and, when reading shards,
-each rank's stream position, written atomically, the newest `train.keep` kept. With
+each (data-parallel) rank's stream position, written atomically, the newest `train.keep` kept. With
 `train.resume` a run continues from the newest one. A signalled stop writes
 run_dir/stopped.json once its checkpoint is complete, as the pretraining trainer does. Before
 the first step rank 0 writes the null condition to run_dir/null_embedding.safetensors:
@@ -295,13 +295,16 @@ class DecoderTrainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, o)
         self.step_count = 0
         self.nonfinite_in_a_row = self.nonfinite_total = 0
-        # the in-memory data has no state (a batch is a function of the step); a shard stream's
-        # position is saved per rank. The non-finite counts are saved too, so that a resumed
-        # run (a torchrun --max-restarts restart too) goes on counting towards max_nonfinite.
+        # The in-memory data has no state (a batch is a function of the step). A shard stream's
+        # position is saved per data-parallel rank: every rank is one (FSDP shards the UNet
+        # only), so another world size restarts the data with the checkpointer's warning rather
+        # than handing one rank's position to a reader of another split. The non-finite counts
+        # are saved too, so that a resumed run (a torchrun --max-restarts restart too) goes on
+        # counting towards max_nonfinite.
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.unet, self.optimizer,
                                          scheduler=self.scheduler, keep=cfg.train.keep,
                                          dataloader=self.batches if isinstance(self.data, ShardData) else None,
-                                         extra={"nonfinite": NonFiniteCounts(self)})
+                                         data_rank=(self.rank, world), extra={"nonfinite": NonFiniteCounts(self)})
         self._stop_signal: str | None = None
 
     # -- pieces ---------------------------------------------------------------------------------
