@@ -716,3 +716,51 @@ def test_nonfinite_counts_survive_a_resume(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteError, match=r"3 steps in a row \(up to step 4\)"):
         resumed.train(progress=False)
     assert (resumed.nonfinite_in_a_row, resumed.nonfinite_total) == (3, 3)
+
+
+def _strict_json(line: str) -> dict:
+    """One metrics line, parsed as strict JSON (NaN and Infinity refused)."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON: {line!r}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_metrics_file_is_strict_json(tmp_path, monkeypatch):
+    """An inf gradient norm (a skipped step) is written as null in metrics.jsonl: NaN and
+    Infinity are not JSON, and strict readers (jq, JavaScript, pandas with a strict parser)
+    refuse the whole file. The records `train` returns keep the float."""
+    real = DecoderTrainer.clip_grad_norm
+    monkeypatch.setattr(DecoderTrainer, "clip_grad_norm",
+                        lambda self: float("inf") if self.step_count == 1 else real(self))
+    records = DecoderTrainer(_cfg(tmp_path, "--train.steps=3", "--train.eval_batches=0", "--data.batch_size=1",
+                                  "--data.image_size=32")).train(progress=False)
+    assert records[1]["grad_norm"] == float("inf")
+    lines = [_strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert lines[1]["grad_norm"] is None and lines[1]["nonfinite_steps"] == 1
+    assert math.isfinite(lines[0]["grad_norm"]) and lines[1]["loss"] == records[1]["loss"]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
+    """A kill during the write of step 4's record leaves a line cut short, with no newline: the
+    resumed run drops it with a warning on stderr (appending to it would glue its first record
+    onto the fragment, one bad line in the middle of the file), and every line is JSON."""
+    args = ["--train.steps=5", "--train.save_every=2", "--train.eval_batches=0", "--data.batch_size=1",
+            "--data.image_size=32"]
+    DecoderTrainer(_cfg(tmp_path, *args)).train(progress=False, stop_at=3)
+    metrics = tmp_path / "metrics.jsonl"
+    torn = '{"step": 4, "loss": 0.2'
+    metrics.write_text(metrics.read_text() + torn)
+    capsys.readouterr()
+    DecoderTrainer(_cfg(tmp_path, *args)).train(progress=False)
+    err = capsys.readouterr().err
+    assert f"train_decoder: dropping the last line of {metrics}" in err and repr(torn) in err
+    lines = [_strict_json(line) for line in metrics.read_text().splitlines()]
+    assert [r.get("step", r.get("resumed_from")) for r in lines] == [1, 2, 3, 2, 3, 4, 5]
+    assert lines[3] == {"resumed_from": 2}
+    # a whole record without its newline (the kill came between the two) is kept
+    metrics.write_text(metrics.read_text().rstrip("\n"))
+    DecoderTrainer(_cfg(tmp_path, *args)).train(progress=False)
+    lines = [_strict_json(line) for line in metrics.read_text().splitlines()]
+    assert [r.get("step", r.get("resumed_from")) for r in lines] == [1, 2, 3, 2, 3, 4, 5, 5]
+    assert "dropping" not in capsys.readouterr().err
