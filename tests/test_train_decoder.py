@@ -400,6 +400,34 @@ def test_bad_config_refused(override, message):
         DecoderJobConfig.load(None, [override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
+    ("--optim.lr=inf", "optim.lr must be a finite number > 0, got inf"),
+    ("--optim.betas=[0.9, 1.0]", r"optim.betas must each lie in \[0, 1\), got \[0.9, 1.0\]"),
+    ("--optim.betas=[-0.1, 0.999]", r"optim.betas must each lie in \[0, 1\), got \[-0.1, 0.999\]"),
+    ("--optim.betas=[nan, 0.999]", r"optim.betas must each lie in \[0, 1\), got \[nan, 0.999\]"),
+    ("--optim.weight_decay=-0.01", "optim.weight_decay must be a finite number >= 0, got -0.01"),
+    ("--optim.weight_decay=inf", "optim.weight_decay must be a finite number >= 0, got inf"),
+    ("--optim.eps=0", "optim.eps must be a finite number > 0, got 0.0"),
+    ("--optim.eps=nan", "optim.eps must be a finite number > 0, got nan"),
+    ("--optim.grad_clip=inf", r"optim.grad_clip must be a finite number >= 0 \(0 turns clipping off\), got inf"),
+    ("--optim.grad_clip=-1", r"optim.grad_clip must be a finite number >= 0 \(0 turns clipping off\), got -1.0"),
+    ("--diffusion.cfg_drop=nan", r"diffusion.cfg_drop must lie in \[0, 1\], got nan"),
+    ("--diffusion.noise_offset=inf", "diffusion.noise_offset must be a finite number >= 0, got inf"),
+    ("--diffusion.noise_offset=-0.1", "diffusion.noise_offset must be a finite number >= 0, got -0.1"),
+    ("--train.run_dir=\"\"", "train.run_dir must name a folder .* got ''"),
+    ("--train.run_dir=\"  \"", "train.run_dir must name a folder .* got '  '"),
+])
+def test_out_of_range_numbers_refused_in_one_line(override, message):
+    """NaN, infinities and out-of-range optimiser and diffusion numbers are refused when the
+    config loads (NaN passed every `x > 0` check and trained into NaN weights; an empty run_dir
+    wrote into the current folder), in one line saying what was expected and what came; the
+    shipped configs still load (`test_recipe_configs_load`, `test_decoder_debug_toml_is_the_default`)."""
+    with pytest.raises(ValueError, match=message) as refused:
+        DecoderJobConfig.load(None, [override])
+    assert "\n" not in str(refused.value)
+
+
 def test_heldout_paths_need_eval_batches():
     """Held-out shards with train.eval_batches = 0 would be read by nothing: refused in one line."""
     with pytest.raises(ValueError, match=r"data.heldout_paths \('/data/heldout'\) is set but train.eval_batches "

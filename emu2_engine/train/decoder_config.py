@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from emu2_engine.models.config import PRESETS, UNET_PRESETS
-from emu2_engine.train.config import JobConfig
+from emu2_engine.train.config import JobConfig, _finite_at_least
 
 
 @dataclass
@@ -170,7 +171,9 @@ class DecoderJobConfig(JobConfig):
 
     def validate(self, world_size: int | None = None) -> None:
         """One line for the first value that cannot work; with `world_size`, also a global batch
-        that does not split evenly over the ranks."""
+        that does not split evenly over the ranks. The optimiser's and the noise's numbers must also
+        be finite: an infinity passes `x >= 0`, and a NaN or infinite learning rate, beta, weight
+        decay, eps, clip norm or noise offset trains the UNet into NaN."""
         m, d, z, o, t = self.model, self.data, self.diffusion, self.optim, self.train
         if world_size is not None and d.batch_size % world_size:
             raise ValueError(f"data.batch_size is the global batch and must divide by the number of "
@@ -214,16 +217,23 @@ class DecoderJobConfig(JobConfig):
             (0.0 < z.beta_start < z.beta_end < 1.0,
              f"diffusion betas need 0 < beta_start < beta_end < 1, got {z.beta_start}, {z.beta_end}"),
             (0.0 <= z.cfg_drop <= 1.0, f"diffusion.cfg_drop must lie in [0, 1], got {z.cfg_drop}"),
-            (z.noise_offset >= 0, f"diffusion.noise_offset must be >= 0, got {z.noise_offset}"),
+            (_finite_at_least(z.noise_offset, 0),
+             f"diffusion.noise_offset must be a finite number >= 0, got {z.noise_offset}"),
             (z.null_condition in ("zero-image", "zeros"),
              f"diffusion.null_condition must be zero-image or zeros, got {z.null_condition!r}"),
-            (o.lr > 0, f"optim.lr must be positive, got {o.lr}"),
+            (math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be a finite number > 0, got {o.lr}"),
+            (all(math.isfinite(b) and 0.0 <= b < 1.0 for b in o.betas),
+             f"optim.betas must each lie in [0, 1), got {list(o.betas)}"),
+            (_finite_at_least(o.weight_decay, 0),
+             f"optim.weight_decay must be a finite number >= 0, got {o.weight_decay}"),
+            (math.isfinite(o.eps) and o.eps > 0, f"optim.eps must be a finite number > 0, got {o.eps}"),
             (o.schedule in ("linear", "cosine"),
              f"optim.schedule must be linear or cosine, got {o.schedule!r}"),
             (0 <= o.warmup_steps < t.steps,
              f"optim.warmup_steps ({o.warmup_steps}) must be in [0, train.steps = {t.steps})"),
             (0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}"),
-            (o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}"),
+            (_finite_at_least(o.grad_clip, 0),
+             f"optim.grad_clip must be a finite number >= 0 (0 turns clipping off), got {o.grad_clip}"),
             (t.steps > 0, f"train.steps must be positive, got {t.steps}"),
             (t.seed >= 0, f"train.seed must be >= 0, got {t.seed}"),
             (t.log_every > 0, f"train.log_every must be positive, got {t.log_every}"),
@@ -231,6 +241,9 @@ class DecoderJobConfig(JobConfig):
             (t.save_every > 0, f"train.save_every must be positive, got {t.save_every}"),
             (t.keep > 0, f"train.keep must be positive, got {t.keep}"),
             (t.eval_batches >= 0, f"train.eval_batches must be >= 0, got {t.eval_batches}"),
+            (t.run_dir.strip() != "",
+             f"train.run_dir must name a folder (it gets the config, metrics and checkpoints), "
+             f"got {t.run_dir!r}"),
             (t.device in ("auto", "cpu", "cuda"),
              f"train.device must be auto, cpu or cuda, got {t.device!r}"),
             (t.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}"),
