@@ -17,6 +17,7 @@ import sys
 from collections import Counter
 
 from emu2_engine.data.records import SkipStats
+from emu2_engine.pretrain import one_line
 from emu2_engine.train.config import parse_run_args
 from emu2_engine.train.decoder import DecoderJobConfig
 
@@ -32,11 +33,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[DecoderJobConfig, bool]:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 when the run finished or was stopped by SIGTERM/SIGINT (with a
     checkpoint), 1 when train.max_nonfinite steps in a row had a non-finite gradient norm,
-    2 for a config that cannot work. Under torchrun only rank 0 prints."""
+    2 for a config or an input that cannot work, found before training or once it starts (a
+    checkpoint that is corrupt or of another model, shards that cannot be read or resumed),
+    said in one line on stderr. Under torchrun only rank 0 prints the run's progress and
+    summary; an error is said by every rank that meets it."""
     try:
         cfg, progress = parse_args(argv)
     except (ValueError, FileNotFoundError) as e:
-        print(f"train_decoder: {e}", file=sys.stderr)
+        print(f"train_decoder: {one_line(e)}", file=sys.stderr)
         return 2
     import torch.distributed as dist
 
@@ -46,14 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             trainer = DecoderTrainer(cfg)
-        except (ValueError, FileNotFoundError) as e:  # also what only the world size rules out
-            print(f"train_decoder: {e}", file=sys.stderr)
-            return 2
-        try:
             records = trainer.train(progress=progress)
         except NonFiniteError as e:
-            print(f"train_decoder: {e}", file=sys.stderr)
+            print(f"train_decoder: {one_line(e)}", file=sys.stderr)
             return 1
+        # The engine's errors for bad input: a config that only the world size rules out, a
+        # weights path that does not exist, a checkpoint that is corrupt or of another model
+        # (CheckpointError is a ValueError), shards that cannot be read or resumed.
+        except (ValueError, FileNotFoundError) as e:
+            print(f"train_decoder: {one_line(e)}", file=sys.stderr)
+            return 2
         if trainer.rank == 0 and trainer.step_count == cfg.train.steps:
             report(trainer, records)
         return 0

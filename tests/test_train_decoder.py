@@ -485,6 +485,29 @@ def test_cli_reports_bad_config(capsys):
     assert "model.unet must be one of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("problem", ["another model", "corrupt"])
+def test_cli_reports_a_checkpoint_that_cannot_resume_in_one_line(tmp_path, capsys, problem):
+    """A checkpoint found once training starts that cannot load (one of the image UNet resumed
+    by the video trainer, or one whose index is not DCP's) ends `main` with one line on stderr
+    and exit status 2, as a bad config does (`main` let the CheckpointError out: a traceback on
+    every rank)."""
+    args = ["--no-progress", f"--train.run_dir={tmp_path}", "--train.steps=2", "--optim.warmup_steps=1",
+            "--train.eval_batches=0", "--data.batch_size=1", "--data.image_size=32"]
+    if problem == "another model":
+        assert train_decoder.main(args + ["--train.steps=1", "--optim.warmup_steps=0"]) == 0
+        args.append("--model.video=true")
+        expected = f"train_decoder: cannot load checkpoint {tmp_path / 'checkpoints' / 'step-000001'} into this model"
+    else:
+        (tmp_path / "checkpoints" / "step-000001").mkdir(parents=True)
+        (tmp_path / "checkpoints" / "step-000001" / ".metadata").write_bytes(b"not an index")
+        expected = f"train_decoder: cannot read checkpoint {tmp_path / 'checkpoints' / 'step-000001'}"
+    capsys.readouterr()
+    assert train_decoder.main(args) == 2
+    err = capsys.readouterr().err  # (DCP's own logger may say more before it, for a corrupt index)
+    ours = [line for line in err.splitlines() if line.startswith("train_decoder:")]
+    assert len(ours) == 1 and ours[0].startswith(expected) and err.endswith(ours[0] + "\n"), err
+
+
 def test_global_batch_not_divisible_by_the_ranks_refused(tmp_path, monkeypatch, capsys):
     """Refused before any process group or model is built (torchrun sets WORLD_SIZE)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
