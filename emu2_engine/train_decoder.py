@@ -34,9 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 when the run finished or was stopped by SIGTERM/SIGINT (with a
     checkpoint), 1 when train.max_nonfinite steps in a row had a non-finite gradient norm,
     2 for a config or an input that cannot work, found before training or once it starts (a
-    checkpoint that is corrupt or of another model, shards that cannot be read or resumed),
-    said in one line on stderr. Under torchrun only rank 0 prints the run's progress and
-    summary; an error is said by every rank that meets it."""
+    checkpoint that is corrupt or of another model, a shard position saved over other shards,
+    held-out shards with too few usable samples), said in one line on stderr. Under torchrun
+    only rank 0 prints the run's progress and summary; an error is said by every rank that
+    meets it."""
     try:
         cfg, progress = parse_args(argv)
     except (ValueError, FileNotFoundError) as e:
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         # The engine's errors for bad input: a config that only the world size rules out, a
         # weights path that does not exist, a checkpoint that is corrupt or of another model
-        # (CheckpointError is a ValueError), shards that cannot be read or resumed.
+        # (CheckpointError is a ValueError) or saved over other shards, held-out shards with too
+        # few usable samples (found at the first evaluation).
         except (ValueError, FileNotFoundError) as e:
             print(f"train_decoder: {one_line(e)}", file=sys.stderr)
             return 2
