@@ -368,7 +368,7 @@ def test_trainer_on_shards_resumes_bit_for_bit(world, tmp_path):
     want = DecoderTrainer(_cfg(tmp_path / "whole", *args)).train(progress=False)
     DecoderTrainer(_cfg(tmp_path / "split", *args)).train(progress=False, stop_at=3)
     saved = dcp.FileSystemReader(str(tmp_path / "split" / "checkpoints" / "step-000002")).read_metadata()
-    assert "dataloader.rank0" in saved.state_dict_metadata
+    assert "dataloader.dp0of1" in saved.state_dict_metadata
     got = DecoderTrainer(_cfg(tmp_path / "split", *args)).train(progress=False)
     assert got[0] == {"resumed_from": 2}
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in got[1:]] == \
