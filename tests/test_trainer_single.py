@@ -408,3 +408,23 @@ def test_a_cuda_trainer_allocates_expandable_segments(tmp_path, monkeypatch):
         assert params and kinds == {True}, kinds
     finally:
         settle("expandable_segments:False")
+
+
+def test_one_copy_stream_per_gpu_for_the_process(monkeypatch):
+    """`copy_stream` makes the side stream once per GPU (the caching allocator pools memory per
+    stream; a new stream per step would strand each step's batch buffers in a pool of its own).
+    On the CPU with a stand-in for torch.cuda.Stream; the GPU test above checks the real one."""
+    import torch
+
+    from emu2_engine.train import trainer as trainer_module
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(device) or object())
+    trainer_module._copy_stream.cache_clear()
+    try:
+        first = trainer_module.copy_stream(torch.device("cuda", 0))
+        assert trainer_module.copy_stream(torch.device("cuda", 0)) is first
+        assert trainer_module.copy_stream(torch.device("cuda", 1)) is not first
+        assert made == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    finally:
+        trainer_module._copy_stream.cache_clear()

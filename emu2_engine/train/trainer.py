@@ -102,11 +102,11 @@ def copy_stream(device: torch.device) -> torch.cuda.Stream:
     return _copy_stream(index)
 
 
-@functools.cache
 def _no_mark(_name: str) -> None:
     """A step without a timeline marks nothing."""
 
 
+@functools.cache
 def _copy_stream(index: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(torch.device("cuda", index))
 
@@ -410,7 +410,8 @@ class Trainer:
                     out = self.model(batch)
                     (out.total / n).backward()
                     losses += torch.stack([out.total, out.ce, out.mse]).detach().float() / n
-                    mark(f"micro-batch {i}")
+                    if timeline is not None:
+                        timeline.mark(f"micro-batch {i}")
         mark("fp32 weights back")
         return losses
 
