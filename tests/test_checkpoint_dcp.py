@@ -187,6 +187,29 @@ def test_checkpointed_emu2_model_loads_into_a_plain_one(tmp_path):
     assert all(torch.equal(want[k], v) for k, v in plain.state_dict().items())
 
 
+def test_a_checkpoint_with_its_optimiser_groups_by_position_still_resumes(tmp_path, monkeypatch):
+    """Checkpoints written before the optimiser groups were keyed by parameter name (by
+    position) resume as exactly as new ones."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    import emu2_engine.checkpoint.dcp as dcp_module
+
+    seed_everything(0)
+    run = make_run(0)
+    straight = [train_step(*run) for _ in range(6)]
+    seed_everything(0)
+    first = make_run(0)
+    [train_step(*first) for _ in range(3)]
+    with monkeypatch.context() as m:
+        m.setattr(dcp_module, "_FLAT", StateDictOptions())
+        Checkpointer(tmp_path, *first[:2], scheduler=first[2], dataloader=first[3]).save(3)
+    assert any(dcp_module._GROUPS_BY_POSITION.match(k) for k in Checkpointer._saved_keys(tmp_path / "step-000003"))
+    seed_everything(123)
+    second = make_run(7)
+    assert Checkpointer(tmp_path, *second[:2], scheduler=second[2], dataloader=second[3]).load() == 3
+    assert [train_step(*second) for _ in range(3)] == straight[3:]
+
+
 class Counts:
     def __init__(self, n: int):
         self.n = n
@@ -362,3 +385,35 @@ def test_fsdp2_sharded_save_and_load_on_two_gloo_ranks(tmp_path, caplog):
     for name, value in plain.state_dict().items():
         assert torch.equal(value, result["full"][name]), name
     assert all(opt.state[p]["exp_avg"].shape == p.shape for p in plain.parameters())
+
+
+def _partial_load_worker(rank: int, init_file: str, folder: str, out: str) -> None:
+    from datetime import timedelta
+
+    from emu2_engine.checkpoint.dcp import load_model_weights
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:  # rank 0 holds a part the checkpoint has; rank 1 a part it lacks (a deeper stage)
+        model = nn.Sequential(nn.Linear(4, 4)) if rank == 0 else nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        try:
+            load_model_weights(folder, model, strict=False)
+            result = "loaded"
+        except CheckpointError as e:
+            result = str(e)
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_loading_model_weights_fail_together(tmp_path):
+    """Under torch distributed, a rank whose part of the model the checkpoint lacks must not
+    leave the others waiting in DCP's collective load: every rank raises, naming that rank."""
+    from emu2_engine.checkpoint.dcp import save_model_weights
+
+    save_model_weights(nn.Sequential(nn.Linear(4, 4)), tmp_path / "weights")
+    mp.spawn(_partial_load_worker, args=(str(tmp_path / "init"), str(tmp_path / "weights"), str(tmp_path / "out")),
+             nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
+    assert results[1].startswith("checkpoint ") and "missing (2): 1.weight (2, 4), 1.bias (2,)" in results[1]
+    assert results[0] == f"rank 1: {results[1]}"

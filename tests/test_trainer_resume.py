@@ -243,6 +243,13 @@ def test_a_new_run_starts_from_another_runs_weights(tmp_path, capsys):
         assert _same_weights(first.model, second.model), what
         assert not second.optimizer.state and second.scheduler.last_epoch == 0
         assert f"weights from {source} ({what})" in capsys.readouterr().out
+    # resume = none starts afresh from init_from as well; a missing source is said where it is read
+    afresh = Trainer(tiny_config(tmp_path / "afresh", "--train.steps=3", "--checkpoint.resume=none",
+                                 f"--checkpoint.init_from={folder}"))
+    assert afresh.resume() is None and _same_weights(first.model, afresh.model)
+    with pytest.raises(FileNotFoundError, match="checkpoint.init_from = .*nowhere' does not exist"):
+        Trainer(tiny_config(tmp_path / "lost", "--train.steps=3",
+                            f"--checkpoint.init_from={tmp_path / 'nowhere'}")).resume()
     # its own checkpoint wins over init_from once it has one
     second.train(progress=False, stop_at=1)
     again = Trainer(tiny_config(run, "--train.steps=3", f"--checkpoint.init_from={folder}"))

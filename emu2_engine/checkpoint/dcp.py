@@ -156,6 +156,12 @@ after a resume the other ranks' groups lack their settings (AdamW's first step t
 KeyError: 'betas')."""
 
 
+_GROUPS_BY_POSITION = re.compile(r"^app\.optimizer\.param_groups\.\d+\.params$")
+"""The list of a group's parameters, which checkpoints written before `_FLAT` hold for each
+group (by position); flattened groups have none (their entries are per parameter name, which
+may start with a digit: ``param_groups.0.weight.lr`` of an nn.Sequential)."""
+
+
 class _ModelAndOptimizer(Stateful):
     """Model and optimiser state as DCP sees them: named, and sharded where the parameters are.
 
@@ -166,13 +172,14 @@ class _ModelAndOptimizer(Stateful):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
         self.model, self.optimizer = model, optimizer
+        self.options = _FLAT  # `Checkpointer.load` reads checkpoints of the earlier layout unflattened
         self._gathered: dict[tuple[str, ...], DTensor] = {}  # path -> the DTensor it came from
 
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:
             state = {"model": get_model_state_dict(self.model)}
         else:
-            model_state, optim_state = get_state_dict(self.model, self.optimizer, options=_FLAT)
+            model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.options)
             state = {"model": model_state, "optimizer": optim_state}
         self._gathered.clear()
         return self._gather_strided(state, ())
@@ -200,7 +207,7 @@ class _ModelAndOptimizer(Stateful):
             set_model_state_dict(self.model, state["model"])
         else:
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"], options=_FLAT)
+                           optim_state_dict=state["optimizer"], options=self.options)
 
 
 def rng_state() -> dict[str, Any]:
@@ -388,6 +395,8 @@ class Checkpointer:
         saved = self._saved_world_size(path)
         keys = self._saved_keys(path)
         state = self._state(step=-1)
+        if any(_GROUPS_BY_POSITION.match(k) for k in keys):  # saved before the groups were keyed by name
+            state["app"].options = StateDictOptions()
         not_restored = []
         if saved != _world() or f"rng.{state['rng'].name()}" not in keys:
             state.pop("rng")
@@ -445,6 +454,11 @@ def _reason(err: BaseException) -> str:
     return (errors or lines)[-1][:500]
 
 
+def is_checkpoint_folder(path: str | Path) -> bool:
+    """Whether `path` is a complete checkpoint folder (DCP's index written: its save finished)."""
+    return (Path(path) / _INDEX).is_file()
+
+
 def load_model_weights(path: str | Path, model: nn.Module, strict: bool = True) -> int:
     """Load only the model entries of the complete checkpoint folder `path` (``step-000123``,
     as `Checkpointer.save` or `save_model_weights` writes it) into `model`, and return the
@@ -479,11 +493,19 @@ def load_model_weights(path: str | Path, model: nn.Module, strict: bool = True) 
         "unexpected": [name for name in saved if name not in want] if strict else [],
         "wrong shape": [f"{name}: saved {saved[name]}, model {shape}" for name, shape in want.items()
                         if name in saved and saved[name] != shape]}
+    message = ""
     if any(problems.values()):
         listed = "".join(f"\n  {kind} ({len(items)}): " + ", ".join(items[:6])
                          + (" ..." if len(items) > 6 else "") for kind, items in problems.items() if items)
-        raise CheckpointError(f"checkpoint {path} holds another model ({len(saved)} tensors; this "
-                              f"{type(model).__name__} has {len(want)}); nothing was loaded:{listed}")
+        message = (f"checkpoint {path} holds another model ({len(saved)} tensors; this "
+                   f"{type(model).__name__} has {len(want)}); nothing was loaded:{listed}")
+    if dist.is_initialized():  # ranks holding other stages may all match: every rank stops, or none
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+        first = next((m for m in messages if m), "")
+        message = message or (f"rank {messages.index(first)}: {first}" if first else "")
+    if message:
+        raise CheckpointError(message)
     state = {"app": app, "train": {"step": -1, "world_size": -1}}
     try:
         with _single_process_ok():

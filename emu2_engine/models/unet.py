@@ -513,9 +513,10 @@ def load_unet_weights(model: UNet, source: str) -> None:
     skipped) or a diffusers UNet's own weights (no prefix). Validated whole before anything is
     copied (`checkpoint.released.load_weights`). A training checkpoint of the decoder trainer
     (a DCP folder) is refused with a pointer to `inference.decode.load_trained_decoder`."""
+    from emu2_engine.checkpoint.dcp import is_checkpoint_folder
     from emu2_engine.checkpoint.released import load_weights
 
-    if (Path(source) / ".metadata").is_file():  # DCP's index: the trainer's step-NNNNNN folder
+    if is_checkpoint_folder(source):  # the trainer's step-NNNNNN folder
         raise ValueError(f"{source} is a training checkpoint (torch.distributed.checkpoint, as "
                          f"train_decoder writes them), not a weights file: load it with "
                          f"emu2_engine.inference.decode.load_trained_decoder(path, unet)")

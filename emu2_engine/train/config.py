@@ -352,9 +352,6 @@ class JobConfig:
             (self.checkpoint.keep > 0, f"checkpoint.keep must be positive, got {self.checkpoint.keep}"),
             (self.checkpoint.resume != "",
              'checkpoint.resume must be auto, none or a checkpoint folder, got ""'),
-            (not self.checkpoint.init_from or Path(self.checkpoint.init_from).exists(),
-             f"checkpoint.init_from must be an existing checkpoint folder or weights file or "
-             f"folder, got {self.checkpoint.init_from!r}, which does not exist"),
             (not self.checkpoint.init_from or self.checkpoint.resume in ("auto", "none"),
              f"checkpoint.init_from ({self.checkpoint.init_from!r}) starts a new run from weights "
              f"and checkpoint.resume ({self.checkpoint.resume!r}) continues a saved one: set one "

@@ -476,9 +476,7 @@ class Trainer:
         """Restore the newest checkpoint (checkpoint.resume = auto) or the named one; returns
         its step, or None for a fresh start."""
         how = self.cfg.checkpoint.resume
-        if how == "none":
-            return None
-        step = self.checkpointer.load(None if how == "auto" else how)
+        step = None if how == "none" else self.checkpointer.load(None if how == "auto" else how)
         if step is not None:
             self.step_count = step
             if self.rank == 0:
@@ -497,11 +495,14 @@ class Trainer:
         layout loads into any other), or, in a one-process run, a weights file or folder: the
         engine's own state dict (`python -m emu2_engine.convert` writes one) or released Emu2
         weights. Nothing is loaded unless every tensor matches."""
-        from emu2_engine.checkpoint.dcp import load_model_weights
+        from emu2_engine.checkpoint.dcp import is_checkpoint_folder, load_model_weights
         from emu2_engine.checkpoint.released import holds_released_names, load_released_weights, load_weights
 
         path = Path(source).expanduser()
-        if path.is_dir() and (path / ".metadata").is_file():
+        if not path.exists():  # checked here, where it is read (a resumed run never reads it)
+            raise FileNotFoundError(f"checkpoint.init_from = {source!r} does not exist: expected an engine "
+                                    f"checkpoint folder or a weights file or folder")
+        if is_checkpoint_folder(path):
             load_model_weights(path, self.model, strict=not (self.parallel and self.parallel.schedule))
             return "an engine checkpoint"
         if self.parallel is not None:
