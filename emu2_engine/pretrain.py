@@ -11,6 +11,7 @@ checkpoint, stops cleanly on SIGTERM/SIGINT, and writes metrics to <run_dir>/met
 from __future__ import annotations
 
 import sys
+import traceback
 
 from emu2_engine.train.config import JobConfig, parse_run_args
 
@@ -40,15 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             trainer = Trainer(cfg)
+        except (ValueError, FileNotFoundError) as e:  # a config only the world size rules out
+            print(f"pretrain: {one_line(e)}", file=sys.stderr)
+            return 2
+        try:
             records = trainer.train(progress=progress)
         except NonFiniteError as e:
             print(f"pretrain: {one_line(e)}", file=sys.stderr)
             return 1
-        # The engine's errors for bad input: a config that only the world size rules out,
-        # checkpoint.resume naming no complete checkpoint or one of another model
-        # (CheckpointError is a ValueError), missing shards, a corrupt metrics file.
         except (ValueError, FileNotFoundError) as e:
-            print(f"pretrain: {one_line(e)}", file=sys.stderr)
+            say_input_error("pretrain", e)
             return 2
         if trainer.rank == 0:
             report(trainer, records)
@@ -56,6 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def say_input_error(prog: str, error: BaseException) -> None:
+    """An error raised once a run has started, in one line on stderr. The engine's errors for
+    bad input (a checkpoint that is missing, incomplete or of another model, weights that do
+    not fit, a missing path, a corrupt metrics file) need nothing more; any other ValueError
+    may be a bug, so its traceback comes first."""
+    from emu2_engine.checkpoint.dcp import CheckpointError
+    from emu2_engine.checkpoint.released import WeightsError
+    from emu2_engine.train.metrics import MetricsFileError
+
+    if not isinstance(error, (CheckpointError, WeightsError, FileNotFoundError, MetricsFileError)):
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"{prog}: {one_line(error)}", file=sys.stderr)
 
 
 def one_line(error: BaseException) -> str:

@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 
 from emu2_engine.data.records import SkipStats
-from emu2_engine.pretrain import one_line
+from emu2_engine.pretrain import one_line, say_input_error
 from emu2_engine.train.config import parse_run_args
 from emu2_engine.train.decoder import DecoderJobConfig
 
@@ -51,16 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             trainer = DecoderTrainer(cfg)
+        except (ValueError, FileNotFoundError) as e:  # a config only the world size rules out, a missing path
+            print(f"train_decoder: {one_line(e)}", file=sys.stderr)
+            return 2
+        try:
             records = trainer.train(progress=progress)
         except NonFiniteError as e:
             print(f"train_decoder: {one_line(e)}", file=sys.stderr)
             return 1
-        # The engine's errors for bad input: a config that only the world size rules out, a
-        # weights path that does not exist, a checkpoint that is corrupt or of another model
-        # (CheckpointError is a ValueError) or saved over other shards, held-out shards with too
-        # few usable samples (found at the first evaluation).
+        # a checkpoint that is corrupt or of another model, held-out shards with too few usable
+        # samples (found at the first evaluation), ...: one line (with the traceback first for
+        # errors that may be bugs)
         except (ValueError, FileNotFoundError) as e:
-            print(f"train_decoder: {one_line(e)}", file=sys.stderr)
+            say_input_error("train_decoder", e)
             return 2
         if trainer.rank == 0 and trainer.step_count == cfg.train.steps:
             report(trainer, records)

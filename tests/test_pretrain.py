@@ -333,3 +333,19 @@ def test_init_from_excludes_a_resume_path(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint.init_from \(.*\) starts a new run from weights and "
                                          r"checkpoint.resume \('runs/a/step-000010'\) continues a saved one"):
         JobConfig.load(None, [f"--checkpoint.init_from={folder}", "--checkpoint.resume=runs/a/step-000010"])
+
+
+def test_an_error_that_may_be_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """Once training runs, the engine's input errors (here a CheckpointError) are one line; any
+    other ValueError may be a bug, so its traceback comes before the line. Both exit 2."""
+    from emu2_engine.checkpoint.dcp import CheckpointError
+    from emu2_engine.train.trainer import Trainer
+
+    for error, traced in ((CheckpointError("no complete checkpoint in x"), False), (ValueError("boom"), True)):
+        def fail(self, progress=True, stop_at=None, error=error):
+            raise error
+        monkeypatch.setattr(Trainer, "train", fail)
+        assert pretrain.main([*TINY_RUN, f"--train.run_dir={tmp_path / 'run'}"]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1] == f"pretrain: {error}"
+        assert ("Traceback (most recent call last)" in err) == traced

@@ -21,6 +21,10 @@ import torch
 from emu2_engine.models.flops import mfu
 
 
+class MetricsFileError(ValueError):
+    """A metrics.jsonl that cannot be read back on resume (a bad line before the last)."""
+
+
 class ThroughputMeter:
     """Accumulate steps with `update`, read rates with `report`, start a new window with `reset`.
 
@@ -133,10 +137,10 @@ def read_records(path: Path) -> list[dict]:
                 print(f"metrics: dropping the last line of {path} (line {number}), cut short "
                       f"by an interrupted write: {line[:80]!r}", file=sys.stderr)
                 break
-            raise ValueError(f"{path} line {number} is not a JSON record ({e.msg}): "
+            raise MetricsFileError(f"{path} line {number} is not a JSON record ({e.msg}): "
                              f"{line[:80]!r}") from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise ValueError(f"{path} line {number} must be a JSON object with an integer "
+            raise MetricsFileError(f"{path} line {number} must be a JSON object with an integer "
                              f"\"step\", got {line[:80]!r}")
         records.append(record)
     return records
