@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if not to_folder and engine_path.suffix not in ENGINE_SUFFIXES:
         parser.error(f"engine checkpoint {engine_path} must end in one of {', '.join(ENGINE_SUFFIXES)}"
                      + ("" if args.export else " (or be a folder name without a suffix)"))
+    if to_folder and args.dst.exists():  # before reading tens of GB of weights
+        parser.error(f"{args.dst} exists: a checkpoint folder is written to a new name")
     if args.export and args.dst.suffix == ".safetensors" and args.shard_size is not None:
         parser.error("--shard-size needs a directory for --to, not a .safetensors file")
 

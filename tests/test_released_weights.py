@@ -340,7 +340,7 @@ def test_convert_cli_both_directions(tmp_path, source, capsys):
     assert torch.equal(half.lm_head.weight, source.lm_head.weight.to(torch.bfloat16))
 
 
-def test_convert_to_a_checkpoint_folder_that_a_run_starts_from(tmp_path, source):
+def test_convert_to_a_checkpoint_folder_that_a_run_starts_from(tmp_path, source, capsys):
     """Import into a folder name without a suffix: a checkpoint folder (DCP) holding the model
     alone, which `load_model_weights` (and so checkpoint.init_from) reads; an existing folder
     is refused, and no temporary folder is left."""
@@ -352,8 +352,9 @@ def test_convert_to_a_checkpoint_folder_that_a_run_starts_from(tmp_path, source)
     model = _random_model(6)
     assert load_model_weights(tmp_path / "folder", model) == 0
     _assert_state_equal(model.state_dict(), source.state_dict())
-    assert convert.main(["--preset", "debug", "--from", str(tmp_path / "released"),
-                         "--to", str(tmp_path / "folder")]) == 1
+    with pytest.raises(SystemExit):  # refused before any weight is read
+        convert.main(["--preset", "debug", "--from", str(tmp_path / "nowhere"), "--to", str(tmp_path / "folder")])
+    assert f"{tmp_path / 'folder'} exists: a checkpoint folder is written to a new name" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "released"]
 
 
