@@ -479,7 +479,9 @@ def load_model_weights(path: str | Path, model: nn.Module, strict: bool = True) 
                 f"has no {_INDEX} (not a checkpoint, or its save did not finish)")
         raise CheckpointError(f"{path} is not a complete checkpoint folder: it {what}")
     app = _ModelAndOptimizer(model, None)
-    want = {name: tuple(t.shape) for name, t in app.state_dict()["model"].items()}
+    # global shapes (a DTensor's .shape) without `app.state_dict()`'s gathers: DCP's load
+    # builds that once itself
+    want = {name: tuple(t.shape) for name, t in get_model_state_dict(model).items()}
     prefix = "app.model."
     try:
         saved = {key[len(prefix):]: tuple(meta.size) for key, meta in

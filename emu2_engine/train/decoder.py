@@ -45,7 +45,6 @@ short by a kill during its write is dropped, with a warning, when the next run s
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -76,11 +75,11 @@ from emu2_engine.models.vit import EVAVisionTransformer
 from emu2_engine.parallel.dims import ParallelDims
 from emu2_engine.train.decoder_config import DecoderJobConfig
 from emu2_engine.train.decoder_data import DecoderBatch, InMemoryData, ShardData, StepBatches, vae_pixels
-from emu2_engine.train.metrics import _json_line
+from emu2_engine.train.metrics import json_line, repair_last_line
 from emu2_engine.train.optim import build_scheduler
 from emu2_engine.train.trainer import STOPPED_FILE, NonFiniteCounts, NonFiniteError, mark_stopped, rank_device
 
-__all__ = ["DecoderJobConfig", "DecoderTrainer", "FrozenEncoder", "build_vae", "drop_torn_last_line",
+__all__ = ["DecoderJobConfig", "DecoderTrainer", "FrozenEncoder", "build_vae",
            "mark_stopped", "offset_noise", "sample_generator", "shard_unet", "unet_units", "compile_unet_blocks"]
 
 
@@ -504,7 +503,7 @@ class DecoderTrainer:
     def train(self, progress: bool = True, stop_at: int | None = None) -> list[dict]:
         """Run to `train.steps`, from the newest checkpoint when `train.resume`; return the
         metric records (rank 0 also appends them to run_dir/metrics.jsonl, non-finite numbers
-        as null, after dropping a torn last line: `drop_torn_last_line`). `stop_at` ends the
+        as null, after dropping a torn last line: `metrics.repair_last_line`). `stop_at` ends the
         run after that step without a checkpoint, as a crash would (tests). SIGTERM or SIGINT
         ends it after the step under way, with a checkpoint of that step, on every rank, and
         rank 0 writes run_dir/stopped.json. When reading shards, every step record carries the
@@ -517,7 +516,7 @@ class DecoderTrainer:
         if lead:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.toml")
-            drop_torn_last_line(metrics)
+            repair_last_line(metrics, "train_decoder")
             self.save_null_embedding()
             (self.run_dir / STOPPED_FILE).unlink(missing_ok=True)  # this run has not stopped yet
             print(f"train_decoder: data: {self.data.describe()}", flush=True)
@@ -527,7 +526,7 @@ class DecoderTrainer:
             records.append(record)
             if lead:
                 with open(metrics, "a") as f:
-                    f.write(_json_line(record))  # strict JSON: NaN and inf as null
+                    f.write(json_line(record))  # strict JSON: NaN and inf as null
 
         if cfg.train.resume and (step := self.checkpointer.load()) is not None:
             self.step_count = step
@@ -588,34 +587,6 @@ class DecoderTrainer:
                 signal.signal(sig, handler)
             bar.close()
         return records
-
-
-def drop_torn_last_line(path: Path) -> None:
-    """Make the metrics file `path` (if any) safe to append to. Records are appended one whole
-    line per write, so a kill during a write leaves at most a last line without its newline:
-    one that does not parse is that record cut short and is dropped with a warning (its step
-    runs again after the resume); a whole record that lost only its newline gets it back.
-    Appended to as it was, the file would get the next record glued onto the fragment: a bad
-    line in the middle, which strict readers refuse. (Not `train.metrics.read_records`, which
-    needs every line to carry a "step": the decoder's {"resumed_from": N} lines do not.)"""
-    if not path.is_file():
-        return
-    text = path.read_text()
-    if not text or text.endswith("\n"):
-        return
-    head, _, last = text.rpartition("\n")
-    try:
-        json.loads(last)
-    except json.JSONDecodeError:
-        number = text.count("\n") + 1
-        _warn(f"dropping the last line of {path} (line {number}), cut short by an interrupted "
-              f"write: {last[:80]!r}")
-        tmp = path.with_name(path.name + ".tmp")  # a kill now leaves the old file whole
-        tmp.write_text(head + "\n" if head else "")
-        tmp.replace(path)
-        return
-    with open(path, "a") as f:
-        f.write("\n")
 
 
 def _warn(message: str) -> None:

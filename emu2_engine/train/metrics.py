@@ -95,7 +95,7 @@ class MetricsWriter:
         if keep_until is not None and self.path.is_file():
             kept = [r for r in read_records(self.path) if "loss" in r and r["step"] <= keep_until]
         tmp = self.path.with_name(self.path.name + ".tmp")  # a kill now leaves the old file whole
-        tmp.write_text("".join(_json_line(r) for r in kept))
+        tmp.write_text("".join(json_line(r) for r in kept))
         tmp.replace(self.path)
         if tensorboard:
             try:
@@ -112,7 +112,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(_json_line(record))
+            f.write(json_line(record))
         if self.tb is not None and "step" in record:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -157,6 +157,35 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def _json_line(record: dict) -> str:
-    """One line of strict JSON (non-finite numbers as null)."""
+def json_line(record: dict) -> str:
+    """One line of a metrics file: strict JSON (non-finite numbers as null), newline-ended."""
     return json.dumps(_finite_or_none(record), allow_nan=False) + "\n"
+
+
+def repair_last_line(path: Path, prog: str = "metrics") -> None:
+    """Make the metrics file `path` (if any) safe to append to, for a writer that appends
+    without reading the file back (the decoder trainer; `MetricsWriter` reads it with
+    `read_records`, whose records all carry a "step"). Records are appended one whole line per
+    write, so a kill during a write leaves at most a last line without its newline: one that
+    does not parse is that record cut short and is dropped with a warning from `prog` (its step
+    runs again after the resume); a whole record that lost only its newline gets it back.
+    Appended to as it was, the file would get the next record glued onto the fragment: a bad
+    line in the middle, which strict readers refuse."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    if not text or text.endswith("\n"):
+        return
+    head, _, last = text.rpartition("\n")
+    try:
+        json.loads(last)
+    except json.JSONDecodeError:
+        number = text.count("\n") + 1
+        print(f"{prog}: dropping the last line of {path} (line {number}), cut short by an "
+              f"interrupted write: {last[:80]!r}", file=sys.stderr, flush=True)
+        tmp = path.with_name(path.name + ".tmp")  # a kill now leaves the old file whole
+        tmp.write_text(head + "\n" if head else "")
+        tmp.replace(path)
+        return
+    with open(path, "a") as f:
+        f.write("\n")
