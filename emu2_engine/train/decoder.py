@@ -333,12 +333,13 @@ class DecoderTrainer:
         the encoder and null_condition), so a resumed run writes the same tensor."""
         from safetensors.torch import save_file
 
+        from emu2_engine.checkpoint.released import atomic_path
+
         path = self.run_dir / NULL_EMBEDDING_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"null_embedding": self.null_embedding.detach().float().cpu().contiguous()}, str(tmp),
-                  metadata={"null_condition": self.cfg.diffusion.null_condition,
-                            "encoder": self.cfg.model.encoder})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"null_embedding": self.null_embedding.detach().float().cpu().contiguous()}, str(tmp),
+                      metadata={"null_condition": self.cfg.diffusion.null_condition,
+                                "encoder": self.cfg.model.encoder})
         return path
 
     def _positions(self) -> range:
