@@ -417,3 +417,67 @@ def test_ranks_loading_model_weights_fail_together(tmp_path):
     results = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
     assert results[1].startswith("checkpoint ") and "missing (2): 1.weight (2, 4), 1.bias (2,)" in results[1]
     assert results[0] == f"rank 1: {results[1]}"
+
+
+def test_grow_rows_and_which_shapes_may_grow():
+    """`grow_rows` appends rows equal to the mean of the saved ones (taken in fp32); `may_grow`
+    lets only the row count `grow` names stand in for the model's larger one."""
+    from emu2_engine.checkpoint.released import grow_rows, may_grow
+
+    saved = torch.tensor([[1.0, 2.0], [3.0, 6.0]], dtype=torch.float16)
+    grown = grow_rows(saved, 4)
+    assert grown.dtype == torch.float16
+    assert torch.equal(grown, torch.tensor([[1.0, 2.0], [3.0, 6.0], [2.0, 4.0], [2.0, 4.0]], dtype=torch.float16))
+    assert torch.equal(grow_rows(saved, 2), saved)
+    with pytest.raises(ValueError, match=r"expected at most 1 rows, got shape \(2, 2\)"):
+        grow_rows(saved, 1)
+    grow = {"emb": 5}
+    assert may_grow("emb", (5, 4), (7, 4), grow)
+    assert not may_grow("emb", (6, 4), (7, 4), grow)  # not the allowed count
+    assert not may_grow("emb", (5, 3), (7, 4), grow)  # another width
+    assert not may_grow("head", (5, 4), (7, 4), grow) and not may_grow("emb", (5, 4), (7, 4), None)
+    assert not may_grow("emb", (5, 4), (5, 4), grow)  # nothing to grow
+
+
+def _grow_worker(rank: int, init_file: str, folder: str, out: str) -> None:
+    from datetime import timedelta
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from emu2_engine.checkpoint.dcp import load_model_weights
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=4,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(1)  # a different start from the saved model's
+        model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7, bias=False))
+        # as the engine splits a vocabulary: by rows over tp (4/3), each part again over dp
+        # (FSDP: 2/2 and 2/1 rows), which DTensor describes as a strided shard
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], {"0": RowwiseParallel(), "1": ColwiseParallel()})
+        fully_shard(model, mesh=mesh["dp"])
+        load_model_weights(folder, model, grow={"0.weight": 5, "1.weight": 5})
+        full = {name: p.full_tensor() for name, p in model.named_parameters()}
+        if rank == 0:
+            torch.save(full, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_ranks_grow_a_vocabulary_from_a_checkpoint_with_fewer_rows(tmp_path):
+    """Four ranks (tp 2 x FSDP 2) load a one-process checkpoint whose vocabulary tensors have
+    5 rows into 7-row tensors split unevenly: the 5 saved rows, then their mean, each rank its
+    own shard of them."""
+    from emu2_engine.checkpoint.dcp import save_model_weights
+
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
+    save_model_weights(small, tmp_path / "weights")
+    mp.spawn(_grow_worker, args=(str(tmp_path / "init"), str(tmp_path / "weights"), str(tmp_path / "out.pt")),
+             nprocs=4, join=True)
+    full = torch.load(tmp_path / "out.pt")
+    for name, saved in small.state_dict().items():
+        assert torch.equal(full[name][:5], saved), name
+        assert torch.allclose(full[name][5:], saved.mean(0).expand(2, -1), rtol=0, atol=1e-7), name

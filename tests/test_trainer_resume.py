@@ -265,3 +265,56 @@ def test_a_new_run_starts_from_another_runs_weights(tmp_path, capsys):
                                f"--checkpoint.init_from={folder}"))
     with pytest.raises(ValueError, match=r"(?s)holds another model .* missing \(9\): llm.layers.2"):
         deep.resume()
+
+
+def test_a_chat_run_starts_from_emu2_weights_with_two_more_tokens(tmp_path, capsys):
+    """Emu2-Chat is tuned from Emu2, whose vocabulary lacks [USER] and [ASSISTANT]: a chat
+    model's init_from takes such weights (an engine checkpoint folder, engine weights, released
+    weights), copies the saved rows of the embedding and the LM head and starts the two new
+    rows at the mean of the saved ones; every other tensor is copied as it is. Other vocabulary
+    sizes, or a non-chat model, still load nothing."""
+    from emu2_engine.checkpoint.released import WeightsError, export_released_weights
+
+    base = Trainer(tiny_config(tmp_path / "base", "--train.steps=2", "--checkpoint.interval=1"))
+    base.train(progress=False, stop_at=1)
+    folder = tmp_path / "base" / "checkpoints" / "step-000001"
+    torch.save(base.model.state_dict(), tmp_path / "engine.pt")
+    export_released_weights(base.model, tmp_path / "released")
+    want = base.model.state_dict()
+    rows = base.model_cfg.llm.vocab_size
+    for source in (folder, tmp_path / "engine.pt", tmp_path / "released"):
+        chat = Trainer(tiny_config(tmp_path / f"chat-{Path(source).name}", "--model.preset=debug-chat",
+                                   "--train.steps=3", f"--checkpoint.init_from={source}"))
+        assert chat.model_cfg.llm.vocab_size == rows + 2
+        assert chat.resume() is None
+        got = chat.model.state_dict()
+        for name, value in want.items():
+            if name in ("llm.embed_tokens.weight", "lm_head.weight"):
+                assert got[name].shape == (rows + 2, value.shape[1])
+                assert torch.equal(got[name][:rows], value), name
+                mean = value.double().mean(0).float()
+                assert torch.allclose(got[name][rows:], mean.expand(2, -1), rtol=0, atol=1e-6), name
+            else:
+                assert torch.equal(got[name], value), name
+        assert (f"weights from {source} (" in (out := capsys.readouterr().out)
+                and "vocabulary grown from 784 to 786 tokens: [USER] and [ASSISTANT] start at the mean" in out)
+    # the chat model's own weights load as they are (nothing grown, nothing said of it)
+    torch.save(chat.model.state_dict(), tmp_path / "chat.pt")
+    again = Trainer(tiny_config(tmp_path / "again", "--model.preset=debug-chat", "--train.steps=3",
+                                f"--checkpoint.init_from={tmp_path / 'chat.pt'}"))
+    again.resume()
+    assert _same_weights(chat.model, again.model) and "grown" not in capsys.readouterr().out
+    # chat weights into the base model: two rows too many, refused; the base model never grows
+    back = Trainer(tiny_config(tmp_path / "back", "--train.steps=3", f"--checkpoint.init_from={tmp_path / 'chat.pt'}"))
+    with pytest.raises(WeightsError, match=r"(?s)wrong shape.*checkpoint \(786, 128\), model \(784, 128\)"):
+        back.resume()
+    # a vocabulary one token short of the chat one is not Emu2's: refused, nothing loaded
+    short = {k: (v[:-1] if k in ("llm.embed_tokens.weight", "lm_head.weight") else v)
+             for k, v in chat.model.state_dict().items()}
+    torch.save(short, tmp_path / "short.pt")
+    odd = Trainer(tiny_config(tmp_path / "odd", "--model.preset=debug-chat", "--train.steps=3",
+                              f"--checkpoint.init_from={tmp_path / 'short.pt'}"))
+    before = {k: v.clone() for k, v in odd.model.state_dict().items()}
+    with pytest.raises(WeightsError, match=r"(?s)nothing was loaded.*checkpoint \(785, 128\), model \(786, 128\)"):
+        odd.resume()
+    assert all(torch.equal(before[k], v) for k, v in odd.model.state_dict().items())

@@ -67,6 +67,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from emu2_engine.checkpoint.released import grow_rows, may_grow
+
 log = logging.getLogger(__name__)
 
 _STEP = re.compile(r"^step-(\d+)$")
@@ -170,10 +172,14 @@ class _ModelAndOptimizer(Stateful):
     which DCP's save plan cannot describe; it is saved whole (gathered) and split again when
     loaded."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 grow: dict[str, int] | None = None):
         self.model, self.optimizer = model, optimizer
         self.options = _FLAT  # `Checkpointer.load` reads checkpoints of the earlier layout unflattened
         self._gathered: dict[tuple[str, ...], DTensor] = {}  # path -> the DTensor it came from
+        # model entries read with fewer rows than the model's (saved rows), grown when loaded
+        self.grow = grow or {}
+        self._grown: dict[str, torch.Tensor] = {}  # name -> the model's tensor it fills
 
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:
@@ -182,6 +188,11 @@ class _ModelAndOptimizer(Stateful):
             model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.options)
             state = {"model": model_state, "optimizer": optim_state}
         self._gathered.clear()
+        self._grown.clear()
+        for name, rows in self.grow.items():
+            if name in state["model"]:  # a pipeline rank may not hold it
+                like = self._grown[name] = state["model"][name]
+                state["model"][name] = torch.empty((rows, *like.shape[1:]), dtype=like.dtype)
         return self._gather_strided(state, ())
 
     def _gather_strided(self, node: Any, path: tuple[str, ...]) -> Any:
@@ -201,8 +212,20 @@ class _ModelAndOptimizer(Stateful):
             parent[path[-1]] = distribute_tensor(parent[path[-1]], like.device_mesh, like.placements)
         return state
 
+    def _grow(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The entries read with fewer rows, grown (`grow_rows`) and placed as the model's are:
+        every rank read them whole, so each cuts its own shard out (``src_data_rank=None``: no
+        scatter, which also fails for uneven strided shards, as a vocabulary's under TP + FSDP)."""
+        for name, like in self._grown.items():
+            full = grow_rows(state["model"][name], like.shape[0])
+            if isinstance(like, DTensor):
+                full = distribute_tensor(full.to(like.device), like.device_mesh, like.placements,
+                                         src_data_rank=None)
+            state["model"][name] = full
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = self._split_gathered(state)
+        state = self._grow(self._split_gathered(state))
         if self.optimizer is None:
             set_model_state_dict(self.model, state["model"])
         else:
@@ -459,7 +482,26 @@ def is_checkpoint_folder(path: str | Path) -> bool:
     return (Path(path) / _INDEX).is_file()
 
 
-def load_model_weights(path: str | Path, model: nn.Module, strict: bool = True) -> int:
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The model entries of the complete checkpoint folder `path`, by name, with their global
+    shapes (DCP's metadata alone; no tensor is read)."""
+    path = Path(path)
+    if not (path / _INDEX).is_file():
+        what = ("does not exist" if not path.exists() else
+                f"has no {_INDEX} (not a checkpoint, or its save did not finish)")
+        raise CheckpointError(f"{path} is not a complete checkpoint folder: it {what}")
+    prefix = "app.model."
+    try:
+        return {key[len(prefix):]: tuple(meta.size) for key, meta in
+                dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
+                if key.startswith(prefix) and hasattr(meta, "size")}
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path} (corrupt, or not written by this "
+                              f"engine): {_reason(err)}") from err
+
+
+def load_model_weights(path: str | Path, model: nn.Module, strict: bool = True,
+                       grow: dict[str, int] | None = None) -> int:
     """Load only the model entries of the complete checkpoint folder `path` (``step-000123``,
     as `Checkpointer.save` or `save_model_weights` writes it) into `model`, and return the
     checkpoint's step: for sampling or evaluating a trained model, or for starting a new run
@@ -472,29 +514,25 @@ def load_model_weights(path: str | Path, model: nn.Module, strict: bool = True) 
     first; with `strict`, tensors the checkpoint holds beyond `model`'s are refused too (a
     pipeline rank holds only its stages: pass strict=False). A missing or incomplete folder,
     or a checkpoint of another model (one CheckpointError listing the missing, unexpected and
-    wrongly shaped tensors), loads nothing."""
+    wrongly shaped tensors), loads nothing.
+
+    `grow` maps a model name to the row count the checkpoint may hold for it when the model
+    has more (a vocabulary grown by tokens appended at its end, as Emu2-Chat's two over
+    Emu2's): every rank reads those rows whole and takes its shard of them grown by
+    `grow_rows`."""
     path = Path(path)
-    if not (path / _INDEX).is_file():
-        what = ("does not exist" if not path.exists() else
-                f"has no {_INDEX} (not a checkpoint, or its save did not finish)")
-        raise CheckpointError(f"{path} is not a complete checkpoint folder: it {what}")
-    app = _ModelAndOptimizer(model, None)
+    saved = checkpoint_shapes(path)
     # global shapes (a DTensor's .shape) without `app.state_dict()`'s gathers: DCP's load
     # builds that once itself
     want = {name: tuple(t.shape) for name, t in get_model_state_dict(model).items()}
-    prefix = "app.model."
-    try:
-        saved = {key[len(prefix):]: tuple(meta.size) for key, meta in
-                 dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
-                 if key.startswith(prefix) and hasattr(meta, "size")}
-    except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {path} (corrupt, or not written by this "
-                              f"engine): {_reason(err)}") from err
+    grown = {name: saved[name][0] for name, shape in want.items()
+             if name in saved and may_grow(name, saved[name], shape, grow)}
+    app = _ModelAndOptimizer(model, None, grow=grown)
     problems = {
         "missing": [f"{name} {shape}" for name, shape in want.items() if name not in saved],
         "unexpected": [name for name in saved if name not in want] if strict else [],
         "wrong shape": [f"{name}: saved {saved[name]}, model {shape}" for name, shape in want.items()
-                        if name in saved and saved[name] != shape]}
+                        if name in saved and saved[name] != shape and name not in grown]}
     message = ""
     if any(problems.values()):
         listed = "".join(f"\n  {kind} ({len(items)}): " + ", ".join(items[:6])

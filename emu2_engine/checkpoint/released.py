@@ -99,6 +99,33 @@ class LoadReport:
     kept_keys: list[str] = field(default_factory=list)
     """Engine names whose checkpoint tensor had another shape and which `keep_fresh` let keep
     their own initialisation (not copied, not an error)."""
+    grown_keys: list[str] = field(default_factory=list)
+    """Engine names whose checkpoint tensor had the fewer rows `grow` allows: copied into the
+    first rows, the rest set by `grow_rows` (also in `loaded_keys`)."""
+
+
+def grow_rows(saved: torch.Tensor, rows: int) -> torch.Tensor:
+    """`saved` (rows first) extended to `rows` rows, each new one the mean of the saved rows:
+    how a vocabulary grown by tokens appended at its end starts them (Emu2's 32,272 tokens to
+    Emu2-Chat's 32,274 with [USER] and [ASSISTANT]). In the embedding the mean keeps the new
+    tokens' inputs inside the distribution the model has seen; in the LM head it gives them the
+    average logit, so the other tokens' probabilities barely move (Hewitt, "Initializing New
+    Word Embeddings for Pretrained Language Models", 2021). The mean is taken in fp32."""
+    if saved.dim() == 0 or rows < saved.shape[0]:
+        raise ValueError(f"grow_rows extends a tensor's rows: expected at most {rows} rows, "
+                         f"got shape {tuple(saved.shape)}")
+    if saved.shape[0] == 0:
+        raise ValueError("grow_rows needs at least one saved row to take the mean of")
+    extra = saved.float().mean(0, keepdim=True).to(saved.dtype).expand(rows - saved.shape[0], *saved.shape[1:])
+    return torch.cat([saved, extra])
+
+
+def may_grow(name: str, saved: Shape, want: Shape, grow: Mapping[str, int] | None) -> bool:
+    """Whether a checkpoint tensor of shape `saved` fills the model's `want` by `grow_rows`:
+    `grow` allows `name` exactly that many rows, fewer than the model's, and every other
+    dimension matches."""
+    return (grow is not None and name in grow and len(saved) == len(want) >= 1
+            and saved[0] == grow[name] < want[0] and tuple(saved[1:]) == tuple(want[1:]))
 
 
 # -- names ----------------------------------------------------------------------------------
@@ -254,7 +281,8 @@ def _section(title: str, lines: list[str]) -> str:
 
 def load_weights(model: nn.Module, source: str | os.PathLike, *,
                  rename: Callable[[str], str | None] | None = None, strict: bool = True,
-                 keep_fresh: Callable[[str], bool] | None = None) -> LoadReport:
+                 keep_fresh: Callable[[str], bool] | None = None,
+                 grow: Mapping[str, int] | None = None) -> LoadReport:
     """Copy the tensors of a checkpoint file or directory into `model`'s state dict.
 
     `rename` maps a checkpoint key to the model's name (None: ignore the key; KeyError: the key
@@ -299,7 +327,9 @@ def load_weights(model: nn.Module, source: str | os.PathLike, *,
                     report.kept_keys.append(engine)
                     continue
                 plan[engine] = (f, name)
-                if shape != want:
+                if shape != want and may_grow(engine, shape, want, grow):
+                    report.grown_keys.append(engine)
+                elif shape != want:
                     wrong.append(f"{name}: checkpoint {_fmt_shape(shape)}, model {want} ({engine})")
     report.missing_keys = [k for k in targets if k not in plan and k not in report.kept_keys]
     # Name a missing weight as the checkpoint would: the released name for released weights.
@@ -321,7 +351,10 @@ def load_weights(model: nn.Module, source: str | os.PathLike, *,
             pairs = dict(by_file.get(id(f), []))
             try:
                 for name, tensor in f.read(list(pairs)):
-                    targets[pairs[name]].data.copy_(tensor)
+                    target = targets[pairs[name]]
+                    if pairs[name] in report.grown_keys:
+                        tensor = grow_rows(tensor, target.shape[0])
+                    target.data.copy_(tensor)
                     report.loaded_keys.append(pairs[name])
             except (OSError, SafetensorError, RuntimeError) as e:
                 raise OSError(f"reading {f.path} failed after {len(report.loaded_keys)} tensors were "
@@ -355,15 +388,17 @@ def read_tensor(source: str | os.PathLike, name: str, *,
     raise KeyError(f"{name!r} is not in checkpoint {source}")
 
 
-def load_released_weights(model: nn.Module, source: str | os.PathLike, strict: bool = True) -> LoadReport:
+def load_released_weights(model: nn.Module, source: str | os.PathLike, strict: bool = True,
+                          grow: Mapping[str, int] | None = None) -> LoadReport:
     """Load released Emu2 weights (any variant in the module docstring) into an `Emu2Model`.
 
     `source`: a .safetensors file, a .bin/.pt/.pth file (read with weights_only=True), or a
     directory holding model.safetensors.index.json / pytorch_model.bin.index.json with its
     shards, or a single model.safetensors / pytorch_model.bin. Raises FileNotFoundError,
     CorruptCheckpointError or WeightsError (both ValueErrors); the model is unchanged then.
+    `grow`: as in `load_weights` (engine names).
     """
-    return load_weights(model, source, rename=to_engine_name, strict=strict)
+    return load_weights(model, source, rename=to_engine_name, strict=strict, grow=grow)
 
 
 # -- writing --------------------------------------------------------------------------------

@@ -177,6 +177,10 @@ PRESETS: dict[str, Emu2Config] = {
                         ffn_hidden=384, max_positions=512),
         base_vocab_size=512, n_query=16),
 }
+# The debug model with the chat vocabulary ([USER], [ASSISTANT] after the 272 added tokens): the
+# CPU's stand-in for Emu2-Chat tuning from Emu2's weights (`checkpoint.init_from` grows the rows).
+PRESETS["debug-chat"] = replace(PRESETS["debug"], name="debug-chat", chat=True,
+                                llm=replace(PRESETS["debug"].llm, vocab_size=512 + 274))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ from emu2_engine.train.timeline import StepTimeline
 from emu2_engine.train.weight_cast import StepWeightCast, block_linear_parameters, fusable_block_linears
 
 STOPPED_FILE = "stopped.json"
+VOCAB_EMBEDDING, VOCAB_HEAD = "llm.embed_tokens.weight", "lm_head.weight"
+"""The model's two tensors with a row per vocabulary token."""
 """Written into the run folder by rank 0 when a signal stopped the run and its checkpoint is
 complete (`mark_stopped`); removed when a run starts."""
 
@@ -495,26 +497,50 @@ class Trainer:
         layout loads into any other), or, in a one-process run, a weights file or folder: the
         engine's own state dict (`python -m emu2_engine.convert` writes one) or released Emu2
         weights. Nothing is loaded unless every tensor matches."""
-        from emu2_engine.checkpoint.dcp import is_checkpoint_folder, load_model_weights
+        from emu2_engine.checkpoint.dcp import checkpoint_shapes, is_checkpoint_folder, load_model_weights
         from emu2_engine.checkpoint.released import holds_released_names, load_released_weights, load_weights
 
         path = Path(source).expanduser()
         if not path.exists():  # checked here, where it is read (a resumed run never reads it)
             raise FileNotFoundError(f"checkpoint.init_from = {source!r} does not exist: expected an engine "
                                     f"checkpoint folder or a weights file or folder")
+        grow = self._chat_vocabulary_growth()
         if is_checkpoint_folder(path):
-            load_model_weights(path, self.model, strict=not (self.parallel and self.parallel.schedule))
-            return "an engine checkpoint"
+            load_model_weights(path, self.model, strict=not (self.parallel and self.parallel.schedule), grow=grow)
+            shapes = checkpoint_shapes(path)
+            grown = any(shapes.get(name, (None,))[0] == rows for name, rows in grow.items())
+            return "an engine checkpoint" + self._grown_note(grown)
         if self.parallel is not None:
             raise ValueError(f"checkpoint.init_from = {source!r} is not an engine checkpoint folder: "
                              f"a parallel layout loads weights from one (write it with `python -m "
                              f"emu2_engine.convert --preset {self.cfg.model.preset} --from {source} "
                              f"--to <folder>`)")
         if holds_released_names(path):
-            load_released_weights(self.model, path)
-            return "released Emu2 weights"
-        load_weights(self.model, path)
-        return "engine weights"
+            report = load_released_weights(self.model, path, grow=grow)
+            return "released Emu2 weights" + self._grown_note(bool(report.grown_keys))
+        report = load_weights(self.model, path, grow=grow)
+        return "engine weights" + self._grown_note(bool(report.grown_keys))
+
+    def _chat_vocabulary_growth(self) -> dict[str, int]:
+        """For a chat model, the rows its vocabulary tensors may be loaded from: Emu2's
+        vocabulary without [USER] and [ASSISTANT] (32,272 of the chat model's 32,274 tokens), as
+        Emu2-Chat is tuned from Emu2. The two new rows start at the mean of the others."""
+        from emu2_engine.data.tokens import added_tokens
+
+        cfg = self.model_cfg
+        if not cfg.chat:
+            return {}
+        rows = cfg.base_vocab_size + len(added_tokens(chat=False))
+        return {VOCAB_EMBEDDING: rows, VOCAB_HEAD: rows}
+
+    def _grown_note(self, grown: bool) -> str:
+        if not grown:
+            return ""
+        from emu2_engine.data.tokens import CHAT_SPECIAL_TOKENS
+
+        vocab = self.model_cfg.llm.vocab_size
+        return (f"; vocabulary grown from {vocab - len(CHAT_SPECIAL_TOKENS)} to {vocab} tokens: "
+                f"{' and '.join(CHAT_SPECIAL_TOKENS)} start at the mean of the other rows")
 
     def train(self, progress: bool = True, stop_at: int | None = None) -> list[dict]:
         """Run to `train.steps` (from the checkpoint that `checkpoint.resume` picks); return
