@@ -59,19 +59,33 @@ def test_pp2_interleaved_matches_one_process_resumes_exactly_and_its_checkpoint_
     4 layers deep): the same data as one process, so the same losses. Resumed by two ranks from
     step 2, it repeats steps 3 and 4 bit for bit (each rank's optimiser groups come back: saved
     by position they collided across ranks, and the resumed step failed). Each rank's two stages
-    are checkpointed under the whole model's names, so one process resumes from it."""
+    are checkpointed under the whole model's names, so one process resumes from it.
+
+    Both runs start from the same weights of the base (non-chat) debug model, into the chat
+    model (`checkpoint.init_from`, the vocabulary grown by two rows): the first pipeline stage
+    takes the embedding's rows, the last the head's; the resumed run takes its own checkpoint."""
+    from dataclasses import replace
+
+    from emu2_engine.checkpoint.dcp import save_model_weights
+    from emu2_engine.models import Emu2Config, Emu2Model
+
+    base = Emu2Config.from_preset("debug")
+    torch.manual_seed(123)  # not the runs' own initialisation
+    save_model_weights(Emu2Model(replace(base, llm=replace(base.llm, layers=4))), tmp_path / "base")
     deep = ["--model.llm_layers=4", "--parallel.microbatches=2", "--train.steps=4",
-            "--checkpoint.interval=2", "--checkpoint.keep=2"]
+            "--checkpoint.interval=2", "--checkpoint.keep=2", "--model.preset=debug-chat"]
+    start = [f"--checkpoint.init_from={tmp_path / 'base'}"]
     pp = ["--parallel.pp=2", "--parallel.pp_schedule=interleaved-1f1b", "--parallel.stages_per_rank=2"]
-    records = [r for r in torchrun(tmp_path / "pp2", *deep, *pp, steps=4) if "loss" in r]
-    single = Trainer(JobConfig.load(None, TINY + deep + [f"--train.run_dir={tmp_path / 'one'}"]))
+    records = [r for r in torchrun(tmp_path / "pp2", *deep, *start, *pp, steps=4) if "loss" in r]
+    single = Trainer(JobConfig.load(None, TINY + deep + start + [f"--train.run_dir={tmp_path / 'one'}"]))
     reference = [r for r in single.train(progress=False) if "loss" in r]
     for got, want in zip(records, reference, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    assert single.model.lm_head.weight.shape[0] == base.llm.vocab_size + 2
     shutil.copytree(tmp_path / "pp2" / "checkpoints" / "step-000002",
                     tmp_path / "resumed" / "checkpoints" / "step-000002")
-    resumed = [r for r in torchrun(tmp_path / "resumed", *deep, *pp, steps=4) if "loss" in r]
+    resumed = [r for r in torchrun(tmp_path / "resumed", *deep, *start, *pp, steps=4) if "loss" in r]
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in resumed] == \
         [(r["step"], r["loss"], r["grad_norm"]) for r in records[2:]]
     # the whole model's parameters and optimiser moments, from the two ranks' four stages
