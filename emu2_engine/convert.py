@@ -32,7 +32,6 @@ from emu2_engine.checkpoint.released import (
 )
 from emu2_engine.checkpoint.dcp import save_model_weights
 from emu2_engine.models import PRESETS, Emu2Config, Emu2Model
-from emu2_engine.models.llama import RotaryEmbedding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENGINE_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -48,14 +47,10 @@ def parse_size(text: str) -> int:
 
 
 def empty_model(preset: str, dtype: torch.dtype) -> Emu2Model:
-    """An `Emu2Model` of `preset` on the CPU with uninitialised weights (to be loaded) and its
-    rotary tables computed (they are non-persistent buffers no checkpoint carries)."""
+    """An `Emu2Model` of `preset` on the CPU with uninitialised weights (to be loaded)."""
     with torch.device("meta"):
         model = Emu2Model(Emu2Config.from_preset(preset)).to(dtype)
     model.to_empty(device="cpu")
-    for m in model.modules():
-        if isinstance(m, RotaryEmbedding):
-            m.reset_buffers()
     return model
 
 

@@ -356,10 +356,10 @@ def llm_stem_activations(cfg: Emu2Config, tokens: int, visual_tokens: int, embed
     D = cfg.llm.head_dim
     n = tokens * 2 * 4  # int32 doc/span ids, saved by every layer's attention (one tensor each)
     if p.compute == FP32 or ac != "none":
-        # The cos/sin tables, in the dtype of the `inv_freq` buffer: fp32 in training (FSDP's
-        # param_dtype casts parameters, not buffers). Shared by every layer: saved by RoPE's
-        # products when they run in fp32, and held as block inputs by the checkpoints.
-        n += tokens * 2 * D * (FP32 if p.autocast else p.params)
+        # The cos/sin tables, fp32 (RotaryEmbedding computes them so). Shared by every layer:
+        # saved by RoPE's products when they run in fp32, and held as block inputs by the
+        # checkpoints.
+        n += tokens * 2 * D * FP32
     if embed:
         n += tokens * 8 + visual_tokens * 8  # int64 token ids (embedding), slot indices (index_put)
     return n
@@ -698,6 +698,10 @@ def candidates(cfg: Emu2Config, gpus: int, wl: Workload) -> tuple[list[Layout], 
         except ValueError as err:
             refused[str(err)] = None
             continue
+        if wl.seq_len % tp:  # sequence parallelism splits each row's tokens over tp (as the trainer checks)
+            refused[f"tp={tp}: sequence parallelism needs the sequence length ({wl.seq_len}) to be a "
+                    f"multiple of tp"] = None
+            continue
         for pp in _divisors(gpus // tp):
             dp = gpus // (tp * pp)
             if wl.global_batch % (dp * wl.micro_batch):
@@ -764,7 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=Workload.seq_len)
     p.add_argument("--micro-batch", type=int, default=Workload.micro_batch)
     p.add_argument("--global-batch", type=int, default=Workload.global_batch, help="sequences per step")
-    p.add_argument("--images-per-seq", type=int, default=Workload.images_per_seq)
+    p.add_argument("--images-per-seq", type=int, default=None,
+                   help=f"images per sequence (default {Workload.images_per_seq}, or as many as a "
+                        f"sequence holds when fewer)")
     p.add_argument("--freeze-vision", action="store_true", help="encoder frozen (Emu2 stage 2)")
     p.add_argument("--fp32-residual", action="store_true",
                    help="fp32 residual streams (train.fp32_residual; no effect with data parallelism)")
@@ -773,9 +779,19 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("gpus", "seq_len", "micro_batch", "global_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.images_per_seq < 0 or args.top < 0:
+    if (args.images_per_seq or 0) < 0 or args.top < 0:
         p.error("--images-per-seq and --top must be >= 0")
     cfg = Emu2Config.from_preset(args.preset)
+    if args.images_per_seq is None:
+        args.images_per_seq = max(0, min(Workload.images_per_seq, (args.seq_len - 2) // (cfg.n_query + 2)))
+    if args.seq_len > cfg.llm.max_positions:
+        p.error(f"--seq-len {args.seq_len} exceeds the {args.preset} model's max_positions "
+                f"({cfg.llm.max_positions})")
+    image_span = cfg.n_query + 2  # [IMG] n_query slots [/IMG]
+    if args.images_per_seq * image_span + 2 > args.seq_len:
+        p.error(f"--images-per-seq {args.images_per_seq} images of {image_span} tokens each "
+                f"([IMG] + {cfg.n_query} slots + [/IMG]) and <s> </s> need "
+                f"{args.images_per_seq * image_span + 2} tokens, more than --seq-len {args.seq_len}")
     gpu = GPUS[args.gpu]
     wl = Workload(args.seq_len, args.micro_batch, args.global_batch, args.images_per_seq, args.freeze_vision,
                   args.fp32_residual)

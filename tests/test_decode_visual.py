@@ -194,8 +194,16 @@ def test_bad_arguments(parts):
         decode_images(emb, unet=unet, vae=vae, steps=2, height=30, width=32)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         decode_images(emb, unet=unet, vae=vae, steps=0, height=32, width=32)
-    with pytest.raises(ValueError, match="guidance must be >= 1"):
-        decode_images(emb, unet=unet, vae=vae, steps=2, guidance=0.5, height=32, width=32)
+    for guidance in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance must be a finite number >= 1"):
+            decode_images(emb, unet=unet, vae=vae, steps=2, guidance=guidance, height=32, width=32,
+                          negative="zeros")
+    bad = emb.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="embeddings hold non-finite values"):
+        decode_images(bad, unet=unet, vae=vae, steps=2, height=32, width=32, negative="zeros")
+    with pytest.raises(ValueError, match="negative hold non-finite values"):
+        decode_images(emb, unet=unet, vae=vae, steps=2, height=32, width=32, negative=bad[0])
     with pytest.raises(ValueError, match=r"negative embeddings must be .*; got shape \(3, 16, 64\)"):
         decode_images(emb, unet=unet, vae=vae, steps=2, height=32, width=32, negative=torch.zeros(3, 16, 64))
     video = inflate_unet(unet)

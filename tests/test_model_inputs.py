@@ -58,6 +58,38 @@ def test_ids_outside_vocabulary(model):
         model.logits(torch.tensor([[-1, 3]]))
 
 
+def test_bad_n_query_empty_ids_and_chat_video(model):
+    """n_query = 0 is refused (it used to fall back to the model's); empty ids get a clear error;
+    a chat model refuses video frames ([gIMG]): Emu2-Chat's frames take 64 tokens and its
+    images 256, which one n_query per model cannot give."""
+    for bad in (0, 9, -4):
+        with pytest.raises(ValueError, match=rf"n_query must be a square whose side divides .* got {bad}"):
+            model.logits(_ids_with_slots(model, 0), n_query=bad)
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, S\) with B, S >= 1, got shape \(1, 0\)"):
+        model.logits(torch.zeros(1, 0, dtype=torch.long))
+    chat = Emu2Model(Emu2Config.from_preset("debug-chat")).eval()
+    ids = _ids_with_slots(chat, 1)
+    ids[ids == chat.cfg.special_ids.image] = chat.cfg.special_ids.gen_img
+    with pytest.raises(ValueError, match=r"video frames \(\[gIMG\]\) for the chat model.*not supported"):
+        chat.logits(ids, torch.zeros(1, 3, 64, 64))
+
+
+def test_rope_tables_stay_fp32_and_need_no_buffer():
+    """The rotary frequencies are computed in fp32 in each call: a model cast to bf16 keeps
+    fp32 angles (a bf16 buffer put the 37B model's angles off by up to 2.5 rad), and a model
+    built on the meta device and materialised with to_empty() has no uninitialised table."""
+    from emu2_engine.models.llama import RotaryEmbedding
+
+    rope = RotaryEmbedding(128, 10000.0)
+    assert list(rope.buffers()) == [] and rope.inv_freq().dtype == torch.float32
+    pos = torch.arange(2048)[None]
+    cos32, _ = rope(pos)
+    cos16, _ = rope.to(torch.bfloat16)(pos)
+    assert cos16.dtype == torch.float32 and torch.equal(cos16, cos32)
+    want = 1.0 / 10000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128)
+    assert torch.allclose(rope.inv_freq().double(), want, rtol=1e-6)
+
+
 def test_inconsistent_config_is_refused():
     from dataclasses import replace
     cfg = Emu2Config.from_preset("debug")

@@ -420,5 +420,24 @@ def test_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         plan.main(["--gpus", "0"])
     assert "--gpus must be >= 1" in capsys.readouterr().err
+    # what the trainer would refuse is not planned: rows longer than the model's positions,
+    # images that do not fit in a row
+    with pytest.raises(SystemExit):
+        plan.main(["--gpus", "64", "--seq-len", "4096"])
+    assert "--seq-len 4096 exceeds the emu2-37b model's max_positions (2048)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plan.main(["--gpus", "64", "--images-per-seq", "40"])
+    assert "need 2642 tokens, more than --seq-len 2048" in capsys.readouterr().err
+
+
+def test_layouts_follow_the_trainers_rules_on_sequence_length(capsys):
+    """tp must divide the sequence length (sequence parallelism): 2046 tokens rule out tp = 4.
+    emu2-chat-37b's images take 258 tokens: by default as many as fit (7), not 8."""
+    plan.main(["--gpus", "64", "--seq-len", "2046", "--top", "0"])
+    out = capsys.readouterr().out
+    assert "ruled out: tp=4: sequence parallelism needs the sequence length (2046) to be a multiple of tp" in out
+    assert not [line for line in out.splitlines() if line.startswith("  4 ")]
+    plan.main(["--preset", "emu2-chat-37b", "--gpus", "64", "--top", "1"])
+    assert "7 images per sequence" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown model preset"):
         plan.main(["--preset", "nope", "--gpus", "8"])

@@ -220,6 +220,9 @@ VIDEO_BLEND = ["--data.datasets=['video_text', 'text']", "--data.weights=[1.0, 1
     ([*VIDEO_BLEND, "--data.seq_len=74", "--data.text_len=74", "--data.interleaved_len=74"],
      r"data.seq_len \(74\) cannot hold one video of 4 frames of the debug model \(16 visual "
      r"tokens each\): needs >= 75"),
+    # Emu2-Chat's frames take 64 tokens, its images 256: one n_query per model cannot do both
+    ([*VIDEO_BLEND, "--model.preset=debug-chat"],
+     r"data.datasets draws video_text for the chat model debug-chat: .* video is not supported"),
 ])
 def test_parallel_and_run_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -154,6 +154,19 @@ def test_load_casts_to_model_dtype(tmp_path, source):
         assert torch.equal(half.state_dict()[k], v.to(torch.bfloat16)), k
 
 
+def test_a_model_built_on_meta_and_loaded_gives_the_same_logits(tmp_path, source):
+    """The way to load 37B: build on the meta device, to_empty(), load the released weights.
+    Nothing the checkpoint lacks may be left uninitialised (the rotary table was: NaN logits)."""
+    export_released_weights(source, tmp_path / "w.safetensors")
+    with torch.device("meta"):
+        model = Emu2Model(CFG)
+    model.to_empty(device="cpu")
+    load_released_weights(model, tmp_path / "w.safetensors")
+    ids = torch.tensor([[1, 17, 250, 9, 44, 3]])
+    with torch.no_grad():
+        assert torch.equal(model.logits(ids), source.logits(ids))
+
+
 # -- variants -------------------------------------------------------------------------------
 def _hf(sd):
     return {"model." + k: v for k, v in sd.items()}

@@ -21,6 +21,8 @@ null embedding its run saved: the negative that decoder was trained with.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from pathlib import Path
 
@@ -157,8 +159,9 @@ def _negative_like(cond: torch.Tensor, negative: torch.Tensor | str) -> torch.Te
 def _check_guidance(steps: int, guidance: float) -> None:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if guidance < 1.0:
-        raise ValueError(f"guidance must be >= 1 (1 turns classifier-free guidance off), got {guidance}")
+    if not (math.isfinite(guidance) and guidance >= 1.0):
+        raise ValueError(f"guidance must be a finite number >= 1 (1 turns classifier-free guidance "
+                         f"off), got {guidance}")
 
 
 def sample_latents(unet: UNet, cond: torch.Tensor, latent_shape: tuple[int, ...],
@@ -169,6 +172,10 @@ def sample_latents(unet: UNet, cond: torch.Tensor, latent_shape: tuple[int, ...]
     `negative`: a tensor or "zeros", required unless guidance is 1 (`_check_negative`)."""
     _check_guidance(steps, guidance)
     _check_negative(guidance, negative)
+    for name, t in (("embeddings", cond), ("negative", negative)):
+        if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} hold non-finite values (NaN or inf): the images would be "
+                             f"blank; check what produced them")
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
     scheduler = euler_scheduler(schedule)

@@ -10,12 +10,14 @@ features before `project_up`, detached, which `pool_project` returns beside its 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from emu2_engine.data.batch import PackedBatch
 from emu2_engine.models.config import Emu2Config
-from emu2_engine.models.llama import LlamaDecoder, RMSNorm, RotaryEmbedding
+from emu2_engine.models.llama import LlamaDecoder, RMSNorm
 from emu2_engine.models.projector import Projector
 from emu2_engine.models.vit import EVAVisionTransformer
 from emu2_engine.ops import HeadLoss, emu2_head_loss
@@ -35,17 +37,14 @@ class Emu2Model(nn.Module):
         nn.init.normal_(self.project_down.weight, std=0.02)
 
     def init_weights(self) -> None:
-        """Fresh initialisation of every parameter and buffer (after `to_empty` from meta),
-        skipping the parts a pipeline stage does not hold."""
+        """Fresh initialisation of every parameter (after `to_empty` from meta), skipping the
+        parts a pipeline stage does not hold."""
         if self.visual is not None:
             self.visual.init_weights()
         self.llm.init_weights()
         for m in (self.projector and self.projector.project_up, self.lm_head, self.project_down):
             if m is not None:
                 nn.init.normal_(m.weight, std=0.02)
-        for m in self.modules():
-            if isinstance(m, RotaryEmbedding):
-                m.reset_buffers()
 
     # -- pieces ---------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor, n_query: int | None = None) -> torch.Tensor:
@@ -91,15 +90,25 @@ class Emu2Model(nn.Module):
     def logits(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
                n_query: int | None = None) -> torch.Tensor:
         """(B, S) unpacked ids -> (B, S, V) logits. The `<image>`/`[gIMG]` placeholders are
-        filled, in row-major order, with the embeddings of `images` (N, 3, R, R), n_query each."""
-        n_query = n_query or self.cfg.n_query
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
+        filled, in row-major order, with the embeddings of `images` (N, 3, R, R), n_query each
+        (None: the model's)."""
+        n_query = self.cfg.n_query if n_query is None else n_query
+        side = math.isqrt(max(n_query, 0))
+        if n_query < 1 or side * side != n_query or self.cfg.vision.grid % side:
+            raise ValueError(f"n_query must be a square whose side divides the patch grid side "
+                             f"({self.cfg.vision.grid}), got {n_query}")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be (B, S) with B, S >= 1, got shape {tuple(input_ids.shape)}")
         V = self.cfg.llm.vocab_size
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= V:
             raise ValueError(f"input_ids must lie in [0, {V}), got values in [{lo}, {hi}]")
         ids = self.cfg.special_ids
+        if self.cfg.chat and bool((input_ids == ids.gen_img).any()):
+            raise ValueError(f"input_ids hold video frames ([gIMG]) for the chat model: Emu2-Chat's "
+                             f"frames take 64 visual tokens each and its images {self.cfg.n_query}; "
+                             f"this engine gives every visual input one count: video is not "
+                             f"supported for chat models")
         is_slot = (input_ids == ids.image) | (input_ids == ids.gen_img)
         n_images = 0 if images is None else images.shape[0]
         n_slots = int(is_slot.sum())

@@ -33,22 +33,25 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for arbitrary per-token positions (computed in fp32)."""
+    """cos/sin tables for arbitrary per-token positions, computed in fp32.
+
+    The frequencies are computed in each call rather than kept in a buffer: a buffer is cast
+    by ``model.to(torch.bfloat16)`` (bf16 frequencies put the angles of the 37B model's
+    positions off by up to 2.5 rad) and left uninitialised by ``to_empty()`` after a build on
+    the meta device (no checkpoint carries it). They are head_dim / 2 numbers; under
+    torch.compile they fold into a constant."""
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
-    def _inv_freq(self) -> torch.Tensor:
-        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-
-    def reset_buffers(self) -> None:
-        """Recompute inv_freq (after materialising a model built on the meta device)."""
-        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+    def inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        """theta ** (-2i / head_dim) for i < head_dim / 2, fp32."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta ** exponents)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids.float()[..., None] * self.inv_freq  # (B, S, D/2)
+        freqs = position_ids.float()[..., None] * self.inv_freq(position_ids.device)  # (B, S, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos(), emb.sin()
 

@@ -384,10 +384,10 @@ class JobConfig:
             if not ok:
                 raise ValueError(message)
         model_cfg = self.model.build_config()
-        self._validate_visual_spans(model_cfg.n_query)
+        self._validate_visual_spans(model_cfg.n_query, model_cfg.chat)
         self._validate_parallel(model_cfg, world_size)
 
-    def _validate_visual_spans(self, n_query: int) -> None:
+    def _validate_visual_spans(self, n_query: int, chat: bool = False) -> None:
         """A row must hold one whole image and, when videos are drawn, one whole video:
         truncation never cuts inside an image span nor a video, so a config that cannot fit
         them would silently drop every such sample (and the held-out check's images)."""
@@ -399,6 +399,11 @@ class JobConfig:
                              f"{image_span} (<s> [IMG] slots [/IMG] </s>)")
         if not any(kind == "video_text" and w > 0 for kind, w in zip(d.datasets, d.weights)):
             return
+        if chat:
+            raise ValueError(f"data.datasets draws video_text for the chat model {self.model.preset}: "
+                             f"Emu2-Chat's video frames take 64 visual tokens each and its images "
+                             f"{n_query}, and this engine gives every visual input one count "
+                             f"(n_query); video is not supported for chat models")
         if d.video_frames > d.max_images:
             raise ValueError(f"data.video_frames ({d.video_frames}) exceeds data.max_images "
                              f"({d.max_images}): every video of the video_text dataset would be "
