@@ -81,6 +81,42 @@ def test_backend_choice(monkeypatch, setting, kernel):
     assert bool(calls) == kernel
 
 
+def test_auto_takes_the_reference_for_input_the_kernel_cannot_take(monkeypatch):
+    """On a GPU, auto sends modality_attention to the Triton kernel; a head dim or dtype the
+    kernel does not take (a model with head dim 12; fp64) runs the reference there instead of
+    failing, while a forced triton still says why it cannot. (The GPU is stood in for by
+    making use_triton answer yes.)"""
+    monkeypatch.setattr(A, "use_triton", lambda op, x, has_kernel: True)
+    launched = []
+    original = K.modality_attention_triton
+    monkeypatch.setattr(K, "modality_attention_triton", lambda *a: launched.append(1) or original(*a))
+    for D, dtype in ((12, torch.float32), (16, torch.float64)):
+        q, k, v = (torch.randn(1, 2, 9, D, dtype=dtype) for _ in range(3))
+        doc, span = torch.zeros(1, 9, dtype=torch.int32), torch.full((1, 9), -1, dtype=torch.int32)
+        monkeypatch.setenv("EMU2_KERNELS", "auto")
+        torch.testing.assert_close(modality_attention(q, k, v, doc, span),
+                                   A.modality_attention_reference(q, k, v, doc, span, True, None))
+        assert not launched
+        monkeypatch.setenv("EMU2_KERNELS", "triton")
+        with pytest.raises(ValueError, match="not supported by the Triton attention kernel|has dtype torch.float64"):
+            modality_attention(q, k, v, doc, span)
+        launched.clear()
+
+
+@pytest.mark.parametrize("setting", ["auto", "reference", pytest.param("triton", marks=interpreted)])
+@pytest.mark.parametrize("B, S", [(0, 8), (2, 0)])
+def test_empty_batch_or_sequence(monkeypatch, setting, B, S):
+    """No rows or no tokens: an empty output of the right shape, and a backward, on every path."""
+    monkeypatch.setenv("EMU2_KERNELS", setting)
+    q = torch.randn(B, 4, S, 16, requires_grad=True)
+    k, v = (torch.randn(B, 2, S, 16, requires_grad=True) for _ in range(2))
+    for ids in ((torch.zeros(B, S, dtype=torch.int32), torch.full((B, S), -1, dtype=torch.int32)), (None, None)):
+        out = modality_attention(q, k, v, *ids)
+        assert out.shape == (B, 4, S, 16)
+        out.sum().backward()
+        assert q.grad.shape == q.shape
+
+
 # ------------------------------------------------------------------------------------------
 # The models on the kernel: same outputs and gradients as on the reference, one tile map per step
 # ------------------------------------------------------------------------------------------

@@ -116,6 +116,55 @@ def test_bad_input(monkeypatch, args, message):
         group_norm(*args)
 
 
+def test_reference_takes_channels_last_and_other_dtype_parameters(monkeypatch):
+    """The reference path (auto on the CPU) on channels-last x needing no gradient under affine
+    parameters that do (PyTorch 2.13's CPU backward killed the process there: run in a child
+    process so a regression fails this test, not the suite), and on parameters in another
+    dtype than x (fp32 parameters with fp16 activations; fp64 ones), which the kernel takes."""
+    import subprocess
+    import sys
+
+    script = ("import torch\n"
+              "from emu2_engine.ops import group_norm\n"
+              "for x in (torch.randn(2, 8, 3, 4).contiguous(memory_format=torch.channels_last),\n"
+              "          torch.randn(2, 8, 2, 3, 4).contiguous(memory_format=torch.channels_last_3d)):\n"
+              "    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)\n"
+              "    group_norm(x, 4, w, b, 1e-5, silu=True).sum().backward()\n"
+              "    ref_w, ref_b = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()\n"
+              "    torch.nn.functional.silu(torch.nn.functional.group_norm(x.contiguous(), 4, ref_w, ref_b)).sum().backward()\n"
+              "    assert torch.allclose(w.grad, ref_w.grad, atol=1e-5) and torch.allclose(b.grad, ref_b.grad, atol=1e-5)\n"
+              "print('ok')\n")
+    env = {**__import__("os").environ, "EMU2_KERNELS": "auto"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+    x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    for x_dtype, p_dtype in ((torch.float16, torch.float32), (torch.float32, torch.float64)):
+        xs = x.to(x_dtype)
+        w, b = torch.randn(8, dtype=p_dtype), torch.randn(8, dtype=p_dtype)
+        want = F.group_norm(xs.double(), 4, w.double(), b.double()).to(x_dtype)
+        for backend in ("reference", "triton"):
+            monkeypatch.setenv("EMU2_KERNELS", backend)
+            got = group_norm(xs, 4, w, b)
+            assert got.dtype == x_dtype, backend
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="weight must be a floating tensor, got torch.int64"):
+        group_norm(x, 4, torch.ones(8, dtype=torch.long), None)
+
+
+def test_forced_triton_on_the_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
+    """Every op's forced Triton path on CPU tensors without TRITON_INTERPRET=1 gets one clear
+    message (it was Triton's "0 active drivers")."""
+    from emu2_engine.ops.backend import use_triton
+
+    monkeypatch.setenv("EMU2_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="asks for triton for group_norm, but its input is on the cpu: "
+                                           "set TRITON_INTERPRET=1"):
+        use_triton("group_norm", torch.zeros(1), has_kernel=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_triton("group_norm", torch.zeros(1), has_kernel=True)
+
+
 def test_triton_refuses_fp64_and_auto_falls_back(monkeypatch):
     x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
     monkeypatch.setenv("EMU2_KERNELS", "triton")

@@ -130,6 +130,31 @@ def test_nothing_to_count_is_zero_not_nan(path):
     assert h.grad is not None and h.grad.abs().max() == 0
 
 
+def test_reference_nothing_to_count_int32_labels_and_detached_targets(monkeypatch):
+    """The reference backend (EMU2_KERNELS=reference, the A/B path) agrees with the fused op
+    where it used to differ: a micro-batch with nothing to count backpropagates zeros (its
+    total had no graph: the trainer's backward raised); int32 labels work; the regression
+    target is a target (no gradient), as in the fused path."""
+    monkeypatch.setenv("EMU2_KERNELS", "reference")
+    hidden, lm, labels, down, index, target = make_inputs(7, 96, 1000, 3, 80)
+    h = hidden.float().requires_grad_()
+    out = emu2_head_loss(h, lm.float(), torch.full_like(labels, -100), down.float(),
+                         torch.zeros(0, dtype=torch.long), torch.zeros(0, 80), 1.0)
+    assert out.total.item() == 0.0
+    out.total.backward()
+    assert h.grad is not None and h.grad.abs().max() == 0
+    for backend in ("reference", "auto"):
+        monkeypatch.setenv("EMU2_KERNELS", backend)
+        t = target.float().requires_grad_()
+        got = emu2_head_loss(hidden.float().requires_grad_(), lm.float(), labels.int(), down.float(), index,
+                             t, 1.0)
+        want = emu2_head_loss_reference(hidden.float(), lm.float(), labels.long(), down.float(), index,
+                                        target.float(), 1.0)
+        torch.testing.assert_close(got.total, want.total)
+        got.total.backward()
+        assert t.grad is None, backend
+
+
 def test_z_loss(path):
     # Large logits (weights x 4) so that the z-loss term is far from negligible.
     inputs = make_inputs(257, 96, 1000, 9, 80, w_std=4 * 96 ** -0.5)

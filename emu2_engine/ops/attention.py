@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from emu2_engine.ops.backend import use_triton
+from emu2_engine.ops.backend import requested_backend, use_triton
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -232,11 +232,19 @@ def one_document_ids(batch: int, length: int, device: torch.device) -> tuple[tor
         return doc, torch.full_like(doc, -1)
 
 
+def _kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes these head dims and dtypes (`kernels.attention.
+    check_supported`): under auto, other input runs the reference instead of failing there."""
+    from emu2_engine.kernels import attention as K
+
+    return q.shape[-1] in K.HEAD_DIMS and all(t.dtype in K.DTYPES for t in (q, k, v))
+
+
 def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                      scale: float | None) -> torch.Tensor:
     """Attention with no mask but causality: every row one document, no spans, no padding."""
     B, S = q.shape[0], q.shape[2]
-    if use_triton("dense_attention", q, has_kernel=True):
+    if use_triton("dense_attention", q, has_kernel=True) and B and S:
         doc, span = one_document_ids(B, S, q.device)
         _check(q, k, v, doc, span)
         from emu2_engine.kernels.attention import modality_attention_triton
@@ -266,7 +274,10 @@ def modality_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_id
                              f"document), got {type(doc_ids).__name__} and {type(span_ids).__name__}")
         return _dense_attention(q, k, v, causal, scale)
     _check(q, k, v, doc_ids, span_ids)
-    if use_triton("modality_attention", q, has_kernel=True):
+    if q.shape[0] == 0 or q.shape[2] == 0:  # nothing to mask: SDPA returns the empty output
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if use_triton("modality_attention", q, has_kernel=True) and (
+            requested_backend("modality_attention") == "triton" or _kernel_takes(q, k, v)):
         from emu2_engine.kernels.attention import modality_attention_triton
         scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
         return modality_attention_triton(q, k, v, doc_ids, span_ids, causal, scale)

@@ -75,6 +75,10 @@ def use_triton(op: str, x: torch.Tensor, has_kernel: bool) -> bool:
         if not has_kernel:
             raise NotImplementedError(f"EMU2_KERNELS asks for triton, but {op} has no Triton kernel yet; "
                                       f"use auto or reference for it")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(f"EMU2_KERNELS asks for triton for {op}, but its input is on the "
+                               f"{x.device.type}: set TRITON_INTERPRET=1 before importing emu2_engine "
+                               f"to run the Triton kernels in the interpreter, or use auto or reference")
         return True
     return has_kernel and x.is_cuda and op not in _LIBRARY_FIRST
 

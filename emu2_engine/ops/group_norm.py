@@ -38,14 +38,28 @@ def check_group_norm_args(x: torch.Tensor, groups: int, weight: torch.Tensor | N
             raise ValueError(f"group_norm's {name} must be ({C},), got {tuple(t.shape)}")
         if t is not None and t.device != x.device:
             raise ValueError(f"group_norm's {name} is on {t.device} but x is on {x.device}")
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"group_norm's {name} must be a floating tensor, got {t.dtype}")
 
 
 def group_norm_reference(x: torch.Tensor, groups: int, weight: torch.Tensor | None,
                          bias: torch.Tensor | None, eps: float = 1e-5, silu: bool = False) -> torch.Tensor:
-    """PyTorch's group_norm, then SiLU when asked."""
+    """PyTorch's group_norm, then SiLU when asked; in x's dtype.
+
+    Weight and bias in another dtype than x (fp32 parameters with half-precision activations,
+    which the kernel takes) run in fp32, which PyTorch's CPU group_norm otherwise refuses. On
+    the CPU a channels-last x is made contiguous first: PyTorch 2.13's CPU backward crashes
+    the process (SIGSEGV) for a channels-last x that needs no gradient under affine
+    parameters that do (that case alone, since the layout changes PyTorch's rounding)."""
     check_group_norm_args(x, groups, weight, bias)
+    out_dtype = x.dtype
+    if any(t is not None and t.dtype != x.dtype for t in (weight, bias)):
+        x, weight, bias = (None if t is None else t.float() for t in (x, weight, bias))
+    if (x.device.type == "cpu" and not x.is_contiguous() and not x.requires_grad
+            and any(t is not None and t.requires_grad for t in (weight, bias))):
+        x = x.contiguous()
     y = F.group_norm(x, groups, weight, bias, eps)
-    return F.silu(y) if silu else y
+    return (F.silu(y) if silu else y).to(out_dtype)
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

@@ -57,12 +57,14 @@ def emu2_head_loss_reference(hidden: torch.Tensor, lm_weight: torch.Tensor, labe
     into the T rows; reg_target (R, C)."""
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H)
-    y = labels.reshape(-1)
+    y = labels.reshape(-1).long()  # cross_entropy takes int64 targets; the fused path any integers
     if y.shape[0] != h.shape[0]:
         raise ValueError(f"labels must have one entry per hidden row ({h.shape[0]}), got {y.shape[0]}")
     rows = (y != -100).nonzero().squeeze(1)
     n_text = rows.numel()
-    ce_sum = h.new_zeros((), dtype=torch.float32)
+    # zero terms made from the inputs, so that a micro-batch with nothing to count still
+    # backpropagates (zero gradients), as the fused path does
+    ce_sum = F.linear(h[:0], lm_weight).float().sum()
     for start in range(0, n_text, _CE_CHUNK_ROWS):
         idx = rows[start:start + _CE_CHUNK_ROWS]
         logits = F.linear(h[idx], lm_weight).float()
@@ -77,9 +79,9 @@ def emu2_head_loss_reference(hidden: torch.Tensor, lm_weight: torch.Tensor, labe
         raise ValueError(f"reg_target must be ({n_reg}, {down_weight.shape[0]}), got {tuple(reg_target.shape)}")
     if n_reg:
         pred = F.linear(h[reg_index], down_weight).float()
-        mse = F.mse_loss(pred, reg_target.float(), reduction="mean")
+        mse = F.mse_loss(pred, reg_target.detach().float(), reduction="mean")  # a target, as in the fused path
     else:
-        mse = h.new_zeros((), dtype=torch.float32)
+        mse = F.linear(h[:0], down_weight).float().sum()
     total = ce + reg_weight * mse
     return HeadLoss(total, ce, mse, torch.tensor(n_text), torch.tensor(n_reg))
 
