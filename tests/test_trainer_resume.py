@@ -222,6 +222,14 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
+def _refused_and_unchanged(trainer: Trainer, error: type, match: str) -> None:
+    """`trainer.resume()` raises `error` (matching `match`) and leaves every weight as it was."""
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        trainer.resume()
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
 def test_a_new_run_starts_from_another_runs_weights(tmp_path, capsys):
     """checkpoint.init_from: a new run takes the weights of an engine checkpoint folder, of
     engine weights (a state dict file) or of released Emu2 weights, and nothing else: its step,
@@ -257,10 +265,7 @@ def test_a_new_run_starts_from_another_runs_weights(tmp_path, capsys):
     # weights of another model: nothing is loaded
     other = Trainer(tiny_config(tmp_path / "other", "--train.steps=3", "--model.llm_layers=3",
                                 f"--checkpoint.init_from={tmp_path / 'engine.pt'}"))
-    before = {k: v.clone() for k, v in other.model.state_dict().items()}
-    with pytest.raises(WeightsError, match=r"(?s)does not match the model; nothing was loaded.*missing: 9\s+llm.layers.2"):
-        other.resume()
-    assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())
+    _refused_and_unchanged(other, WeightsError, r"(?s)does not match the model; nothing was loaded.*missing: 9\s+llm.layers.2")
     deep = Trainer(tiny_config(tmp_path / "deep", "--train.steps=3", "--model.llm_layers=3",
                                f"--checkpoint.init_from={folder}"))
     with pytest.raises(ValueError, match=r"(?s)holds another model .* missing \(9\): llm.layers.2"):
@@ -314,7 +319,4 @@ def test_a_chat_run_starts_from_emu2_weights_with_two_more_tokens(tmp_path, caps
     torch.save(short, tmp_path / "short.pt")
     odd = Trainer(tiny_config(tmp_path / "odd", "--model.preset=debug-chat", "--train.steps=3",
                               f"--checkpoint.init_from={tmp_path / 'short.pt'}"))
-    before = {k: v.clone() for k, v in odd.model.state_dict().items()}
-    with pytest.raises(WeightsError, match=r"(?s)nothing was loaded.*checkpoint \(785, 128\), model \(786, 128\)"):
-        odd.resume()
-    assert all(torch.equal(before[k], v) for k, v in odd.model.state_dict().items())
+    _refused_and_unchanged(odd, WeightsError, r"(?s)nothing was loaded.*checkpoint \(785, 128\), model \(786, 128\)")
