@@ -87,6 +87,8 @@ def summary(report: dict) -> str:
             for m in bench["measurements"][:6]:
                 lines.append(f"  {name:<13} {m['case']:<42} {m['metric']:<12} {m['provider']:<10} "
                              f"{m['value']:.4g} {m['unit']}")
+        # a case that failed inside a module that went on (noted "<case>: FAILED <error>")
+        lines += [f"  {name}: {reason}" for reason in bench["skipped"] if ": FAILED " in reason]
     return "\n".join(lines)
 
 

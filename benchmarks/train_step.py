@@ -26,6 +26,11 @@ backward is profiled: the top kernels go to `kernels.md` in the output folder, t
 kernel family (`benchmarks.common.kernel_family`) into the report as `family_ms`. FLOPs come
 from `emu2_engine.models.flops` (ViT per image, LLM per token over the real document lengths,
 heads; backward = 2x forward); MFU is reported only for a device in the peak table.
+
+Each case prints its line (step, throughput, MFU, peak GiB) as soon as it is timed, so a run
+stopped mid-way keeps them in its log. A case that fails (out of memory, say) is noted in the
+report's `skipped` as "<case>: FAILED <error>"; the cases after it still run, each from a fresh
+start (`_fresh_start`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import os
 import re
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -59,10 +65,11 @@ _CASES = {
 _RECIPES = {
     "cpu": [("configs/debug.toml", ["--train.device=cpu", "--parallel.microbatches=2"], 1, 2)],
     "gpu-quick": [("configs/proxy_1b.toml", [], 2, 3),  # compiled, as the recipe says
+                  # the weight gradients added into the fp32 accumulators inside their GEMMs
+                  ("configs/proxy_1b.toml", ["--train.grad_accumulation_fusion=true"], 2, 3),
                   ("configs/proxy_1b.toml", ["--train.fp32_residual=true"], 2, 3),
                   ("configs/emu2_widths_slice.toml", [], 2, 3),  # issue 6's 55 % target
                   ("configs/emu2_widths_slice.toml", ["--train.weight_cast=op"], 2, 3),
-                  # the weight gradients added into the fp32 accumulators inside their GEMMs
                   ("configs/emu2_widths_slice.toml", ["--train.grad_accumulation_fusion=true"], 2, 3),
                   # the same 8 rows per step as 4 micro-batches of 2, with room for their images
                   # (69.6 GiB by the plan tool; session 6's run kept 24 image slots per micro-batch,
@@ -73,7 +80,6 @@ _RECIPES = {
                                                       "--data.max_images=48",
                                                       "--train.grad_accumulation_fusion=true"], 2, 3),
                   ("configs/proxy_1b.toml", ["--train.weight_cast=op"], 2, 3),
-                  ("configs/proxy_1b.toml", ["--train.grad_accumulation_fusion=true"], 2, 3),
                   ("configs/proxy_1b.toml", ["--parallel.compile=false"], 1, 3)],
     "gpu-full": [("configs/proxy_1b.toml", [], 2, 5),
                  ("configs/proxy_1b.toml", ["--train.fp32_residual=true"], 2, 5),
@@ -129,6 +135,7 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
             tokens += batch.n_tokens
             images += batch.n_images
             train_flops += training_flops(fwd)
+    peak = _peak_gib(device)
     seconds = sum(phases["step"]) / 1e3
     case = f"{preset} S={cfg.data.seq_len} rows={cfg.data.rows}" + (" compiled" if cfg.parallel.compile else "")
     params = {"seq_len": cfg.data.seq_len, "rows": cfg.data.rows}
@@ -141,6 +148,9 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
                value=images / seconds, unit="images/s", params=params)
     result.add(benchmark="train_step", case=case, provider="engine", metric="tflops",
                value=train_flops / seconds / 1e12, unit="TFLOP/s", params=params)
+    if peak is not None:
+        result.add(benchmark="train_step", case=case, provider="engine", metric="peak_memory",
+                   value=peak, unit="GiB", params=params)
     achieved = mfu(train_flops / seconds, device_name() if device.type == "cuda" else None)
     if achieved is None:
         result.skipped.append(f"{case}: MFU not applicable on {device_name()} (no peak rate)")
@@ -150,15 +160,23 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
     result.add(benchmark="train_step", case=case, provider="engine", metric="image_fill",
                value=fill, unit="% of image slots", params=params)
     print(f"[train_step] {case}: step {statistics.median(phases['step']):.0f} ms, "
-          f"{tokens / seconds:,.0f} tokens/s" + ("" if achieved is None else f", MFU {100 * achieved:.1f} %"),
-          flush=True)
+          f"{tokens / seconds:,.0f} tokens/s" + ("" if achieved is None else f", MFU {100 * achieved:.1f} %")
+          + _peak_text(peak), flush=True)
     _components(trainer, batches[0], flops[0], case, params, result, out_dir)
     total = sum(flops[0][k] for k in ("vit", "projector", "llm_linear", "llm_attention", "heads"))
     for k in ("vit", "projector", "llm_linear", "llm_attention", "heads"):
         result.add(benchmark="train_step", case=case, provider=k, metric="flops_share",
                    value=100 * flops[0][k] / total, unit="% of forward FLOPs", params=params)
-    del trainer, model, opt, batches
-    _fresh_start()
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    """The case's peak of allocated device memory in GiB (`_fresh_start` resets it between
+    cases), or None off a GPU."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def _peak_text(peak: float | None) -> str:
+    return "" if peak is None else f", peak {peak:.1f} GiB"
 
 
 def _fusion_label(device: torch.device, dtype: torch.dtype | None) -> str:
@@ -214,7 +232,7 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
                 times.append(time.perf_counter() - t0)
                 tokens, images, flops = tokens + out.tokens, images + out.images, flops + micro.flops
                 timelines.append(timeline.summary())
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        peak = _peak_gib(device)
         seconds = sum(times)
         name = (Path(path).stem + (" compiled" if cfg.parallel.compile else "")
                 + (" fp32-residual" if cfg.train.fp32_residual else "")
@@ -241,14 +259,12 @@ def measure_recipe(path: str, overrides: list[str], warmup: int, steps: int, res
             add("mfu", 100 * achieved, "%")
         print(f"[train_step] {case}: step {statistics.median(times) * 1e3:.0f} ms, "
               f"{tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e12:.0f} TFLOP/s"
-              + ("" if achieved is None else f", MFU {100 * achieved:.1f} %"), flush=True)
+              + ("" if achieved is None else f", MFU {100 * achieved:.1f} %") + _peak_text(peak), flush=True)
         _phases(timelines, case, params, result, out_dir)
         first = _as_the_step_takes_it(trainer, batches[0])
         first_flops = batch_flops(trainer.model_cfg, batches[0])
         _components(trainer, first, first_flops, case, params, result, out_dir)
         _tail(trainer, batches[0], case, params, result, out_dir)
-        del trainer, batches, first
-    _fresh_start()
 
 
 def _phases(timelines: list[dict], case: str, params: dict, result: BenchResult, out_dir: Path) -> None:
@@ -306,11 +322,16 @@ def _tail(trainer: Trainer, batch, case: str, params: dict, result: BenchResult,
 
 def _fresh_start() -> None:
     """Between cases: the next case starts as in a fresh process. Its peak memory must not
-    include this one's leftovers, and its blocks must compile for its own shapes. Compiled code
-    is cached per code object, and every case's blocks share `VisionBlock.forward` and
-    `LlamaDecoderLayer.forward`. Without the reset, a second case of other widths would recompile
-    them with dynamic sizes (Dynamo's automatic dynamic shapes), and a long list of cases could
-    reach Dynamo's recompile limit, after which blocks run eagerly."""
+    include this one's leftovers, and its blocks must compile for its own shapes.
+
+    Called by `_run_case` once the case's function has returned or raised: inside it, its
+    locals (the trainer, a `micro` holding the bound `trainer.batch_flops`, the step's output,
+    the timelines) still hold the model, its gradients and optimiser state, which no
+    `empty_cache` could then give back, and the next case's peak would sit on top of them.
+    Compiled code is cached per code object, and every case's blocks share `VisionBlock.forward`
+    and `LlamaDecoderLayer.forward`. Without the reset, a second case of other widths would
+    recompile them with dynamic sizes (Dynamo's automatic dynamic shapes), and a long list of
+    cases could reach Dynamo's recompile limit, after which blocks run eagerly."""
     torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
@@ -376,13 +397,30 @@ def run(suite: str, out_dir: Path) -> BenchResult:
     # TRAIN_STEP_CASES (a regular expression) keeps the cases whose description matches it, e.g.
     # "recipe configs/proxy_1b.toml$" for the recipe as it stands alone; the recipes run first.
     keep = re.compile(os.environ.get("TRAIN_STEP_CASES", ""))
-    for path, overrides, warmup, steps in _RECIPES[suite]:
-        if keep.search(" ".join(["recipe", path, *overrides])):
-            measure_recipe(path, overrides, warmup, steps, result, out_dir)
-    for preset, overrides, steps in _CASES[suite]:
-        if keep.search(" ".join([preset, *overrides])):
-            measure(preset, overrides, steps, result, out_dir)
+    cases = [(" ".join(["recipe", path, *overrides]), measure_recipe, (path, overrides, warmup, steps))
+             for path, overrides, warmup, steps in _RECIPES[suite]]
+    cases += [(" ".join([preset, *overrides]), measure, (preset, overrides, steps))
+              for preset, overrides, steps in _CASES[suite]]
+    for description, measure_case, args in cases:
+        if keep.search(description):
+            _run_case(description, measure_case, args, result, out_dir)
     return result
+
+
+def _run_case(description: str, measure_case, args: tuple, result: BenchResult, out_dir: Path) -> None:
+    """`measure_case(*args, result, out_dir)`, then `_fresh_start`. A case that fails (out of
+    memory, say) is noted in `result.skipped` as "<description>: FAILED <error>" and costs
+    only itself: the measurements it added before failing stay, the cases after it still run.
+    `_fresh_start` runs once the case's frames are gone (the exception and its traceback, which
+    hold them, are cleared when the except clause ends), so its memory can be given back."""
+    try:
+        measure_case(*args, result, out_dir)
+    except Exception as e:  # noqa: BLE001 - one case's failure must not cost the others' numbers
+        error = f"{type(e).__name__}: {str(e)[:300]}"
+        result.skipped.append(f"{description}: FAILED {error}")
+        print(f"[train_step] {description}: FAILED {error}", flush=True)
+        traceback.print_exc()
+    _fresh_start()
 
 
 if __name__ == "__main__":

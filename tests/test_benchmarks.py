@@ -168,3 +168,59 @@ def test_video_unet_providers_by_name(monkeypatch):
     monkeypatch.setenv("VIDEO_UNET_PROVIDERS", "kernels,fast")
     with pytest.raises(ValueError, match="VIDEO_UNET_PROVIDERS must name some of"):
         video_unet._gpu_providers()
+
+
+def test_train_step_case_fails_alone_and_each_case_is_gone_before_the_next(tmp_path, monkeypatch):
+    """A case that raises mid-way (its trainer built and stepped) is noted as FAILED and the next
+    case still runs; when `_fresh_start` runs after each case, a weak reference to the case's
+    trainer is dead, so the memory it held can be given back before the next case starts."""
+    import weakref
+
+    from benchmarks import train_step
+
+    trainers = []
+
+    class Recorded(train_step.Trainer):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            trainers.append(weakref.ref(self))
+
+    alive = []  # at each _fresh_start: which trainers built so far are still reachable
+    fresh_start = train_step._fresh_start
+
+    def recording_fresh_start():
+        fresh_start()
+        alive.append([ref() is not None for ref in trainers])
+
+    failures = iter([True, False])
+    phases = train_step._phases
+
+    def first_case_fails(*args):
+        if next(failures):
+            raise RuntimeError("simulated failure after the timed steps")
+        phases(*args)
+
+    monkeypatch.setattr(train_step, "Trainer", Recorded)
+    monkeypatch.setattr(train_step, "_fresh_start", recording_fresh_start)
+    monkeypatch.setattr(train_step, "_phases", first_case_fails)
+    monkeypatch.setattr(train_step, "_components", lambda *args: None)  # (the costly parts)
+    monkeypatch.setattr(train_step, "_tail", lambda *args: None)
+    monkeypatch.setitem(train_step._RECIPES, "cpu", [
+        ("configs/debug.toml", ["--train.device=cpu", "--data.rows=1"], 0, 1),
+        ("configs/debug.toml", ["--train.device=cpu", "--data.rows=2"], 0, 1)])
+    monkeypatch.setitem(train_step._CASES, "cpu", [])
+    monkeypatch.delenv("TRAIN_STEP_CASES", raising=False)
+    result = train_step.run("cpu", tmp_path)
+    assert alive == [[False], [False, False]]
+    failed = [s for s in result.skipped if ": FAILED " in s]
+    assert failed == ["recipe configs/debug.toml --train.device=cpu --data.rows=1: FAILED "
+                      "RuntimeError: simulated failure after the timed steps"]
+    # the first case's numbers from before the failure stay, the second case's are all there
+    steps = {m.case: m.value for m in result.measurements if m.metric == "time" and m.provider == "step"}
+    assert set(steps) == {"recipe debug 1x1", "recipe debug 2x1"} and all(v > 0 for v in steps.values())
+    assert any(m.case.startswith("recipe debug 2x1 ") and m.metric == "phase_ms" for m in result.measurements)
+    assert not any(m.case.startswith("recipe debug 1x1 ") and m.metric == "phase_ms" for m in result.measurements)
+    # the summary printed last names the failed case
+    report = {"suite": "cpu", "environment": {"device": "cpu"},
+              "benchmarks": {"train_step": {**result.to_dict(), "error": None}}}
+    assert f"  train_step: {failed[0]}" in run.summary(report).splitlines()
