@@ -28,7 +28,7 @@ def test_a_timeline_without_a_phase_says_so():
         StepTimeline(torch.device("cpu")).phases()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_device_time_counts_the_work_queued_in_the_phase():
     torch.cuda.synchronize()
     t = StepTimeline(torch.device("cuda"))
