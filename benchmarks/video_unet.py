@@ -21,17 +21,27 @@ A/B'd alone):
   engine's Triton kernel: against "kernels" only the attention differs;
 - "kernels-compiled" (asked for by name, see below): as "kernels" with every resnet and
   transformer compiled (`compile_unet_blocks`, what the decoder trainer's `train.compile` does);
-  its warm-up runs absorb the compilation. It runs last, since it compiles the model in place.
+  its warm-up runs absorb the compilation. It runs after the eager providers, since it compiles
+  the model in place.
 - "kernels-cudagraphs" (asked for by name): as "kernels" with the whole UNet compiled with
   `mode="reduce-overhead"` and static shapes, so Inductor replays the forward and the backward
   as CUDA graphs: at batch 1 the step is bound by kernel launches (session 4: 75 ms of kernels
-  in a 187 ms step), which a graph replay removes. Compiled and recorded before the timing;
-  not used by the trainer yet (this is the A/B that would justify it).
+  in a 187 ms step), which a graph replay removes. Compiled and recorded before the timing (the
+  log says how long that took), on a model of the same weights built again if kernels-compiled
+  ran before it; not used by the trainer yet (this is the A/B that would justify it). It runs
+  last of all: never yet run on a GPU, its compilation may outlast the module's cap, which then
+  costs only it.
+Both compiled providers differ from "kernels" in more than the compilation. Inside a trace the
+conv's `auto` cannot time its paths (`tuned_choice` returns the `LIBRARY_BELOW` rule: GEMMs from
+16,384 pixel rows, conv3d below), and `group_norm` leaves the norm to Inductor instead of its
+kernel. On a GPU the log says, after each eager `auto` provider, which paths the tuner chose and
+for how many shapes that differs from the rule.
 `VIDEO_UNET_PROVIDERS` (comma-separated) picks the providers on a GPU; the default is
 "kernels,reference,reference-cl,kernels-gn-reference".
 On a GPU each provider's step is also profiled once: the top kernels by device time and the time
 per family (conv, attention, gemm, norm, copy, other) go to `kernels.md` in the output folder,
-the families into the report as `family_ms`.
+the families into the report as `family_ms`. Each provider's numbers are printed as soon as
+they are measured, so a run stopped by a cap keeps them in its log.
 
 - cpu: the `debug` UNet inflated (8 frames of 16x16 latents), fp32, reference only (the Triton
   path runs on a CPU only in the interpreter), profiled on the CPU (aten ops).
@@ -45,8 +55,12 @@ left attention out (its TFLOP/s are ~1.6x low; its times are right).
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 import sys
+import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,6 +70,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import BenchResult, profile_kernels, time_cpu, time_cuda
 from emu2_engine.models.config import UNetConfig
 from emu2_engine.models.unet3d import VideoUNet
+
+ops_stc = importlib.import_module("emu2_engine.ops.spatiotemporal_conv")  # the module, not the op
 
 SUITES = ("cpu", "gpu-quick", "gpu-full")
 
@@ -86,8 +102,12 @@ def _inputs(cfg: UNetConfig, batch: int, frames: int, side: int, dtype, device):
 def _case(result: BenchResult, preset: str, batch: int, frames: int, side: int, dtype, device,
           providers, timer, out_dir: Path) -> None:
     cfg = UNetConfig.from_preset(preset)
-    torch.manual_seed(0)
-    model = VideoUNet(cfg).to(device=device, dtype=dtype)
+
+    def build() -> VideoUNet:
+        torch.manual_seed(0)  # the same weights every time
+        return VideoUNet(cfg).to(device=device, dtype=dtype)
+
+    model = build()
     latents, t, cond, time_ids = _inputs(cfg, batch, frames, side, dtype, device)
     target = torch.randn_like(latents)
     case = f"{preset} B{batch} F{frames} {side}x{side}"
@@ -107,42 +127,96 @@ def _case(result: BenchResult, preset: str, batch: int, frames: int, side: int, 
     with _backend("reference"), FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    # the compiled providers last (kernels-compiled compiles the blocks in place)
-    providers = sorted(providers, key=lambda p: (p in ("kernels-cudagraphs", "kernels-compiled"),
-                                                 p == "kernels-compiled"))
-    for provider in providers:
+    print(f"[video_unet] {case}: {flops / 1e12:.3g} TFLOP per forward + backward", flush=True)
+    for provider in _in_running_order(providers):
+        done = len(result.measurements)
         model.channels_last = provider_layout.get(provider, True)
         if provider == "kernels-compiled":
             from emu2_engine.train.decoder import compile_unet_blocks
             run = model
             compile_unet_blocks(model)
         elif provider == "kernels-cudagraphs":
+            if "kernels-compiled" in providers:  # its blocks were compiled in place: a plain model again
+                model = run = None
+                torch._dynamo.reset()
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                model = build()
+            print(f"[video_unet] {case} {provider}: compiling the whole UNet and recording its graphs ...",
+                  flush=True)
+            start = time.perf_counter()
             run = torch.compile(model, mode="reduce-overhead", dynamic=False)
-            with _backend(provider_backend[provider]):
-                for _ in range(3):  # compile, then record the CUDA graphs, outside the timing
-                    step()
+            try:
+                with _backend(provider_backend[provider]):
+                    for _ in range(3):  # compile, then record the CUDA graphs, outside the timing
+                        step()
+            except Exception as e:  # noqa: BLE001 - a compilation failure: keep the others
+                _note_failure(result, case, provider, e)
+                continue
+            print(f"[video_unet] {case} {provider}: compiled and recorded in {time.perf_counter() - start:.0f} s",
+                  flush=True)
         with _backend(provider_backend[provider]):
             try:
                 ms = timer(step)
             except Exception as e:  # noqa: BLE001 - out of memory or a missing kernel: keep the others
-                result.skipped.append(f"{case} {provider}: {type(e).__name__}: {str(e)[:200]}")
+                _note_failure(result, case, provider, e)
                 continue
         result.add(benchmark="video_unet", case=f"{case} fwd+bwd", provider=provider, metric="time",
                    value=ms, unit="ms", params=params)
         result.add(benchmark="video_unet", case=f"{case} fwd+bwd", provider=provider, metric="tflops",
                    value=flops / (ms * 1e-3) / 1e12, unit="TFLOP/s", params=params)
+        print(f"[video_unet] {case} fwd+bwd {provider}: step {ms:.1f} ms, {flops / (ms * 1e-3) / 1e12:.1f} TFLOP/s",
+              flush=True)
+        if device == "cuda" and provider in _EAGER_TUNED:
+            print(f"[video_unet] {case} {provider}: {_conv_paths()}", flush=True)
         try:
             with _backend(provider_backend[provider]):
                 families = profile_kernels(step, out_dir / "kernels.md", f"{case} fwd+bwd, {provider}", device)
         except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the timings
             result.skipped.append(f"{case} {provider} profile: {type(e).__name__}: {str(e)[:200]}")
+            print(f"[video_unet] {case} {provider} profile: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
         for family, fms in families.items():
             result.add(benchmark="video_unet", case=f"{case} {family}", provider=provider,
                        metric="family_ms", value=fms, unit="ms", params=params)
-    del model
+        print(f"[video_unet] {case} {provider} profiled, ms by family: "
+              + ", ".join(f"{m.case[len(case) + 1:]} {m.value:.2f}" for m in result.measurements[done:]
+                          if m.metric == "family_ms"), flush=True)
+    del model, run
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+_COMPILED = ("kernels-compiled", "kernels-cudagraphs")
+"""The providers that compile, in the order they run after all the others: kernels-compiled
+compiles the blocks in place; kernels-cudagraphs last of all, since its whole-UNet compile and
+graph recording (never yet run on a GPU) may outlast the module's cap, which then costs only it."""
+
+_EAGER_TUNED = ("kernels", "kernels-gn-reference", "triton-attention")
+"""The providers whose convolutions `auto`'s tuner chooses by timing (eager, under `auto`)."""
+
+
+def _in_running_order(providers) -> list[str]:
+    return sorted(providers, key=lambda p: _COMPILED.index(p) + 1 if p in _COMPILED else 0)
+
+
+def _note_failure(result: BenchResult, case: str, provider: str, e: Exception) -> None:
+    line = f"{case} {provider}: {type(e).__name__}: {str(e)[:200]}"
+    result.skipped.append(line)
+    print(f"[video_unet] {line}", flush=True)
+
+
+def _conv_paths() -> str:
+    """The conv paths `auto`'s tuner chose by timing for the training shapes seen so far,
+    against the `LIBRARY_BELOW` rule that compiled code runs instead (`tuned_choice` cannot time
+    inside a trace), so that "kernels" and the compiled providers can be told apart."""
+    chosen = [(key[0], name) for key, name in ops_stc._TUNED.items() if key[-1]]  # (training signatures)
+    counts = Counter(name for _, name in chosen)
+    differ = sum(name != ops_stc._static_choice(torch.empty(shape, device="meta")) for shape, name in chosen)
+    return (f"conv paths timed and chosen for {len(chosen)} shapes: "
+            + ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
+            + f"; {differ} differ from the static rule the compiled providers run")
 
 
 provider_backend = {"kernels": "auto", "reference": "reference", "reference-cl": "reference",

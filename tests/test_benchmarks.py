@@ -170,6 +170,28 @@ def test_video_unet_providers_by_name(monkeypatch):
         video_unet._gpu_providers()
 
 
+def test_video_unet_runs_the_compiled_providers_last_and_names_the_conv_paths(monkeypatch):
+    """kernels-cudagraphs runs last (a cap that stops its compilation costs only it), after
+    kernels-compiled, after the eager providers in the order asked; the conv-path line counts
+    the tuner's training choices and those that differ from the rule compiled code runs."""
+    from benchmarks import video_unet
+    asked = ["kernels-cudagraphs", "kernels", "kernels-compiled", "reference", "triton-attention"]
+    assert video_unet._in_running_order(asked) == ["kernels", "reference", "triton-attention",
+                                                   "kernels-compiled", "kernels-cudagraphs"]
+    ops = video_unet.ops_stc
+    assert ops.LIBRARY_BELOW == 16384  # (the shapes below sit on either side of it)
+    big, small = (1, 320, 16, 32, 32), (1, 1280, 16, 4, 4)  # 16,384 and 256 pixel rows
+
+    def key(shape, training):
+        return (shape, (shape[1], shape[1], 3, 3), 3, True, True, "bf16", "cuda", training)
+
+    monkeypatch.setattr(ops, "_TUNED", {key(big, True): "conv3d", key(small, True): "conv3d",
+                                        key((1, 640, 16, 16, 16), True): "conv2d+conv1d",
+                                        key(big, False): "gemm"})  # (inference: not counted)
+    assert video_unet._conv_paths() == ("conv paths timed and chosen for 3 shapes: conv2d+conv1d 1, "
+                                        "conv3d 2; 2 differ from the static rule the compiled providers run")
+
+
 def test_train_step_case_fails_alone_and_each_case_is_gone_before_the_next(tmp_path, monkeypatch):
     """A case that raises mid-way (its trainer built and stepped) is noted as FAILED and the next
     case still runs; when `_fresh_start` runs after each case, a weak reference to the case's
