@@ -64,7 +64,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from emu2_engine.checkpoint.released import grow_rows, may_grow
@@ -167,10 +167,12 @@ may start with a digit: ``param_groups.0.weight.lr`` of an nn.Sequential)."""
 class _ModelAndOptimizer(Stateful):
     """Model and optimiser state as DCP sees them: named, and sharded where the parameters are.
 
-    A DTensor split only by `_StridedShard` (the ViT's fused qkv under tensor parallelism
-    without FSDP: each rank holds a third of q, of k and of v) is not one contiguous chunk,
-    which DCP's save plan cannot describe; it is saved whole (gathered) and split again when
-    loaded."""
+    A DTensor split by `_StridedShard` (the ViT's fused qkv under tensor parallelism: each rank
+    holds a third of q, of k and of v; under FSDP too, which then splits dim 1) is not one
+    contiguous chunk, which DCP's save plan cannot describe (with FSDP's Shard(1) beside it,
+    DCP wrote overlapping chunks and loaded rows into the wrong places); it is saved whole
+    (gathered, one tensor at a time, onto the CPU) and each rank cuts its part out again when
+    it is loaded."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  grow: dict[str, int] | None = None):
@@ -198,10 +200,9 @@ class _ModelAndOptimizer(Stateful):
     def _gather_strided(self, node: Any, path: tuple[str, ...]) -> Any:
         if isinstance(node, dict):
             return {k: self._gather_strided(v, path + (k,)) for k, v in node.items()}
-        if isinstance(node, DTensor) and any(isinstance(p, _StridedShard) for p in node.placements) \
-                and not any(type(p) is Shard for p in node.placements):
+        if isinstance(node, DTensor) and any(isinstance(p, _StridedShard) for p in node.placements):
             self._gathered[path] = node
-            return node.full_tensor()
+            return node.full_tensor().cpu()  # every rank the same: DCP writes it once
         return node
 
     def _split_gathered(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +210,8 @@ class _ModelAndOptimizer(Stateful):
             parent = state
             for key in path[:-1]:
                 parent = parent[key]
-            parent[path[-1]] = distribute_tensor(parent[path[-1]], like.device_mesh, like.placements)
+            parent[path[-1]] = distribute_tensor(parent[path[-1]].to(like.device), like.device_mesh,
+                                                 like.placements, src_data_rank=None)
         return state
 
     def _grow(self, state: dict[str, Any]) -> dict[str, Any]:
