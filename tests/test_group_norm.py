@@ -154,15 +154,15 @@ def test_reference_takes_channels_last_and_other_dtype_parameters(monkeypatch):
 def test_forced_triton_on_the_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
     """Every op's forced Triton path on CPU tensors without TRITON_INTERPRET=1 gets one clear
     message (it was Triton's "0 active drivers")."""
-    from emu2_engine.ops.backend import use_triton
+    from emu2_engine.ops import backend
 
     monkeypatch.setenv("EMU2_KERNELS", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(backend, "_INTERPRET", False)  # as if imported without TRITON_INTERPRET=1
     with pytest.raises(RuntimeError, match="asks for triton for group_norm, but its input is on the cpu: "
                                            "set TRITON_INTERPRET=1"):
-        use_triton("group_norm", torch.zeros(1), has_kernel=True)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert use_triton("group_norm", torch.zeros(1), has_kernel=True)
+        backend.use_triton("group_norm", torch.zeros(1), has_kernel=True)
+    monkeypatch.setattr(backend, "_INTERPRET", True)
+    assert backend.use_triton("group_norm", torch.zeros(1), has_kernel=True)
 
 
 def test_triton_refuses_fp64_and_auto_falls_back(monkeypatch):

@@ -27,6 +27,10 @@ OPS = ("modality_attention", "dense_attention", "emu2_head_loss", "pool_project"
        "group_norm")
 """The op names an ``op=choice`` entry may name."""
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""Whether Triton runs kernels in its interpreter: read at import, as the kernels' modules and
+Triton itself do (setting it later changes nothing)."""
+
 _LIBRARY_FIRST = frozenset({"dense_attention"})
 """Ops whose reference is itself a fused library kernel, which ``auto`` picks on CUDA too.
 ``dense_attention`` is attention with no mask but causality (the ViT, the UNets): its reference
@@ -75,7 +79,7 @@ def use_triton(op: str, x: torch.Tensor, has_kernel: bool) -> bool:
         if not has_kernel:
             raise NotImplementedError(f"EMU2_KERNELS asks for triton, but {op} has no Triton kernel yet; "
                                       f"use auto or reference for it")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if not x.is_cuda and not _INTERPRET:
             raise RuntimeError(f"EMU2_KERNELS asks for triton for {op}, but its input is on the "
                                f"{x.device.type}: set TRITON_INTERPRET=1 before importing emu2_engine "
                                f"to run the Triton kernels in the interpreter, or use auto or reference")

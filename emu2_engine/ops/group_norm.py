@@ -50,12 +50,13 @@ def group_norm_reference(x: torch.Tensor, groups: int, weight: torch.Tensor | No
     which the kernel takes) run in fp32, which PyTorch's CPU group_norm otherwise refuses. On
     the CPU a channels-last x is made contiguous first: PyTorch 2.13's CPU backward crashes
     the process (SIGSEGV) for a channels-last x that needs no gradient under affine
-    parameters that do (that case alone, since the layout changes PyTorch's rounding)."""
+    parameters that do, under autograd (that case alone: the layout changes PyTorch's rounding,
+    and channels-last inference keeps its layout)."""
     check_group_norm_args(x, groups, weight, bias)
     out_dtype = x.dtype
     if any(t is not None and t.dtype != x.dtype for t in (weight, bias)):
         x, weight, bias = (None if t is None else t.float() for t in (x, weight, bias))
-    if (x.device.type == "cpu" and not x.is_contiguous() and not x.requires_grad
+    if (x.device.type == "cpu" and not x.is_contiguous() and not x.requires_grad and torch.is_grad_enabled()
             and any(t is not None and t.requires_grad for t in (weight, bias))):
         x = x.contiguous()
     y = F.group_norm(x, groups, weight, bias, eps)

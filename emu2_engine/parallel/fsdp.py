@@ -105,7 +105,9 @@ def _fsdp_placement(param: nn.Parameter) -> Shard | None:
     """FSDP shards dim 0, except for a parameter that TP already splits with a strided layout
     on dim 0 (the ViT's fused qkv, `_StridedShard(0, 3)`): stacking FSDP's own strided split on
     top gives a DTensor whose global view is wrong (the training step is still right, but
-    `full_tensor` and checkpoints are not), so FSDP takes dim 1 (the input width) instead."""
+    `full_tensor` and checkpoints are not), so FSDP takes dim 1 (the input width) instead.
+    DCP still cannot describe the result's chunks: checkpoints gather it
+    (`checkpoint.dcp._ModelAndOptimizer`)."""
     if isinstance(param, DTensor) and any(isinstance(p, _StridedShard) and p.dim == 0
                                           for p in param.placements):
         return Shard(1)

@@ -49,10 +49,10 @@ from emu2_engine.train.timeline import StepTimeline
 from emu2_engine.train.weight_cast import StepWeightCast, block_linear_parameters, fusable_block_linears
 
 STOPPED_FILE = "stopped.json"
-VOCAB_EMBEDDING, VOCAB_HEAD = "llm.embed_tokens.weight", "lm_head.weight"
-"""The model's two tensors with a row per vocabulary token."""
 """Written into the run folder by rank 0 when a signal stopped the run and its checkpoint is
 complete (`mark_stopped`); removed when a run starts."""
+VOCAB_EMBEDDING, VOCAB_HEAD = "llm.embed_tokens.weight", "lm_head.weight"
+"""The model's two tensors with a row per vocabulary token."""
 
 
 def mark_stopped(run_dir: Path, step: int, reason: str, checkpoint_dir: Path) -> None:
