@@ -249,6 +249,25 @@ class MetricsSection:
 
 
 @dataclass
+class ProfilingSection:
+    """PyTorch profiler traces of chosen steps and CUDA memory snapshots, per rank
+    (`emu2_engine.train.profiling`)."""
+
+    enable: bool = False
+    """Record the last `active` steps of every `interval` steps."""
+    interval: int = 100
+    """Steps between recorded windows: steps interval, 2 x interval, ... are recorded."""
+    active: int = 1
+    """Steps recorded per window."""
+    warmup: int = 1
+    """Steps before each window with the profiler running but not recording."""
+    memory_snapshot: bool = False
+    """CUDA: also record the caching allocator's history and dump it with each window."""
+    dir: str = ""
+    """Where the windows go; "" is run_dir/profile."""
+
+
+@dataclass
 class JobConfig:
     """A whole run."""
 
@@ -259,6 +278,7 @@ class JobConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    profiling: ProfilingSection = field(default_factory=ProfilingSection)
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -345,6 +365,13 @@ class JobConfig:
              f"model.regression_weight must be a finite number >= 0, got {self.model.regression_weight}"),
             (self.metrics.log_interval > 0,
              f"metrics.log_interval must be positive, got {self.metrics.log_interval}"),
+            (not self.profiling.enable or (self.profiling.interval >= 1 and self.profiling.active >= 1
+                                           and self.profiling.warmup >= 0
+                                           and self.profiling.warmup + self.profiling.active
+                                           <= self.profiling.interval),
+             f"profiling needs interval >= 1, active >= 1, warmup >= 0 and warmup + active <= "
+             f"interval, got interval {self.profiling.interval}, active {self.profiling.active}, "
+             f"warmup {self.profiling.warmup}"),
             (self.train.max_nonfinite > 0,
              f"train.max_nonfinite must be positive, got {self.train.max_nonfinite}"),
             (self.checkpoint.interval >= 0,

@@ -565,8 +565,11 @@ class Trainer:
                    dynamic_ncols=True, desc=f"{self.model_cfg.name} on {device_name or 'cpu'}",
                    mininterval=0.5)
         stop = False
+        profiler = self._profiler()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
+            if profiler is not None:
+                profiler.start()
             while self.step_count < end:
                 start = time.perf_counter()
                 batches = self.micro_batches(self.loader, cfg.parallel.microbatches)
@@ -587,6 +590,8 @@ class Trainer:
                 stop = totals[3].item() > 0
                 meter.update(tokens=totals[0].item(), images=totals[1].item(), flops=totals[2].item(),
                              seconds=elapsed, data_seconds=data_seconds)
+                if profiler is not None:
+                    profiler.step(self.step_count)
                 bar.update(1)
                 rates = meter.report()
                 bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{rates['tokens_per_s']:,.0f}",
@@ -624,6 +629,8 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if profiler is not None:
+                profiler.stop()
             self.checkpointer.wait()
             if isinstance(self.loader, Prefetcher):
                 self.loader.close()  # no thread outlives the run; the position is kept
@@ -646,6 +653,16 @@ class Trainer:
             records.append(record)
             writer.write(record)
         return records
+
+    def _profiler(self):
+        """The run's `StepProfiler` when `profiling.enable`, else None."""
+        p = self.cfg.profiling
+        if not p.enable:
+            return None
+        from emu2_engine.train.profiling import StepProfiler
+
+        return StepProfiler(p.interval, p.active, p.warmup, p.dir or self.run_dir / "profile", self.rank,
+                            self.device, self.step_count, memory_snapshot=p.memory_snapshot)
 
     def _on_signal(self, signum: int, _frame) -> None:
         self._stop_signal = f"received {signal.Signals(signum).name}"
