@@ -55,3 +55,19 @@ def test_bad_settings_are_refused():
     JobConfig.load(None, ["--profiling.interval=0"])  # not checked while profiling is off
     with pytest.raises(ValueError, match="memory_snapshot records the CUDA caching allocator; this run is on cpu"):
         StepProfiler(10, 1, 1, "unused", 0, torch.device("cpu"), 0, memory_snapshot=True)
+
+
+def test_the_decoder_trainer_records_its_steps_too(tmp_path):
+    """train_decoder shares the section: with interval 2, steps 2 and 4 are recorded; a bad
+    setting is refused by its config as by the pretraining one."""
+    from emu2_engine.train.decoder import DecoderTrainer
+    from emu2_engine.train.decoder_config import DecoderJobConfig
+
+    cfg = DecoderJobConfig.load(None, [f"--train.run_dir={tmp_path}", "--train.steps=4", "--train.eval_batches=0",
+                                       "--data.batch_size=2", "--optim.warmup_steps=1", "--profiling.enable=true",
+                                       "--profiling.interval=2", "--profiling.warmup=0"])
+    DecoderTrainer(cfg).train(progress=False)
+    assert _windows(tmp_path / "profile") == ["step-000002", "step-000004"]
+    assert "traceEvents" in json.loads((tmp_path / "profile" / "step-000004" / "rank0.json").read_text())
+    with pytest.raises(ValueError, match=r"profiling needs .* got interval 1, active 1, warmup 1"):
+        DecoderJobConfig.load(None, ["--profiling.enable=true", "--profiling.interval=1"])

@@ -266,6 +266,23 @@ class ProfilingSection:
     dir: str = ""
     """Where the windows go; "" is run_dir/profile."""
 
+    def problem(self) -> str:
+        """What makes these settings unusable ("" when nothing, or when profiling is off)."""
+        if not self.enable or (self.interval >= 1 and self.active >= 1 and self.warmup >= 0
+                               and self.warmup + self.active <= self.interval):
+            return ""
+        return (f"profiling needs interval >= 1, active >= 1, warmup >= 0 and warmup + active <= "
+                f"interval, got interval {self.interval}, active {self.active}, warmup {self.warmup}")
+
+    def profiler(self, run_dir: Path, rank: int, device, start_step: int):
+        """The run's `StepProfiler` when enabled, else None."""
+        if not self.enable:
+            return None
+        from emu2_engine.train.profiling import StepProfiler
+
+        return StepProfiler(self.interval, self.active, self.warmup, self.dir or Path(run_dir) / "profile",
+                            rank, device, start_step, memory_snapshot=self.memory_snapshot)
+
 
 @dataclass
 class JobConfig:
@@ -365,13 +382,7 @@ class JobConfig:
              f"model.regression_weight must be a finite number >= 0, got {self.model.regression_weight}"),
             (self.metrics.log_interval > 0,
              f"metrics.log_interval must be positive, got {self.metrics.log_interval}"),
-            (not self.profiling.enable or (self.profiling.interval >= 1 and self.profiling.active >= 1
-                                           and self.profiling.warmup >= 0
-                                           and self.profiling.warmup + self.profiling.active
-                                           <= self.profiling.interval),
-             f"profiling needs interval >= 1, active >= 1, warmup >= 0 and warmup + active <= "
-             f"interval, got interval {self.profiling.interval}, active {self.profiling.active}, "
-             f"warmup {self.profiling.warmup}"),
+            (not self.profiling.problem(), self.profiling.problem()),
             (self.train.max_nonfinite > 0,
              f"train.max_nonfinite must be positive, got {self.train.max_nonfinite}"),
             (self.checkpoint.interval >= 0,

@@ -545,12 +545,17 @@ class DecoderTrainer:
                    desc=f"decoder {cfg.model.unet}{' video' if cfg.model.video else ''}", mininterval=0.5)
         stopped = False
         first_step = self.step_count
+        profiler = cfg.profiling.profiler(self.run_dir, self.rank, self.device, self.step_count)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
+            if profiler is not None:
+                profiler.start()
             while self.step_count < end:
                 start = time.perf_counter()
                 result = self.step()
                 elapsed = time.perf_counter() - start
+                if profiler is not None:
+                    profiler.step(self.step_count)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
                 if self.step_count % cfg.train.log_every == 0 or self.step_count == end:
@@ -582,6 +587,8 @@ class DecoderTrainer:
             if evaluate and self.step_count == cfg.train.steps and self.step_count > first_step and not stopped:
                 log({"step": self.step_count, **self.evaluate(cfg.train.eval_batches)})
         finally:
+            if profiler is not None:
+                profiler.stop()
             if isinstance(self.batches, Prefetcher):
                 self.batches.close()  # no thread outlives the run; the position is kept
             for sig, handler in previous.items():

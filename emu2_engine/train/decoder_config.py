@@ -247,6 +247,7 @@ class DecoderJobConfig(JobConfig):
             (t.device in ("auto", "cpu", "cuda"),
              f"train.device must be auto, cpu or cuda, got {t.device!r}"),
             (t.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}"),
+            (not self.profiling.problem(), self.profiling.problem()),
         ]
         for ok, message in checks:
             if not ok:

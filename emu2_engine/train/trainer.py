@@ -565,7 +565,7 @@ class Trainer:
                    dynamic_ncols=True, desc=f"{self.model_cfg.name} on {device_name or 'cpu'}",
                    mininterval=0.5)
         stop = False
-        profiler = self._profiler()
+        profiler = cfg.profiling.profiler(self.run_dir, self.rank, self.device, self.step_count)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             if profiler is not None:
@@ -653,16 +653,6 @@ class Trainer:
             records.append(record)
             writer.write(record)
         return records
-
-    def _profiler(self):
-        """The run's `StepProfiler` when `profiling.enable`, else None."""
-        p = self.cfg.profiling
-        if not p.enable:
-            return None
-        from emu2_engine.train.profiling import StepProfiler
-
-        return StepProfiler(p.interval, p.active, p.warmup, p.dir or self.run_dir / "profile", self.rank,
-                            self.device, self.step_count, memory_snapshot=p.memory_snapshot)
 
     def _on_signal(self, signum: int, _frame) -> None:
         self._stop_signal = f"received {signal.Signals(signum).name}"
