@@ -372,6 +372,15 @@ def test_batches_are_deterministic(tmp_path):
 
 
 # -- configs and refusals -----------------------------------------------------------------------
+def test_unused_sections_are_not_written_but_old_configs_with_their_defaults_load(tmp_path):
+    cfg = DecoderJobConfig.load(None)
+    sections = [line for line in cfg.to_toml().splitlines() if line.startswith("[")]
+    assert not {"[parallel]", "[checkpoint]", "[metrics]"} & set(sections)
+    old = tmp_path / "config.toml"  # as runs before this change wrote it: the defaults included
+    old.write_text(cfg.to_toml() + "\n[parallel]\ntp = 1\n\n[metrics]\nlog_interval = 10\n")
+    assert DecoderJobConfig.load(old) == cfg
+
+
 def test_decoder_debug_toml_is_the_default():
     assert DecoderJobConfig.load(REPO / "configs" / "decoder_debug.toml") == DecoderJobConfig.load(None)
 
@@ -394,6 +403,10 @@ def test_recipe_configs_load(name):
     ("--train.unknown=1", "unknown key train.unknown"),
     ("--train.microbatches=0", "train.microbatches must be >= 1, got 0"),
     ("--train.microbatches=3", r"train.microbatches \(3\) must divide each rank's 8 sample\(s\)"),
+    # pretraining sections the decoder config inherits but its trainer does not read
+    ("--parallel.tp=2", r"train_decoder does not read \[parallel\]: it shards the UNet with FSDP"),
+    ("--checkpoint.keep=5", r"does not read \[checkpoint\]: its checkpoints are set by train.save_every"),
+    ("--metrics.log_interval=3", r"does not read \[metrics\]: it logs every train.log_every steps"),
 ])
 def test_bad_config_refused(override, message):
     with pytest.raises(ValueError, match=message):

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,11 +170,27 @@ class DecoderJobConfig(JobConfig):
     optim: DecoderOptimSection = field(default_factory=DecoderOptimSection)
     train: DecoderTrainSection = field(default_factory=DecoderTrainSection)
 
+    UNUSED_SECTIONS = {
+        "parallel": "it shards the UNet with FSDP over every rank; train.microbatches accumulates",
+        "checkpoint": "its checkpoints are set by train.save_every, train.keep and train.resume",
+        "metrics": "it logs every train.log_every steps to run_dir/metrics.jsonl",
+    }
+    """The pretraining sections this config inherits but the decoder trainer does not read, and
+    what it has instead: a value set in one is refused rather than silently ignored."""
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in super().to_dict().items() if k not in self.UNUSED_SECTIONS}
+
     def validate(self, world_size: int | None = None) -> None:
         """One line for the first value that cannot work; with `world_size`, also a global batch
         that does not split evenly over the ranks. The optimiser's and the noise's numbers must also
         be finite: an infinity passes `x >= 0`, and a NaN or infinite learning rate, beta, weight
         decay, eps, clip norm or noise offset trains the UNet into NaN."""
+        for name, instead in self.UNUSED_SECTIONS.items():
+            section = getattr(self, name)
+            if section != type(section)():  # the defaults are what earlier runs' config.toml wrote
+                raise ValueError(f"train_decoder does not read [{name}]: {instead}; got "
+                                 f"{name} = {dataclasses.asdict(section)}")
         m, d, z, o, t = self.model, self.data, self.diffusion, self.optim, self.train
         if world_size is not None and d.batch_size % world_size:
             raise ValueError(f"data.batch_size is the global batch and must divide by the number of "
