@@ -320,3 +320,19 @@ def test_a_chat_run_starts_from_emu2_weights_with_two_more_tokens(tmp_path, caps
     odd = Trainer(tiny_config(tmp_path / "odd", "--model.preset=debug-chat", "--train.steps=3",
                               f"--checkpoint.init_from={tmp_path / 'short.pt'}"))
     _refused_and_unchanged(odd, WeightsError, r"(?s)nothing was loaded.*checkpoint \(785, 128\), model \(786, 128\)")
+
+
+def test_resuming_a_frozen_encoder_run_with_the_encoder_trained_points_to_init_from(tmp_path):
+    """A checkpoint whose optimiser never held the encoder (lr_vision = 0) cannot resume a run
+    that trains it: refused, and the message names the way to start from its weights."""
+    from emu2_engine.checkpoint.dcp import CheckpointError
+
+    frozen = Trainer(tiny_config(tmp_path / "frozen", "--train.steps=2", "--optim.lr_vision=0"))
+    frozen.train(progress=False)
+    folder = tmp_path / "frozen" / "checkpoints" / "step-000002"
+    trained = Trainer(tiny_config(tmp_path / "trained", "--train.steps=3", f"--checkpoint.resume={folder}"))
+    with pytest.raises(CheckpointError, match=r"app\.optimizer\..*optimiser of the checkpoint holds other "
+                                              r"parameters.*use checkpoint.init_from"):
+        trained.resume()
+    fresh = Trainer(tiny_config(tmp_path / "fresh", "--train.steps=3", f"--checkpoint.init_from={folder}"))
+    assert fresh.resume() is None and _same_weights(frozen.model, fresh.model)

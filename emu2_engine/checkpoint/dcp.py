@@ -448,7 +448,13 @@ class Checkpointer:
             with _single_process_ok():
                 dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         except (Exception, dcp.CheckpointException) as err:  # the latter is a BaseException
-            raise CheckpointError(f"cannot load checkpoint {path} into this model: {_reason(err)}") from err
+            reason = _reason(err)
+            hint = ""
+            if "app.optimizer." in reason:  # the weights match, the optimiser's parameters do not
+                hint = (" (the optimiser of the checkpoint holds other parameters than this run trains, "
+                        "e.g. a frozen encoder: to start from its weights alone with a fresh optimiser, "
+                        "use checkpoint.init_from)")
+            raise CheckpointError(f"cannot load checkpoint {path} into this model: {reason}{hint}") from err
         return int(state["train"]["step"])
 
     @staticmethod
