@@ -224,6 +224,26 @@ def test_ranks_read_disjoint_samples_that_cover_the_epoch(tmp_path, n_shards, wo
     assert sum(len(s) for s in seen) == len(everything)
 
 
+@pytest.mark.parametrize("n_shards, world_size", [(5, 2), (5, 3), (5, 4), (6, 3)])
+def test_ranks_advance_together_when_the_shards_do_not_divide_evenly(tmp_path, n_shards, world_size):
+    """Over several epochs, the ranks read the same number of samples each before any sample is
+    read a second time: rank r's j-th shard is the (j x world_size + r)-th of the sequence of
+    every epoch's shards. (Every world_size-th shard of each epoch gave 5 shards to 2 ranks as
+    3 + 2: after 2,000 records, 200 had been read twice and 200 not at all.)"""
+    per_shard = 3
+    paths = _text_shards(tmp_path, n_shards, per_shard)
+    streams = [_stream(paths, rank=r, world_size=world_size, seed=3) for r in range(world_size)]
+    order = [list(map(str, _stream(paths, seed=3).epoch_shards(e))) for e in range(3)]  # one rank: all
+    sequence = [shard for epoch in order for shard in epoch]
+    rounds = len(sequence) // world_size
+    for r, stream in enumerate(streams):
+        mine = [shard for e in range(3) for shard in stream.epoch_shards(e)]
+        assert mine[:rounds] == sequence[r::world_size][:rounds], r
+    # what the ranks read first, together, is every sample once
+    keys = [k for stream in streams for k in _keys(stream, per_shard * (n_shards // world_size))]
+    assert len(keys) == len(set(keys))
+
+
 @pytest.mark.parametrize("world_size, rank", [(1, 0), (2, 1), (3, 2)])
 @pytest.mark.parametrize("taken", [0, 1, 5, 7, 8, 23, 31])
 def test_restored_stream_yields_exactly_what_the_original_would(tmp_path, taken, world_size, rank):

@@ -283,11 +283,17 @@ class ShardStream:
         """This rank's shards in epoch `epoch`, in reading order (the last epoch's is cached)."""
         if self._epoch_order is not None and self._epoch_order[0] == epoch:
             return self._epoch_order[1]
-        order = np.arange(len(self.shards))
+        n = len(self.shards)
+        order = np.arange(n)
         if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
         if not self._strided:
-            order = order[self.rank::self.world_size]
+            # every world_size-th shard of the endless sequence epoch 0's shards, epoch 1's, ...:
+            # rank r's j-th shard is the sequence's (j x world_size + r)-th, so the ranks advance
+            # together. (Taking every world_size-th shard of each epoch alone gave the ranks
+            # epochs of different lengths when n is not a multiple of world_size: those with
+            # fewer shards began re-reading before the others had read everything once.)
+            order = order[(self.rank - epoch * n) % self.world_size::self.world_size]
         self._epoch_order = (epoch, [self.shards[i] for i in order])
         return self._epoch_order[1]
 
