@@ -51,3 +51,22 @@ def test_state_round_trip_and_determinism():
 def test_bad_weights(weights, message):
     with pytest.raises(ValueError, match=message):
         Blend(weights)
+
+
+def test_changed_weights_start_the_schedule_over(caplog):
+    """A resume with new weights (a new blend for the rest of a run) follows them from the next
+    draw: the old counts under new weights served dataset 0 alone for 40,000 draws."""
+    old = Blend([0.5, 0.5])
+    picks = [old.next() for _ in range(10_000)]
+    assert picks.count(0) == 5_000
+    new = Blend([0.9, 0.1])
+    with caplog.at_level("WARNING", logger="emu2_engine.data.blend"):
+        new.load_state_dict(old.state_dict())
+    assert "data.weights changed since the checkpoint ([0.5, 0.5], now [0.9, 0.1])" in caplog.text
+    assert [new.next() for _ in range(100)].count(1) == 10
+    same = Blend([1, 1])  # the same weights, however written: the saved schedule continues
+    same.load_state_dict(old.state_dict())
+    assert same.taken.tolist() == [5_000, 5_000]
+    legacy = Blend([0.9, 0.1])  # a state saved before the weights were: continued as before
+    legacy.load_state_dict({"taken": [3, 4]})
+    assert legacy.taken.tolist() == [3, 4]

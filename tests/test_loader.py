@@ -164,8 +164,14 @@ def test_bad_records_are_skipped_and_counted(tok):
 def test_a_dataset_with_no_usable_sample_raises_instead_of_hanging(tok, monkeypatch):
     monkeypatch.setattr(loader_module, "_MAX_BARREN_DRAWS", 20)
     bad = Grounded("bad", image(0), "a cat", [Phrase(0, 5, [])])
-    with pytest.raises(RuntimeError, match="20 records in a row gave no usable sample"):
+    with pytest.raises(RuntimeError, match="20 records in a row of dataset 0:grounded .* gave no usable sample"):
         next(make(tok, [ListStream([bad])], datasets=["grounded"]))
+    # blended with a healthy dataset, it is still found (the count is per dataset and spans
+    # batches: the healthy one's samples used to reset it, and the blend silently lost the other)
+    blended = make(tok, [ListStream(pairs(50)), ListStream([bad])], datasets=["image_text", "grounded"])
+    with pytest.raises(RuntimeError, match="20 records in a row of dataset 1:grounded"):
+        for _ in range(200):
+            next(blended)
 
 
 def test_resume_is_exact_with_pending_samples(tok):

@@ -18,9 +18,12 @@ sample (a function of the seed and the sample's key). Its whole state is `taken`
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class Blend:
@@ -46,11 +49,20 @@ class Blend:
         return d
 
     def state_dict(self) -> dict:
-        return {"taken": self.taken.tolist()}
+        return {"taken": self.taken.tolist(), "weights": self.weights.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue the saved schedule. If the weights changed since (a new blend for the rest
+        of a run), the schedule starts over with the new ones, from this draw: continuing the
+        old counts under new weights would serve one dataset alone until they caught up."""
         taken = np.asarray(state["taken"], dtype=np.int64)
         if taken.shape != self.taken.shape:
             raise ValueError(f"the saved blend has {taken.size} datasets, this one {self.taken.size}; "
                              f"the data config changed since the checkpoint")
+        saved = state.get("weights")  # absent in states saved before the weights were
+        if saved is not None and not np.allclose(saved, self.weights, rtol=0, atol=1e-12):
+            log.warning("data.weights changed since the checkpoint (%s, now %s): the blend's schedule "
+                        "starts over with the new weights; each dataset reads on from where it was",
+                        [round(w, 6) for w in saved], [round(float(w), 6) for w in self.weights])
+            taken = np.zeros_like(taken)
         self.taken = taken

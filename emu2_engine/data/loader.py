@@ -44,7 +44,8 @@ STATE_VERSION = 1
 # Samples are drawn until the pool holds this many micro-batches' worth of tokens; best-fit then
 # has enough choice to fill the rows almost completely.
 _POOL_FACTOR = 1.5
-# A dataset that yields this many records in a row without one usable sample is broken.
+# A dataset that yields this many records in a row without one usable sample is broken (counted
+# per dataset: a healthy one in the same blend must not hide it).
 _MAX_BARREN_DRAWS = 10_000
 
 
@@ -109,6 +110,8 @@ class PackedLoader:
         self.truncated = 0
         self._pool: list[_Pooled] = []
         self._reads = [0] * len(streams)
+        self._barren = [0] * len(streams)  # records in a row that gave no usable sample
+        self._last_drawn = 0
         # per dataset: record ordinal -> stream state just before it was read, while a sample
         # of that record is in the pool
         self._before: list[dict[int, dict]] = [{} for _ in streams]
@@ -145,13 +148,15 @@ class PackedLoader:
 
     def _draw(self) -> list[_Pooled]:
         """Read the next record of the dataset the blend picks; its usable samples."""
-        d = self.blend.next()
+        d = self._last_drawn = self.blend.next()
         stream = self.streams[d]
         before = stream.state_dict()
         record = next(stream)
         r = self._reads[d]
         self._reads[d] += 1
         samples = self._samples_of(d, record)
+        # per dataset, across batches: another dataset's samples must not hide one that gives none
+        self._barren[d] = 0 if samples else self._barren[d] + 1
         if samples:
             self._before[d][r] = before
         return [_Pooled(d, r, k, s) for k, s in enumerate(samples)]
@@ -164,12 +169,12 @@ class PackedLoader:
         S, R, M = self.cfg.seq_len, self.cfg.rows, self.cfg.max_images
         pool = list(self._pool)
         tokens = sum(len(p.sample) for p in pool)
-        barren = 0
         while tokens < _POOL_FACTOR * R * S:
             drawn = self._draw()
-            barren = 0 if drawn else barren + 1
-            if barren >= _MAX_BARREN_DRAWS:
-                raise RuntimeError(f"{_MAX_BARREN_DRAWS} records in a row gave no usable sample; "
+            if not drawn and self._barren[self._last_drawn] >= _MAX_BARREN_DRAWS:
+                d = self._last_drawn
+                raise RuntimeError(f"{_MAX_BARREN_DRAWS} records in a row of dataset {self.names[d]} "
+                                   f"({self.cfg.paths[d] or 'the shapes world'}) gave no usable sample; "
                                    f"{self.skip_summary()}")
             pool += drawn
             tokens += sum(len(p.sample) for p in drawn)

@@ -54,7 +54,8 @@ class DataSection:
     datasets: list[str] = field(default_factory=lambda: ["image_text", "grounded", "text"])
     """Kind of each blended dataset: image_text, video_text, interleaved, grounded, text or vqa."""
     weights: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])
-    """Relative share of samples drawn from each dataset (Emu2 stage 2: 12800, 6400, 3200, 800)."""
+    """Relative share of records drawn from each dataset (Emu2 stage 2: 12800, 6400, 3200, 800);
+    a long text record gives several samples (`docs/data.md`, Blending)."""
     paths: list[str] = field(default_factory=lambda: ["", "", ""])
     """Shard directory (or .tar file) of each dataset; "" reads the shapes world's split of that kind."""
     heldout_path: str = ""
