@@ -174,6 +174,36 @@ def test_a_dataset_with_no_usable_sample_raises_instead_of_hanging(tok, monkeypa
             next(blended)
 
 
+def test_resume_under_changed_layout_settings_lays_the_waiting_records_out_again(tok, caplog):
+    """A resume after data.text_len changed (the saved pool held the 5th chunk of a text): the
+    waiting records are rebuilt whole under the new setting, with a warning, instead of an
+    IndexError on a chunk that no longer exists."""
+    from emu2_engine.data.records import Text
+
+    texts = [Text(f"t{i}", " ".join(f"word{i}x{j}" for j in range(120))) for i in range(9)]
+
+    def fresh(text_len=40):
+        return make(tok, [ListStream(pairs(40)), ListStream(texts)], datasets=["image_text", "text"],
+                    rows=1, max_images=8, text_len=text_len)
+
+    a = fresh()
+    for _ in range(3):
+        next(a)
+    state = a.state_dict()
+    assert any(d == 1 and k > 0 for d, _, k in state["pool"]), "the test needs a later chunk waiting"
+    b = fresh(text_len=128)
+    with caplog.at_level("WARNING", logger="emu2_engine.data.loader"):
+        b.load_state_dict(state)
+    assert "data settings changed since the checkpoint (text_len 40 -> 128)" in caplog.text
+    waiting = {(d, r) for d, r, _ in state["pool"]}
+    assert {(p.dataset, p.record) for p in b._pool} == waiting
+    assert all(len(p.sample) <= 128 for p in b._pool)
+    next(b)  # and it runs on
+    same = fresh()  # unchanged settings: exact, as before
+    same.load_state_dict(state)
+    assert [p.part for p in same._pool] == [k for _, _, k in state["pool"]]
+
+
 def test_resume_is_exact_with_pending_samples(tok):
     def fresh():
         streams = [ListStream(pairs(97)), ListStream(documents(31)),

@@ -116,6 +116,15 @@ class PackedLoader:
         # of that record is in the pool
         self._before: list[dict[int, dict]] = [{} for _ in streams]
 
+    def _layout(self) -> dict:
+        """The settings that decide which samples a record gives and how they are cut."""
+        c = self.cfg
+        return {"seq_len": c.seq_len, "max_images": c.max_images, "too_long": c.too_long,
+                "text_len": c.text_len, "interleaved_len": c.interleaved_len,
+                "interleaved_images": c.interleaved_images, "image_first_prob": c.image_first_prob,
+                "phrase_first_prob": c.phrase_first_prob, "bidirectional": c.bidirectional,
+                "regress": list(c.regress), "seed": c.seed, "n_query": self.n_query}
+
     # -- samples --------------------------------------------------------------------------
     def _samples_of(self, d: int, record: Record) -> list[Sample]:
         """The samples of one record, truncated or dropped to fit a row and the image cap."""
@@ -218,7 +227,7 @@ class PackedLoader:
                             "replay_first": first,
                             "skipped": None if stats is None else dict(stats.counts)})
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-                "datasets": list(self.cfg.datasets), "blend": self.blend.state_dict(),
+                "datasets": list(self.cfg.datasets), "layout": self._layout(), "blend": self.blend.state_dict(),
                 "streams": streams,
                 "pool": [[p.dataset, p.record, p.part] for p in self._pool],
                 "skipped": dict(self.stats.counts), "truncated": self.truncated}
@@ -240,6 +249,8 @@ class PackedLoader:
                              f"reads {list(self.cfg.datasets)}")
         self.blend.load_state_dict(state["blend"])
         wanted = [(int(d), int(r), int(k)) for d, r, k in state["pool"]]
+        saved_layout = state.get("layout")  # absent in states saved before it was
+        changed = {k: (v, self._layout()[k]) for k, v in (saved_layout or {}).items() if self._layout()[k] != v}
         rebuilt: dict[tuple[int, int], list[Sample]] = {}
         self._before = [{} for _ in self.streams]
         for d, (stream, saved) in enumerate(zip(self.streams, state["streams"])):
@@ -256,6 +267,14 @@ class PackedLoader:
             self._reads[d] = int(saved["reads"])
             if saved["skipped"] is not None:  # the replay counted its bad samples again
                 stream.stats.counts = Counter(saved["skipped"])
+        if changed:
+            # the waiting records give other samples now: all of each, laid out anew
+            records = list(dict.fromkeys((d, r) for d, r, _ in wanted))
+            log.warning("data settings changed since the checkpoint (%s): the %d records waiting in "
+                        "its pool are laid out again with the new settings (whole: one partly packed before "
+                        "the save gives all its parts again)",
+                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), len(records))
+            wanted = [(d, r, k) for d, r in records for k in range(len(rebuilt[(d, r)]))]
         self._pool = [_Pooled(d, r, k, rebuilt[(d, r)][k]) for d, r, k in wanted]
         # the replay counted its records' skips and truncations again: the saved totals
         self.stats = SkipStats(Counter(state["skipped"]))
