@@ -215,6 +215,11 @@ VIDEO_BLEND = ["--data.datasets=['video_text', 'text']", "--data.weights=[1.0, 1
     # 4 frames 1 + 4 x 18 + 2 = 75; neither is ever cut, so a row that cannot hold it is refused
     (["--data.seq_len=19", "--data.text_len=19", "--data.interleaved_len=19"],
      r"data.seq_len \(19\) cannot hold one image of the debug model \(16 visual tokens\): needs >= 20"),
+    # an interleaved dataset needs documents that hold an image; a blend without one never reads
+    # interleaved_len (an image-caption-only run with short rows was refused for it)
+    (["--data.datasets=['image_text', 'interleaved']", "--data.weights=[1, 1]", "--data.paths=['', '']",
+      "--data.interleaved_len=19"],
+     r"data.interleaved_len \(19\) cannot hold one image of the debug model \(16 visual tokens\): needs >= 20"),
     ([*VIDEO_BLEND, "--data.max_images=3"],
      r"data.video_frames \(4\) exceeds data.max_images \(3\): every video of the video_text"),
     ([*VIDEO_BLEND, "--data.seq_len=74", "--data.text_len=74", "--data.interleaved_len=74"],
@@ -227,6 +232,17 @@ VIDEO_BLEND = ["--data.datasets=['video_text', 'text']", "--data.weights=[1.0, 1
 def test_parallel_and_run_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         JobConfig.load(None, overrides)
+
+
+def test_a_blend_without_documents_ignores_interleaved_len(tmp_path):
+    from emu2_engine.train.trainer import Trainer
+
+    cfg = JobConfig.load(None, ["--data.datasets=['image_text']", "--data.weights=[1]", "--data.paths=['']",
+                                "--data.seq_len=24", "--data.interleaved_len=19", "--data.text_len=19",
+                                "--train.steps=1", "--optim.warmup_steps=0", "--train.eval_batches=0",
+                                f"--train.run_dir={tmp_path}"])
+    batch = next(Trainer(cfg).loader)
+    assert batch.input_ids.shape[1] == 24
 
 
 @pytest.mark.parametrize("override, message", [

@@ -401,8 +401,10 @@ def test_bad_samples_are_rejected(tok, builder):
         collate_packed([good], [[0]], seq_len=16, ids=tok.ids, n_query=NQ, image_size=16)
     with pytest.raises(ValueError, match=r"not \[IMG\] \+ 5 slots"):
         collate_packed([good], [[0]], seq_len=16, ids=tok.ids, n_query=5, image_size=SIZE)
+    short = SampleBuilder(tok, NQ, interleaved_len=7)  # refused where it is used: documents
+    short.build_image_text(pixels(0), "a red circle.", image_first=True)
     with pytest.raises(ValueError, match="interleaved_len .* cannot hold one image"):
-        SampleBuilder(tok, NQ, interleaved_len=7)
+        short.build_interleaved(["a red circle."], [pixels(0)], [0], [True])
 
 
 def test_collated_shapes_world_batch_is_consistent(tok):

@@ -149,10 +149,6 @@ class SampleBuilder:
                 raise ValueError(f"{name} must lie in [0, 1], got {p}")
         if interleaved_images < 1:
             raise ValueError(f"interleaved_images must be >= 1, got {interleaved_images}")
-        visual_min = 2 + n_query + 2  # <s> [IMG] slots [/IMG] </s>
-        if interleaved_len < visual_min:
-            raise ValueError(f"interleaved_len ({interleaved_len}) cannot hold one image of "
-                             f"{n_query} tokens (needs {visual_min})")
         if text_len < 3:
             raise ValueError(f"text_len must be >= 3 (<s>, a token, </s>), got {text_len}")
         self.tok, self.ids = tokenizer, tokenizer.ids
@@ -281,6 +277,10 @@ class SampleBuilder:
         if not (len(images) == len(image_at) == len(image_first)):
             raise ValueError(f"images, image_at and image_first must have one entry per image, got "
                              f"{len(images)}, {len(image_at)}, {len(image_first)}")
+        visual_min = 2 + self.n_query + 2  # <s> [IMG] slots [/IMG] </s>; checked here, where it
+        if self.interleaved_len < visual_min:  # matters (a blend without documents never reads it)
+            raise ValueError(f"interleaved_len ({self.interleaved_len}) cannot hold one image of "
+                             f"{self.n_query} tokens (needs {visual_min})")
         before: dict[int, list[int]] = {}
         after: dict[int, list[int]] = {}
         for j, (i, first) in enumerate(zip(image_at, image_first)):

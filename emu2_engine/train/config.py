@@ -436,7 +436,12 @@ class JobConfig:
             raise ValueError(f"data.seq_len ({d.seq_len}) cannot hold one image of the "
                              f"{self.model.preset} model ({n_query} visual tokens): needs >= "
                              f"{image_span} (<s> [IMG] slots [/IMG] </s>)")
-        if not any(kind == "video_text" and w > 0 for kind, w in zip(d.datasets, d.weights)):
+        drawn = {kind for kind, w in zip(d.datasets, d.weights) if w > 0}
+        if "interleaved" in drawn and d.interleaved_len < image_span:
+            raise ValueError(f"data.interleaved_len ({d.interleaved_len}) cannot hold one image of the "
+                             f"{self.model.preset} model ({n_query} visual tokens): needs >= "
+                             f"{image_span} for the interleaved dataset")
+        if "video_text" not in drawn:
             return
         if chat:
             raise ValueError(f"data.datasets draws video_text for the chat model {self.model.preset}: "
