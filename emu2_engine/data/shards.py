@@ -233,7 +233,7 @@ class ShardStream:
       (the file order otherwise), and each shard's samples in tar order; records come out
       in a deterministic order.
     - Ranks: with at least `world_size` shards, rank r reads shards r, r + world_size, ...
-      of the epoch's order; with fewer, every rank reads every shard and keeps the samples
+      of the sequence of every epoch's order (`epoch_shards`); with fewer, every rank reads every shard and keeps the samples
       whose index in the shard is r modulo world_size. Either way the ranks' records are
       disjoint within an epoch.
     - Decoding: `batch_size` samples of this rank at a time go to `decoder.decode_batch`
