@@ -164,6 +164,15 @@ group (by position); flattened groups have none (their entries are per parameter
 may start with a digit: ``param_groups.0.weight.lr`` of an nn.Sequential)."""
 
 
+def _placed_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full`, which every rank read whole, laid out as `like` is: each rank cuts its own part
+    out (``src_data_rank=None``: no scatter, which also fails for uneven strided shards, as a
+    vocabulary's under TP x FSDP)."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
 class _ModelAndOptimizer(Stateful):
     """Model and optimiser state as DCP sees them: named, and sharded where the parameters are.
 
@@ -210,20 +219,13 @@ class _ModelAndOptimizer(Stateful):
             parent = state
             for key in path[:-1]:
                 parent = parent[key]
-            parent[path[-1]] = distribute_tensor(parent[path[-1]].to(like.device), like.device_mesh,
-                                                 like.placements, src_data_rank=None)
+            parent[path[-1]] = _placed_like(parent[path[-1]], like)
         return state
 
     def _grow(self, state: dict[str, Any]) -> dict[str, Any]:
-        """The entries read with fewer rows, grown (`grow_rows`) and placed as the model's are:
-        every rank read them whole, so each cuts its own shard out (``src_data_rank=None``: no
-        scatter, which also fails for uneven strided shards, as a vocabulary's under TP + FSDP)."""
+        """The entries read with fewer rows, grown (`grow_rows`) and placed as the model's are."""
         for name, like in self._grown.items():
-            full = grow_rows(state["model"][name], like.shape[0])
-            if isinstance(like, DTensor):
-                full = distribute_tensor(full.to(like.device), like.device_mesh, like.placements,
-                                         src_data_rank=None)
-            state["model"][name] = full
+            state["model"][name] = _placed_like(grow_rows(state["model"][name], like.shape[0]), like)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
