@@ -250,7 +250,8 @@ class PackedLoader:
         self.blend.load_state_dict(state["blend"])
         wanted = [(int(d), int(r), int(k)) for d, r, k in state["pool"]]
         saved_layout = state.get("layout")  # absent in states saved before it was
-        changed = {k: (v, self._layout()[k]) for k, v in (saved_layout or {}).items() if self._layout()[k] != v}
+        layout = self._layout()
+        changed = {k: (v, layout[k]) for k, v in (saved_layout or {}).items() if layout[k] != v}
         rebuilt: dict[tuple[int, int], list[Sample]] = {}
         self._before = [{} for _ in self.streams]
         for d, (stream, saved) in enumerate(zip(self.streams, state["streams"])):
