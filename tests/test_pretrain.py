@@ -225,9 +225,16 @@ VIDEO_BLEND = ["--data.datasets=['video_text', 'text']", "--data.weights=[1.0, 1
     ([*VIDEO_BLEND, "--data.seq_len=74", "--data.text_len=74", "--data.interleaved_len=74"],
      r"data.seq_len \(74\) cannot hold one video of 4 frames of the debug model \(16 visual "
      r"tokens each\): needs >= 75"),
-    # Emu2-Chat's frames take 64 tokens, its images 256: one n_query per model cannot do both
-    ([*VIDEO_BLEND, "--model.preset=debug-chat"],
-     r"data.datasets draws video_text for the chat model debug-chat: .* video is not supported"),
+    # debug-chat's frames take 4 tokens (Emu2-Chat's 64), its images 16 (256): a video of 4 frames
+    # needs 1 + 4 x 6 + 2 = 27; the regression head predicts an image's 16, so frames are not
+    # regression targets
+    ([*VIDEO_BLEND, "--model.preset=debug-chat", "--data.seq_len=26", "--data.text_len=26",
+      "--data.interleaved_len=26"],
+     r"data.seq_len \(26\) cannot hold one video of 4 frames of the debug-chat model \(4 visual "
+     r"tokens each\): needs >= 27"),
+    ([*VIDEO_BLEND, "--model.preset=debug-chat", "--data.regress=['video_text']"],
+     r"data.regress lists video_text for the debug-chat model, whose video frames take 4 visual "
+     r"tokens and its images 16"),
 ])
 def test_parallel_and_run_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):

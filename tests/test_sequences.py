@@ -1,6 +1,8 @@
 """Sequence builders (the Emu2 layout of every sample type, token by token), truncation, and
 collation into the PackedBatch contract."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -399,8 +401,11 @@ def test_bad_samples_are_rejected(tok, builder):
     good = builder.build_image_text(pixels(0), "a red circle.", image_first=True)
     with pytest.raises(ValueError, match=r"image of shape \(3, 8, 8\), expected \(3, 16, 16\)"):
         collate_packed([good], [[0]], seq_len=16, ids=tok.ids, n_query=NQ, image_size=16)
-    with pytest.raises(ValueError, match=r"not \[IMG\] \+ 5 slots"):
+    with pytest.raises(ValueError, match=r"has 4 slots; an image takes n_query = 5, only a video frame"):
         collate_packed([good], [[0]], seq_len=16, ids=tok.ids, n_query=5, image_size=SIZE)
+    with pytest.raises(ValueError, match=r"not \[IMG\] \+ 3 slots"):  # without n_slots: n_query each
+        collate_packed([replace(good, n_slots=[])], [[0]], seq_len=16, ids=tok.ids, n_query=3,
+                       image_size=SIZE)
     short = SampleBuilder(tok, NQ, interleaved_len=7)  # refused where it is used: documents
     short.build_image_text(pixels(0), "a red circle.", image_first=True)
     with pytest.raises(ValueError, match="interleaved_len .* cannot hold one image"):

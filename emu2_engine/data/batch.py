@@ -9,7 +9,10 @@ Layout (see `shared/DESIGN.md`, "Sequence metadata"), for B rows of S tokens:
 - ``doc_ids``, ``span_ids``, ``position_ids`` (B, S) int32, as in DESIGN.md.
 - ``images`` (N, 3, H, W) float: every image (or video frame) of the micro-batch, already
   normalised. ``image_slots`` (N, n_query) int64: for image n, the flat indices
-  (``b * S + t``) of its ``<image>``/``[gIMG]`` slots, in order.
+  (``b * S + t``) of its ``<image>``/``[gIMG]`` slots, in order. A video frame of a model whose
+  frames take fewer embeddings than its images (Emu2-Chat: 64 against 256, the model config's
+  ``frame_n_query``) has that many ``[gIMG]`` slots, then -1 to the end of its row; the model
+  tells frames by the token at their first slot.
 - ``reg_images`` (R,) int64: which images are regression targets; ``reg_positions``
   (R, n_query) int64: flat indices of the hidden states that predict each of their
   embeddings (the ``[IMG]`` position, then the first n_query - 1 slots: the shift of one).
@@ -96,8 +99,11 @@ class PackedBatch:
             rows = rows.pin_memory()
         return replace(self, text_rows=rows)
 
-    def validate(self, vocab_size: int, n_query: int, image_size: int) -> None:
-        """Check shapes, dtypes and ranges; raise ValueError naming what is wrong."""
+    def validate(self, vocab_size: int, n_query: int, image_size: int,
+                 frame_n_query: int | None = None, frame_slot: int | None = None) -> None:
+        """Check shapes, dtypes and ranges; raise ValueError naming what is wrong. Every real
+        image has n_query slots, but for a video frame (`frame_slot`, the `[gIMG]` id, at its
+        first slot) of a model whose frames take `frame_n_query` fewer: that many, then -1."""
         B, S = self.input_ids.shape
         for name in ("labels", "doc_ids", "span_ids", "position_ids"):
             t = getattr(self, name)
@@ -124,9 +130,25 @@ class PackedBatch:
         if tuple(self.reg_positions.shape) != (R, n_query):
             raise ValueError(f"batch.reg_positions must have shape ({R}, {n_query}), got "
                              f"{tuple(self.reg_positions.shape)}")
-        for name, t in (("image_slots", self.image_slots[real]), ("reg_positions", self.reg_positions)):
+        slots = self.image_slots.cpu()
+        want = torch.where(real, n_query, 0)  # slots per row: a padding image has none
+        if frame_n_query is not None and frame_n_query != n_query and N:
+            first = self.input_ids.reshape(-1).cpu()[slots[:, 0].clamp(0, B * S - 1)]
+            want[real & (first == frame_slot)] = frame_n_query
+        used = torch.arange(n_query) < want[:, None]
+        bad_rows = ((slots >= 0) != used)[real].any(1)
+        if bool(bad_rows.any()):
+            k = int(real.nonzero().squeeze(1)[bad_rows][0])
+            kind = "video frame" if int(want[k]) != n_query else "image"
+            raise ValueError(f"batch.image_slots row {k} (a {kind}) must hold {int(want[k])} "
+                             f"positions, then -1 to the end of the row; got "
+                             f"{int((slots[k] >= 0).sum())} positions >= 0")
+        for name, t in (("image_slots", slots[used]), ("reg_positions", self.reg_positions)):
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= B * S):
                 raise ValueError(f"batch.{name} holds flat positions outside [0, {B * S})")
         if R and (int(self.reg_images.min()) < 0 or int(self.reg_images.max()) >= N
                   or not bool(real[self.reg_images.cpu()].all())):
             raise ValueError(f"batch.reg_images must index real images among the {N} of the batch")
+        if R and bool((want[self.reg_images.cpu()] != n_query).any()):
+            raise ValueError(f"batch.reg_images names a video frame of {frame_n_query} embeddings: "
+                             f"only inputs of n_query = {n_query} are regressed")

@@ -96,6 +96,7 @@ class PackedLoader:
             raise ValueError(f"unknown dataset kinds {unknown}")
         self.cfg, self.ids = cfg, tokenizer.ids
         self.n_query, self.image_size = model_cfg.n_query, model_cfg.vision.image_size
+        self.frame_n_query = model_cfg.frame_queries
         self.streams, self.rank, self.world_size = streams, rank, world_size
         # A dataset's name seeds its samples' layouts: its position and kind in the blend.
         self.names = [f"{d}:{kind}" for d, kind in enumerate(cfg.datasets)]
@@ -104,7 +105,7 @@ class PackedLoader:
             tokenizer, model_cfg.n_query, seed=cfg.seed, image_first_prob=cfg.image_first_prob,
             phrase_first_prob=cfg.phrase_first_prob, interleaved_images=cfg.interleaved_images,
             interleaved_len=cfg.interleaved_len, text_len=cfg.text_len,
-            bidirectional=cfg.bidirectional)
+            bidirectional=cfg.bidirectional, frame_n_query=model_cfg.frame_queries)
         self.blend = Blend(cfg.weights)
         self.stats = SkipStats()
         self.truncated = 0
@@ -123,7 +124,9 @@ class PackedLoader:
                 "text_len": c.text_len, "interleaved_len": c.interleaved_len,
                 "interleaved_images": c.interleaved_images, "image_first_prob": c.image_first_prob,
                 "phrase_first_prob": c.phrase_first_prob, "bidirectional": c.bidirectional,
-                "regress": list(c.regress), "seed": c.seed, "n_query": self.n_query}
+                "regress": list(c.regress), "seed": c.seed, "n_query": self.n_query,
+                # only where frames differ: states saved before this key existed still match
+                **({"frame_n_query": self.frame_n_query} if self.frame_n_query != self.n_query else {})}
 
     # -- samples --------------------------------------------------------------------------
     def _samples_of(self, d: int, record: Record) -> list[Sample]:

@@ -21,10 +21,12 @@ Collation conventions (see also `batch.py` and docs/design.md):
 - Padding tokens: `[PAD]` ids, labels -100, doc_ids -1, span_ids -1, position_ids 0.
 - Labels are pre-shifted: `labels[t] = input_ids[t + 1]` when t + 1 is in the same document
   and `Sample.text_target[t + 1]`, else -100.
-- `span_ids` of a bidirectional image cover its n_query slots only (not `[IMG]`/`[/IMG]`):
+- `span_ids` of a bidirectional image cover its slots only (not `[IMG]`/`[/IMG]`):
   that is all that needs two-way attention. The span id is the image's index in the batch.
 - Images are ordered by row, then by position in the row; `image_slots`, `reg_images`,
   `span_ids` and `images` all use that order; padding images come last, with slots -1.
+- A video frame of fewer slots than n_query (`Sample.n_slots`; Emu2-Chat's 64 against 256)
+  fills the start of its `image_slots` row, -1 after; it is never a regression target.
 """
 
 from __future__ import annotations
@@ -180,19 +182,30 @@ def _check_sample(sample: Sample, index: int, ids: SpecialIds, n_query: int) -> 
     if len(sample.text_target) != len(sample.input_ids):
         raise ValueError(f"sample {index}: text_target has {len(sample.text_target)} entries for "
                          f"{len(sample.input_ids)} tokens")
+    if sample.n_slots and len(sample.n_slots) != n:
+        raise ValueError(f"sample {index}: n_slots must be empty or have one entry per image, got "
+                         f"{len(sample.n_slots)} for {n} images")
     previous_end = 0
-    for start, reg, bi in zip(sample.image_starts, sample.regress, sample.bidirectional):
+    for k, (start, reg, bi) in enumerate(zip(sample.image_starts, sample.regress, sample.bidirectional)):
         if start < previous_end:
             raise ValueError(f"sample {index}: image_starts must be increasing and images must not overlap")
-        previous_end = start + n_query + 2
+        q = sample.slots(k, n_query)
+        previous_end = start + q + 2
         span = sample.input_ids[start:previous_end]
-        if (len(span) != n_query + 2 or span[0] != ids.img or span[-1] != ids.img_end
+        if (len(span) != q + 2 or span[0] != ids.img or span[-1] != ids.img_end
                 or not np.isin(span[1:-1], ids.visual_slots).all()):
             raise ValueError(f"sample {index}: the image at position {start} is not "
-                             f"[IMG] + {n_query} slots + [/IMG]")
+                             f"[IMG] + {q} slots + [/IMG]")
+        if q != n_query and not (1 <= q < n_query and (span[1:-1] == ids.gen_img).all()):
+            raise ValueError(f"sample {index}: the image at position {start} has {q} slots; "
+                             f"an image takes n_query = {n_query}, only a video frame ([gIMG]) "
+                             f"may take fewer")
         if reg and bi:
             raise ValueError(f"sample {index}: the image at position {start} is both regressed "
                              f"and bidirectional")
+        if reg and q != n_query:
+            raise ValueError(f"sample {index}: the image at position {start} is regressed but has "
+                             f"{q} slots: the regression predicts n_query = {n_query} embeddings")
 
 
 def collate_packed(samples: list[Sample], rows: list[list[int]], seq_len: int, ids: SpecialIds,
@@ -210,7 +223,6 @@ def collate_packed(samples: list[Sample], rows: list[list[int]], seq_len: int, i
     image_slots: list[np.ndarray] = []
     reg_images: list[int] = []
     reg_positions: list[np.ndarray] = []
-    slot_offsets = np.arange(1, n_query + 1)
     for b, row in enumerate(rows):
         total = sum(len(samples[i]) for i in row)
         if total > S:
@@ -226,17 +238,18 @@ def collate_packed(samples: list[Sample], rows: list[list[int]], seq_len: int, i
             labels[b, offset:end - 1] = np.where(target[1:], sample.input_ids[1:], IGNORE_INDEX)
             doc_ids[b, offset:end] = doc
             position_ids[b, offset:end] = np.arange(L)
-            for image, start, reg, bi in zip(sample.images, sample.image_starts, sample.regress,
-                                             sample.bidirectional):
+            for k, (image, start, reg, bi) in enumerate(zip(sample.images, sample.image_starts,
+                                                            sample.regress, sample.bidirectional)):
                 if tuple(image.shape) != (3, image_size, image_size):
                     raise ValueError(f"sample {i}: image of shape {tuple(image.shape)}, expected "
                                      f"(3, {image_size}, {image_size})")
-                n = len(images)
-                slots = b * S + offset + start + slot_offsets
+                n, q = len(images), sample.slots(k, n_query)
+                slots = np.full(n_query, -1, dtype=np.int64)  # a frame of fewer slots: -1 after them
+                slots[:q] = b * S + offset + start + np.arange(1, q + 1)
                 images.append(image)
                 image_slots.append(slots)
                 if bi:
-                    span_ids[b, offset + start + 1:offset + start + 1 + n_query] = n
+                    span_ids[b, offset + start + 1:offset + start + 1 + q] = n
                 if reg:
                     reg_images.append(n)
                     # [IMG] predicts embedding 1, slot k predicts embedding k + 1.

@@ -1,9 +1,9 @@
 """Sequence building: one decoded record (`records.py`) -> token ids + image metadata.
 
-A `Sample` is one document, `<s> ... </s>`, with its images inline. Each image (or video
-frame) occupies `[IMG]` + n_query slots + `[/IMG]`; the slots (`<image>` for images, `[gIMG]`
-for video frames) are the positions whose embedding rows the model replaces with visual
-embeddings. The layouts are those of the released Emu2 (shared/reference/EMU2_FACTS.md):
+A `Sample` is one document, `<s> ... </s>`, with its images inline. Each image occupies
+`[IMG]` + n_query `<image>` slots + `[/IMG]`, each video frame `[IMG]` + frame_n_query `[gIMG]`
+slots + `[/IMG]` (as many as an image's but for Emu2-Chat: 64 against 256); the slots are the
+positions whose embedding rows the model replaces with visual embeddings. The layouts are those of the released Emu2 (shared/reference/EMU2_FACTS.md):
 
 - image-text: `<s>[IMG]<image>*n[/IMG]caption</s>` or `<s>caption[IMG]<image>*n[/IMG]</s>`,
   the image first with p = 0.5 (`image_first_prob`).
@@ -78,7 +78,7 @@ class Sample:
     images: list[torch.Tensor] = field(default_factory=list)
     """Normalised (3, H, W) float32 pixels of each image or frame, in sequence order."""
     image_starts: list[int] = field(default_factory=list)
-    """Position of each image's `[IMG]`; its slots are the n_query positions after it."""
+    """Position of each image's `[IMG]`; its slots are the positions after it."""
     regress: list[bool] = field(default_factory=list)
     """Per image: its visual embeddings are regression targets."""
     bidirectional: list[bool] = field(default_factory=list)
@@ -86,9 +86,16 @@ class Sample:
     keep_whole: list[tuple[int, int]] = field(default_factory=list)
     """Half-open token ranges besides the image spans that truncation must not cut: a video
     (`[VIDEO]` and all its frames), a grounded phrase with its boxes."""
+    n_slots: list[int] = field(default_factory=list)
+    """Per image: its number of slots (a video frame may take fewer than an image). Empty:
+    n_query each, as every input of a model that gives frames an image's count."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def slots(self, k: int, n_query: int) -> int:
+        """The number of slots of image k (n_query when `n_slots` is empty)."""
+        return self.n_slots[k] if self.n_slots else n_query
 
 
 def to_pixels(image: Image.Image, image_size: int) -> torch.Tensor:
@@ -141,9 +148,13 @@ class SampleBuilder:
 
     def __init__(self, tokenizer, n_query: int, seed: int = 0, image_first_prob: float = 0.5,
                  phrase_first_prob: float = 0.7, interleaved_images: int = 8,
-                 interleaved_len: int = 1024, text_len: int = 2048, bidirectional: bool = False):
+                 interleaved_len: int = 1024, text_len: int = 2048, bidirectional: bool = False,
+                 frame_n_query: int = 0):
         if n_query < 1:
             raise ValueError(f"n_query must be >= 1, got {n_query}")
+        if not 0 <= frame_n_query <= n_query:
+            raise ValueError(f"frame_n_query must lie in [0 (n_query), n_query = {n_query}], got "
+                             f"{frame_n_query}")
         for name, p in (("image_first_prob", image_first_prob), ("phrase_first_prob", phrase_first_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {p}")
@@ -153,6 +164,7 @@ class SampleBuilder:
             raise ValueError(f"text_len must be >= 3 (<s>, a token, </s>), got {text_len}")
         self.tok, self.ids = tokenizer, tokenizer.ids
         self.n_query, self.seed = n_query, seed
+        self.frame_n_query = frame_n_query or n_query
         self.image_first_prob, self.phrase_first_prob = image_first_prob, phrase_first_prob
         self.interleaved_images, self.interleaved_len, self.text_len = (
             interleaved_images, interleaved_len, text_len)
@@ -202,7 +214,9 @@ class SampleBuilder:
         return self.tok.encode(text.strip(), special=False) if text.strip() else []
 
     def _visual(self, slot: int) -> list[int]:
-        return [self.ids.img] + [slot] * self.n_query + [self.ids.img_end]
+        """`[IMG]` + the slots of an image (`<image>`) or a video frame (`[gIMG]`) + `[/IMG]`."""
+        n = self.frame_n_query if slot == self.ids.gen_img else self.n_query
+        return [self.ids.img] + [slot] * n + [self.ids.img_end]
 
     def _finish(self, body: list[int], images: list[torch.Tensor], starts: list[int],
                 regress: bool, keep_whole: list[tuple[int, int]] = (),
@@ -217,10 +231,12 @@ class SampleBuilder:
         # text precedes position s: some target token in [1, s)
         text_before = np.cumsum(target[:-1] & (np.arange(len(target) - 1) >= 1))
         flags = [regress and bool(text_before[s - 1]) for s in starts]
+        n_slots = [self.frame_n_query if input_ids[s + 1] == self.ids.gen_img else self.n_query
+                   for s in starts]
         return Sample(input_ids=input_ids, text_target=target, images=list(images),
                       image_starts=starts, regress=flags,
                       bidirectional=[self.bidirectional and not r for r in flags],
-                      keep_whole=[(a + 1, b + 1) for a, b in keep_whole])
+                      keep_whole=[(a + 1, b + 1) for a, b in keep_whole], n_slots=n_slots)
 
     # -- builders -------------------------------------------------------------------------
     def build_image_text(self, image: torch.Tensor, caption: str, image_first: bool,
@@ -241,7 +257,7 @@ class SampleBuilder:
             video += self._visual(self.ids.gen_img)
         at = 0 if video_first else len(text)
         body = video + text if video_first else text + video
-        step = self.n_query + 2
+        step = self.frame_n_query + 2
         starts = [at + 1 + f * step for f in range(frames.shape[0])]
         return self._finish(body, list(frames.unbind(0)), starts, regress,
                             keep_whole=[(at, at + len(video))])
@@ -384,7 +400,8 @@ def truncate_sample(sample: Sample, max_len: int, eos: int, n_query: int) -> Sam
     dropped. The sample itself if it fits; None if no such cut keeps more than `<s>`."""
     if len(sample) <= max_len:
         return sample
-    ranges = [(s, s + n_query + 2) for s in sample.image_starts] + list(sample.keep_whole)
+    ends = [s + sample.slots(k, n_query) + 2 for k, s in enumerate(sample.image_starts)]
+    ranges = list(zip(sample.image_starts, ends)) + list(sample.keep_whole)
     cut = max_len - 1  # keep tokens [0, cut), then </s>
     moved = True
     while moved:
@@ -394,7 +411,7 @@ def truncate_sample(sample: Sample, max_len: int, eos: int, n_query: int) -> Sam
                 cut, moved = a, True
     if cut <= 1:
         return None
-    keep = [k for k, s in enumerate(sample.image_starts) if s + n_query + 2 <= cut]
+    keep = [k for k, end in enumerate(ends) if end <= cut]
     return Sample(
         input_ids=np.append(sample.input_ids[:cut], eos).astype(np.int64),
         text_target=np.append(sample.text_target[:cut], False),
@@ -402,4 +419,5 @@ def truncate_sample(sample: Sample, max_len: int, eos: int, n_query: int) -> Sam
         image_starts=[sample.image_starts[k] for k in keep],
         regress=[sample.regress[k] for k in keep],
         bidirectional=[sample.bidirectional[k] for k in keep],
-        keep_whole=[(a, b) for a, b in sample.keep_whole if b <= cut])
+        keep_whole=[(a, b) for a, b in sample.keep_whole if b <= cut],
+        n_slots=[sample.n_slots[k] for k in keep] if sample.n_slots else [])

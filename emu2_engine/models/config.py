@@ -105,12 +105,21 @@ class Emu2Config:
     """Whether the vocabulary carries the chat tokens [USER]/[ASSISTANT] (Emu2-Chat)."""
     n_query: int = 64
     """Visual embeddings per image after pooling (a square: 64 = 8x8, 256 = 16x16)."""
+    frame_n_query: int = 0
+    """Visual embeddings per video frame; 0: n_query, like an image. Emu2-Chat gives a frame 64
+    (8x8) and an image 256 (EMU2_FACTS.md). A square whose side divides n_query's side: a frame's
+    embeddings are means of windows of the image pooling's (see `Emu2Model.visual_rows`)."""
     regression_weight: float = 1.0
     """Weight of the image-regression MSE against the text cross-entropy (not released; 1.0)."""
 
     @property
     def special_ids(self) -> SpecialIds:
         return SpecialIds.for_base(self.base_vocab_size)
+
+    @property
+    def frame_queries(self) -> int:
+        """Visual embeddings per video frame (`frame_n_query`, or n_query when it is 0)."""
+        return self.frame_n_query or self.n_query
 
     def validate(self) -> None:
         """Raise ValueError with one line naming the first inconsistency."""
@@ -124,6 +133,11 @@ class Emu2Config:
         if side * side != self.n_query or self.vision.grid % side:
             raise ValueError(f"n_query ({self.n_query}) must be a square whose side divides the "
                              f"patch grid side ({self.vision.grid})")
+        frame_side = math.isqrt(max(self.frame_n_query, 0))
+        if self.frame_n_query and (frame_side * frame_side != self.frame_n_query
+                                   or side % frame_side):
+            raise ValueError(f"frame_n_query ({self.frame_n_query}) must be 0 (n_query) or a square "
+                             f"whose side divides n_query's side ({side})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,8 +168,9 @@ _EMU2_LLM = LlamaConfig()  # LLaMA-33B with the 272 added tokens.
 PRESETS: dict[str, Emu2Config] = {
     # The released 37B model (Emu2 and Emu2-Gen share this shape).
     "emu2-37b": Emu2Config(name="emu2-37b"),
-    # Emu2-Chat: two more tokens ([USER], [ASSISTANT]) and 16x16 visual tokens per image.
-    "emu2-chat-37b": Emu2Config(name="emu2-chat-37b", chat=True, n_query=256,
+    # Emu2-Chat: two more tokens ([USER], [ASSISTANT]), 16x16 visual tokens per image and 8x8 per
+    # video frame.
+    "emu2-chat-37b": Emu2Config(name="emu2-chat-37b", chat=True, n_query=256, frame_n_query=64,
                                 llm=replace(_EMU2_LLM, vocab_size=32274)),
     # The real widths with 4 LLM layers and 4 ViT blocks: per-GPU kernel efficiency at the real
     # shapes on one GPU.
@@ -179,7 +194,8 @@ PRESETS: dict[str, Emu2Config] = {
 }
 # The debug model with the chat vocabulary ([USER], [ASSISTANT] after the 272 added tokens): the
 # CPU's stand-in for Emu2-Chat tuning from Emu2's weights (`checkpoint.init_from` grows the rows).
-PRESETS["debug-chat"] = replace(PRESETS["debug"], name="debug-chat", chat=True,
+# Its frames take 2x2 visual tokens and its images 4x4, as Emu2-Chat's take a quarter of an image's.
+PRESETS["debug-chat"] = replace(PRESETS["debug"], name="debug-chat", chat=True, frame_n_query=4,
                                 llm=replace(PRESETS["debug"].llm, vocab_size=512 + 274))
 
 

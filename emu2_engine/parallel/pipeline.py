@@ -153,7 +153,7 @@ class Emu2Stage(nn.Module):
         if N == 0:
             pooled = mb["images"].new_zeros(0, n_query, model.cfg.vision.width)
             return model.embed(mb["input_ids"]), pooled
-        visual, pooled = model.projector.pool_project(model.visual(mb["images"]), n_query)
+        visual, pooled = model.visual_rows(model.visual(mb["images"]), mb["input_ids"], mb["image_slots"])
         hidden = model.embed(mb["input_ids"], mb["image_slots"], visual, mb["image_mask"])
         return hidden, pooled
 

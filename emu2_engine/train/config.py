@@ -423,10 +423,10 @@ class JobConfig:
             if not ok:
                 raise ValueError(message)
         model_cfg = self.model.build_config()
-        self._validate_visual_spans(model_cfg.n_query, model_cfg.chat)
+        self._validate_visual_spans(model_cfg.n_query, model_cfg.frame_queries)
         self._validate_parallel(model_cfg, world_size)
 
-    def _validate_visual_spans(self, n_query: int, chat: bool = False) -> None:
+    def _validate_visual_spans(self, n_query: int, frame_n_query: int) -> None:
         """A row must hold one whole image and, when videos are drawn, one whole video:
         truncation never cuts inside an image span nor a video, so a config that cannot fit
         them would silently drop every such sample (and the held-out check's images)."""
@@ -443,20 +443,20 @@ class JobConfig:
                              f"{image_span} for the interleaved dataset")
         if "video_text" not in drawn:
             return
-        if chat:
-            raise ValueError(f"data.datasets draws video_text for the chat model {self.model.preset}: "
-                             f"Emu2-Chat's video frames take 64 visual tokens each and its images "
-                             f"{n_query}, and this engine gives every visual input one count "
-                             f"(n_query); video is not supported for chat models")
+        if "video_text" in d.regress and frame_n_query != n_query:
+            raise ValueError(f"data.regress lists video_text for the {self.model.preset} model, "
+                             f"whose video frames take {frame_n_query} visual tokens and its images "
+                             f"{n_query}: the regression head predicts an image's {n_query}; "
+                             f"remove video_text from data.regress")
         if d.video_frames > d.max_images:
             raise ValueError(f"data.video_frames ({d.video_frames}) exceeds data.max_images "
                              f"({d.max_images}): every video of the video_text dataset would be "
                              f"dropped (a video is never cut)")
-        video_span = 1 + d.video_frames * (n_query + 2) + 2  # [VIDEO] frames, <s> and </s>
+        video_span = 1 + d.video_frames * (frame_n_query + 2) + 2  # [VIDEO] frames, <s> and </s>
         if d.seq_len < video_span:
             raise ValueError(f"data.seq_len ({d.seq_len}) cannot hold one video of "
                              f"{d.video_frames} frames of the {self.model.preset} model "
-                             f"({n_query} visual tokens each): needs >= {video_span} "
+                             f"({frame_n_query} visual tokens each): needs >= {video_span} "
                              f"(<s> [VIDEO] frames x [IMG] slots [/IMG] </s>); every video of the "
                              f"video_text dataset would be dropped (a video is never cut)")
 

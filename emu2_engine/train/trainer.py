@@ -428,7 +428,8 @@ class Trainer:
     def batch_flops(self, batch: PackedBatch) -> int:
         """Validate a micro-batch (still on the CPU) and return its training FLOPs."""
         cfg = self.model_cfg
-        batch.validate(cfg.llm.vocab_size, cfg.n_query, cfg.vision.image_size)
+        batch.validate(cfg.llm.vocab_size, cfg.n_query, cfg.vision.image_size,
+                       frame_n_query=cfg.frame_queries, frame_slot=cfg.special_ids.gen_img)
         return training_flops(batch_flops(cfg, batch), self.cfg.optim.lr_vision > 0)
 
     def clip_grad_norm(self) -> torch.Tensor:
