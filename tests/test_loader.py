@@ -426,3 +426,28 @@ def test_layouts_are_drawn_again_each_epoch(tok, tmp_path, monkeypatch):
         next(loader)
     assert [e for _, e in seen[:6]] == [0, 0, 1, 1, 2, 2]
     assert sorted(k for k, e in seen[:6] if e == 1) == sorted(k for k, e in seen[:6] if e == 0)
+
+
+def test_heldout_loader_reads_its_split_once_then_ends(tok, shapes_cfg):
+    """The end-of-run check reads each held-out pair at most once: the loader ends (StopIteration)
+    after one pass, having packed every pair of the split (the shapes world's 200) exactly once;
+    it used to wrap into a second epoch and count some pairs twice."""
+    from emu2_engine.data.decode import Decoder
+    from emu2_engine.data.loader import shapes_world_root
+    from emu2_engine.data.shards import ShardStream, iter_records
+
+    root = shapes_world_root(shapes_cfg) / "image_text" / "heldout"
+    keys = [r.key for r in iter_records(root, Decoder("image_text", SIZE, log=None), log=None)]
+    assert len(keys) == len(set(keys)) == 200
+    loader = heldout_caption_loader(shapes_cfg, tok, MODEL)
+    batches = list(loader)
+    assert sum(b.n_images for b in batches) == len(keys)
+    with pytest.raises(StopIteration):
+        next(loader)
+    # the stream alone: `epochs` passes, then StopIteration; 0 is refused
+    one = ShardStream(root, Decoder("image_text", SIZE, log=None), shuffle=False, log=None, epochs=1)
+    assert [r.key for r in one] == keys
+    two = ShardStream(root, Decoder("image_text", SIZE, log=None), shuffle=False, log=None, epochs=2)
+    assert [r.key for r in two] == keys * 2
+    with pytest.raises(ValueError, match=r"epochs must be None \(endless\) or >= 1, got 0"):
+        ShardStream(root, Decoder("image_text", SIZE, log=None), epochs=0)

@@ -182,7 +182,10 @@ class PackedLoader:
         pool = list(self._pool)
         tokens = sum(len(p.sample) for p in pool)
         while tokens < _POOL_FACTOR * R * S:
-            drawn = self._draw()
+            try:
+                drawn = self._draw()
+            except StopIteration:  # a stream of finite epochs (a held-out pass) has ended:
+                break              # what waits is packed, and an empty pool ends the loader
             if not drawn and self._barren[self._last_drawn] >= _MAX_BARREN_DRAWS:
                 d = self._last_drawn
                 raise RuntimeError(f"{_MAX_BARREN_DRAWS} records in a row of dataset {self.names[d]} "
@@ -190,6 +193,8 @@ class PackedLoader:
                                    f"{self.skip_summary()}")
             pool += drawn
             tokens += sum(len(p.sample) for p in drawn)
+        if not pool:
+            raise StopIteration
         rows = select_rows([len(p.sample) for p in pool], [len(p.sample.images) for p in pool],
                            R, S, M)
         used = {i for row in rows for i in row}
@@ -293,9 +298,11 @@ def shapes_world_root(cfg: DataSection) -> Path:
 
 
 def build_loader(cfg: DataSection, tokenizer, model_cfg: Emu2Config, rank: int = 0,
-                 world_size: int = 1, split: str = "train") -> PackedLoader:
+                 world_size: int = 1, split: str = "train", epochs: int | None = None) -> PackedLoader:
     """The loader of `cfg` for one data-parallel rank: a `ShardStream` per dataset (its path,
-    or for an empty path the shapes world's `split` of its kind), shuffled when training."""
+    or for an empty path the shapes world's `split` of its kind), shuffled when training.
+    With `epochs` the streams end after that many passes, and the loader once it has packed
+    what they gave (StopIteration)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be train or heldout, got {split!r}")
     root = shapes_world_root(cfg) if not all(cfg.paths) else None
@@ -305,14 +312,14 @@ def build_loader(cfg: DataSection, tokenizer, model_cfg: Emu2Config, rank: int =
                           log=log.warning)
         streams.append(ShardStream(path or root / kind / split, decoder, rank=rank,
                                    world_size=world_size, seed=cfg.seed,
-                                   shuffle=split == "train", log=log.warning))
+                                   shuffle=split == "train", log=log.warning, epochs=epochs))
     return PackedLoader(tokenizer, model_cfg, cfg, streams, rank=rank, world_size=world_size)
 
 
 def heldout_caption_loader(cfg: DataSection, tokenizer, model_cfg: Emu2Config) -> PackedLoader:
     """Held-out image-caption pairs (`data.heldout_path`, or the shapes world's held-out
-    split), every image before its caption and nothing regressed: the data of the end-of-run
-    check that the model reads its images."""
+    split), every image before its caption and nothing regressed, each read once (the loader
+    ends after one pass): the data of the end-of-run check that the model reads its images."""
     held_out = replace(cfg, datasets=["image_text"], weights=[1.0], paths=[cfg.heldout_path],
                        image_first_prob=1.0, regress=[])
-    return build_loader(held_out, tokenizer, model_cfg, split="heldout")
+    return build_loader(held_out, tokenizer, model_cfg, split="heldout", epochs=1)

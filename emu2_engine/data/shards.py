@@ -253,12 +253,17 @@ class ShardStream:
       loading it (`PackedLoader`, the decoder trainer's `ShardData`) has, after any number of
       saves and resumes, the uninterrupted run's totals.
     - A whole epoch that gives this rank no record raises RuntimeError instead of spinning.
+    - `epochs` (None: endless) ends the stream after that many epochs (StopIteration): one
+      pass over a held-out split reads each of its samples once.
     """
 
     STATE_VERSION = 1
 
     def __init__(self, shards, decoder, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, batch_size: int = 32, log: Callable[[str], None] | None = print):
+                 shuffle: bool = True, batch_size: int = 32, log: Callable[[str], None] | None = print,
+                 epochs: int | None = None):
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"epochs must be None (endless) or >= 1, got {epochs}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         if batch_size < 1:
@@ -269,6 +274,7 @@ class ShardStream:
         self._epoch_order: tuple[int, list[str]] | None = None
         self.decoder, self.rank, self.world_size = decoder, rank, world_size
         self.seed, self.shuffle, self.batch_size, self.log = seed, shuffle, batch_size, log
+        self.epochs = epochs
         stats = getattr(decoder, "stats", None)
         self.stats: SkipStats = stats if stats is not None else SkipStats()
         self._strided = len(self.shards) < world_size
@@ -314,6 +320,8 @@ class ShardStream:
 
     def __next__(self) -> Record:
         while not self._pending:
+            if self.epochs is not None and self._read_epoch >= self.epochs:
+                raise StopIteration
             self._read_batch()
         epoch, shard_pos, index, self._batch_start, record = self._pending.popleft()
         self._position = (epoch, shard_pos, index + 1)

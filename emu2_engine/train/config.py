@@ -162,7 +162,8 @@ class TrainSection:
     """Stop the run after this many steps in a row whose loss or gradient norm is not finite
     (each such step is skipped: no optimiser update)."""
     eval_batches: int = 8
-    """Held-out batches for the end-of-run grounding check (0 skips it)."""
+    """Held-out batches for the end-of-run grounding check, at most (each held-out pair is
+    read once; a smaller split gives fewer); 0 skips it."""
     run_dir: str = "runs/debug"
     """Where the resolved config, the metrics and (by default) the checkpoints are written."""
 

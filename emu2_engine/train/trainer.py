@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -663,17 +664,27 @@ class Trainer:
         """Caption loss on held-out image-caption pairs (`heldout_caption_loader`), image
         first, with each sample's own image and with another sample's image. A model that
         reads its images does better with the right ones; a captioner that ignores them
-        scores the same on both. Single process only (the parallel trainer skips it)."""
+        scores the same on both. At most `n_batches` micro-batches, each held-out sample read
+        at most once (a small split ends the check early); the losses are means over all their
+        caption tokens. Single process only (the parallel trainer skips it)."""
         loader = heldout_caption_loader(self.cfg.data, self.tokenizer, self.model_cfg)
         self.model.eval()
         right = wrong = 0.0
+        tokens = batches = 0
         with self.compute():  # (the weights cast once for all the batches)
-            for _ in range(n_batches):
-                batch = next(loader).to(self.device)
-                right += self.model(batch).ce.item()
+            for batch in itertools.islice(loader, n_batches):
+                batch = batch.to(self.device)
+                out = self.model(batch)
+                n = int(out.n_text)
+                right += out.ce.item() * n
                 # every real image moves to another sample (padding images stay padding)
                 real = batch.image_mask.nonzero().squeeze(1)
                 batch.images[real] = batch.images[real.roll(1)]
-                wrong += self.model(batch).ce.item()
+                wrong += self.model(batch).ce.item() * n
+                tokens, batches = tokens + n, batches + 1
         self.model.train()
-        return {"heldout_caption_ce": right / n_batches, "heldout_caption_ce_wrong_images": wrong / n_batches}
+        if not tokens:
+            raise RuntimeError("the held-out split gave no caption token to score "
+                               f"({self.cfg.data.heldout_path or 'the shapes world'})")
+        return {"heldout_caption_ce": right / tokens, "heldout_caption_ce_wrong_images": wrong / tokens,
+                "heldout_caption_tokens": tokens, "heldout_caption_batches": batches}
