@@ -67,6 +67,31 @@ def test_changed_weights_start_the_schedule_over(caplog):
     same = Blend([1, 1])  # the same weights, however written: the saved schedule continues
     same.load_state_dict(old.state_dict())
     assert same.taken.tolist() == [5_000, 5_000]
-    legacy = Blend([0.9, 0.1])  # a state saved before the weights were: continued as before
-    legacy.load_state_dict({"taken": [3, 4]})
-    assert legacy.taken.tolist() == [3, 4]
+    # A state saved when the schedule counted records (with or without its weights): its counts
+    # are not sample counts, so the schedule starts over, with a warning.
+    for legacy_state in ({"taken": [3, 4]}, {"taken": [3, 4], "weights": [0.9, 0.1]}):
+        legacy = Blend([0.9, 0.1])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="emu2_engine.data.blend"):
+            legacy.load_state_dict(legacy_state)
+        assert legacy.taken.tolist() == [0, 0] and "counted records" in caplog.text
+
+
+def test_credit_counts_samples():
+    """Each record reports its samples: a dataset whose records give 3 samples each is drawn a
+    third as often, so both datasets give the same number of samples at weights [1, 1]; a
+    record that gives none is not counted (its dataset is drawn again)."""
+    blend = Blend([1, 1])
+    samples = [0, 0]
+    for _ in range(3_000):
+        d = blend.next()
+        k = 3 if d == 1 else 1
+        blend.credit(d, k)
+        samples[d] += k
+    assert abs(samples[0] - samples[1]) <= 3 and blend.taken.tolist() == samples
+    empty = Blend([1, 1])
+    assert empty.next() == 0
+    empty.credit(0, 0)
+    assert empty.next() == 0 and empty.taken.tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"credit needs a dataset in \[0, 2\) and samples >= 0, got 2, 1"):
+        empty.credit(2, 1)

@@ -451,3 +451,27 @@ def test_heldout_loader_reads_its_split_once_then_ends(tok, shapes_cfg):
     assert [r.key for r in two] == keys * 2
     with pytest.raises(ValueError, match=r"epochs must be None \(endless\) or >= 1, got 0"):
         ShardStream(root, Decoder("image_text", SIZE, log=None), epochs=0)
+
+
+def test_blend_weights_count_samples_not_records(tok):
+    """A text record longer than data.text_len gives several chunks; the blend counts them, so
+    at weights [1, 1] the batches hold as many text chunks as image-caption pairs (counting
+    records gave the texts `chunks` times their share)."""
+    long_text = " ".join(WORDS * 6)
+    chunks = len(SampleBuilder_for(tok).build(Text("t", long_text), "x"))
+    assert chunks >= 3
+    loader = make(tok, [ListStream(pairs(50)), ListStream([Text(f"t{i}", long_text) for i in range(50)])],
+                  datasets=["image_text", "text"], weights=[1.0, 1.0], text_len=24, max_images=16)
+    n_pairs = n_chunks = 0
+    for _ in range(30):
+        batch = next(loader)
+        n_pairs += batch.n_images  # one image per pair; the chunks have none
+        n_chunks += int((batch.input_ids == tok.ids.bos).sum()) - batch.n_images
+    waiting = len(loader._pool)
+    assert n_pairs > 100 and abs(n_pairs - n_chunks) <= waiting + 3, (n_pairs, n_chunks, waiting)
+    assert loader.blend.taken.tolist()[1] % chunks == 0  # whole records of `chunks` samples
+
+
+def SampleBuilder_for(tok):
+    from emu2_engine.data.sequences import SampleBuilder
+    return SampleBuilder(tok, NQ, text_len=24)

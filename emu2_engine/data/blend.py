@@ -1,4 +1,5 @@
-"""Blending several datasets with weights: which dataset the next sample comes from.
+"""Blending several datasets with weights: which dataset the next record comes from, so that
+each dataset's share of the samples follows its weight.
 
 Emu2's stage 2 fixes the number of samples of each data type in every global batch (12,800
 image-text : 6,400 video-text : 3,200 interleaved : 800 language-only). A deterministic
@@ -14,6 +15,11 @@ The schedule is the same on every data-parallel rank and does not depend on the 
 each rank's micro-batch at step s has the same mix; what each rank reads from a dataset
 differs (the shard streams split samples by rank), and so does the random layout of each
 sample (a function of the seed and the sample's key). Its whole state is `taken`.
+
+`taken` counts samples, not records: a record may give several samples (a long text is cut into
+`text_len` chunks) or none (dropped), and the loader reports how many (`credit`). Counting
+records would give a dataset of long texts more than its weight of the samples (a Pile-like
+dataset of 3-chunk documents at weight 800/23,200 would have had about 3 times its share).
 """
 
 from __future__ import annotations
@@ -48,8 +54,16 @@ class Blend:
         self.taken[d] += 1
         return d
 
+    def credit(self, d: int, samples: int) -> None:
+        """The record that `next` gave dataset d made `samples` samples (not 1): count those.
+        A record that made none is not counted, so d stays behind and is drawn again."""
+        if not 0 <= d < self.taken.size or samples < 0:
+            raise ValueError(f"credit needs a dataset in [0, {self.taken.size}) and samples >= 0, "
+                             f"got {d}, {samples}")
+        self.taken[d] += samples - 1
+
     def state_dict(self) -> dict:
-        return {"taken": self.taken.tolist(), "weights": self.weights.tolist()}
+        return {"taken": self.taken.tolist(), "weights": self.weights.tolist(), "counts": "samples"}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the saved schedule. If the weights changed since (a new blend for the rest
@@ -64,5 +78,11 @@ class Blend:
             log.warning("data.weights changed since the checkpoint (%s, now %s): the blend's schedule "
                         "starts over with the new weights; each dataset reads on from where it was",
                         [round(w, 6) for w in saved], [round(float(w), 6) for w in self.weights])
+            taken = np.zeros_like(taken)
+        elif state.get("counts") != "samples" and taken.any():
+            # saved when the schedule counted records: those counts would read as samples and
+            # serve the datasets of several samples per record alone until they caught up
+            log.warning("the checkpoint's blend counted records, this engine counts samples: the "
+                        "blend's schedule starts over; each dataset reads on from where it was")
             taken = np.zeros_like(taken)
         self.taken = taken

@@ -2,8 +2,8 @@
 fixed-shape micro-batches, with exact resume.
 
 One micro-batch: samples already drawn but not yet placed (the pool) are topped up by drawing
-records, dataset by dataset as the `Blend` schedule says, until the pool holds 1.5 micro-batches'
-worth of tokens; each record becomes one or more `Sample`s (`SampleBuilder`; a record it cannot
+records, dataset by dataset as the `Blend` schedule says (it counts the samples each record
+gives), until the pool holds 1.5 micro-batches' worth of tokens; each record becomes one or more `Sample`s (`SampleBuilder`; a record it cannot
 lay out is skipped and counted, a sample longer than a row or with more than `max_images`
 images is truncated or dropped as `data.too_long` says); `select_rows` packs the pool
 best-fit into `rows` rows under the image cap, and `collate_packed` lays them out, padding the
@@ -167,6 +167,7 @@ class PackedLoader:
         r = self._reads[d]
         self._reads[d] += 1
         samples = self._samples_of(d, record)
+        self.blend.credit(d, len(samples))  # the weights count samples, not records
         # per dataset, across batches: another dataset's samples must not hide one that gives none
         self._barren[d] = 0 if samples else self._barren[d] + 1
         if samples:
