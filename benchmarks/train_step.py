@@ -134,7 +134,7 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
                 phases[name].append(dt * 1e3)
             tokens += batch.n_tokens
             images += batch.n_images
-            train_flops += training_flops(fwd)
+            train_flops += training_flops(fwd, cfg.optim.lr_vision > 0)  # as the trainer counts
     peak = _peak_gib(device)
     seconds = sum(phases["step"]) / 1e3
     case = f"{preset} S={cfg.data.seq_len} rows={cfg.data.rows}" + (" compiled" if cfg.parallel.compile else "")
@@ -346,7 +346,8 @@ def _components(trainer: Trainer, batch, flops: dict, case: str, params: dict, r
     model, device = trainer.model, trainer.device
     images = batch.images
     slots = images.shape[0]
-    if slots and model.visual is not None:
+    # a frozen encoder has no backward to time (nothing in it takes a gradient)
+    if slots and model.visual is not None and trainer.cfg.optim.lr_vision > 0:
         grad = None
 
         def vit_step():

@@ -398,11 +398,20 @@ class Workload:
     """Encoder frozen (Emu2 stage 2): no ViT gradients, optimiser states or saved activations."""
     fp32_residual: bool = False
     """`train.fp32_residual`: fp32 residual streams under autocast (no effect under FSDP)."""
+    frames_per_seq: int = 0
+    """Video frames per sequence (each `[IMG]` + the model's `frame_queries` slots + `[/IMG]`,
+    after one `[VIDEO]`; Emu2-Chat: 64 slots against an image's 256)."""
 
     @property
     def images(self) -> int:
-        """Images per micro-batch."""
-        return self.micro_batch * self.images_per_seq
+        """Visual inputs per micro-batch, images and video frames: each goes through the encoder
+        and is pooled to n_query (a frame's fewer rows are averages of those)."""
+        return self.micro_batch * (self.images_per_seq + self.frames_per_seq)
+
+    def visual_span(self, cfg: Emu2Config) -> int:
+        """Tokens of one sequence's images and video (no text label on any of them)."""
+        video = 1 + self.frames_per_seq * (cfg.frame_queries + 2) if self.frames_per_seq else 0
+        return self.images_per_seq * (cfg.n_query + 2) + video
 
     @property
     def tokens(self) -> int:
@@ -469,10 +478,11 @@ def chunk_flops(cfg: Emu2Config, wl: Workload, c: Chunk) -> int:
     """Training FLOPs (forward + backward, no recomputation) of a chunk on one micro-batch."""
     n = 3 * c.layers * _layer_flops(cfg, wl)
     if c.stem:
-        n += 3 * wl.images * projector_flops_per_image(cfg, cfg.n_query)
+        n += 3 * wl.micro_batch * (projector_flops_per_image(cfg, cfg.n_query) * wl.images_per_seq
+                                   + projector_flops_per_image(cfg, cfg.frame_queries) * wl.frames_per_seq)
         n += (1 if wl.freeze_vision else 3) * wl.images * vit_flops_per_image(cfg.vision)
     if c.head:
-        text = wl.tokens - wl.images * (cfg.n_query + 2)  # [IMG], n_query slots, [/IMG] carry no label
+        text = wl.tokens - wl.micro_batch * wl.visual_span(cfg)  # [IMG], slots, [/IMG]: no label
         n += 3 * head_flops(cfg, max(text, 0), 0)
     return n
 
@@ -771,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images-per-seq", type=int, default=None,
                    help=f"images per sequence (default {Workload.images_per_seq}, or as many as a "
                         f"sequence holds when fewer)")
+    p.add_argument("--frames-per-seq", type=int, default=0,
+                   help="video frames per sequence, one video (the model's frame_n_query slots each)")
     p.add_argument("--freeze-vision", action="store_true", help="encoder frozen (Emu2 stage 2)")
     p.add_argument("--fp32-residual", action="store_true",
                    help="fp32 residual streams (train.fp32_residual; no effect with data parallelism)")
@@ -779,28 +791,32 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("gpus", "seq_len", "micro_batch", "global_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if (args.images_per_seq or 0) < 0 or args.top < 0:
-        p.error("--images-per-seq and --top must be >= 0")
+    if (args.images_per_seq or 0) < 0 or args.top < 0 or args.frames_per_seq < 0:
+        p.error("--images-per-seq, --frames-per-seq and --top must be >= 0")
     cfg = Emu2Config.from_preset(args.preset)
+    wl = Workload(args.seq_len, args.micro_batch, args.global_batch, 0, args.freeze_vision,
+                  args.fp32_residual, args.frames_per_seq)
     if args.images_per_seq is None:
-        args.images_per_seq = max(0, min(Workload.images_per_seq, (args.seq_len - 2) // (cfg.n_query + 2)))
+        room = args.seq_len - 2 - wl.visual_span(cfg)
+        args.images_per_seq = max(0, min(Workload.images_per_seq, room // (cfg.n_query + 2)))
     if args.seq_len > cfg.llm.max_positions:
         p.error(f"--seq-len {args.seq_len} exceeds the {args.preset} model's max_positions "
                 f"({cfg.llm.max_positions})")
-    image_span = cfg.n_query + 2  # [IMG] n_query slots [/IMG]
-    if args.images_per_seq * image_span + 2 > args.seq_len:
-        p.error(f"--images-per-seq {args.images_per_seq} images of {image_span} tokens each "
-                f"([IMG] + {cfg.n_query} slots + [/IMG]) and <s> </s> need "
-                f"{args.images_per_seq * image_span + 2} tokens, more than --seq-len {args.seq_len}")
+    wl = replace(wl, images_per_seq=args.images_per_seq)
+    if wl.visual_span(cfg) + 2 > args.seq_len:
+        video = (f" and a video of {wl.frames_per_seq} frames of {cfg.frame_queries + 2} tokens "
+                 f"after [VIDEO]" if wl.frames_per_seq else "")
+        p.error(f"--images-per-seq {args.images_per_seq} images of {cfg.n_query + 2} tokens each "
+                f"([IMG] + {cfg.n_query} slots + [/IMG]){video} and <s> </s> need "
+                f"{wl.visual_span(cfg) + 2} tokens, more than --seq-len {args.seq_len}")
     gpu = GPUS[args.gpu]
-    wl = Workload(args.seq_len, args.micro_batch, args.global_batch, args.images_per_seq, args.freeze_vision,
-                  args.fp32_residual)
     rows, refused = plan(cfg, args.gpus, gpu, wl)
     print(f"{cfg.name}: {model_params(cfg) / 1e9:.2f}B parameters on {args.gpus} x {args.gpu} "
           f"({gpu.memory / GiB:.1f} GiB each, {usable_memory(gpu) / GiB:.1f} GiB usable after "
           f"{RESERVED_BYTES / GiB:.0f} GiB reserved and a {MARGIN:.0%} margin)")
     print(f"workload: {wl.seq_len} tokens x {wl.micro_batch} per micro-batch, {wl.global_batch} "
           f"sequences per step, {wl.images_per_seq} images per sequence"
+          f"{f', a video of {wl.frames_per_seq} frames' if wl.frames_per_seq else ''}"
           f"{', encoder frozen' if wl.freeze_vision else ''}"
           f"{', fp32 residual streams' if wl.fp32_residual else ''}; memory of the fullest GPU, under "
           f"bf16 autocast (fp32 weights without data parallelism, FSDP's bf16 copies with it)")

@@ -98,9 +98,11 @@ def test_collation_pads_each_frames_slots(tok, builder):
     batch.validate(CFG.llm.vocab_size, NQ, SIZE, frame_n_query=FQ, frame_slot=tok.ids.gen_img)
     # Without the frames' count a frame's row is wrong; so is a frame row with a slot too many,
     # and a regressed frame.
-    with pytest.raises(ValueError, match=r"image_slots row 1 \(a image\) must hold 16 positions, "
+    with pytest.raises(ValueError, match=r"image_slots row 1 \(an image\) must hold 16 positions, "
                                          r"then -1 to the end of the row; got 4"):
         batch.validate(CFG.llm.vocab_size, NQ, SIZE)
+    with pytest.raises(ValueError, match=r"needs frame_slot \(the \[gIMG\] id\) to tell the video frames"):
+        batch.validate(CFG.llm.vocab_size, NQ, SIZE, frame_n_query=FQ)
     bad = batch.image_slots.clone()
     bad[2, FQ] = 0
     with pytest.raises(ValueError, match=r"row 2 \(a video frame\) must hold 4 positions"):
@@ -234,3 +236,40 @@ def test_the_chat_trainer_runs_on_images_and_video(tmp_path):
     records = trainer.train(progress=False)
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+
+
+def test_a_loader_state_resumes_across_frame_counts(tmp_path, caplog):
+    """A chat loader's state (frames of 4 slots) loaded into a loader whose frames take an
+    image's 16: the waiting videos are laid out again with a warning naming frame_n_query (it
+    raised a KeyError), and the other way round too."""
+    from emu2_engine.data.loader import build_loader
+    from emu2_engine.train.config import JobConfig
+
+    data = replace(JobConfig.load(None).data, cache_dir=str(tmp_path), datasets=["image_text", "video_text"],
+                   weights=[1.0, 1.0], paths=["", ""], regress=[])
+    tok = Emu2Tokenizer(chat=True)
+    same = replace(CFG, frame_n_query=0)
+    for saved_cfg, loaded_cfg, change in ((CFG, same, "frame_n_query 4 -> None"),
+                                          (same, CFG, "frame_n_query None -> 4")):
+        saved = build_loader(data, tok, saved_cfg)
+        next(saved)
+        loaded = build_loader(data, tok, loaded_cfg)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="emu2_engine.data.loader"):
+            loaded.load_state_dict(saved.state_dict())
+        assert f"data settings changed since the checkpoint ({change})" in caplog.text
+        batch = next(loaded)
+        batch.validate(loaded_cfg.llm.vocab_size, NQ, SIZE, frame_n_query=loaded_cfg.frame_queries,
+                       frame_slot=tok.ids.gen_img)
+
+
+def test_flops_credit_a_frames_own_rows(tok, builder):
+    """batch_flops credits the encoder once per real input and `project_up` with the rows the
+    inputs need: 16 for the image, 4 for each of the 3 frames (not 16 each, which the model
+    computes and averages down)."""
+    from emu2_engine.models.flops import batch_flops, projector_flops_per_image, vit_flops_per_image
+
+    batch, _ = _batch(tok, builder)
+    f = batch_flops(CFG, batch)
+    assert f["vit"] == 4 * vit_flops_per_image(CFG.vision)
+    assert f["projector"] == projector_flops_per_image(CFG, NQ + 3 * FQ)

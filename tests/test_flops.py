@@ -195,7 +195,8 @@ def test_emu2_37b_vit_size():
 @pytest.mark.parametrize("name, peak", [
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
     ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
-    ("NVIDIA GeForce RTX 4090", None), (None, None)])
+    ("NVIDIA GeForce RTX 4090", None), (None, None),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None)])  # a slice of the SMs: its peak is not the GPU's
 def test_peak_table(name, peak):
     assert peak_flops(name) == peak
     assert mfu(1e12, name) == (None if peak is None else 1e12 / peak)

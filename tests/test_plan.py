@@ -441,3 +441,33 @@ def test_layouts_follow_the_trainers_rules_on_sequence_length(capsys):
     assert "7 images per sequence" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown model preset"):
         plan.main(["--preset", "nope", "--gpus", "8"])
+
+
+def test_video_frames_of_a_chat_model(capsys):
+    """Emu2-Chat's frames take 64 slots (66 tokens), its images 256 (258): a 16-frame video is
+    1 + 16 x 66 = 1,057 tokens, and the 2,048 - 2 - 1,057 = 989 tokens left hold 3 images (the
+    default: as many as fit). Every frame goes through the encoder like an image; only the
+    label-free tokens differ."""
+    chat = Emu2Config.from_preset("emu2-chat-37b")
+    wl = plan.Workload(seq_len=2048, images_per_seq=3, frames_per_seq=16)
+    assert wl.images == 19 and wl.visual_span(chat) == 3 * 258 + 1 + 16 * 66
+    # the encoder costs the same per input; the projector needs 64 rows for a frame, not 256,
+    # and the head counts more text rows when 4 of 5 inputs are frames of 66 tokens (after one
+    # [VIDEO]) instead of images of 258
+    chunk = plan.Chunk(index=0, layers=0, stem=True, head=True)
+    video = plan.Workload(seq_len=2048, images_per_seq=1, frames_per_seq=4)
+    as_images = plan.Workload(seq_len=2048, images_per_seq=5)
+    head_rows = 4 * (258 - 66) - 1
+    per_row = plan.head_flops(chat, 1, 0)
+    projector = 4 * plan.projector_flops_per_image(chat, 256 - 64)
+    assert (plan.chunk_flops(chat, video, chunk) - plan.chunk_flops(chat, as_images, chunk)
+            == 3 * (head_rows * per_row - projector))
+    plan.main(["--preset", "emu2-chat-37b", "--gpus", "64", "--frames-per-seq", "16", "--top", "1"])
+    assert "3 images per sequence, a video of 16 frames" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        plan.main(["--preset", "emu2-chat-37b", "--gpus", "64", "--frames-per-seq", "16", "--images-per-seq", "4"])
+    assert ("a video of 16 frames of 66 tokens after [VIDEO] and <s> </s> need 2091 tokens"
+            in capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        plan.main(["--gpus", "64", "--frames-per-seq", "-1"])
+    assert "--frames-per-seq and --top must be >= 0" in capsys.readouterr().err

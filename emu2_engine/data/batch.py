@@ -130,6 +130,9 @@ class PackedBatch:
         if tuple(self.reg_positions.shape) != (R, n_query):
             raise ValueError(f"batch.reg_positions must have shape ({R}, {n_query}), got "
                              f"{tuple(self.reg_positions.shape)}")
+        if frame_n_query is not None and frame_n_query != n_query and frame_slot is None:
+            raise ValueError("batch.validate needs frame_slot (the [gIMG] id) to tell the video "
+                             f"frames of {frame_n_query} embeddings from the images of {n_query}")
         slots = self.image_slots.cpu()
         want = torch.where(real, n_query, 0)  # slots per row: a padding image has none
         if frame_n_query is not None and frame_n_query != n_query and N:
@@ -139,8 +142,8 @@ class PackedBatch:
         bad_rows = ((slots >= 0) != used)[real].any(1)
         if bool(bad_rows.any()):
             k = int(real.nonzero().squeeze(1)[bad_rows][0])
-            kind = "video frame" if int(want[k]) != n_query else "image"
-            raise ValueError(f"batch.image_slots row {k} (a {kind}) must hold {int(want[k])} "
+            kind = "a video frame" if int(want[k]) != n_query else "an image"
+            raise ValueError(f"batch.image_slots row {k} ({kind}) must hold {int(want[k])} "
                              f"positions, then -1 to the end of the row; got "
                              f"{int((slots[k] >= 0).sum())} positions >= 0")
         for name, t in (("image_slots", slots[used]), ("reg_positions", self.reg_positions)):

@@ -260,7 +260,10 @@ class PackedLoader:
         wanted = [(int(d), int(r), int(k)) for d, r, k in state["pool"]]
         saved_layout = state.get("layout")  # absent in states saved before it was
         layout = self._layout()
-        changed = {k: (v, layout[k]) for k, v in (saved_layout or {}).items() if layout[k] != v}
+        changed = {}
+        if saved_layout:  # a key only one side has (frame_n_query) differs too
+            changed = {k: (saved_layout.get(k), layout.get(k)) for k in sorted(saved_layout.keys() | layout.keys())
+                       if saved_layout.get(k) != layout.get(k)}
         rebuilt: dict[tuple[int, int], list[Sample]] = {}
         self._before = [{} for _ in self.streams]
         for d, (stream, saved) in enumerate(zip(self.streams, state["streams"])):

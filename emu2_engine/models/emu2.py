@@ -56,7 +56,8 @@ class Emu2Model(nn.Module):
     def visual_rows(self, features: torch.Tensor, input_ids: torch.Tensor, image_slots: torch.Tensor,
                     frame_queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder features (N, P, C) -> (the LLM rows (N, Q, hidden), the pooled embeddings
-        (N, Q, C), detached) for the visual inputs whose slots `image_slots` (N, Q) lists.
+        (N, Q, C), detached: the regression targets, for images only) for the visual inputs
+        whose slots `image_slots` (N, Q) lists.
 
         Every input is pooled to Q embeddings; a video frame (its first slot holds `[gIMG]` in
         `input_ids`) of a model whose frames take fewer (`frame_queries`, Emu2-Chat: 64 against
@@ -73,11 +74,10 @@ class Emu2Model(nn.Module):
         # A padding image's slots are -1: it reads position 0 (`<s>`), so it is not a frame.
         first = image_slots[:, 0].clamp(min=0)
         is_frame = (input_ids.reshape(-1)[first] == self.cfg.special_ids.gen_img)[:, None, None]
-
-        def frames(x: torch.Tensor) -> torch.Tensor:
-            coarse = pool_patches(x, fq)
-            return torch.where(is_frame, F.pad(coarse, (0, 0, 0, Q - fq)), x)
-        return frames(visual), frames(pooled)
+        coarse = F.pad(pool_patches(visual, fq), (0, 0, 0, Q - fq))
+        # A frame's pooled rows stay as they are: such frames are never regressed (the batch
+        # and the config refuse it), so nothing reads them.
+        return torch.where(is_frame, coarse, visual), pooled
 
     def embed(self, input_ids: torch.Tensor, image_slots: torch.Tensor | None = None,
               visual: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -52,7 +52,8 @@ def vit_flops_per_image(vision: VisionConfig) -> int:
 
 
 def projector_flops_per_image(cfg: Emu2Config, n_query: int) -> int:
-    """Forward FLOPs of `project_up` (vision width -> LLM hidden) on one image's pooled tokens.
+    """Forward FLOPs of `project_up` (vision width -> LLM hidden) on one image's pooled tokens
+    (or on any n_query rows).
 
     The average pooling before it is P x C adds and n_query x C divides per image (1.8 MFLOP
     for emu2-37b, 1e-3 of `project_up` and 2e-7 of the ViT): not counted."""
@@ -117,7 +118,11 @@ def batch_flops(cfg: Emu2Config, batch: PackedBatch) -> dict[str, int]:
     Document lengths come from `batch.doc_ids` (per row, the tokens of each doc id >= 0) and
     span lengths from `batch.span_ids`; this reads tensors back, so call it on the batch while it
     is still on the CPU. Keys: vit, projector, llm_linear, llm_attention, heads, total."""
-    n_images, n_query = batch.n_images, batch.image_slots.shape[1]  # padding images count nothing
+    n_images = batch.n_images  # padding images count nothing
+    # `project_up` rows the inputs need: an image's n_query, a video frame's fewer (Emu2-Chat;
+    # the model projects n_query rows and averages them down, more than is credited here)
+    real = batch.image_mask.cpu() if batch.image_mask is not None else slice(None)
+    visual_rows = int((batch.image_slots.cpu()[real] >= 0).sum())
     B, S = batch.doc_ids.shape
     row = torch.arange(B).repeat_interleave(S)
     doc, span = batch.doc_ids.reshape(-1).cpu(), batch.span_ids.reshape(-1).cpu()
@@ -125,7 +130,7 @@ def batch_flops(cfg: Emu2Config, batch: PackedBatch) -> dict[str, int]:
     in_span = in_doc & (span >= 0)
     out = {
         "vit": n_images * vit_flops_per_image(cfg.vision),
-        "projector": n_images * projector_flops_per_image(cfg, n_query),
+        "projector": projector_flops_per_image(cfg, visual_rows),
         **llm_flops(cfg.llm, _group_sizes(row[in_doc], doc[in_doc]),
                     _group_sizes(row[in_span], doc[in_span], span[in_span])),
         "heads": head_flops(cfg, int((batch.labels != -100).sum()), batch.reg_positions.numel()),
@@ -165,8 +170,9 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 
 
 def peak_flops(device_name: str | None) -> float | None:
-    """Peak dense BF16 FLOP/s of the named device; None if unknown (or a CPU: pass None)."""
-    if not device_name:
+    """Peak dense BF16 FLOP/s of the named device; None if unknown (or a CPU: pass None). A MIG
+    slice ("... MIG 1g.10gb") is unknown: it has a part of the GPU's SMs, not its peak."""
+    if not device_name or "mig" in device_name.lower().split():
         return None
     name = device_name.lower()
     for key, peak in PEAK_BF16_FLOPS:
