@@ -198,3 +198,25 @@ def test_compiled_blocks_compute_the_same(batch, reference):
     torch.testing.assert_close(losses.detach(), want_losses, rtol=1e-5, atol=1e-5)
     for name, g in _grads(model).items():
         torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_stage_encodes_only_the_real_images_under_a_schedule(batch, reference):
+    """With the host's count of real images in `step_indices`, stage 0 runs the ViT on those
+    alone (the padding images stay in the fixed-shape inputs and the zero-padded pooled
+    output): the same losses and gradients as the whole batch through the encoder."""
+    real = batch.with_real_images().real_images
+    assert real is not None and real < batch.images.shape[0]
+    mb = {**stage_inputs(batch), "mb_index": torch.tensor([0])}
+    stage = Emu2Stage(_model())
+    seen = []
+    stage.model.visual.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    stage.step_indices = [{"reg_images": batch.reg_images, "real_images": real}]
+    losses = stage(**mb)
+    assert seen == [real]
+    losses[0].backward()
+    _assert_same(losses.detach(), _grads(stage), reference)
+    # a micro-batch without real images keeps one through the encoder (FSDP gathers every time)
+    stage.step_indices = [{"reg_images": batch.reg_images[:0], "real_images": 0}]
+    empty = {**mb, "image_mask": torch.zeros_like(mb["image_mask"]), "reg_mask": torch.zeros_like(mb["reg_mask"])}
+    stage(**empty)
+    assert seen[-1] == 1

@@ -21,6 +21,10 @@ Layout (see `shared/DESIGN.md`, "Sequence metadata"), for B rows of S tokens:
   see fixed shapes; a padding image is zeros, its ``image_slots`` row is -1, no regression
   target names it, and the model writes its embeddings nowhere. None means every image is
   real (batches built by hand).
+- ``real_images`` int, optional (not a tensor: it stays on the host): the number of real images
+  when they all come before the padding ones (the loader's batches), counted on the CPU
+  (`with_real_images`). A pipeline's first stage runs its encoder on those only: the padding
+  must stay in the fixed-shape inputs of the schedule, but need not go through the ViT.
 - ``text_rows`` (n,) int64, optional: the flat indices (``b * S + t``) where ``labels`` is not
   -100, ascending. `with_text_rows` computes them on the CPU after `validate`; the head loss
   then finds its rows without reading the labels back from the GPU (no synchronisation in the
@@ -49,11 +53,12 @@ class PackedBatch:
     reg_positions: torch.Tensor
     image_mask: torch.Tensor | None = None
     text_rows: torch.Tensor | None = None
+    real_images: int | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
-        """A copy with every tensor moved to `device`."""
+        """A copy with every tensor moved to `device` (`real_images` is a host number)."""
         def move(t):
-            return None if t is None else t.to(device, non_blocking=non_blocking)
+            return t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t
         return PackedBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     @property
@@ -90,6 +95,18 @@ class PackedBatch:
             return self
         return replace(self, images=self.images[:keep], image_slots=self.image_slots[:keep],
                        image_mask=self.image_mask[:keep])
+
+    def with_real_images(self) -> "PackedBatch":
+        """The batch with ``real_images`` set when its real images all come before its padding
+        ones (read on the CPU); as it is otherwise."""
+        mask = self.image_mask
+        if mask is None:
+            return self
+        mask = mask.cpu()
+        n_real = int(mask.sum())
+        if not bool(mask[:n_real].all()):
+            return self
+        return replace(self, real_images=n_real)
 
     def with_text_rows(self) -> "PackedBatch":
         """The batch with ``text_rows`` filled in from its labels (read them on the CPU, after

@@ -129,7 +129,8 @@ class ParallelModel:
             merged = concat_microbatches(inputs)
             dummy_target = torch.zeros(len(batches), device=merged["input_ids"].device)
             step_indices = [{"reg_images": b.reg_images,
-                             **({"text_rows": b.text_rows} if b.text_rows is not None else {})}
+                             **({"text_rows": b.text_rows} if b.text_rows is not None else {}),
+                             **({"real_images": b.real_images} if b.real_images is not None else {})}
                             for b in batches]
             for stage in self.stages:
                 stage.step_indices = step_indices

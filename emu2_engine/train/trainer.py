@@ -173,6 +173,8 @@ class MicroBatches:
             self.images += batch.n_images
             if self.drop_padding_images:
                 batch = batch.without_padding_images()
+            else:  # a pipeline's stage 0 encodes the real images only (counted here, on the CPU)
+                batch = batch.with_real_images()
             if self.add_text_rows:  # validated above (flops_of): no sync in the head loss
                 batch = batch.with_text_rows()
             yield self._to_device(batch)
