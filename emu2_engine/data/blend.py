@@ -11,15 +11,16 @@ index. After n draws each dataset has had about `weight[d] * n` samples: within 
 for the paper's 4 weights at every n (tests/test_blend.py), within 1.2 for 200 random sets
 of 2-8 weights over 3,000 draws.
 
-The schedule is the same on every data-parallel rank and does not depend on the seed, so
-each rank's micro-batch at step s has the same mix; what each rank reads from a dataset
-differs (the shard streams split samples by rank), and so does the random layout of each
-sample (a function of the seed and the sample's key). Its whole state is `taken`.
-
 `taken` counts samples, not records: a record may give several samples (a long text is cut into
 `text_len` chunks) or none (dropped), and the loader reports how many (`credit`). Counting
 records would give a dataset of long texts more than its weight of the samples (a Pile-like
 dataset of 3-chunk documents at weight 800/23,200 would have had about 3 times its share).
+
+The schedule does not depend on the seed. Data-parallel ranks read different records (the
+shard streams split them by rank), which may give different sample counts, so their schedules
+can drift apart by a few draws; each rank keeps every dataset within one record's samples of
+its share. Ranks that share a batch (a tensor- or pipeline-parallel group) read the same records
+and follow the same schedule. Its whole state is `taken`.
 """
 
 from __future__ import annotations
