@@ -62,7 +62,8 @@ def make_batches(cfg: Emu2Config, n: int, seed: int):
     """`n` packed micro-batches of fixed shape: ROWS x SEQ_LEN tokens, MAX_IMAGES images of which
     one is padding. Row 0 packs a document with a regressed image and a text document, row 1 a
     text document and one with a bidirectional image; lengths, image positions, tokens and
-    pixels are random."""
+    pixels are random; every third micro-batch has a text document instead of the
+    bidirectional one."""
     rng = np.random.default_rng(seed)
     ids, nq, size = cfg.special_ids, cfg.n_query, cfg.vision.image_size
 
@@ -79,8 +80,11 @@ def make_batches(cfg: Emu2Config, n: int, seed: int):
                       [pixels], [at], [image == "regressed"], [image == "bidirectional"])
 
     batches = []
-    for _ in range(n):
-        samples = [document("regressed"), document(None), document(None), document("bidirectional")]
+    for k in range(n):
+        # every third micro-batch holds one real image (two padding): the encoder then sees a
+        # batch of one, as it does when the trainer drops or skips the padding
+        last = "bidirectional" if k % 3 != 2 else None
+        samples = [document("regressed"), document(None), document(None), document(last)]
         batches.append(collate_packed(samples, [[0, 1], [2, 3]], SEQ_LEN, ids, nq, size,
                                       max_images=MAX_IMAGES))
     return batches
@@ -142,6 +146,10 @@ def parallel_run(name: str, batches) -> dict:
     for step in range(STEPS):
         step_batches = batches[step * n_micro:(step + 1) * n_micro]
         mine = step_batches[dims.dp_rank * per_rank:(dims.dp_rank + 1) * per_rank]
+        # as the trainer hands them over: padding dropped, or under a schedule counted (stage 0
+        # encodes the real images only)
+        mine = [b.with_real_images() if pm.schedule is not None else b.without_padding_images()
+                for b in mine]
         losses.append(pm.forward_backward(mine))
         norms.append(pm.clip_grad_norm_(MAX_NORM))
         opt.step()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
@@ -81,12 +82,15 @@ class LocalShards(ParallelStyle):
                 owner.register_parameter(attr, param)
             owners.append((owner, attr))
         saved: list[nn.Parameter] = []
+        placements = list(self.placements.values())
 
         def to_local(_module, args):
             # Read the registered parameter now: FSDP may have swapped in its unsharded one.
             saved[:] = [owner._parameters[attr] for owner, attr in owners]
-            for (owner, attr), param in zip(owners, saved):
-                owner._parameters[attr] = param.to_local()
+            for (owner, attr), param, placement in zip(owners, saved, placements):
+                local = param.to_local()
+                # A replicated parameter's gradient must be its own tensor (see _OwnGradient).
+                owner._parameters[attr] = _OwnGradient.apply(local) if placement.is_replicate() else local
             if self.partial_input_grad:
                 x = args[0]
                 if not isinstance(x, DTensor):
@@ -102,6 +106,25 @@ class LocalShards(ParallelStyle):
         module.register_forward_pre_hook(to_local)
         module.register_forward_hook(restore, always_call=True)
         return module
+
+
+class _OwnGradient(torch.autograd.Function):
+    """Identity whose backward hands over a copy of the gradient.
+
+    `DTensor.to_local`'s backward wraps the incoming gradient as is, and the parameter's
+    gradient accumulator keeps that tensor as `.grad` without copying it. The gradient may be a
+    view of another one: the ViT's stem `cat([cls_token.expand(N), patches]) + pos_embed` with
+    N = 1 gives cls_token the first row of pos_embed's gradient, the same storage, so the next
+    micro-batch's accumulation (and the clipping's scaling) went into both. The replicated
+    parameters are small (norms, the ViT's stem), so the copy costs nothing that matters."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.clone()
 
 
 # -- plans, one per block type ------------------------------------------------------------------
