@@ -451,6 +451,9 @@ def test_heldout_loader_reads_its_split_once_then_ends(tok, shapes_cfg):
     assert [r.key for r in two] == keys * 2
     with pytest.raises(ValueError, match=r"epochs must be None \(endless\) or >= 1, got 0"):
         ShardStream(root, Decoder("image_text", SIZE, log=None), epochs=0)
+    # a blend would keep drawing the ended dataset: epochs= reads one dataset
+    with pytest.raises(ValueError, match=r"epochs= reads one dataset to its end .* got 5 datasets"):
+        build_loader(shapes_cfg, tok, MODEL, split="heldout", epochs=1)
 
 
 def test_blend_weights_count_samples_not_records(tok):

@@ -4,6 +4,7 @@ apply, as they do under torchrun."""
 import dataclasses
 
 import pytest
+import torch
 
 from emu2_engine.train.trainer import MicroBatches, Trainer
 from test_trainer_resume import losses, tiny_config  # tests/ is on sys.path
@@ -428,3 +429,34 @@ def test_one_copy_stream_per_gpu_for_the_process(monkeypatch):
         assert made == [torch.device("cuda", 0), torch.device("cuda", 1)]
     finally:
         trainer_module._copy_stream.cache_clear()
+
+
+def test_grounding_check_gives_a_one_image_batch_another_image(tmp_path, monkeypatch):
+    """The held-out pass can end on a batch with one image, where rolling the images changes
+    nothing (right and wrong would be one number, pulling the gap towards 0): that batch gets
+    the previous batch's last image instead; a first batch of one, with no image before it,
+    is not scored."""
+    from emu2_engine.data.loader import heldout_caption_loader
+    from emu2_engine.train import trainer as trainer_module
+
+    trainer = Trainer(tiny_config(tmp_path, "--train.steps=2"))
+    batches = list(heldout_caption_loader(trainer.cfg.data, trainer.tokenizer, trainer.model_cfg))
+    full = batches[0]
+    assert full.n_images > 1
+    k = int(full.image_mask.sum()) - 1  # keep the first image only
+    one = dataclasses.replace(full, images=full.images.clone(), image_mask=full.image_mask.clone(),
+                              image_slots=full.image_slots.clone(), reg_images=full.reg_images[:0],
+                              reg_positions=full.reg_positions[:0])
+    first, last = full.images[0].clone(), full.images[k].clone()  # (the check swaps in place)
+    one.image_mask[1:] = False
+    one.image_slots[1:] = -1
+    seen = []
+    trainer.model.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].images[args[0].image_mask].clone()))
+    monkeypatch.setattr(trainer_module, "heldout_caption_loader", lambda *a: iter([one, full, one]))
+    out = trainer.evaluate_grounding(5)
+    assert out["heldout_caption_batches"] == 2  # the leading one-image batch is skipped
+    # calls: full right, full wrong, one right, one wrong
+    assert len(seen) == 4
+    assert torch.equal(seen[2][0], first) and torch.equal(seen[3][0], last)
+    assert out["heldout_caption_ce"] != out["heldout_caption_ce_wrong_images"]

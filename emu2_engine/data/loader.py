@@ -309,6 +309,10 @@ def build_loader(cfg: DataSection, tokenizer, model_cfg: Emu2Config, rank: int =
     what they gave (StopIteration)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be train or heldout, got {split!r}")
+    if epochs is not None and len(cfg.datasets) != 1:
+        # a blend would keep drawing the ended dataset (each draw ending the pool's fill)
+        raise ValueError(f"epochs= reads one dataset to its end (a held-out split); got "
+                         f"{len(cfg.datasets)} datasets")
     root = shapes_world_root(cfg) if not all(cfg.paths) else None
     streams = []
     for kind, path in zip(cfg.datasets, cfg.paths):

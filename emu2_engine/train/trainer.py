@@ -673,15 +673,24 @@ class Trainer:
         self.model.eval()
         right = wrong = 0.0
         tokens = batches = 0
+        previous = None  # the last real image of the batch before (a one-image batch's other image)
         with self.compute():  # (the weights cast once for all the batches)
             for batch in itertools.islice(loader, n_batches):
                 batch = batch.to(self.device)
+                real = batch.image_mask.nonzero().squeeze(1)
+                if len(real) == 0 or (len(real) == 1 and previous is None):
+                    continue  # no other image to swap in: the two losses would be one
+                other = batch.images[real[-1]].clone()
                 out = self.model(batch)
                 n = int(out.n_text)
                 right += out.ce.item() * n
-                # every real image moves to another sample (padding images stay padding)
-                real = batch.image_mask.nonzero().squeeze(1)
-                batch.images[real] = batch.images[real.roll(1)]
+                # every real image moves to another sample (padding images stay padding); a
+                # batch of one takes the previous batch's last image
+                if len(real) > 1:
+                    batch.images[real] = batch.images[real.roll(1)]
+                else:
+                    batch.images[real] = previous
+                previous = other
                 wrong += self.model(batch).ce.item() * n
                 tokens, batches = tokens + n, batches + 1
         self.model.train()
