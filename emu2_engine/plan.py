@@ -793,7 +793,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if (args.images_per_seq or 0) < 0 or args.top < 0 or args.frames_per_seq < 0:
         p.error("--images-per-seq, --frames-per-seq and --top must be >= 0")
-    cfg = Emu2Config.from_preset(args.preset)
+    try:
+        cfg = Emu2Config.from_preset(args.preset)
+    except ValueError as e:
+        p.error(str(e))
     wl = Workload(args.seq_len, args.micro_batch, args.global_batch, 0, args.freeze_vision,
                   args.fp32_residual, args.frames_per_seq)
     if args.images_per_seq is None:
@@ -804,11 +807,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"({cfg.llm.max_positions})")
     wl = replace(wl, images_per_seq=args.images_per_seq)
     if wl.visual_span(cfg) + 2 > args.seq_len:
-        video = (f" and a video of {wl.frames_per_seq} frames of {cfg.frame_queries + 2} tokens "
-                 f"after [VIDEO]" if wl.frames_per_seq else "")
-        p.error(f"--images-per-seq {args.images_per_seq} images of {cfg.n_query + 2} tokens each "
-                f"([IMG] + {cfg.n_query} slots + [/IMG]){video} and <s> </s> need "
-                f"{wl.visual_span(cfg) + 2} tokens, more than --seq-len {args.seq_len}")
+        parts = []
+        if args.images_per_seq:
+            parts.append(f"--images-per-seq {args.images_per_seq} images of {cfg.n_query + 2} tokens "
+                         f"each ([IMG] + {cfg.n_query} slots + [/IMG])")
+        if wl.frames_per_seq:
+            parts.append(f"a video of {wl.frames_per_seq} frames of {cfg.frame_queries + 2} tokens "
+                         f"after [VIDEO] (--frames-per-seq)")
+        p.error(f"{' and '.join(parts)} and <s> </s> need {wl.visual_span(cfg) + 2} tokens, more "
+                f"than --seq-len {args.seq_len}")
     gpu = GPUS[args.gpu]
     rows, refused = plan(cfg, args.gpus, gpu, wl)
     print(f"{cfg.name}: {model_params(cfg) / 1e9:.2f}B parameters on {args.gpus} x {args.gpu} "

@@ -75,9 +75,13 @@ def say_input_error(prog: str, error: BaseException) -> None:
 
 
 def one_line(error: BaseException) -> str:
-    """The error's message on one line (its lines joined with "; ")."""
+    """The error's message on one line (its lines joined with "; ", or a space after a line
+    that ends in a colon: "nothing was loaded: missing (2): ...")."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines) or type(error).__name__
+    out = ""
+    for line in lines:
+        out += line if not out else (" " if out.endswith(":") else "; ") + line
+    return out or type(error).__name__
 
 
 def report(trainer, records: list[dict]) -> None:

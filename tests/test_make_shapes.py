@@ -211,6 +211,13 @@ def test_command_line(tmp_path, tiny, monkeypatch, capsys):
     manifest = verify_shapes_world(tmp_path / "w", seed=9, scale=2)
     assert manifest["counts"]["image_text"] == {"train": 10, "heldout": 4}
     assert "wrote" in capsys.readouterr().out
+    # again into the same folder, or with a bad scale: one line (argparse's), exit 2
+    for argv, message in ((["--out", str(tmp_path / "w")], "is not empty"),
+                          (["--out", str(tmp_path / "v"), "--scale", "0"], "scale must be a positive integer")):
+        monkeypatch.setattr("sys.argv", ["make_shapes", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            make_shapes.main()
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_generators_say_true_things():

@@ -439,8 +439,9 @@ def test_layouts_follow_the_trainers_rules_on_sequence_length(capsys):
     assert not [line for line in out.splitlines() if line.startswith("  4 ")]
     plan.main(["--preset", "emu2-chat-37b", "--gpus", "64", "--top", "1"])
     assert "7 images per sequence" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="unknown model preset"):
+    with pytest.raises(SystemExit):  # one line, as for every other bad argument
         plan.main(["--preset", "nope", "--gpus", "8"])
+    assert "error: unknown model preset 'nope'" in capsys.readouterr().err
 
 
 def test_video_frames_of_a_chat_model(capsys):
@@ -466,8 +467,12 @@ def test_video_frames_of_a_chat_model(capsys):
     assert "3 images per sequence, a video of 16 frames" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         plan.main(["--preset", "emu2-chat-37b", "--gpus", "64", "--frames-per-seq", "16", "--images-per-seq", "4"])
-    assert ("a video of 16 frames of 66 tokens after [VIDEO] and <s> </s> need 2091 tokens"
-            in capsys.readouterr().err)
+    assert ("and a video of 16 frames of 66 tokens after [VIDEO] (--frames-per-seq) and <s> </s> "
+            "need 2091 tokens" in capsys.readouterr().err)
+    with pytest.raises(SystemExit):  # the video alone does not fit: the images are not named
+        plan.main(["--preset", "emu2-chat-37b", "--gpus", "64", "--frames-per-seq", "40"])
+    err = capsys.readouterr().err.splitlines()[-1]  # (the usage lines name every flag)
+    assert "error: a video of 40 frames of 66 tokens" in err and "--images-per-seq" not in err
     with pytest.raises(SystemExit):
         plan.main(["--gpus", "64", "--frames-per-seq", "-1"])
     assert "--frames-per-seq and --top must be >= 0" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,12 @@ def test_cli_reports_bad_config_in_one_line():
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "pretrain: train.steps must be positive, got 0"
+    # a bad kernel choice is refused before anything is built, in one line
+    proc = subprocess.run([sys.executable, "-m", "emu2_engine.pretrain", "--train.steps=2"],
+                          capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "EMU2_KERNELS": "auto,attn=reference"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("pretrain: EMU2_KERNELS names op 'attn', which is not one of")
 
 
 def test_lr_schedule_shape():

@@ -427,7 +427,8 @@ class Checkpointer:
         not_restored = []
         if saved != _world() or f"rng.{state['rng'].name()}" not in keys:
             state.pop("rng")
-            not_restored.append(f"the RNG states (saved by {saved} ranks, loaded by {_world()})")
+            not_restored.append(f"the RNG states (saved by {saved} rank{'s' if saved != 1 else ''}, "
+                                f"loaded by {_world()})")
         data = state.get("dataloader")
         if data is not None and f"dataloader.{data.name()}" not in keys:
             if data.key is not None and saved == _world() and f"dataloader.rank{_rank()}" in keys:

@@ -274,7 +274,10 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=1, help="multiply every sample count by this")
     args = parser.parse_args()
     start = time.perf_counter()
-    manifest = write_shapes_world(args.out, args.seed, args.scale)
+    try:
+        manifest = write_shapes_world(args.out, args.seed, args.scale)
+    except (ValueError, OSError) as e:  # not empty, a bad scale, a path that cannot be made
+        parser.error(str(e))
     total = sum(manifest["bytes"].values())
     counts = ", ".join(f"{k} {v['train']}+{v['heldout']}" for k, v in manifest["counts"].items())
     print(f"wrote {len(manifest['bytes'])} shards, {total / 1e6:.1f} MB, to {args.out} in "

@@ -581,4 +581,6 @@ def parse_run_args(argv: list[str] | None, job: type[JobConfig], prog: str, desc
     bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
     if bad:
         parser.error(f"unrecognised arguments {bad}; overrides look like --section.key=value")
+    from emu2_engine.ops.backend import requested_backends
+    requested_backends()  # a bad EMU2_KERNELS is refused now, in one line, not at the first forward
     return job.load(args.config, overrides), not args.no_progress

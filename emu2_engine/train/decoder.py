@@ -532,6 +532,8 @@ class DecoderTrainer:
         if cfg.train.resume and (step := self.checkpointer.load()) is not None:
             self.step_count = step
             log({"resumed_from": step})
+            if lead:
+                print(f"resumed from step {step} ({self.checkpoint_dir})")
         if not isinstance(self.data, ShardData):  # in memory, the batches follow the step
             self.batches.load_state_dict({"step": self.step_count})
         end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
