@@ -85,6 +85,12 @@ def test_overrides_and_their_errors(tmp_path):
         JobConfig.load(None, ["--optim.learning_rate=1"])
     with pytest.raises(ValueError, match=r"unknown config section \[optimizer\]"):
         JobConfig.load(None, ["--optimizer.lr=1"])
+    # in a file: a key before every section, and a folder given as the file
+    (tmp_path / "top.toml").write_text("steps = 3\n")
+    with pytest.raises(ValueError, match=r"key 'steps' outside every section; keys belong in one of"):
+        JobConfig.load(tmp_path / "top.toml")
+    with pytest.raises(FileNotFoundError, match=r"is a directory, not a TOML file"):
+        JobConfig.load(tmp_path)
     with pytest.raises(ValueError, match="train.steps must be int, got str 'many'"):
         JobConfig.load(None, ["--train.steps=many"])
     with pytest.raises(ValueError, match="model.preset must be one of"):

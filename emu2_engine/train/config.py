@@ -307,7 +307,8 @@ class JobConfig:
         if path is not None:
             path = Path(path)
             if not path.is_file():
-                raise FileNotFoundError(f"config file {path} does not exist")
+                raise FileNotFoundError(f"config file {path} is a directory, not a TOML file" if path.is_dir()
+                                        else f"config file {path} does not exist")
             try:
                 data = tomllib.loads(path.read_text())
             except tomllib.TOMLDecodeError as e:
@@ -323,8 +324,11 @@ class JobConfig:
         for section_name, values in data.items():
             section = getattr(self, section_name, None)
             if section is None or not dataclasses.is_dataclass(section):
-                raise ValueError(f"{where}: unknown config section [{section_name}]; "
-                                 f"expected one of {[f.name for f in dataclasses.fields(self)]}")
+                sections = [f.name for f in dataclasses.fields(self)]
+                if not isinstance(values, dict):
+                    raise ValueError(f"{where}: key {section_name!r} outside every section; keys "
+                                     f"belong in one of the sections {sections}")
+                raise ValueError(f"{where}: unknown config section [{section_name}]; expected one of {sections}")
             if not isinstance(values, dict):
                 raise ValueError(f"{where}: [{section_name}] must be a table of keys")
             hints = get_type_hints(type(section))
