@@ -181,6 +181,10 @@ def test_training_flops_and_frozen_encoder():
     fwd = {"vit": 10, "projector": 1, "llm_linear": 20, "llm_attention": 5, "heads": 4, "total": 40}
     assert training_flops(fwd) == 120
     assert training_flops(fwd, vision_trainable=False) == 3 * 30 + 10
+    # a frozen project_up: its input's gradient when the encoder trains (2x), nothing when the
+    # encoder is frozen too (1x, Emu2-Chat's recipe)
+    assert training_flops(fwd, projector_trainable=False) == 3 * 29 + 3 * 10 + 2 * 1
+    assert training_flops(fwd, vision_trainable=False, projector_trainable=False) == 3 * 29 + 10 + 1
 
 
 def test_emu2_37b_vit_size():

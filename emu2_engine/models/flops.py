@@ -139,17 +139,21 @@ def batch_flops(cfg: Emu2Config, batch: PackedBatch) -> dict[str, int]:
     return out
 
 
-def training_flops(forward: dict[str, int], vision_trainable: bool = True) -> int:
+def training_flops(forward: dict[str, int], vision_trainable: bool = True,
+                   projector_trainable: bool = True) -> int:
     """FLOPs of one training step (forward + backward) from `batch_flops`' forward counts.
 
     Backward = 2 x forward (input and weight gradients), so a trained component costs 3 x its
     forward. A frozen encoder needs no backward at all (nothing upstream of it trains and its
     weights take no gradient), so with vision_trainable=False the ViT counts its forward only,
-    1x. Two first layers need no input gradient and are still counted 3x, as is the usual
-    convention: the patch embedding (pixels) and, with a frozen ViT, `project_up`; together
-    they are under 0.1 % of emu2-37b's step."""
-    vit = forward["vit"]
-    return 3 * (forward["total"] - vit) + (3 if vision_trainable else 1) * vit
+    1x. A frozen `project_up` needs the gradient of its input only when the encoder trains
+    (2x), else nothing (1x: Emu2-Chat's recipe). Two first layers need no input gradient and
+    are still counted 3x when trained, as is the usual convention: the patch embedding (pixels)
+    and, with a frozen ViT, `project_up`; together under 0.1 % of emu2-37b's step."""
+    vit, projector = forward["vit"], forward["projector"]
+    projector_times = 3 if projector_trainable else (2 if vision_trainable else 1)
+    return (3 * (forward["total"] - vit - projector) + (3 if vision_trainable else 1) * vit
+            + projector_times * projector)
 
 
 # Peak dense (no 2:4 sparsity) BF16 tensor-core rates, FLOP/s, from NVIDIA's datasheets, which
