@@ -89,7 +89,8 @@ def report(trainer, records: list[dict]) -> None:
     if len(evals) == 2:
         print(f"held-out denoising loss: {evals[0]['heldout_loss']:.4f} -> {evals[1]['heldout_loss']:.4f} "
               f"(with another sample's embeddings: {evals[1]['heldout_loss_wrong_cond']:.4f})")
-    elif evals:  # a resumed run: the first evaluation was its first part's
+    elif evals and evals[-1]["step"] == trainer.step_count and trainer.step_count > 0:
+        # a resumed run: the first evaluation was its first part's
         print(f"held-out denoising loss at the end: {evals[-1]['heldout_loss']:.4f} "
               f"(with another sample's embeddings: {evals[-1]['heldout_loss_wrong_cond']:.4f})")
 

@@ -88,6 +88,11 @@ def test_mesh_needs_a_process_group():
      r"'zbv' needs stages_per_rank exactly 2, got 3"),
     (dict(pp_schedule="interleaved-1f1b", microbatches=4), ParallelDims(pp=2),
      r"'interleaved-1f1b' needs stages_per_rank at least 2, got 1"),
+    # the split backward's second pass meets what selective checkpointing has released
+    (dict(pp_schedule="zbv", stages_per_rank=2, microbatches=4, activation_checkpoint="selective"),
+     ParallelDims(pp=2), r"'zbv' splits the backward in two passes, which selective activation"),
+    (dict(pp_schedule="zero-bubble", stages_per_rank=2, microbatches=4, activation_checkpoint="selective"),
+     ParallelDims(pp=2), r"'zero-bubble' splits the backward .* use activation_checkpoint = none or full"),
     (dict(microbatches=3), ParallelDims(pp=4), r"microbatches \(3\) must be at least pp \(4\) to "
                                                r"fill the pipeline"),
     (dict(pp_schedule="zbv", stages_per_rank=2, microbatches=3), ParallelDims(pp=4),

@@ -460,3 +460,11 @@ def test_grounding_check_gives_a_one_image_batch_another_image(tmp_path, monkeyp
     assert len(seen) == 4
     assert torch.equal(seen[2][0], first) and torch.equal(seen[3][0], last)
     assert out["heldout_caption_ce"] != out["heldout_caption_ce_wrong_images"]
+    # only one-image batches: every one but the first is scored against the one before it
+    seen.clear()
+    monkeypatch.setattr(trainer_module, "heldout_caption_loader", lambda *a: iter([one, one, one]))
+    out = trainer.evaluate_grounding(5)
+    assert out["heldout_caption_batches"] == 2 and len(seen) == 4
+    # a single image in all: nothing to compare, the check says so instead of failing the run
+    monkeypatch.setattr(trainer_module, "heldout_caption_loader", lambda *a: iter([one]))
+    assert trainer.evaluate_grounding(5) == {}

@@ -79,6 +79,12 @@ class ParallelConfig:
         if not ok.get(self.pp_schedule, self.stages_per_rank >= 2):
             raise ValueError(f"parallel.pp_schedule {self.pp_schedule!r} needs stages_per_rank "
                              f"{allowed}, got {self.stages_per_rank}")
+        if self.pp_schedule in ("zero-bubble", "zbv") and self.activation_checkpoint == "selective":
+            # the weight half of the split backward runs the graph a second time, after
+            # selective checkpointing has released what it saved ("backward an extra time")
+            raise ValueError(f"parallel.pp_schedule {self.pp_schedule!r} splits the backward in "
+                             f"two passes, which selective activation checkpointing does not "
+                             f"allow: use activation_checkpoint = none or full")
         if self.microbatches < dims.pp:
             raise ValueError(f"parallel.microbatches ({self.microbatches}) must be at least pp "
                              f"({dims.pp}) to fill the pipeline")

@@ -159,7 +159,7 @@ class Emu2Stage(nn.Module):
         real = self._host_indices(mb).get("real_images")
         if real is not None and real < N:
             # The padding images (after the real ones) stay in the schedule's fixed shapes but
-            # need not go through the encoder (8 % of the slots on proxy-1b's data).
+            # need not go through the encoder (about 4 % of the slots on proxy-1b's data).
             # One image is kept: under FSDP every rank gathers the encoder's blocks each time.
             keep = max(real, 1)
             images, slots, mask = images[:keep], slots[:keep], mask[:keep]

@@ -679,9 +679,12 @@ class Trainer:
             for batch in itertools.islice(loader, n_batches):
                 batch = batch.to(self.device)
                 real = batch.image_mask.nonzero().squeeze(1)
-                if len(real) == 0 or (len(real) == 1 and previous is None):
-                    continue  # no other image to swap in: the two losses would be one
+                if len(real) == 0:
+                    continue
                 other = batch.images[real[-1]].clone()
+                if len(real) == 1 and previous is None:
+                    previous = other  # no other image to swap in yet: the two losses would be one
+                    continue
                 out = self.model(batch)
                 n = int(out.n_text)
                 right += out.ce.item() * n
@@ -696,7 +699,8 @@ class Trainer:
                 tokens, batches = tokens + n, batches + 1
         self.model.train()
         if not tokens:
-            raise RuntimeError("the held-out split gave no caption token to score "
-                               f"({self.cfg.data.heldout_path or 'the shapes world'})")
+            print("end-of-run image check skipped: the held-out batches gave no caption to score "
+                  "with two images")
+            return {}
         return {"heldout_caption_ce": right / tokens, "heldout_caption_ce_wrong_images": wrong / tokens,
                 "heldout_caption_tokens": tokens, "heldout_caption_batches": batches}
