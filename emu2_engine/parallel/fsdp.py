@@ -79,9 +79,24 @@ def apply_ac(model: Emu2Model, mode: str) -> None:
 
 def apply_compile(model: Emu2Model) -> None:
     """torch.compile each block in place (``Module.compile`` keeps parameter names); blocks of
-    one kind share their compiled code."""
-    for container, key in blocks_of(model):
+    one kind share their compiled code, except under tensor parallelism, where each ViT block
+    compiles its own: Dynamo guards on the identity of `LocalShards`' always-call hook, which
+    differs from block to block. The recompile limit is raised to cover every block (at its
+    default of 8, the ViT's blocks past the eighth ran eager); the hook must stay always-call,
+    since activation checkpointing stops its recomputation with an exception."""
+    blocks = list(blocks_of(model))
+    allow_recompiles(len(blocks))
+    for container, key in blocks:
         container[key].compile()
+
+
+def allow_recompiles(n_blocks: int) -> None:
+    """Raise Dynamo's recompile limits (never lower them) so that `n_blocks` blocks of one code
+    may each compile their own graph, twice (a size turning dynamic)."""
+    limit = 2 * n_blocks + 8
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, limit)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * limit)
 
 
 def apply_fsdp(stage: nn.Module, model: Emu2Model, mesh: DeviceMesh, param_dtype: torch.dtype,

@@ -85,6 +85,8 @@ class LocalShards(ParallelStyle):
         placements = list(self.placements.values())
 
         def to_local(_module, args):
+            if saved:  # a forward that raised left the local tensors in: put the parameters back
+                restore(None, None, None)
             # Read the registered parameter now: FSDP may have swapped in its unsharded one.
             saved[:] = [owner._parameters[attr] for owner, attr in owners]
             for (owner, attr), param, placement in zip(owners, saved, placements):
@@ -103,6 +105,11 @@ class LocalShards(ParallelStyle):
                 owner._parameters[attr] = param
             saved.clear()
 
+        # always_call: activation checkpointing stops a recomputation early with an exception,
+        # which must not leave the local tensors in (the clipping would read them). Dynamo
+        # guards on this hook's identity, so under compile each such block compiles its own
+        # code (`fsdp.apply_compile` raises the recompile limit for it). A forward that raised
+        # anyway is undone by the next one.
         module.register_forward_pre_hook(to_local)
         module.register_forward_hook(restore, always_call=True)
         return module
