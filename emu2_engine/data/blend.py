@@ -18,8 +18,9 @@ dataset of 3-chunk documents at weight 800/23,200 would have had about 3 times i
 
 The schedule does not depend on the seed. Data-parallel ranks read different records (the
 shard streams split them by rank), which may give different sample counts, so their draws
-differ; each rank keeps every dataset within one record's samples of its share. Ranks that share a batch (a tensor- or pipeline-parallel group) read the same records
-and follow the same schedule. Its whole state is `taken`.
+differ; each rank keeps every dataset within one record's samples of its share. Ranks that
+share a batch (a tensor- or pipeline-parallel group) read the same records and follow the same
+schedule. Its whole state is `taken`.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@ fixed-shape micro-batches, with exact resume.
 
 One micro-batch: samples already drawn but not yet placed (the pool) are topped up by drawing
 records, dataset by dataset as the `Blend` schedule says (it counts the samples each record
-gives), until the pool holds 1.5 micro-batches' worth of tokens; each record becomes one or more `Sample`s (`SampleBuilder`; a record it cannot
-lay out is skipped and counted, a sample longer than a row or with more than `max_images`
-images is truncated or dropped as `data.too_long` says); `select_rows` packs the pool
+gives), until the pool holds 1.5 micro-batches' worth of tokens; each record becomes one or
+more `Sample`s (`SampleBuilder`; a record it cannot lay out is skipped and counted, a sample
+longer than a row or with more than `max_images` images is truncated or dropped as
+`data.too_long` says); `select_rows` packs the pool
 best-fit into `rows` rows under the image cap, and `collate_packed` lays them out, padding the
 images to `max_images`. Samples left out wait in the pool for the next micro-batch.
 
@@ -262,7 +263,8 @@ class PackedLoader:
         layout = self._layout()
         changed = {}
         if saved_layout:  # a key only one side has (frame_n_query) differs too
-            changed = {k: (saved_layout.get(k), layout.get(k)) for k in sorted(saved_layout.keys() | layout.keys())
+            keys = sorted(saved_layout.keys() | layout.keys())
+            changed = {k: (saved_layout.get(k), layout.get(k)) for k in keys
                        if saved_layout.get(k) != layout.get(k)}
         rebuilt: dict[tuple[int, int], list[Sample]] = {}
         self._before = [{} for _ in self.streams]
