@@ -83,15 +83,11 @@ class PackedBatch:
         under FSDP every rank must gather and reduce the encoder's blocks in each step. Read on
         CPU tensors (the mask is read). A batch whose padding is not trailing (built by hand) is
         returned as is."""
-        mask = self.image_mask
-        if mask is None or mask.numel() == 0:
-            return self
-        mask = mask.cpu()
-        n_real = int(mask.sum())
-        if not bool(mask[:n_real].all()):
+        n_real = self._leading_real_images()
+        if n_real is None or self.image_mask.numel() == 0:
             return self
         keep = max(n_real, 1)
-        if keep == mask.numel():
+        if keep == self.image_mask.numel():
             return self
         return replace(self, images=self.images[:keep], image_slots=self.image_slots[:keep],
                        image_mask=self.image_mask[:keep])
@@ -99,14 +95,17 @@ class PackedBatch:
     def with_real_images(self) -> "PackedBatch":
         """The batch with ``real_images`` set when its real images all come before its padding
         ones (read on the CPU); as it is otherwise."""
-        mask = self.image_mask
-        if mask is None:
-            return self
-        mask = mask.cpu()
+        n_real = self._leading_real_images()
+        return self if n_real is None else replace(self, real_images=n_real)
+
+    def _leading_real_images(self) -> int | None:
+        """The number of real images when they all come before the padding ones (the loader's
+        batches), read on the CPU; None without a mask or when padding comes between them."""
+        if self.image_mask is None:
+            return None
+        mask = self.image_mask.cpu()
         n_real = int(mask.sum())
-        if not bool(mask[:n_real].all()):
-            return self
-        return replace(self, real_images=n_real)
+        return n_real if bool(mask[:n_real].all()) else None
 
     def with_text_rows(self) -> "PackedBatch":
         """The batch with ``text_rows`` filled in from its labels (read them on the CPU, after

@@ -3,7 +3,8 @@
 A `Sample` is one document, `<s> ... </s>`, with its images inline. Each image occupies
 `[IMG]` + n_query `<image>` slots + `[/IMG]`, each video frame `[IMG]` + frame_n_query `[gIMG]`
 slots + `[/IMG]` (as many as an image's but for Emu2-Chat: 64 against 256); the slots are the
-positions whose embedding rows the model replaces with visual embeddings. The layouts are those of the released Emu2 (shared/reference/EMU2_FACTS.md):
+positions whose embedding rows the model replaces with visual embeddings. The layouts are
+those of the released Emu2 (shared/reference/EMU2_FACTS.md):
 
 - image-text: `<s>[IMG]<image>*n[/IMG]caption</s>` or `<s>caption[IMG]<image>*n[/IMG]</s>`,
   the image first with p = 0.5 (`image_first_prob`).
