@@ -21,9 +21,11 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from emu2_engine.checkpoint.released import (
     DEFAULT_SHARD_BYTES,
+    TORCH_SUFFIXES,
     atomic_path,
     export_released_weights,
     load_released_weights,
@@ -32,6 +34,7 @@ from emu2_engine.checkpoint.released import (
 )
 from emu2_engine.checkpoint.dcp import save_model_weights
 from emu2_engine.models import PRESETS, Emu2Config, Emu2Model
+from emu2_engine.pretrain import one_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENGINE_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -41,8 +44,9 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "m
 def parse_size(text: str) -> int:
     """'5GB' -> 5e9, '512MiB' -> 512 * 2**20, '1000' -> 1000 (bytes)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 5GB, 512MiB, 1000000)")
+    if not m or m.group(2).lower() not in _UNITS or int(float(m.group(1)) * _UNITS[m.group(2).lower()]) < 1:
+        raise argparse.ArgumentTypeError(f"not a size of at least one byte: {text!r} (examples: 5GB, "
+                                         f"512MiB, 1000000)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -105,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                      + ("" if args.export else " (or be a folder name without a suffix)"))
     if to_folder and args.dst.exists():  # before reading tens of GB of weights
         parser.error(f"{args.dst} exists: a checkpoint folder is written to a new name")
+    if args.export and args.dst.suffix in TORCH_SUFFIXES:
+        parser.error(f"--export writes the released layout as a .safetensors file or a folder of "
+                     f"shards, not a {args.dst.suffix} file: got --to {args.dst}")
     if args.export and args.dst.suffix == ".safetensors" and args.shard_size is not None:
         parser.error("--shard-size needs a directory for --to, not a .safetensors file")
 
@@ -121,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 save_engine_checkpoint(model, args.dst)
             if report.ignored_keys:
                 print(f"ignored {len(report.ignored_keys)} keys (rotary buffers, Emu2-Gen decoder, ...)")
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"convert: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, SafetensorError) as e:  # a path, weights that do not fit, a bad file
+        print(f"convert: error: {one_line(e)}", file=sys.stderr)
         return 1
     n = sum(t.numel() for t in model.state_dict().values())
     print(f"wrote {args.dst} ({n / 1e6:.1f}M parameters, {args.dtype})")

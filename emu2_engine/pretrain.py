@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     data or metrics files that cannot be read), said in one line on stderr."""
     try:
         cfg, progress = parse_args(argv)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"pretrain: {one_line(e)}", file=sys.stderr)
         return 2
     import torch.distributed as dist
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             trainer = Trainer(cfg)
-        except (ValueError, FileNotFoundError) as e:  # a config only the world size rules out
+        except (ValueError, OSError) as e:  # a config only the world size rules out, a path
             print(f"pretrain: {one_line(e)}", file=sys.stderr)
             return 2
         try:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         except NonFiniteError as e:
             print(f"pretrain: {one_line(e)}", file=sys.stderr)
             return 1
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:
             say_input_error("pretrain", e)
             return 2
         if trainer.rank == 0:
@@ -63,13 +63,17 @@ def main(argv: list[str] | None = None) -> int:
 def say_input_error(prog: str, error: BaseException) -> None:
     """An error raised once a run has started, in one line on stderr. The engine's errors for
     bad input (a checkpoint that is missing, incomplete or of another model, weights that do
-    not fit, a missing path, a corrupt metrics file) need nothing more; any other ValueError
-    may be a bug, so its traceback comes first."""
+    not fit, data that gives no sample, a folder that cannot be written, a corrupt metrics
+    file) and the system's errors about a named file need nothing more; any other error may be
+    a bug, so its traceback comes first."""
     from emu2_engine.checkpoint.dcp import CheckpointError
     from emu2_engine.checkpoint.released import WeightsError
+    from emu2_engine.data.shards import DataError
     from emu2_engine.train.metrics import MetricsFileError
+    from emu2_engine.train.paths import FolderError
 
-    if not isinstance(error, (CheckpointError, WeightsError, FileNotFoundError, MetricsFileError)):
+    said = (CheckpointError, WeightsError, DataError, FolderError, MetricsFileError)
+    if not (isinstance(error, said) or (isinstance(error, OSError) and error.filename is not None)):
         traceback.print_exception(error, file=sys.stderr)
     print(f"{prog}: {one_line(error)}", file=sys.stderr)
 

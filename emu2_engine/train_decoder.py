@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     meets it."""
     try:
         cfg, progress = parse_args(argv)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"train_decoder: {one_line(e)}", file=sys.stderr)
         return 2
     import torch.distributed as dist
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             trainer = DecoderTrainer(cfg)
-        except (ValueError, FileNotFoundError) as e:  # a config only the world size rules out, a missing path
+        except (ValueError, OSError) as e:  # a config only the world size rules out, a path
             print(f"train_decoder: {one_line(e)}", file=sys.stderr)
             return 2
         try:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         # a checkpoint that is corrupt or of another model, held-out shards with too few usable
         # samples (found at the first evaluation), ...: one line (with the traceback first for
         # errors that may be bugs)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:
             say_input_error("train_decoder", e)
             return 2
         if trainer.rank == 0 and trainer.step_count == cfg.train.steps:

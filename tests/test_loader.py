@@ -17,7 +17,7 @@ from emu2_engine.data.decode import Decoder
 from emu2_engine.data.loader import PackedLoader, build_loader, heldout_caption_loader
 from emu2_engine.data.packing import collate_packed, select_rows
 from emu2_engine.data.records import Grounded, ImageText, Interleaved, Phrase, SkipStats, Text, VideoText
-from emu2_engine.data.shards import ShardStream
+from emu2_engine.data.shards import DataError, ShardStream
 from emu2_engine.data.tokenizer import Emu2Tokenizer
 from emu2_engine.models import Emu2Config, Emu2Model
 from emu2_engine.train.config import DataSection, JobConfig
@@ -164,12 +164,12 @@ def test_bad_records_are_skipped_and_counted(tok):
 def test_a_dataset_with_no_usable_sample_raises_instead_of_hanging(tok, monkeypatch):
     monkeypatch.setattr(loader_module, "_MAX_BARREN_DRAWS", 20)
     bad = Grounded("bad", image(0), "a cat", [Phrase(0, 5, [])])
-    with pytest.raises(RuntimeError, match="20 records in a row of dataset 0:grounded .* gave no usable sample"):
+    with pytest.raises(DataError, match="20 records in a row of dataset 0:grounded .* gave no usable sample"):
         next(make(tok, [ListStream([bad])], datasets=["grounded"]))
     # blended with a healthy dataset, it is still found (the count is per dataset and spans
     # batches: the healthy one's samples used to reset it, and the blend silently lost the other)
     blended = make(tok, [ListStream(pairs(50)), ListStream([bad])], datasets=["image_text", "grounded"])
-    with pytest.raises(RuntimeError, match="20 records in a row of dataset 1:grounded"):
+    with pytest.raises(DataError, match="20 records in a row of dataset 1:grounded"):
         for _ in range(200):
             next(blended)
 

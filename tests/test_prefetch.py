@@ -20,6 +20,7 @@ import torch
 from emu2_engine.data.batch import PackedBatch
 from emu2_engine.data.loader import build_loader
 from emu2_engine.data.prefetch import Prefetcher, pin_batch
+from emu2_engine.data.shards import DataError
 from emu2_engine.data.tokenizer import Emu2Tokenizer
 from emu2_engine.train.config import JobConfig
 
@@ -190,12 +191,12 @@ def test_a_producer_exception_reaches_the_consumer_with_its_traceback():
 
 def test_a_broken_shard_set_raises_in_the_consumer(job, tok, tmp_path):
     """A real configuration error that only shows when data is read (the one shard is not a
-    tar, so the epoch gives no sample): the loader's RuntimeError reaches the trainer's side."""
+    tar, so the epoch gives no sample): the loader's DataError reaches the trainer's side."""
     (tmp_path / "a.tar").write_bytes(bytes(range(256)) * 12)
     data = JobConfig.load(None, TINY + ['--data.datasets=["image_text"]', "--data.weights=[1.0]",
                                         f'--data.paths=["{tmp_path}"]']).data
     prefetcher = Prefetcher(build_loader(data, tok, job.model.build_config()))
-    with pytest.raises(RuntimeError, match=r"gave no usable sample \(skipped samples: truncated_tar=1\)"):
+    with pytest.raises(DataError, match=r"gave no usable sample \(skipped samples: truncated_tar=1\)"):
         next(prefetcher)
 
 

@@ -278,7 +278,19 @@ def test_a_blend_without_documents_ignores_interleaved_len(tmp_path):
                        r"got inf, 0.001 and 0.001"),
     ("--optim.lr_vision=nan", r"must be finite numbers >= 0, got 0.001, nan and 0.001"),
     ("--optim.lr_projector=-1e-4", r"must be finite numbers >= 0, got 0.001, 0.001 and -0.0001"),
-    ("--data.weights=[inf, 1, 1]", r"data.weights must be finite, >= 0 and not all 0, got \[inf, 1.0, 1.0\]"),
+    ("--data.weights=[inf, 1, 1]", r"data.weights must be finite, >= 0, not all 0 and of a finite sum, got "
+                                   r"\[inf, 1.0, 1.0\]"),
+    ("--data.weights=[1e308, 1e308, 1]", r"data.weights must be .* of a finite sum, got \[1e\+308, 1e\+308, 1.0\]"),
+    ("--train.seed=-1", r"train.seed must lie in \[0, 2\*\*63\), got -1"),
+    (f"--train.seed={2 ** 70}", r"train.seed must lie in \[0, 2\*\*63\), got 1180591620717411303424"),
+    ("--data.seed=-1", r"data.seed must lie in \[0, 2\*\*63\), got -1"),
+    ("--optim.grad_clip=inf", r"optim.grad_clip must be a finite number >= 0 \(0 turns clipping off\), got inf"),
+    ("--data.rows=1000000000", r"a micro-batch of data.rows x data.seq_len tokens must stay under 2\*\*31 .*"
+                               r"got 1000000000 x 256"),
+    # 4 rows of 256 tokens hold at most 1024 // 18 = 56 of the debug model's images (16 tokens + 2)
+    ("--data.max_images=1025", r"data.max_images \(1025\) exceeds the 1024 tokens of a micro-batch \(4 "
+                               r"row\(s\) of 256\); each visual input of the debug model takes at least 18 "
+                               r"of them, so at most 56 fit"),
     ("--train.run_dir=", r"train.run_dir must name a folder \(it gets the config, metrics and "
                          r"checkpoints\), got ''"),
 ])
@@ -291,8 +303,10 @@ def test_numbers_out_of_range_are_refused(override, message):
 
 def test_the_edges_of_the_ranges_load():
     cfg = JobConfig.load(None, ["--model.regression_weight=0", "--optim.betas=[0, 0.999]",
-                                "--optim.weight_decay=0", "--optim.lr_vision=0", "--optim.eps=1e-30"])
+                                "--optim.weight_decay=0", "--optim.lr_vision=0", "--optim.eps=1e-30",
+                                "--data.max_images=1024", f"--train.seed={2 ** 63 - 1}"])
     assert cfg.optim.betas == (0.0, 0.999) and cfg.model.regression_weight == 0.0
+    assert cfg.data.max_images == 1024 and cfg.train.seed == 2 ** 63 - 1
 
 
 def test_video_and_image_spans_that_just_fit_load():

@@ -12,7 +12,7 @@ import pytest
 from emu2_engine.data.decode import Decoder
 from emu2_engine.data.make_shapes import write_tar
 from emu2_engine.data.records import SkipStats
-from emu2_engine.data.shards import (ShardStream, iter_records, iter_tar_samples, list_shards,
+from emu2_engine.data.shards import (DataError, ShardStream, iter_records, iter_tar_samples, list_shards,
                                      split_key, unsafe_name)
 
 
@@ -276,7 +276,7 @@ def test_an_epoch_with_no_usable_sample_raises_instead_of_spinning(tmp_path):
     bad = tmp_path / "bad.tar"
     write_tar(bad, [(f"k{i}", {"txt": b"\xff\xfe"}) for i in range(3)])
     stream = _stream([str(bad)])
-    with pytest.raises(RuntimeError, match="gave no usable sample.*bad_utf8=3"):
+    with pytest.raises(DataError, match="gave no usable sample.*bad_utf8=3"):
         next(stream)
     with pytest.raises(ValueError, match="rank < world_size"):
         _stream([str(bad)], rank=2, world_size=2)

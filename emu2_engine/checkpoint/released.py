@@ -216,8 +216,8 @@ def _open_file(path: Path) -> _File:
         return _SafetensorsFile(path)
     if path.suffix in TORCH_SUFFIXES:
         return _TorchFile(path)
-    raise ValueError(f"{path}: unsupported checkpoint file type; expected .safetensors or one of "
-                     f"{', '.join(TORCH_SUFFIXES)}")
+    raise WeightsError(f"{path}: unsupported checkpoint file type; expected .safetensors or one of "
+                       f"{', '.join(TORCH_SUFFIXES)}")
 
 
 def _open_sharded(index_path: Path) -> list[_File]:

@@ -35,7 +35,7 @@ from emu2_engine.data.make_shapes import ensure_shapes_world
 from emu2_engine.data.packing import collate_packed, select_rows
 from emu2_engine.data.records import Record, SkipStats
 from emu2_engine.data.sequences import RecordError, Sample, SampleBuilder, truncate_sample
-from emu2_engine.data.shards import ShardStream
+from emu2_engine.data.shards import DataError, ShardStream
 from emu2_engine.models.config import Emu2Config
 from emu2_engine.train.config import DATASET_KINDS, DataSection
 
@@ -190,7 +190,7 @@ class PackedLoader:
                 break              # what waits is packed, and an empty pool ends the loader
             if not drawn and self._barren[self._last_drawn] >= _MAX_BARREN_DRAWS:
                 d = self._last_drawn
-                raise RuntimeError(f"{_MAX_BARREN_DRAWS} records in a row of dataset {self.names[d]} "
+                raise DataError(f"{_MAX_BARREN_DRAWS} records in a row of dataset {self.names[d]} "
                                    f"({self.cfg.paths[d] or 'the shapes world'}) gave no usable sample; "
                                    f"{self.skip_summary()}")
             pool += drawn

@@ -273,6 +273,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=int, default=1, help="multiply every sample count by this")
     args = parser.parse_args()
+    if not args.out.strip():
+        parser.error("--out must name a folder, got ''")
+    if not 0 <= args.seed < 2 ** 63:
+        parser.error(f"--seed must lie in [0, 2**63), got {args.seed}")
     start = time.perf_counter()
     try:
         manifest = write_shapes_world(args.out, args.seed, args.scale)

@@ -99,6 +99,40 @@ def list_shards(spec: str | os.PathLike | list | tuple) -> list[str]:
     return paths
 
 
+class DataError(ValueError):
+    """Data that cannot train anything: shards that are not tar files, an epoch or a long
+    run of records in which no sample was usable."""
+
+
+TAR_PROBES = 3
+"""How many of a spec's first shards `check_shard_spec` opens to see that they are tar files."""
+
+
+def check_shard_spec(spec: str, key: str) -> list[str]:
+    """The shards `spec` names (`list_shards`), checked before a run starts: something must
+    match, and at least one of the first `TAR_PROBES` must open as a tar file (a spec that
+    names, say, a text file or a zip would otherwise be found only when the first epoch gives
+    no sample). Bad shards among good ones are left to the stream, which skips and counts
+    them. ValueError (DataError) in one line naming the config key `key`."""
+    try:
+        shards = list_shards(spec)
+    except ValueError as e:
+        raise DataError(f"{key} = {spec!r}: {e}") from None
+    probed = shards[:TAR_PROBES]
+    if not any(_is_tar(path) for path in probed):
+        what = (f"{probed[0]} is not a tar file" if len(probed) == 1 else
+                f"none of its first {len(probed)} shards ({', '.join(probed)}) is a tar file")
+        raise DataError(f"{key} = {spec!r}: {what} (WebDataset shards are tar files)")
+    return shards
+
+
+def _is_tar(path: str) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
 def split_key(name: str) -> tuple[str, str] | None:
     """(key, extension) of a member name by the webdataset rule, or None when the file name
     has no dot."""
@@ -252,7 +286,7 @@ class ShardStream:
       it), so an owner that saves `stats.counts` with the state and puts them back after
       loading it (`PackedLoader`, the decoder trainer's `ShardData`) has, after any number of
       saves and resumes, the uninterrupted run's totals.
-    - A whole epoch that gives this rank no record raises RuntimeError instead of spinning.
+    - A whole epoch that gives this rank no record raises DataError instead of spinning.
     - `epochs` (None: endless) ends the stream after that many epochs (StopIteration): one
       pass over a held-out split reads each of its samples once.
     """
@@ -333,7 +367,7 @@ class ShardStream:
         shards = self.epoch_shards(self._read_epoch)
         if self._read_pos >= len(shards):
             if not self._epoch_had_records:
-                raise RuntimeError(
+                raise DataError(
                     f"rank {self.rank}/{self.world_size}: epoch {self._read_epoch} over "
                     f"{len(shards)} shard(s) gave no usable sample ({self.stats.summary()})")
             self._start_reading(self._read_epoch + 1, 0, 0)

@@ -87,6 +87,20 @@ def use_triton(op: str, x: torch.Tensor, has_kernel: bool) -> bool:
     return has_kernel and x.is_cuda and op not in _LIBRARY_FIRST
 
 
+def check_triton_can_run(device: torch.device) -> None:
+    """Refuse, before a run builds anything, EMU2_KERNELS entries that force the Triton kernels
+    on a device where they cannot run: the CPU without TRITON_INTERPRET=1 (`use_triton` would
+    raise only at the first forward)."""
+    if device.type == "cuda" or _INTERPRET:
+        return
+    glob, per_op = requested_backends()
+    forced = [op for op in OPS if per_op.get(op, glob) == "triton"]
+    if forced:
+        raise ValueError(f"EMU2_KERNELS forces the Triton kernels of {', '.join(forced)}, but this run is on "
+                         f"the {device.type}: set TRITON_INTERPRET=1 to run them in the interpreter, or use "
+                         f"auto or reference")
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs matrix products in on `x`'s device, or None when it is off.
 

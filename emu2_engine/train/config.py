@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,8 +317,26 @@ class JobConfig:
             cfg.update(data, where=str(path))
         for item in overrides:
             cfg.update(_parse_override(item), where=f"override {item!r}")
+        cfg.expand_user_paths()
         cfg.validate()
         return cfg
+
+    USER_PATHS = ("train.run_dir", "checkpoint.dir", "checkpoint.resume", "checkpoint.init_from",
+                  "profiling.dir", "data.paths", "data.heldout_path")
+    """The keys that name files or folders, whose leading ~ `load` expands to the home folder (a
+    run_dir of "~/runs/x" is not a folder named "~" in the working directory). data.cache_dir
+    keeps its ~ in the saved config and is expanded where it is used."""
+
+    def expand_user_paths(self) -> None:
+        """Expand a leading ~ in every `USER_PATHS` value (each entry of a list)."""
+        for key in self.USER_PATHS:
+            section_name, name = key.split(".")
+            section = getattr(self, section_name)
+            value = getattr(section, name)
+            if isinstance(value, list):
+                setattr(section, name, [os.path.expanduser(v) for v in value])
+            else:
+                setattr(section, name, os.path.expanduser(value))
 
     def update(self, data: dict, where: str) -> None:
         """Merge a nested dict of values, checking every section, key and type."""
@@ -359,11 +378,16 @@ class JobConfig:
             (len(d.weights) == n and len(d.paths) == n,
              f"data.weights and data.paths need one entry per dataset ({n}), got "
              f"{len(d.weights)} and {len(d.paths)}"),
-            (all(_finite_at_least(w, 0) for w in d.weights) and sum(d.weights) > 0,
-             f"data.weights must be finite, >= 0 and not all 0, got {d.weights}"),
+            (all(_finite_at_least(w, 0) for w in d.weights) and 0 < sum(d.weights) < math.inf,
+             f"data.weights must be finite, >= 0, not all 0 and of a finite sum, got {d.weights}"),
+            (0 <= d.seed < 2 ** 63, f"data.seed must lie in [0, 2**63), got {d.seed}"),
+            (0 <= self.train.seed < 2 ** 63, f"train.seed must lie in [0, 2**63), got {self.train.seed}"),
             (d.shapes_scale > 0, f"data.shapes_scale must be positive, got {d.shapes_scale}"),
             (d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}"),
             (d.rows > 0, f"data.rows must be positive, got {d.rows}"),
+            (d.rows * d.seq_len < 2 ** 31,
+             f"a micro-batch of data.rows x data.seq_len tokens must stay under 2**31 (the kernels index "
+             f"it with 32-bit integers), got {d.rows} x {d.seq_len}"),
             (d.max_images > 0, f"data.max_images must be positive, got {d.max_images}"),
             (d.too_long in ("truncate", "drop"), f"data.too_long must be truncate or drop, got {d.too_long!r}"),
             (0.0 <= d.image_first_prob <= 1.0,
@@ -422,13 +446,15 @@ class JobConfig:
              f"optim.warmup_steps ({self.optim.warmup_steps}) must be in [0, train.steps = {self.train.steps})"),
             (0.0 <= self.optim.min_lr_ratio <= 1.0,
              f"optim.min_lr_ratio must lie in [0, 1], got {self.optim.min_lr_ratio}"),
-            (self.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.optim.grad_clip}"),
+            (_finite_at_least(self.optim.grad_clip, 0),
+             f"optim.grad_clip must be a finite number >= 0 (0 turns clipping off), got {self.optim.grad_clip}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         model_cfg = self.model.build_config()
         self._validate_visual_spans(model_cfg.n_query, model_cfg.frame_queries)
+        self._validate_image_cap(model_cfg.n_query, model_cfg.frame_queries)
         self._validate_parallel(model_cfg, world_size)
 
     def _validate_visual_spans(self, n_query: int, frame_n_query: int) -> None:
@@ -464,6 +490,19 @@ class JobConfig:
                              f"({frame_n_query} visual tokens each): needs >= {video_span} "
                              f"(<s> [VIDEO] frames x [IMG] slots [/IMG] </s>); every video of the "
                              f"video_text dataset would be dropped (a video is never cut)")
+
+    def _validate_image_cap(self, n_query: int, frame_n_query: int) -> None:
+        """data.max_images no larger than the micro-batch's token count: the loader allocates its
+        image tensor at that size, so a cap of a billion tried to allocate petabytes. (A cap
+        between what a micro-batch can fill and its token count is allowed: it costs the padding
+        images' memory only, and lowering seq_len should not force max_images down.)"""
+        d = self.data
+        tokens = d.rows * d.seq_len
+        if d.max_images > tokens:
+            smallest = min(n_query, frame_n_query) + 2  # [IMG] slots [/IMG]: no input takes fewer tokens
+            raise ValueError(f"data.max_images ({d.max_images}) exceeds the {tokens} tokens of a micro-batch "
+                             f"({d.rows} row(s) of {d.seq_len}); each visual input of the {self.model.preset} "
+                             f"model takes at least {smallest} of them, so at most {tokens // smallest} fit")
 
     def _validate_parallel(self, model_cfg, world_size: int | None) -> None:
         """The engine's own checks (`ParallelDims.validate`, `ParallelConfig.validate`): degrees,

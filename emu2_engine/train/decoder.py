@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import sys
 import time
@@ -72,12 +71,15 @@ from emu2_engine.models.projector import Projector
 from emu2_engine.models.unet import UNet, load_base_unet_weights, load_unet_weights
 from emu2_engine.models.unet3d import inflate_unet
 from emu2_engine.models.vit import EVAVisionTransformer
+from emu2_engine.ops.backend import check_triton_can_run
 from emu2_engine.parallel.dims import ParallelDims
 from emu2_engine.train.decoder_config import DecoderJobConfig
 from emu2_engine.train.decoder_data import DecoderBatch, InMemoryData, ShardData, StepBatches, vae_pixels
 from emu2_engine.train.metrics import json_line, repair_last_line
 from emu2_engine.train.optim import build_scheduler
-from emu2_engine.train.trainer import STOPPED_FILE, NonFiniteCounts, NonFiniteError, mark_stopped, rank_device
+from emu2_engine.train.paths import check_folders, make_folders
+from emu2_engine.train.trainer import (STOPPED_FILE, NonFiniteCounts, NonFiniteError, mark_stopped, rank_device,
+                                       world_size)
 
 __all__ = ["DecoderJobConfig", "DecoderTrainer", "FrozenEncoder", "build_vae",
            "mark_stopped", "offset_noise", "sample_generator", "shard_unet", "unet_units", "compile_unet_blocks"]
@@ -234,13 +236,15 @@ class DecoderTrainer:
     evaluates, saves and resumes. Every rank of a torchrun job builds one."""
 
     def __init__(self, cfg: DecoderJobConfig):
-        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        world = dist.get_world_size() if dist.is_initialized() else world_size()
         cfg.validate(world_size=world)
         cfg.check_files()  # a mistyped weights path, before the encoder is built and loaded
+        check_folders(self.folders(cfg))
         from diffusers import DDPMScheduler
 
         self.cfg = cfg
         self.device, self.autocast_dtype = rank_device(cfg.train.device, cfg.train.dtype)
+        check_triton_can_run(self.device)
         self.run_dir = Path(cfg.train.run_dir)
         self.world = world
         mesh = None
@@ -270,6 +274,11 @@ class DecoderTrainer:
             self.encoder.load_released(cfg.model.encoder_weights)
         self.encoder.to(self.device)
         self.vae = build_vae(cfg.model.vae, cfg.data.image_size, cfg.train.seed).to(self.device)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if cfg.data.image_size % factor:
+            raise ValueError(f"data.image_size ({cfg.data.image_size}) must be a multiple of the VAE's "
+                             f"downsampling factor ({factor}, model.vae = {cfg.model.vae!r}): its latents "
+                             f"would decode to {cfg.data.image_size // factor * factor} px images")
         self.unet_cfg: UNetConfig = UNetConfig.from_preset(cfg.model.unet)
         if self.vae.config.latent_channels != self.unet_cfg.in_channels:
             raise ValueError(f"the VAE has {self.vae.config.latent_channels} latent channels but the "
@@ -312,6 +321,16 @@ class DecoderTrainer:
         self._stop_signal: str | None = None
 
     # -- pieces ---------------------------------------------------------------------------------
+    @staticmethod
+    def folders(cfg: DecoderJobConfig) -> dict[str, Path]:
+        """The folders the run writes into, by config key: the run folder (its checkpoints go
+        in run_dir/checkpoints) and, when profiling, its profiles."""
+        run_dir = Path(cfg.train.run_dir)
+        folders = {"train.run_dir": run_dir, "train.run_dir (its checkpoints)": run_dir / "checkpoints"}
+        if cfg.profiling.enable:
+            folders["profiling.dir"] = Path(cfg.profiling.dir or run_dir / "profile")
+        return folders
+
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -515,7 +534,7 @@ class DecoderTrainer:
         lead = self.rank == 0
         metrics = self.run_dir / "metrics.jsonl"
         if lead:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_folders(self.folders(cfg))
             cfg.save(self.run_dir / "config.toml")
             repair_last_line(metrics, "train_decoder")
             self.save_null_embedding()

@@ -178,6 +178,10 @@ class DecoderJobConfig(JobConfig):
     """The pretraining sections this config inherits but the decoder trainer does not read, and
     what it has instead: a value set in one is refused rather than silently ignored."""
 
+    USER_PATHS = ("train.run_dir", "profiling.dir", "data.paths", "data.heldout_paths", "model.unet_weights",
+                  "model.unet_base_weights", "model.encoder_weights", "model.vae")
+    """The keys that name files or folders (`JobConfig.USER_PATHS`)."""
+
     def to_dict(self) -> dict:
         return {k: v for k, v in super().to_dict().items() if k not in self.UNUSED_SECTIONS}
 
@@ -218,7 +222,9 @@ class DecoderJobConfig(JobConfig):
             (not (m.unet_weights and m.unet_base_weights),
              f"model.unet_weights ({m.unet_weights!r}) and model.unet_base_weights "
              f"({m.unet_base_weights!r}) both give the initial UNet: set one"),
+            (t.steps > 0, f"train.steps must be positive, got {t.steps}"),
             (d.image_size >= 16, f"data.image_size must be >= 16, got {d.image_size}"),
+            (0 <= d.seed < 2 ** 63, f"data.seed must lie in [0, 2**63), got {d.seed}"),
             (d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}"),
             (d.frames > 0, f"data.frames must be >= 1, got {d.frames}"),
             (d.prefetch >= -1, f"data.prefetch must be >= -1 (-1 = auto, 0 = off), got {d.prefetch}"),
@@ -251,8 +257,7 @@ class DecoderJobConfig(JobConfig):
             (0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}"),
             (_finite_at_least(o.grad_clip, 0),
              f"optim.grad_clip must be a finite number >= 0 (0 turns clipping off), got {o.grad_clip}"),
-            (t.steps > 0, f"train.steps must be positive, got {t.steps}"),
-            (t.seed >= 0, f"train.seed must be >= 0, got {t.seed}"),
+            (0 <= t.seed < 2 ** 63, f"train.seed must lie in [0, 2**63), got {t.seed}"),
             (t.log_every > 0, f"train.log_every must be positive, got {t.log_every}"),
             (t.max_nonfinite > 0, f"train.max_nonfinite must be positive, got {t.max_nonfinite}"),
             (t.save_every > 0, f"train.save_every must be positive, got {t.save_every}"),
@@ -283,7 +288,9 @@ class DecoderJobConfig(JobConfig):
         for name, path, what in files:
             if path and not Path(path).exists():
                 raise FileNotFoundError(f"{name} = {path!r}: no such file or folder (expected {what})")
-        if m.vae != "tiny-random" and not Path(m.vae).is_dir():
-            problem = "is not a folder" if Path(m.vae).exists() else "no such folder"
+        if m.vae != "tiny-random" and not (m.vae.strip() and (Path(m.vae) / "config.json").is_file()):
+            problem = ("names nothing" if not m.vae.strip() else
+                       "has no config.json" if Path(m.vae).is_dir() else
+                       "is not a folder" if Path(m.vae).exists() else "no such folder")
             raise FileNotFoundError(f"model.vae = {m.vae!r}: {problem} (expected a diffusers AutoencoderKL "
                                     f"folder (config.json + weights) or tiny-random)")

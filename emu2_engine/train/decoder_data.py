@@ -64,7 +64,7 @@ from emu2_engine.data.decode import (DALI_VIDEO_CODECS, IMAGE_EXTENSIONS, VIDEO_
 from emu2_engine.data.records import SkipStats
 from emu2_engine.data.sequences import CLIP_MEAN, CLIP_STD, to_pixels
 from emu2_engine.data.shapes import BACKGROUNDS, COLOURS, KINDS, ShapesWorld
-from emu2_engine.data.shards import ShardStream, iter_records, iter_tar_samples, list_shards
+from emu2_engine.data.shards import ShardStream, check_shard_spec, iter_records, iter_tar_samples
 from emu2_engine.train.decoder_config import DecoderJobConfig
 
 HELD_OUT_SEED_OFFSET = 7919  # in-memory held-out samples: the same generators under another seed
@@ -436,13 +436,10 @@ class PairDecoder:
 # ----------------------------------------------------------------------------------------------
 def check_shards(spec: str, name: str, video: bool, frames: int) -> list[str]:
     """The shards `spec` names, after a look at the first PROBE_SAMPLES samples of the first:
-    ValueError, in one line naming the config field `name`, when nothing matches the spec,
-    when none of those samples holds an image (a clip when `video`), or when no clip among
+    ValueError, in one line naming the config field `name`, when nothing matches the spec or
+    none of its first shards is a tar file (`check_shard_spec`), when none of those samples holds an image (a clip when `video`), or when no clip among
     them has `frames` frames. Samples that are merely bad are left to the stream to skip."""
-    try:
-        shards = list_shards(spec)
-    except ValueError as e:
-        raise ValueError(f"{name} = {spec!r}: {e}") from None
+    shards = check_shard_spec(spec, name)  # something matches, and a tar file among the first
     what, extensions = ("video clips", VIDEO_EXTENSIONS) if video else ("images", IMAGE_EXTENSIONS)
     samples = list(itertools.islice(iter_tar_samples(shards[0], SkipStats(), log=None), PROBE_SAMPLES))
     if not samples:

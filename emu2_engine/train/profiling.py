@@ -88,6 +88,16 @@ class StepProfiler:
                 torch.cuda.memory._record_memory_history(enabled=None)
 
     def _write(self, prof: profile) -> None:
+        """The profiler's trace-ready hook. A window that cannot be written (a full disk, a
+        folder taken away) is said in a warning and the run goes on: an error raised here
+        would leave the profiler in a state whose stop() crashes the process."""
+        try:
+            self._write_window(prof)
+        except OSError as e:
+            warnings.warn(f"profiling: the window ending at step {self.step_count} was not written: {e}",
+                          stacklevel=2)
+
+    def _write_window(self, prof: profile) -> None:
         if self.step_count % self.interval:
             return  # stopped inside a window (the profiler hands over what it has): no trace
         folder = self.directory / f"step-{self.step_count:06d}"

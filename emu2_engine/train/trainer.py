@@ -39,13 +39,16 @@ from emu2_engine.checkpoint.dcp import Checkpointer, latest
 from emu2_engine.data.batch import PackedBatch
 from emu2_engine.data.loader import build_loader, heldout_caption_loader
 from emu2_engine.data.prefetch import Prefetcher, prefetch_depth
+from emu2_engine.data.shards import check_shard_spec
 from emu2_engine.data.tokenizer import Emu2Tokenizer
 from emu2_engine.models import Emu2Config, Emu2Model
 from emu2_engine.models.block_linear import accumulation_path
 from emu2_engine.models.flops import batch_flops, training_flops
+from emu2_engine.ops.backend import check_triton_can_run
 from emu2_engine.train.config import JobConfig
 from emu2_engine.train.metrics import MetricsWriter, ThroughputMeter, peak_memory_gib
 from emu2_engine.train.optim import build_optimizer, build_scheduler
+from emu2_engine.train.paths import check_folders, make_folders
 from emu2_engine.train.timeline import StepTimeline
 from emu2_engine.train.weight_cast import StepWeightCast, block_linear_parameters, fusable_block_linears
 
@@ -297,15 +300,52 @@ def merge_stages(models: list[nn.Module | None]) -> nn.Module | None:
     return merged
 
 
+def world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 without torchrun)."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(value)
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise ValueError(f"the environment's WORLD_SIZE must be a positive integer (torchrun sets it), "
+                         f"got {value!r}")
+    return world
+
+
+def run_folders(cfg: JobConfig) -> dict[str, Path]:
+    """The folders a run writes into, by config key: the run folder, its checkpoints and (when
+    profiling) its profiles."""
+    run_dir = Path(cfg.train.run_dir)
+    folders = {"train.run_dir": run_dir, "checkpoint.dir": Path(cfg.checkpoint.dir or run_dir / "checkpoints")}
+    if cfg.profiling.enable:
+        folders["profiling.dir"] = Path(cfg.profiling.dir or run_dir / "profile")
+    return folders
+
+
+def data_specs(data) -> dict[str, str]:
+    """The shard specs a run reads (the datasets' data.paths entries that are set, and
+    data.heldout_path), by config key."""
+    specs = {f"data.paths[{i}] ({kind})": spec for i, (kind, spec) in enumerate(zip(data.datasets, data.paths))
+             if spec}
+    if data.heldout_path:
+        specs["data.heldout_path"] = data.heldout_path
+    return specs
+
+
 class Trainer:
     """One rank of a training run: `train()` runs it (resume, steps, checkpoints, metrics),
     `step()` is one optimiser step. Every rank of a torchrun job builds one."""
 
     def __init__(self, cfg: JobConfig):
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = world_size()
         cfg.validate(world_size=world)
+        check_folders(run_folders(cfg))
+        for key, spec in data_specs(cfg.data).items():
+            check_shard_spec(spec, key)
         self.cfg = cfg
         self.device, self.autocast_dtype = rank_device(cfg.train.device, cfg.train.dtype)
+        check_triton_can_run(self.device)
 
         self.model_cfg: Emu2Config = cfg.model.build_config()
         self.world = world
@@ -556,7 +596,7 @@ class Trainer:
         lead = self.rank == 0
         resumed = self.resume()
         if lead:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_folders(run_folders(cfg))
             cfg.save(self.run_dir / "config.toml")
             (self.run_dir / STOPPED_FILE).unlink(missing_ok=True)  # this run has not stopped yet
         writer = MetricsWriter(self.run_dir, enabled=lead, tensorboard=cfg.metrics.tensorboard,

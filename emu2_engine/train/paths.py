@@ -1,0 +1,64 @@
+"""The folders a training run writes into (run_dir, checkpoints, profiles): checked when the
+trainer is built and created before anything is written, so that a folder that cannot exist
+stops the run at once, in one line, instead of at the first checkpoint hundreds of steps
+later, and a refused run leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class FolderError(ValueError):
+    """A folder of the run's config that cannot exist or cannot be written."""
+
+
+def folder_problem(path: str | Path, key: str) -> str:
+    """Why `path` cannot be (or become) a folder this process writes into, "" when nothing
+    seen from here stops it: a file in its place or in the place of one of its parents, or a
+    nearest existing folder this user may not write into. (Some refusals only show when the
+    folder is made: `make_folders` says those.)"""
+    nearest = Path(path)
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if nearest.exists() and not nearest.is_dir():
+        where = "it is a file" if nearest == Path(path) else f"{nearest} is a file"
+        return f"{key} = {str(path)!r} cannot be a folder: {where}"
+    if nearest.exists() and not os.access(nearest, os.W_OK | os.X_OK):
+        return f"{key} = {str(path)!r} cannot be written: {nearest} is not writable by this user"
+    return ""
+
+
+def check_folders(folders: dict[str, str | Path]) -> None:
+    """Raise FolderError for the first of `folders` ({config key: path}) that `folder_problem`
+    rules out."""
+    for key, path in folders.items():
+        if problem := folder_problem(path, key):
+            raise FolderError(problem)
+
+
+def make_folders(folders: dict[str, str | Path]) -> None:
+    """Create `folders` ({config key: path}) in order. If one cannot be made, the ones this
+    call created are removed again (they are still empty) and a FolderError naming the key is
+    raised: a run refused here leaves no folder behind."""
+    made: list[Path] = []
+    try:
+        for key, path in folders.items():
+            missing = []
+            folder = Path(path)
+            while not folder.exists() and folder != folder.parent:
+                missing.append(folder)
+                folder = folder.parent
+            try:
+                Path(path).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise FolderError(f"{key} = {str(path)!r} cannot be made a folder: "
+                                  f"{e.strerror or e}") from None
+            made += reversed(missing)
+    except FolderError:
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # something was written into it meanwhile: it stays
+        raise
