@@ -183,3 +183,27 @@ def test_convert_refuses_what_it_cannot_write_in_one_line(tmp_path, capsys):
                   f".bin, .pt, .pth"
     assert not (tmp_path / "o.pt").exists() and not (tmp_path / "out").exists()
     assert os.listdir(tmp_path) == ["weights.txt"]
+
+
+def test_weights_written_atomically_get_the_umask_permissions(tmp_path):
+    """safetensors creates its files 0600: an exported checkpoint was unreadable by the other
+    users of a shared cluster. The atomic writer gives the final file what open() would."""
+    from emu2_engine.checkpoint.released import write_safetensors
+
+    path = tmp_path / "w.safetensors"
+    write_safetensors({"a": torch.ones(2)}, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_config_file_that_is_not_text_is_named(tmp_path):
+    bad = tmp_path / "run.toml"
+    bad.write_bytes(b"[train]\nsteps = \xff\xfe\n")
+    with pytest.raises(ValueError, match=f"config file {bad} is not valid TOML: .*codec can't decode"):
+        JobConfig.load(bad)
+
+
+def test_text_is_no_regression_target():
+    with pytest.raises(ValueError, match="data.regress lists text, whose samples hold no image to regress"):
+        JobConfig.load(None, ["--data.regress=['text']"])

@@ -68,6 +68,9 @@ DEFAULT_SHARD_BYTES = 5 * 10**9
 
 Shape = tuple[int, ...] | str  # a str describes an entry that is not a tensor
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # (read at import, before any thread could create a file meanwhile)
+
 
 class WeightsError(ValueError):
     """The checkpoint's keys or shapes do not match the model; nothing was copied."""
@@ -413,13 +416,15 @@ def _fsync(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary name beside `path`; once the body wrote it, fsync and rename it over
-    `path`. On error the temporary file is removed and `path` is untouched."""
+    `path` with the permissions a new file gets under the process's umask. On error the
+    temporary file is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         _fsync(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would make it (safetensors writes 0600)
         os.replace(tmp, path)
         _fsync(path.parent)
     finally:

@@ -311,8 +311,8 @@ class JobConfig:
                 raise FileNotFoundError(f"config file {path} is a directory, not a TOML file" if path.is_dir()
                                         else f"config file {path} does not exist")
             try:
-                data = tomllib.loads(path.read_text())
-            except tomllib.TOMLDecodeError as e:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"config file {path} is not valid TOML: {e}") from None
             cfg.update(data, where=str(path))
         for item in overrides:
@@ -375,6 +375,7 @@ class JobConfig:
             (n > 0, "data.datasets must name at least one dataset"),
             (not unknown, f"data.datasets and data.regress take kinds among {list(DATASET_KINDS)}, "
                           f"got {unknown}"),
+            ("text" not in d.regress, "data.regress lists text, whose samples hold no image to regress"),
             (len(d.weights) == n and len(d.paths) == n,
              f"data.weights and data.paths need one entry per dataset ({n}), got "
              f"{len(d.weights)} and {len(d.paths)}"),
