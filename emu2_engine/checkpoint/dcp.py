@@ -108,6 +108,12 @@ def complete_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step in a checkpoint folder's name (``step-000123`` -> 123), -1 for another name."""
+    match = _STEP.match(Path(path).name)
+    return int(match.group(1)) if match else -1
+
+
 def latest(directory: str | Path) -> Path | None:
     """The newest complete checkpoint in `directory`, or None if there is none."""
     found = complete_checkpoints(directory)
@@ -140,6 +146,11 @@ def _world() -> int:
 def _barrier(group: dist.ProcessGroup | None = None) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
+
+
+warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized, assuming")
+"""DCP warns on every call made without a process group, an asynchronous save's writer thread
+too (outside any `_single_process_ok`); one process saving is intended here."""
 
 
 @contextmanager
@@ -348,8 +359,11 @@ class Checkpointer:
             if _rank() == 0:
                 future.add_done_callback(lambda f: self._finish_async(f, tmp, final))
             return final
-        with _single_process_ok():
-            dcp.save(self._state(step), **kwargs)
+        try:
+            with _single_process_ok():
+                dcp.save(self._state(step), **kwargs)
+        except (Exception, dcp.CheckpointException) as err:  # the latter is a BaseException
+            raise CheckpointError(f"saving the checkpoint of step {step} to {tmp} failed: {_reason(err)}") from err
         _barrier()  # every rank has written, and DCP's index exists
         if _rank() == 0:
             self._finalize(tmp, final)
@@ -374,6 +388,16 @@ class Checkpointer:
         for old in kept[:-self.keep]:  # `final` is the newest of `kept`: never dropped
             shutil.rmtree(old)
 
+    def set_aside_after(self, step: int, keep: Path | None = None) -> None:
+        """Rank 0: set aside this directory's complete checkpoints of steps after `step` (but not
+        `keep`), as the next save would: a run resumed from an older checkpoint abandoned them,
+        and a restart of it (torchrun --max-restarts) must not take them for its own progress."""
+        if _rank() != 0:
+            return
+        for saved_step, path in complete_checkpoints(self.directory):
+            if saved_step > step and (keep is None or path.resolve() != keep.resolve()):
+                _set_aside(path)
+
     def _finish_async(self, future: Future, tmp: Path, final: Path) -> None:
         # Rank 0's write completes only after DCP's coordinator (rank 0) has gathered every
         # rank's write results and written the index: the checkpoint is whole.
@@ -385,9 +409,12 @@ class Checkpointer:
         finally:
             self._published.set()
 
-    def wait(self) -> None:
+    def wait(self, barrier: bool = True) -> None:
         """Block until the pending asynchronous save (if any) is written and published; raise
-        CheckpointError if it failed."""
+        CheckpointError if it failed. `barrier=False` when this rank is leaving on an error:
+        its own write still completes (every rank started it), but it does not wait for ranks
+        that may be stuck in a training collective waiting for it (the job would hang instead
+        of ending, and torchrun could not restart it)."""
         if self._pending is None:
             return
         future, tmp = self._pending
@@ -397,7 +424,8 @@ class Checkpointer:
             self._published.wait()
             error = error or self._failed
             self._failed = None
-        _barrier(self._group)
+        if barrier:
+            _barrier(self._group)
         if error is not None:
             raise CheckpointError(f"asynchronous save to {tmp} failed: {error}") from error
 
@@ -419,8 +447,8 @@ class Checkpointer:
         if not (path / _INDEX).is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no {_INDEX}: missing, or "
                                   f"its save did not finish)")
+        keys = self._saved_keys(path)  # (first: an unreadable index fails here without DCP's logging)
         saved = self._saved_world_size(path)
-        keys = self._saved_keys(path)
         state = self._state(step=-1)
         if any(_GROUPS_BY_POSITION.match(k) for k in keys):  # saved before the groups were keyed by name
             state["app"].options = StateDictOptions()
@@ -466,7 +494,8 @@ class Checkpointer:
         try:
             return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
         except Exception as err:  # noqa: BLE001 - any unreadable index is the same problem
-            raise CheckpointError(f"cannot read checkpoint {path}'s index: {_reason(err)}") from err
+            raise CheckpointError(f"cannot read checkpoint {path} (corrupt, or not written by this engine): "
+                                  f"its index: {_reason(err)}") from err
 
     @staticmethod
     def _saved_world_size(path: Path) -> int:

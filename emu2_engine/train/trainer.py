@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from emu2_engine.checkpoint.dcp import Checkpointer, latest
+from emu2_engine.checkpoint.dcp import CheckpointError, Checkpointer, checkpoint_step, latest
 from emu2_engine.data.batch import PackedBatch
 from emu2_engine.data.loader import build_loader, heldout_caption_loader
 from emu2_engine.data.prefetch import Prefetcher, prefetch_depth
@@ -48,7 +48,7 @@ from emu2_engine.ops.backend import check_triton_can_run
 from emu2_engine.train.config import JobConfig
 from emu2_engine.train.metrics import MetricsWriter, ThroughputMeter, peak_memory_gib
 from emu2_engine.train.optim import build_optimizer, build_scheduler
-from emu2_engine.train.paths import check_folders, make_folders
+from emu2_engine.train.paths import check_folders, claim_run_folder, make_folders, release_run_folder
 from emu2_engine.train.timeline import StepTimeline
 from emu2_engine.train.weight_cast import StepWeightCast, block_linear_parameters, fusable_block_linears
 
@@ -313,6 +313,11 @@ def world_size() -> int:
     return world
 
 
+def restarted() -> bool:
+    """Whether torchrun restarted this worker (--max-restarts): it runs the same command."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
 def run_folders(cfg: JobConfig) -> dict[str, Path]:
     """The folders a run writes into, by config key: the run folder, its checkpoints and (when
     profiling) its profiles."""
@@ -523,9 +528,20 @@ class Trainer:
         """Restore the newest checkpoint (checkpoint.resume = auto) or the named one; returns
         its step, or None for a fresh start."""
         how = self.cfg.checkpoint.resume
+        if how not in ("auto", "none") and restarted():
+            # A torchrun restart runs the same command: the named checkpoint applies until the
+            # run has saved its own (after it, set aside those of later steps: below).
+            newest = latest(self.checkpointer.directory)
+            if newest is not None and checkpoint_step(newest) > checkpoint_step(Path(how)):
+                if self.rank == 0:
+                    print(f"restarted: resuming from this run's newest checkpoint {newest}, not "
+                          f"checkpoint.resume = {how} (the run has saved since)")
+                how = "auto"
         step = None if how == "none" else self.checkpointer.load(None if how == "auto" else how)
         if step is not None:
             self.step_count = step
+            if how not in ("auto", "none"):
+                self.checkpointer.set_aside_after(step, keep=Path(how))
             if self.rank == 0:
                 source = latest(self.checkpointer.directory) if how == "auto" else how
                 print(f"resumed from step {step} ({source})")
@@ -594,9 +610,22 @@ class Trainer:
         train.steps)."""
         cfg = self.cfg
         lead = self.rank == 0
+        if lead:  # before anything is read or written: a run already using the folder stops this one
+            make_folders({"train.run_dir": self.run_dir})
+            self._lock = claim_run_folder(self.run_dir)
+        try:
+            if lead:
+                make_folders(run_folders(cfg))
+            return self._train(progress, stop_at)
+        finally:
+            if lead:
+                release_run_folder(self._lock)
+
+    def _train(self, progress: bool, stop_at: int | None) -> list[dict]:
+        cfg = self.cfg
+        lead = self.rank == 0
         resumed = self.resume()
         if lead:
-            make_folders(run_folders(cfg))
             cfg.save(self.run_dir / "config.toml")
             (self.run_dir / STOPPED_FILE).unlink(missing_ok=True)  # this run has not stopped yet
         writer = MetricsWriter(self.run_dir, enabled=lead, tensorboard=cfg.metrics.tensorboard,
@@ -612,6 +641,7 @@ class Trainer:
         stop = False
         profiler = cfg.profiling.profiler(self.run_dir, self.rank, self.device, self.step_count)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        failed = True
         try:
             if profiler is not None:
                 profiler.start()
@@ -671,12 +701,20 @@ class Trainer:
                               f"{self.checkpointer.directory}; run the same command to resume",
                               flush=True)
                     break
+            # the last asynchronous save completes while SIGTERM/SIGINT are still ours: a signal
+            # now must not kill the process and lose that checkpoint
+            self.checkpointer.wait()
+            failed = False
         finally:
+            if failed:  # an error is on its way out: this rank's own save completes, without
+                try:    # waiting for ranks that may be stuck waiting for this one
+                    self.checkpointer.wait(barrier=False)
+                except CheckpointError as e:
+                    warnings.warn(f"{e} (while stopping on an error)", stacklevel=2)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if profiler is not None:
                 profiler.stop()
-            self.checkpointer.wait()
             if isinstance(self.loader, Prefetcher):
                 self.loader.close()  # no thread outlives the run; the position is kept
             bar.close()
