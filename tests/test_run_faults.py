@@ -1,9 +1,12 @@
 """What a run does around its faults: a run folder another live run uses, an error while an
-asynchronous save is pending, a signal while the last one is written, a torchrun restart of a
-run that resumed from a named checkpoint, a checkpoint whose index is garbage."""
+asynchronous save is pending, a signal while the last one is written, the same command run
+again after it resumed from a named checkpoint, a checkpoint whose index is garbage."""
 
+import json
 import logging
+import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -11,9 +14,9 @@ import pytest
 import torch
 
 from emu2_engine import pretrain
-from emu2_engine.checkpoint.dcp import Checkpointer, CheckpointError, complete_checkpoints
+from emu2_engine.checkpoint.dcp import RESUMED_FROM, Checkpointer, CheckpointError, complete_checkpoints
 from emu2_engine.train.config import JobConfig
-from emu2_engine.train.paths import LOCK_FILE, FolderError, claim_run_folder, release_run_folder
+from emu2_engine.train.paths import LOCK_FILE, claim_run_folder
 from emu2_engine.train.trainer import Trainer
 
 TINY = ["--data.seq_len=128", "--data.rows=2", "--data.max_images=8", "--data.text_len=128",
@@ -25,50 +28,43 @@ def tiny(run_dir, *extra: str) -> JobConfig:
     return JobConfig.load(None, TINY + [f"--train.run_dir={run_dir}", *extra])
 
 
-@pytest.fixture
-def other_process():
-    """A live process of this host that is not this one (its pid)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
-
-
-def test_a_run_folder_in_use_by_a_live_run_is_refused(tmp_path, capsys, other_process):
+def test_a_run_folder_in_use_by_a_live_run_is_refused(tmp_path, capsys):
     """Two runs in one folder deleted each other's unfinished checkpoints and interleaved their
-    metrics; now the second is refused in one line, and the first's mark stays."""
+    metrics; now the second is refused in one line (the first holds the folder's lock)."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / LOCK_FILE).write_text(f"{other_process} {__import__('socket').gethostname()}\n")
-    rc = pretrain.main(["--no-progress", *TINY, f"--train.run_dir={run}"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and "Traceback" not in err
-    assert err == (f"pretrain: train.run_dir = {str(run)!r} is in use by process {other_process} (its .lock): "
-                   f"two runs in one folder overwrite each other's checkpoints and metrics; if no run uses "
-                   f"it, delete {run / LOCK_FILE}")
-    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from emu2_engine.train.paths import claim_run_folder; "
+        f"lock = claim_run_folder({str(run)!r}); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc = pretrain.main(["--no-progress", *TINY, f"--train.run_dir={run}"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "Traceback" not in err
+        assert err == (f"pretrain: train.run_dir = {str(run)!r} is in use by process {holder.pid} on "
+                       f"{socket.gethostname()} (it holds {run / LOCK_FILE}): two runs in one folder "
+                       f"overwrite each other's checkpoints and metrics")
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed: the kernel dropped its lock, and the folder can be used again
+    lock = claim_run_folder(run)
+    assert (run / LOCK_FILE).read_text().split() == [str(os.getpid()), socket.gethostname()]
+    lock.release()
+    claim_run_folder(run).release()  # (released: taken again)
 
 
-def test_a_mark_of_a_gone_process_is_taken_over_and_released(tmp_path):
-    """A run killed (or restarted by torchrun) leaves its mark: the next run takes it over."""
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
-    (tmp_path / LOCK_FILE).write_text(f"{gone} {__import__('socket').gethostname()}\n")
-    lock = claim_run_folder(tmp_path)
-    assert lock.read_text().split()[0] == str(__import__("os").getpid())
-    assert claim_run_folder(tmp_path) == lock  # this process again (a second train() call)
-    release_run_folder(lock)
-    assert not lock.exists()
-
-
-def test_release_leaves_another_run_s_mark(tmp_path, other_process):
-    lock = tmp_path / LOCK_FILE
-    lock.write_text(f"{other_process} somewhere\n")
-    release_run_folder(lock)
-    assert lock.exists()
-    with pytest.raises(FolderError, match="in use by process"):  # same host: checked, alive
-        lock.write_text(f"{other_process} {__import__('socket').gethostname()}\n")
-        claim_run_folder(tmp_path)
+def test_the_lock_is_released_when_a_run_ends_or_fails(tmp_path, monkeypatch):
+    trainer = Trainer(tiny(tmp_path, "--train.steps=1"))
+    trainer.train(progress=False)
+    claim_run_folder(tmp_path).release()  # free after a normal end
+    trainer = Trainer(tiny(tmp_path, "--train.steps=2"))
+    monkeypatch.setattr(trainer, "step", lambda batches: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train(progress=False)
+    claim_run_folder(tmp_path).release()  # and after an error
 
 
 def test_an_error_with_an_async_save_pending_does_not_wait_for_the_other_ranks(tmp_path, monkeypatch):
@@ -116,11 +112,13 @@ def test_the_last_async_save_completes_under_the_run_s_signal_handlers(tmp_path,
     assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [3]
 
 
-def test_a_restart_of_a_run_resumed_from_a_named_checkpoint_takes_its_own_newest(tmp_path, monkeypatch):
-    """checkpoint.resume = <folder>: torchrun --max-restarts runs the same command, which went
-    back to that folder and redid every step since. Now a restart takes the run's own newest
-    checkpoint; and the first start sets aside the run's checkpoints after the named one (as
-    its first save would), so a restart never takes those for its progress."""
+def test_the_same_command_goes_on_from_the_run_s_own_checkpoints(tmp_path):
+    """checkpoint.resume = <folder> started the run. Running the same command again (torchrun
+    --max-restarts does, so does a requeue or a rerun after a SIGTERM stop) went back to that
+    folder and redid every step since; now, once the run has saved, it continues from its own
+    newest checkpoint. Before its first save it still starts from the named folder (a leftover
+    checkpoint of an older attempt in the run's directory is not taken for its progress, and
+    that first save sets the leftover aside)."""
     source = tmp_path / "source"
     Trainer(tiny(source, "--train.steps=2")).train(progress=False)
     named = source / "checkpoints" / "step-000002"
@@ -129,15 +127,17 @@ def test_a_restart_of_a_run_resumed_from_a_named_checkpoint_takes_its_own_newest
     assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [5]  # an older attempt's
 
     cfg = tiny(run, "--train.steps=6", "--checkpoint.interval=1", f"--checkpoint.resume={named}")
+    assert Trainer(cfg).resume() == 2  # died before its first save: the named folder again
     first = Trainer(cfg)
     first.train(progress=False, stop_at=4)
     assert first.step_count == 4
     assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [3, 4]
     assert (run / "checkpoints" / "abandoned-step-000005").is_dir()
+    assert json.loads((run / "checkpoints" / RESUMED_FROM).read_text()) == {"resumed_from": str(named.resolve())}
 
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    again = Trainer(cfg)
-    assert again.resume() == 4
+    assert Trainer(cfg).resume() == 4  # the same command again: its own newest
+    other = tiny(run, "--train.steps=6", f"--checkpoint.resume={run / 'checkpoints' / 'step-000003'}")
+    assert Trainer(other).resume() == 3  # another named folder is obeyed
 
 
 def test_a_checkpoint_with_a_garbage_index_is_one_error_without_dcp_s_tracebacks(tmp_path, caplog):

@@ -43,7 +43,9 @@ not restored is named in a warning.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import pickle
 import random
 import threading
@@ -75,6 +77,9 @@ _STEP = re.compile(r"^step-(\d+)$")
 _TMP = ".tmp"
 _INDEX = ".metadata"  # DCP's index, written after every rank's data
 _ABANDONED = "abandoned-"  # prefix of checkpoints of steps after the one a run resumed from
+RESUMED_FROM = "resumed_from.json"
+"""In a checkpoint directory: the named checkpoint (checkpoint.resume = <folder>) that the run
+saving into it started from, written with the first checkpoint the run completes after it."""
 
 
 class CheckpointError(ValueError):
@@ -106,12 +111,6 @@ def complete_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
         if match and path.is_dir() and (path / _INDEX).is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
-
-
-def checkpoint_step(path: str | Path) -> int:
-    """The step in a checkpoint folder's name (``step-000123`` -> 123), -1 for another name."""
-    match = _STEP.match(Path(path).name)
-    return int(match.group(1)) if match else -1
 
 
 def latest(directory: str | Path) -> Path | None:
@@ -317,6 +316,9 @@ class Checkpointer:
         self._data_key = None if data_rank is None else f"dp{data_rank[0]}of{data_rank[1]}"
         self.extra = extra
         self.keep, self.async_save = keep, async_save
+        self.resumed_from: Path | None = None
+        """The named checkpoint this run loaded (`load(path)`), until its first save here records
+        it (`RESUMED_FROM`)."""
         self._pending: tuple[Future, Path] | None = None
         self._published = threading.Event()  # rank 0: the pending save is renamed (or failed)
         self._failed: BaseException | None = None
@@ -387,16 +389,12 @@ class Checkpointer:
                 kept.append(path)
         for old in kept[:-self.keep]:  # `final` is the newest of `kept`: never dropped
             shutil.rmtree(old)
-
-    def set_aside_after(self, step: int, keep: Path | None = None) -> None:
-        """Rank 0: set aside this directory's complete checkpoints of steps after `step` (but not
-        `keep`), as the next save would: a run resumed from an older checkpoint abandoned them,
-        and a restart of it (torchrun --max-restarts) must not take them for its own progress."""
-        if _rank() != 0:
-            return
-        for saved_step, path in complete_checkpoints(self.directory):
-            if saved_step > step and (keep is None or path.resolve() != keep.resolve()):
-                _set_aside(path)
+        if self.resumed_from is not None:  # this directory's checkpoints now continue that one
+            marker = self.directory / RESUMED_FROM
+            tmp_marker = marker.with_name(marker.name + _TMP)
+            tmp_marker.write_text(json.dumps({"resumed_from": str(self.resumed_from)}) + "\n")
+            os.replace(tmp_marker, marker)
+            self.resumed_from = None
 
     def _finish_async(self, future: Future, tmp: Path, final: Path) -> None:
         # Rank 0's write completes only after DCP's coordinator (rank 0) has gathered every
@@ -430,6 +428,18 @@ class Checkpointer:
             raise CheckpointError(f"asynchronous save to {tmp} failed: {error}") from error
 
     # -- loading --------------------------------------------------------------------------
+    def continues(self, named: str | Path) -> Path | None:
+        """This directory's newest complete checkpoint when a run that started from the named
+        checkpoint `named` has saved here since (`RESUMED_FROM` names it): running the same
+        command again (a torchrun restart, a requeue, after a SIGTERM stop) goes on from there,
+        not back to `named`. None otherwise."""
+        try:
+            recorded = json.loads((self.directory / RESUMED_FROM).read_text())["resumed_from"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        newest = latest(self.directory)
+        return newest if newest is not None and Path(recorded) == Path(named).resolve() else None
+
     def load(self, checkpoint: int | str | Path | None = None) -> int | None:
         """Restore the state from a checkpoint and return its step.
 
@@ -444,6 +454,7 @@ class Checkpointer:
             path = step_folder(self.directory, checkpoint)
         else:
             path = Path(checkpoint)
+            self.resumed_from = path.resolve()
         if not (path / _INDEX).is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no {_INDEX}: missing, or "
                                   f"its save did not finish)")

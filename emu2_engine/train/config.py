@@ -232,7 +232,9 @@ class CheckpointSection:
     """Write checkpoints in a background thread once the state is staged in host memory."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in dir if there is one (what a rank
-    restarted by torchrun --max-restarts does); none: start afresh; else a checkpoint folder."""
+    restarted by torchrun --max-restarts does); none: start afresh; else a checkpoint folder,
+    which starts the run: once the run has saved its own checkpoints, the same command goes on
+    from them (dir/resumed_from.json records it; delete that file to start over)."""
     init_from: str = ""
     """Start a new run from these model weights only: a checkpoint folder of this engine
     (step-NNNNNN, DCP) or a released/converted weights file or folder. The step, optimiser,

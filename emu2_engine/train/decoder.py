@@ -77,7 +77,7 @@ from emu2_engine.train.decoder_config import DecoderJobConfig
 from emu2_engine.train.decoder_data import DecoderBatch, InMemoryData, ShardData, StepBatches, vae_pixels
 from emu2_engine.train.metrics import json_line, repair_last_line
 from emu2_engine.train.optim import build_scheduler
-from emu2_engine.train.paths import check_folders, claim_run_folder, make_folders, release_run_folder
+from emu2_engine.train.paths import check_folders, claim_run_folder, make_folders
 from emu2_engine.train.trainer import (STOPPED_FILE, NonFiniteCounts, NonFiniteError, mark_stopped, rank_device,
                                        world_size)
 
@@ -538,7 +538,7 @@ class DecoderTrainer:
             return self._train(progress, stop_at)
         finally:
             if lead:
-                release_run_folder(lock)
+                lock.release()
 
     def _train(self, progress: bool, stop_at: int | None) -> list[dict]:
         from tqdm import tqdm

@@ -65,62 +65,48 @@ def make_folders(folders: dict[str, str | Path]) -> None:
 
 
 LOCK_FILE = ".lock"
-"""In a run folder while a run uses it: "<pid> <host>" of its rank 0."""
+"""In a run folder: locked (flock) by the run that uses it, and holding "<pid> <host>" of that
+run's rank 0 for the error message."""
 
 
-def claim_run_folder(run_dir: str | Path) -> Path:
-    """Rank 0: mark `run_dir` as used by this process (run_dir/.lock) and return the mark, which
-    `release_run_folder` removes at the run's end. FolderError when a live process of this host
-    holds it: two runs in one folder would delete each other's unfinished checkpoints and
-    interleave their metrics. A mark left by a process that is gone (killed, or restarted by
-    torchrun --max-restarts) or by this process is taken over; one from another host cannot be
-    checked and is taken over with a warning (a restarted job's rank 0 may land elsewhere)."""
+class RunFolderLock:
+    """Rank 0's hold on its run folder (`claim_run_folder`), released by `release()` at the
+    run's end, or by the kernel when the process dies (SIGKILL, a torchrun restart): a lock a
+    dead run left cannot stop the next one, a recycled process id cannot fake a live one."""
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path, self._fd = path, fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # (closing drops the lock)
+            self._fd = None
+
+
+def claim_run_folder(run_dir: str | Path) -> RunFolderLock:
+    """Rank 0: lock `run_dir` for this run (an exclusive flock on run_dir/.lock, held until
+    `release()`). FolderError when another process holds it: two runs in one folder would
+    delete each other's unfinished checkpoints and interleave their metrics. Where the file
+    system has no locks, a warning says the folder is not guarded and the run goes on."""
+    import fcntl
     import socket
     import warnings
 
-    lock = Path(run_dir) / LOCK_FILE
-    host, pid = socket.gethostname(), os.getpid()
-    mark = f"{pid} {host}\n"
-    try:  # no mark yet: made in one step, so that of two runs starting together one sees the other's
-        with os.fdopen(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as f:
-            f.write(mark)
-        return lock
-    except FileExistsError:
-        pass
+    path = Path(run_dir) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        held = lock.read_text().split()
-    except (FileNotFoundError, UnicodeDecodeError):
-        held = []
-    if len(held) == 2 and held[0].isdigit():
-        other_pid, other_host = int(held[0]), held[1]
-        if other_host != host:
-            warnings.warn(f"{lock} says a run of host {other_host} (process {other_pid}) uses {run_dir}; "
-                          f"taking it over (from here it cannot be checked whether that run is alive)",
-                          stacklevel=2)
-        elif other_pid != pid and _alive(other_pid):
-            raise FolderError(f"train.run_dir = {str(run_dir)!r} is in use by process {other_pid} (its "
-                              f"{LOCK_FILE}): two runs in one folder overwrite each other's checkpoints "
-                              f"and metrics; if no run uses it, delete {lock}")
-    tmp = lock.with_name(f"{LOCK_FILE}.{pid}")
-    tmp.write_text(mark)
-    os.replace(tmp, lock)
-    return lock
-
-
-def release_run_folder(lock: Path) -> None:
-    """Remove the mark `claim_run_folder` made, if it is still this process's."""
-    try:
-        if lock.read_text().split()[:1] == [str(os.getpid())]:
-            lock.unlink()
-    except (FileNotFoundError, IndexError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+        os.close(fd)
+        who = f"process {holder[0]} on {holder[1]}" if len(holder) == 2 else "another process"
+        raise FolderError(f"train.run_dir = {str(run_dir)!r} is in use by {who} (it holds {path}): two "
+                          f"runs in one folder overwrite each other's checkpoints and metrics") from None
+    except OSError as e:  # no locks on this file system
+        os.close(fd)
+        warnings.warn(f"{path} cannot be locked ({e.strerror or e}): nothing stops a second run from "
+                      f"using {run_dir} at the same time", stacklevel=2)
+        return RunFolderLock(path, None)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    return RunFolderLock(path, fd)

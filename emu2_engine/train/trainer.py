@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from emu2_engine.checkpoint.dcp import CheckpointError, Checkpointer, checkpoint_step, latest
+from emu2_engine.checkpoint.dcp import RESUMED_FROM, CheckpointError, Checkpointer, latest
 from emu2_engine.data.batch import PackedBatch
 from emu2_engine.data.loader import build_loader, heldout_caption_loader
 from emu2_engine.data.prefetch import Prefetcher, prefetch_depth
@@ -48,7 +48,7 @@ from emu2_engine.ops.backend import check_triton_can_run
 from emu2_engine.train.config import JobConfig
 from emu2_engine.train.metrics import MetricsWriter, ThroughputMeter, peak_memory_gib
 from emu2_engine.train.optim import build_optimizer, build_scheduler
-from emu2_engine.train.paths import check_folders, claim_run_folder, make_folders, release_run_folder
+from emu2_engine.train.paths import check_folders, claim_run_folder, make_folders
 from emu2_engine.train.timeline import StepTimeline
 from emu2_engine.train.weight_cast import StepWeightCast, block_linear_parameters, fusable_block_linears
 
@@ -313,11 +313,6 @@ def world_size() -> int:
     return world
 
 
-def restarted() -> bool:
-    """Whether torchrun restarted this worker (--max-restarts): it runs the same command."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-
-
 def run_folders(cfg: JobConfig) -> dict[str, Path]:
     """The folders a run writes into, by config key: the run folder, its checkpoints and (when
     profiling) its profiles."""
@@ -528,20 +523,17 @@ class Trainer:
         """Restore the newest checkpoint (checkpoint.resume = auto) or the named one; returns
         its step, or None for a fresh start."""
         how = self.cfg.checkpoint.resume
-        if how not in ("auto", "none") and restarted():
-            # A torchrun restart runs the same command: the named checkpoint applies until the
-            # run has saved its own (after it, set aside those of later steps: below).
-            newest = latest(self.checkpointer.directory)
-            if newest is not None and checkpoint_step(newest) > checkpoint_step(Path(how)):
-                if self.rank == 0:
-                    print(f"restarted: resuming from this run's newest checkpoint {newest}, not "
-                          f"checkpoint.resume = {how} (the run has saved since)")
-                how = "auto"
+        if how not in ("auto", "none") and (own := self.checkpointer.continues(how)) is not None:
+            # the same command again (a torchrun restart, a requeue, after a SIGTERM stop): the
+            # named checkpoint started this run, which has saved its own since
+            if self.rank == 0:
+                print(f"checkpoint.resume = {how} started this run, which has saved since: resuming "
+                      f"from its newest checkpoint {own} (to start over from {how}, delete "
+                      f"{self.checkpointer.directory / RESUMED_FROM})")
+            how = "auto"
         step = None if how == "none" else self.checkpointer.load(None if how == "auto" else how)
         if step is not None:
             self.step_count = step
-            if how not in ("auto", "none"):
-                self.checkpointer.set_aside_after(step, keep=Path(how))
             if self.rank == 0:
                 source = latest(self.checkpointer.directory) if how == "auto" else how
                 print(f"resumed from step {step} ({source})")
@@ -619,7 +611,7 @@ class Trainer:
             return self._train(progress, stop_at)
         finally:
             if lead:
-                release_run_folder(self._lock)
+                self._lock.release()
 
     def _train(self, progress: bool, stop_at: int | None) -> list[dict]:
         cfg = self.cfg
