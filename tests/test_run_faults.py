@@ -56,6 +56,22 @@ def test_a_run_folder_in_use_by_a_live_run_is_refused(tmp_path, capsys):
     claim_run_folder(run).release()  # (released: taken again)
 
 
+def test_two_runs_sharing_a_checkpoint_dir_are_refused(tmp_path, capsys):
+    shared = tmp_path / "shared_checkpoints"
+    shared.mkdir()
+    lock = claim_run_folder(shared, key="checkpoint.dir")  # (as another run's rank 0 holds it)
+    try:
+        holder = subprocess.run([sys.executable, "-m", "emu2_engine.pretrain", "--no-progress", *TINY,
+                                 f"--train.run_dir={tmp_path / 'b'}", f"--checkpoint.dir={shared}"],
+                                capture_output=True, text=True)
+    finally:
+        lock.release()
+    assert holder.returncode == 2, holder.stderr
+    assert holder.stderr.strip().splitlines()[-1].startswith(
+        f"pretrain: checkpoint.dir = {str(shared)!r} is in use by process {os.getpid()} on")
+    assert not any((tmp_path / "b").glob("*.toml"))
+
+
 def test_the_lock_is_released_when_a_run_ends_or_fails(tmp_path, monkeypatch):
     trainer = Trainer(tiny(tmp_path, "--train.steps=1"))
     trainer.train(progress=False)

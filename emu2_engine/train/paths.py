@@ -83,11 +83,12 @@ class RunFolderLock:
             self._fd = None
 
 
-def claim_run_folder(run_dir: str | Path) -> RunFolderLock:
+def claim_run_folder(run_dir: str | Path, key: str = "train.run_dir") -> RunFolderLock:
     """Rank 0: lock `run_dir` for this run (an exclusive flock on run_dir/.lock, held until
-    `release()`). FolderError when another process holds it: two runs in one folder would
-    delete each other's unfinished checkpoints and interleave their metrics. Where the file
-    system has no locks, a warning says the folder is not guarded and the run goes on."""
+    `release()`). FolderError, naming the config `key`, when another process holds it: two runs
+    in one folder would delete each other's unfinished checkpoints and interleave their
+    metrics. Where the file system has no locks, a warning says the folder is not guarded and
+    the run goes on."""
     import fcntl
     import socket
     import warnings
@@ -100,7 +101,7 @@ def claim_run_folder(run_dir: str | Path) -> RunFolderLock:
         holder = os.pread(fd, 200, 0).decode(errors="replace").split()
         os.close(fd)
         who = f"process {holder[0]} on {holder[1]}" if len(holder) == 2 else "another process"
-        raise FolderError(f"train.run_dir = {str(run_dir)!r} is in use by {who} (it holds {path}): two "
+        raise FolderError(f"{key} = {str(run_dir)!r} is in use by {who} (it holds {path}): two "
                           f"runs in one folder overwrite each other's checkpoints and metrics") from None
     except OSError as e:  # no locks on this file system
         os.close(fd)

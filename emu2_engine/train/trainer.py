@@ -602,16 +602,19 @@ class Trainer:
         train.steps)."""
         cfg = self.cfg
         lead = self.rank == 0
-        if lead:  # before anything is read or written: a run already using the folder stops this one
-            make_folders({"train.run_dir": self.run_dir})
-            self._lock = claim_run_folder(self.run_dir)
+        locks = []
         try:
-            if lead:
+            if lead:  # before anything is read or written: a run already using a folder stops this one
+                make_folders({"train.run_dir": self.run_dir})
+                locks.append(claim_run_folder(self.run_dir))
                 make_folders(run_folders(cfg))
+                own = self.checkpointer.directory.resolve()
+                if self.run_dir.resolve() not in own.parents:  # checkpoint.dir elsewhere: locked too
+                    locks.append(claim_run_folder(own, key="checkpoint.dir"))
             return self._train(progress, stop_at)
         finally:
-            if lead:
-                self._lock.release()
+            for lock in locks:
+                lock.release()
 
     def _train(self, progress: bool, stop_at: int | None) -> list[dict]:
         cfg = self.cfg
