@@ -33,6 +33,7 @@ from emu2_engine.checkpoint.released import (
     write_safetensors,
 )
 from emu2_engine.checkpoint.dcp import save_model_weights
+from emu2_engine.cli import ArgumentParser
 from emu2_engine.models import PRESETS, Emu2Config, Emu2Model
 from emu2_engine.pretrain import one_line
 
@@ -67,8 +68,8 @@ def save_engine_checkpoint(model: Emu2Model, path: Path) -> None:
         torch.save(model.state_dict(), tmp)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="python -m emu2_engine.convert",
         description="Convert released Emu2 weights to an engine checkpoint, or (--export) an engine "
                     "checkpoint to the released native layout (decoder.lm.* names, safetensors). "

@@ -31,12 +31,12 @@ The memory model (what the engine keeps, per GPU; it trains under torch.autocast
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
+from emu2_engine.cli import ArgumentParser
 from emu2_engine.models.config import Emu2Config, LlamaConfig, VisionConfig
 from emu2_engine.models.flops import (head_flops, llm_flops, peak_flops, projector_flops_per_image,
                                       vit_flops_per_image)
@@ -771,7 +771,7 @@ def format_table(rows: list[Estimate]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m emu2_engine.plan", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m emu2_engine.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="emu2-37b", help="model preset (emu2_engine.models.config.PRESETS)")
     p.add_argument("--gpus", type=int, required=True, help="total GPUs (8 per node)")
     p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS))

@@ -207,3 +207,19 @@ def test_a_config_file_that_is_not_text_is_named(tmp_path):
 def test_text_is_no_regression_target():
     with pytest.raises(ValueError, match="data.regress lists text, whose samples hold no image to regress"):
         JobConfig.load(None, ["--data.regress=['text']"])
+
+
+@pytest.mark.parametrize("module, args", [
+    ("emu2_engine.plan", ["--gpus", "0"]),
+    ("emu2_engine.plan", ["--gpus", "eight"]),
+    ("emu2_engine.convert", ["--preset", "debug"]),
+    ("emu2_engine.pretrain", ["train.steps=3"]),
+])
+def test_a_bad_command_line_is_one_line_without_the_usage_block(capsys, module, args):
+    """argparse printed its usage block (5-6 lines for plan and convert) before the error."""
+    main = __import__(module, fromlist=["main"]).main
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and ": error: " in err and err.rstrip().endswith("(see --help)"), err

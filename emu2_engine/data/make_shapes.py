@@ -28,7 +28,6 @@ members) takes 2-3 s on one core of the 2-core development machine.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -43,6 +42,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from emu2_engine.cli import ArgumentParser
 from emu2_engine.data.shapes import ShapesWorld
 
 VERSION = 1
@@ -268,7 +268,7 @@ def ensure_shapes_world(cache_dir: str | Path, seed: int = 0, scale: int = 1) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Write the shapes world as WebDataset shards.")
+    parser = ArgumentParser(description="Write the shapes world as WebDataset shards.")
     parser.add_argument("--out", required=True, help="output directory (empty or new)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=int, default=1, help="multiply every sample count by this")

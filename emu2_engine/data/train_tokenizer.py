@@ -13,12 +13,12 @@ merges for the rest, so the debug model's vocabulary is 512 + 272 = 784.
 
 from __future__ import annotations
 
-import argparse
 import io
 from pathlib import Path
 
 import sentencepiece as spm
 
+from emu2_engine.cli import ArgumentParser
 from emu2_engine.data.shapes import tokenizer_corpus
 
 VOCAB_SIZE = 512
@@ -54,7 +54,7 @@ def train_sentencepiece(lines: list[str], vocab_size: int = VOCAB_SIZE) -> bytes
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the .model file")
     parser.add_argument("--seed", type=int, default=0, help="shapes-world seed of the corpus")
     args = parser.parse_args()

@@ -618,9 +618,9 @@ def parse_run_args(argv: list[str] | None, job: type[JobConfig], prog: str, desc
     """The command line of a training entry point (`pretrain`, `train_decoder`): `--config FILE`
     (`configs` says which files), `--no-progress`, and `--section.key=value` overrides; returns
     the resolved `job` config and whether to show the progress bar."""
-    import argparse
+    from emu2_engine.cli import ArgumentParser
 
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help=f"a TOML run config ({configs}); defaults if absent")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, overrides = parser.parse_known_args(argv)
