@@ -77,7 +77,7 @@ from emu2_engine.train.decoder_config import DecoderJobConfig
 from emu2_engine.train.decoder_data import DecoderBatch, InMemoryData, ShardData, StepBatches, vae_pixels
 from emu2_engine.train.metrics import json_line, repair_last_line
 from emu2_engine.train.optim import build_scheduler
-from emu2_engine.train.paths import check_folders, claim_run_folder, make_folders
+from emu2_engine.train.paths import check_folders, hold_run_folders
 from emu2_engine.train.trainer import (STOPPED_FILE, NonFiniteCounts, NonFiniteError, mark_stopped, rank_device,
                                        world_size)
 
@@ -528,17 +528,8 @@ class DecoderTrainer:
         ends it after the step under way, with a checkpoint of that step, on every rank, and
         rank 0 writes run_dir/stopped.json. When reading shards, every step record carries the
         running skip counts of all ranks (`skipped`)."""
-        lead = self.rank == 0
-        if lead:  # before anything is read or written: a run already using the folder stops this one
-            make_folders({"train.run_dir": self.run_dir})
-            lock = claim_run_folder(self.run_dir)
-        try:
-            if lead:
-                make_folders(self.folders(self.cfg))
+        with hold_run_folders(self.folders(self.cfg), lead=self.rank == 0):
             return self._train(progress, stop_at)
-        finally:
-            if lead:
-                lock.release()
 
     def _train(self, progress: bool, stop_at: int | None) -> list[dict]:
         from tqdm import tqdm

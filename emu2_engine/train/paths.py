@@ -6,6 +6,8 @@ later, and a refused run leaves nothing behind."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -111,3 +113,25 @@ def claim_run_folder(run_dir: str | Path, key: str = "train.run_dir") -> RunFold
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     return RunFolderLock(path, fd)
+
+
+@contextmanager
+def hold_run_folders(folders: dict[str, Path], lead: bool) -> Iterator[None]:
+    """A run's hold on its folders ({config key: path}, "train.run_dir" among them), on rank 0
+    (`lead`): before anything is read or written, make the run folder and lock it (a run
+    already using it stops this one), make the others, and lock a checkpoint.dir outside the
+    run folder too; the locks are released when the block ends, however it ends."""
+    locks: list[RunFolderLock] = []
+    try:
+        if lead:
+            run_dir = folders["train.run_dir"]
+            make_folders({"train.run_dir": run_dir})
+            locks.append(claim_run_folder(run_dir))
+            make_folders(folders)
+            checkpoints = folders.get("checkpoint.dir")
+            if checkpoints is not None and Path(run_dir).resolve() not in Path(checkpoints).resolve().parents:
+                locks.append(claim_run_folder(checkpoints, key="checkpoint.dir"))
+        yield
+    finally:
+        for lock in locks:
+            lock.release()

@@ -48,7 +48,7 @@ from emu2_engine.ops.backend import check_triton_can_run
 from emu2_engine.train.config import JobConfig
 from emu2_engine.train.metrics import MetricsWriter, ThroughputMeter, peak_memory_gib
 from emu2_engine.train.optim import build_optimizer, build_scheduler
-from emu2_engine.train.paths import check_folders, claim_run_folder, make_folders
+from emu2_engine.train.paths import check_folders, hold_run_folders
 from emu2_engine.train.timeline import StepTimeline
 from emu2_engine.train.weight_cast import StepWeightCast, block_linear_parameters, fusable_block_linears
 
@@ -600,21 +600,8 @@ class Trainer:
         the metric records (also in run_dir/metrics.jsonl). `stop_at`: end after that step
         with a checkpoint, as SIGTERM would (the learning-rate schedule still spans
         train.steps)."""
-        cfg = self.cfg
-        lead = self.rank == 0
-        locks = []
-        try:
-            if lead:  # before anything is read or written: a run already using a folder stops this one
-                make_folders({"train.run_dir": self.run_dir})
-                locks.append(claim_run_folder(self.run_dir))
-                make_folders(run_folders(cfg))
-                own = self.checkpointer.directory.resolve()
-                if self.run_dir.resolve() not in own.parents:  # checkpoint.dir elsewhere: locked too
-                    locks.append(claim_run_folder(own, key="checkpoint.dir"))
+        with hold_run_folders(run_folders(self.cfg), lead=self.rank == 0):
             return self._train(progress, stop_at)
-        finally:
-            for lock in locks:
-                lock.release()
 
     def _train(self, progress: bool, stop_at: int | None) -> list[dict]:
         cfg = self.cfg
