@@ -5,10 +5,13 @@ the cuDNN paths a video UNet would otherwise take.
     python -m benchmarks.run --suite gpu-quick --only spatiotemporal_conv
 
 Providers; each computes y = s + temporal(s), s = spatial(x). Ours is "auto":
-- auto: `spatiotemporal_conv` as users run it. On a GPU it times its three library paths
-  ("library", "cudnn-2d+1d-cl", "conv3d-cl3d") once per shape and runs the fastest (`AUTOTUNE`
-  in `ops.spatiotemporal_conv`, where the measurements that led to it are). The log says which
-  path it chose for each case.
+- auto: `spatiotemporal_conv` as users run it. On a GPU it times its four library paths
+  ("library", "cudnn-2d+1d-cl", "conv3d-cl3d", "passes") once per shape and runs the fastest
+  (`AUTOTUNE` in `ops.spatiotemporal_conv`, where the measurements that led to it are). The log
+  says which path it chose for each case.
+- passes: each of the op's six passes on the implementation its own tuner timed fastest for the
+  shape: cuDNN, the temporal GEMMs or the Triton tap kernel (`spatiotemporal_conv_passes`,
+  `ops.conv_passes`). The log gives the plan it chose for each case.
 - triton: `spatiotemporal_conv` forced to the Triton kernel on a channels_last_3d x (the
   kernel's layout, no copies): Triton forward and dgrad kernels, weight gradients on cuBLAS /
   cuDNN.
@@ -63,7 +66,9 @@ from benchmarks.common import BenchResult, device_name, time_cpu, time_cuda
 from emu2_engine.kernels import spatiotemporal_conv as K
 from emu2_engine.models.flops import peak_flops
 from emu2_engine.ops import (spatiotemporal_conv, spatiotemporal_conv_conv3d, spatiotemporal_conv_cudnn,
-                             spatiotemporal_conv_library, spatiotemporal_conv_reference)
+                             spatiotemporal_conv_library, spatiotemporal_conv_passes,
+                             spatiotemporal_conv_reference)
+from emu2_engine.ops import conv_passes
 from emu2_engine.ops.temporal_gemm import temporal_gemm_grads, temporal_gemm_rows
 
 ops_stc = importlib.import_module("emu2_engine.ops.spatiotemporal_conv")  # the module, not the op
@@ -87,7 +92,9 @@ PROVIDERS = {"auto": (triton_path, CL3D), "triton": (triton_path, CL3D), "triton
              "library": (spatiotemporal_conv_library, CL3D),  # auto from LIBRARY_BELOW rows
              "cudnn-2d+1d-cl": (spatiotemporal_conv_cudnn, CL3D),  # auto below LIBRARY_BELOW rows
              "conv3d-ncdhw": (_conv3d_pair, torch.contiguous_format),
-             "conv3d-cl3d": (spatiotemporal_conv_conv3d, CL3D), "eager": (spatiotemporal_conv_reference, CL3D)}
+             "conv3d-cl3d": (spatiotemporal_conv_conv3d, CL3D),
+             "passes": (spatiotemporal_conv_passes, CL3D),  # one of auto's paths, its own plan per shape
+             "eager": (spatiotemporal_conv_reference, CL3D)}
 WGRAD_OF = {"triton-wgrad-kernel": "triton"}
 """Providers that run the op with another `WGRAD` than the default (set while they are timed:
 the op reads it when backward runs)."""
@@ -158,6 +165,10 @@ def _measure(result, providers, shape, dtype, device, timer):
                     with torch.enable_grad() if phase == "fwd+bwd" else torch.no_grad():
                         chose = ops_stc.tuned_choice(*args)
                     print(f"[spatiotemporal_conv] {case} {phase}: auto runs {chose}", flush=True)
+                if p == "passes" and device == "cuda":  # the plan its tuner picked (cached by now)
+                    with torch.enable_grad() if phase == "fwd+bwd" else torch.no_grad():
+                        plan = conv_passes.tuned_plan(*args, may_time=True)
+                    print(f"[spatiotemporal_conv] {case} {phase}: passes runs {plan}", flush=True)
             name = f"{case} {phase}"
             result.add(benchmark="spatiotemporal_conv", case=name, provider=p, metric="time",
                        value=ms, unit="ms", params=params)
@@ -242,7 +253,7 @@ def run(suite: str, out_dir: Path) -> BenchResult:
     if suite == "cpu":
         result.skipped.append("triton: the kernel runs on a CPU only in the interpreter "
                               "(correctness in tests/test_spatiotemporal_conv.py, no timing)")
-        _measure(result, ["eager", "library", "cudnn-2d+1d-cl", "conv3d-ncdhw"], (1, 64, 8, 16, 16, 3),
+        _measure(result, ["eager", "library", "cudnn-2d+1d-cl", "conv3d-ncdhw", "passes"], (1, 64, 8, 16, 16, 3),
                  torch.float32, "cpu",
                  lambda step: time_cpu(step, warmup=1, repeats=3))
     elif not torch.cuda.is_available():

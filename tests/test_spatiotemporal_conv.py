@@ -7,6 +7,7 @@ split over rows); the library wgrads read the tensors in place; the zero tempora
 input; the custom ops; the sm_90 compile (spill-free, the candidate tiles too); bf16 and
 video-UNet sizes on CUDA."""
 
+import itertools
 import re
 import subprocess
 import tempfile
@@ -420,6 +421,32 @@ def test_cuda_auto_runs_a_library_path(dtype, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 320, 8, 32, 32, 320, 3, 3, 3), (1, 1280, 16, 4, 4, 1280, 3, 3, 3)])
+def test_cuda_pass_plans(shape, monkeypatch):
+    """The pass-by-pass path on a GPU in bf16: its plan tuned there (printed), DEFAULT_PLAN, and
+    every Triton candidate, each within the rule of the fp64 reference."""
+    import importlib
+
+    from emu2_engine.ops import spatiotemporal_conv_passes
+    from emu2_engine.ops.conv_passes import DEFAULT_PLAN, PassPlan
+
+    cp = importlib.import_module("emu2_engine.ops.conv_passes")
+    monkeypatch.setattr(cp, "_PLANS", {})
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    dtype = torch.bfloat16
+    args, grad = make_inputs(*shape, True, True, seed=15, device="cuda")
+    ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
+    low = run(spatiotemporal_conv_reference, args, grad, dtype)
+    for plan in (None, DEFAULT_PLAN, PassPlan("triton", "triton", "triton", "triton", "conv", "conv")):
+        got = run(lambda *a: spatiotemporal_conv_passes(*a, plan=plan), args, grad, dtype, torch.channels_last_3d)
+        for name, a, b, r in zip(NAMES, got, low, ref):
+            assert_within_rule(a, b, r, dtype, f"{plan} {name}")
+    assert len(cp._PLANS) == 1
+    print(f"[conv_passes] {shape}: tuned plan {next(iter(cp._PLANS.values()))}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_library_path_on_a_batch_of_clips(dtype, monkeypatch):
     """The library path called directly on two clips (the temporal taps as batched GEMMs on
@@ -483,20 +510,138 @@ def test_split_count_fits_one_wave(monkeypatch):
 
 
 def test_the_library_paths_compute_the_reference():
-    """The three paths `auto` chooses from on a GPU compute the reference's numbers (fp64, all
-    five gradients) and return channels-last-3d."""
+    """The four paths `auto` chooses from on a GPU compute the reference's numbers (fp64, all
+    five gradients) and return channels-last-3d ("passes" with its DEFAULT_PLAN: on the CPU
+    nothing is timed)."""
     from emu2_engine.ops import (spatiotemporal_conv_conv3d, spatiotemporal_conv_cudnn,
-                                 spatiotemporal_conv_library)
+                                 spatiotemporal_conv_library, spatiotemporal_conv_passes)
 
     for shape in [(2, 40, 5, 7, 9, 24, 3, 3, 3), (1, 8, 1, 4, 5, 6, 3, 1, 5)]:
         args, grad = make_inputs(*shape, True, True, seed=5)
         ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
-        for path in (spatiotemporal_conv_library, spatiotemporal_conv_cudnn, spatiotemporal_conv_conv3d):
+        for path in (spatiotemporal_conv_library, spatiotemporal_conv_cudnn, spatiotemporal_conv_conv3d,
+                     spatiotemporal_conv_passes):
             got = run(path, args, grad, torch.float64)
             for name, a, r in zip(NAMES, got, ref):
                 torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=f"{path.__name__} {shape} {name}")
             out = path(*[None if t is None else t.detach() for t in args[:5]])
             assert out.is_contiguous(memory_format=torch.channels_last_3d), path.__name__
+
+
+def _library_plans():
+    """Every plan that names no Triton implementation (they all run in fp64)."""
+    from emu2_engine.ops.conv_passes import CANDIDATES, PassPlan
+
+    return [PassPlan(*c) for c in itertools.product(*[[i for i in impls if i != "triton"] for impls in CANDIDATES])]
+
+
+def test_every_library_pass_plan_computes_the_reference():
+    """The pass-by-pass path (`ops.conv_passes`) under each of its 8 plans of cuDNN / ATen
+    convolutions and temporal GEMMs gives the reference's output and five gradients (fp64) in
+    channels-last-3d, also from an NCDHW input, and with only some gradients asked for."""
+    from emu2_engine.ops import spatiotemporal_conv_passes
+
+    plans = _library_plans()
+    assert len(plans) == 8   # temporal fwd, dgrad and wgrad: conv or gemm
+    for shape, fmt in [((2, 12, 5, 7, 9, 8, 3, 3, 3), torch.channels_last_3d),
+                       ((1, 6, 1, 4, 5, 5, 3, 1, 5), torch.contiguous_format)]:
+        args, grad = make_inputs(*shape, True, True, seed=11)
+        ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
+        for plan in plans:
+            got = run(lambda *a: spatiotemporal_conv_passes(*a, plan=plan), args, grad, torch.float64, fmt)
+            assert got[0].is_contiguous(memory_format=torch.channels_last_3d), plan
+            for name, a, r in zip(NAMES, got, ref):
+                torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=f"{plan} {shape} {name}")
+    # a frozen spatial conv and input: only the temporal weight and bias get gradients
+    args, grad = make_inputs(1, 6, 3, 4, 4, 6, 3, 3, 3, True, True, seed=12)
+    w_t, b_t = args[3].clone().requires_grad_(), args[4].clone().requires_grad_()
+    y = spatiotemporal_conv_passes(args[0], args[1], args[2], w_t, b_t, plan=plans[-1])
+    y.backward(grad)
+    rw_t, rb_t = args[3].clone().requires_grad_(), args[4].clone().requires_grad_()
+    spatiotemporal_conv_reference(args[0], args[1], args[2], rw_t, rb_t).backward(grad)
+    torch.testing.assert_close(w_t.grad, rw_t.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(b_t.grad, rb_t.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pass_plans_with_the_triton_kernel(monkeypatch, dtype):
+    """Plans with the Triton tap kernel in the forward and dgrad passes (through the
+    interpreter), alone and mixed with the libraries, within the rule of the fp64 reference, on
+    the issue's awkward sizes."""
+    from emu2_engine.ops import spatiotemporal_conv_passes
+    from emu2_engine.ops.conv_passes import PassPlan
+
+    cases = [((1, 40, 5, 17, 23, 24, 3, 3, 3), PassPlan("triton", "triton", "triton", "triton", "conv", "gemm")),
+             ((2, 12, 3, 5, 7, 20, 3, 3, 3), PassPlan("conv", "triton", "gemm", "triton", "conv", "conv"))]
+    for shape, plan in cases:
+        args, grad = make_inputs(*shape, True, True, seed=13)
+        ref = run(spatiotemporal_conv_reference, args, grad, torch.float64)
+        low = run(spatiotemporal_conv_reference, args, grad, dtype)
+        got = run(lambda *a: spatiotemporal_conv_passes(*a, plan=plan), args, grad, dtype)
+        for name, a, b, r in zip(NAMES, got, low, ref):
+            assert a.dtype == dtype and a.shape == r.shape, name
+            assert_within_rule(a, b, r, dtype, f"{plan} {name}")
+
+
+def test_the_pass_tuner_picks_the_fastest_of_each_pass(monkeypatch):
+    """`tune_plan` times every candidate of every pass (here with a fake timer that says which is
+    fastest) and keeps the fastest of each; for inference only the two forward passes are timed;
+    the Triton candidates are timed on CUDA only. `tuned_plan` tunes once per signature where a
+    GPU is (faked) and timing is allowed, and otherwise runs DEFAULT_PLAN; a bad plan is refused
+    in one line naming the pass."""
+    import importlib
+
+    from emu2_engine.ops import spatiotemporal_conv_passes
+    from emu2_engine.ops.conv_passes import DEFAULT_PLAN, PassPlan
+
+    cp = importlib.import_module("emu2_engine.ops.conv_passes")
+    cost = {"conv": 3.0, "gemm": 2.0, "triton": 1.0}
+    calls = []
+
+    def timer(fn, device):
+        fn()  # the candidate really runs, so a broken one fails the tuner
+        impl = calls[-1]
+        return cost[impl] + len(calls) * 1e-6
+
+    for name in ("spatial_fwd", "temporal_fwd", "temporal_dgrad", "spatial_dgrad", "spatial_wgrad",
+                 "temporal_wgrad"):
+        real = getattr(cp, name)
+        monkeypatch.setattr(cp, name, lambda impl, *a, real=real: calls.append(impl) or real(impl, *a))
+    args, _ = make_inputs(1, 6, 3, 4, 5, 6, 3, 3, 3, True, True, seed=14)
+    args = [None if t is None else t.float() for t in args]
+
+    plan = cp.tune_plan(*args, training=True, timer=timer)   # the CPU: no Triton candidate
+    assert plan == PassPlan("conv", "gemm", "gemm", "conv", "conv", "gemm")
+    # the passes with more than one candidate: temporal fwd, dgrad and wgrad
+    assert calls == ["conv", "gemm"] * 3
+    calls.clear()
+    plan = cp.tune_plan(*args, training=False, timer=timer)
+    assert calls == ["conv", "gemm"]                    # the forward passes alone
+    assert plan == DEFAULT_PLAN._replace(spatial_fwd="conv", temporal_fwd="gemm")
+    monkeypatch.setattr(cp, "_candidates", lambda field, x: getattr(cp.CANDIDATES, field))  # as on CUDA
+    calls.clear()
+    plan = cp.tune_plan(*args, training=True, timer=timer)
+    assert plan == PassPlan("triton", "triton", "triton", "triton", "conv", "gemm")
+
+    tuned = []
+    monkeypatch.setattr(cp, "tune_plan", lambda *a, **k: tuned.append(a[-1]) or PassPlan(
+        "triton", "conv", "conv", "conv", "conv", "conv"))
+    monkeypatch.setattr(cp, "_PLANS", {})
+    x = args[0].clone().requires_grad_()
+    spatiotemporal_conv_passes(x, *args[1:])
+    assert tuned == []                                   # the CPU: DEFAULT_PLAN, nothing timed
+    monkeypatch.setattr(cp, "_tunes_on", lambda x: True)
+    for _ in range(2):
+        spatiotemporal_conv_passes(x, *args[1:])
+    with torch.no_grad():
+        spatiotemporal_conv_passes(x, *args[1:])
+    assert tuned == [True, False] and len(cp._PLANS) == 2   # training, then inference; cached
+    monkeypatch.setenv("EMU2_CONV_AUTOTUNE", "0")
+    spatiotemporal_conv_passes(args[0].clone().squeeze(0)[None], *args[1:])
+    assert len(tuned) == 2
+
+    with pytest.raises(ValueError, match=r"pass temporal_fwd runs on one of \('conv', 'gemm', 'triton'\), got 'cudnn'"):
+        spatiotemporal_conv_passes(*args, plan=("conv", "cudnn", "gemm", "conv", "conv", "gemm"))
 
 
 def test_auto_times_the_library_paths_once_per_signature(monkeypatch):

@@ -12,12 +12,14 @@ which runs the Triton kernel (`emu2_engine.kernels.spatiotemporal_conv`: implici
 the channels-last tensor for the forward and the input gradients, the weight gradients on
 cuBLAS and cuDNN) or the reference (`ops.backend`). Under `auto` on a GPU the op runs on the
 vendor libraries, which an H200 measured faster than the kernel at every video-UNet size
-(`LIBRARY_BELOW`), through whichever of three paths (`LIBRARY_PATHS`) is fastest for the
+(`LIBRARY_BELOW`), through whichever of four paths (`LIBRARY_PATHS`) is fastest for the
 input's shape, timed once per shape (`AUTOTUNE`):
 - cuDNN's conv2d, then the temporal conv as cuBLAS GEMMs on the same storage
   (`spatiotemporal_conv_library`);
 - cuDNN's conv2d, then conv1d (`spatiotemporal_conv_cudnn`);
-- cuDNN's conv3d twice on channels_last_3d (`spatiotemporal_conv_conv3d`).
+- cuDNN's conv3d twice on channels_last_3d (`spatiotemporal_conv_conv3d`);
+- each of the six passes on its own fastest implementation, cuDNN, GEMMs or the Triton tap
+  kernel, itself timed pass by pass (`spatiotemporal_conv_passes`, `ops.conv_passes`).
 
 `triton` forces the kernel.
 
@@ -28,13 +30,12 @@ that format; other inputs are converted first (one copy, counted in the backward
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from emu2_engine.kernels import spatiotemporal_conv as _kernel
+from emu2_engine.ops import conv_passes
 from emu2_engine.ops.backend import autocast_dtype, requested_backend, use_triton
 from emu2_engine.ops.temporal_gemm import temporal_gemm
 
@@ -135,10 +136,23 @@ def spatiotemporal_conv_conv3d(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Te
     return (s + t).contiguous(memory_format=torch.channels_last_3d)
 
 
+def spatiotemporal_conv_passes(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
+                               w_t: torch.Tensor, b_t: torch.Tensor | None,
+                               plan: conv_passes.PassPlan | None = None) -> torch.Tensor:
+    """Each of the op's six passes (spatial and temporal forward, dgrad, wgrad) on its own
+    implementation: cuDNN's convolutions, the temporal GEMMs or the Triton tap kernel
+    (`ops.conv_passes`). plan names them; by default it is timed once per input signature on a
+    GPU where `auto` may time (`conv_passes.tuned_plan`), else `conv_passes.DEFAULT_PLAN`.
+    Returns (B, Cout, F, H, W) in channels_last_3d. One of the paths `auto` times."""
+    check_spatiotemporal_args(x, w_s, b_s, w_t, b_t)
+    return conv_passes.run_passes(x, w_s, b_s, w_t, b_t, plan, may_time=_may_time(x))
+
+
 LIBRARY_PATHS = {"gemm": spatiotemporal_conv_library, "conv2d+conv1d": spatiotemporal_conv_cudnn,
-                 "conv3d": spatiotemporal_conv_conv3d}
+                 "conv3d": spatiotemporal_conv_conv3d, "passes": spatiotemporal_conv_passes}
 """The library paths `auto` chooses from on a GPU, by name. All compute the reference's
-arithmetic and return channels_last_3d; they differ in which cuDNN / cuBLAS calls do it."""
+arithmetic and return channels_last_3d; they differ in which cuDNN / cuBLAS calls (and, for
+"passes", Triton kernels) do it."""
 
 LIBRARY_BELOW = 16384
 """Where `auto` cannot time the paths (inside a torch.compile trace or a CUDA graph capture,
@@ -160,8 +174,10 @@ AUTOTUNE = True
 """Under `auto` on a GPU, outside compilation and graph capture, time each of `LIBRARY_PATHS`
 once per input signature (shapes, dtype, biases, device, and whether gradients are wanted:
 forward + backward for training, forward alone for inference) and run the fastest from then on,
-as `torch.backends.cudnn.benchmark` does for cuDNN's algorithms. `EMU2_CONV_AUTOTUNE=0` turns it
-off (the `LIBRARY_BELOW` rule then decides)."""
+as `torch.backends.cudnn.benchmark` does for cuDNN's algorithms. The "passes" path first times
+each of its passes' implementations (`conv_passes.tuned_plan`), inside its own warm-up call.
+`EMU2_CONV_AUTOTUNE=0` turns both off (the `LIBRARY_BELOW` rule then decides, and "passes"
+keeps `conv_passes.DEFAULT_PLAN`)."""
 
 _TUNED: dict[tuple, str] = {}
 """The tuner's choices, by input signature (`tuned_choice`)."""
@@ -171,35 +187,25 @@ def _static_choice(x: torch.Tensor) -> str:
     return "gemm" if prefers_library(x) else "conv3d"
 
 
-def _signature(x, w_s, b_s, w_t, b_t, training: bool) -> tuple:
-    return (tuple(x.shape), tuple(w_s.shape), w_t.shape[2], b_s is not None, b_t is not None, x.dtype,
-            x.device, training)
+_signature = conv_passes.signature
 
 
 def _time_path(fn, args: list, grad: torch.Tensor | None, repeats: int = 3) -> float:
     """Median seconds of `fn(*args)` (and its backward with `grad`), after one warm-up call."""
-    device = args[0].device
 
     def once():
         out = fn(*args)
         if grad is not None:
             out.backward(grad)
 
-    once()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            once()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            once()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return conv_passes.time_call(once, args[0].device, repeats)
+
+
+def _may_time(x: torch.Tensor) -> bool:
+    """Whether the tuners may time paths for x now: `AUTOTUNE` on, and neither a torch.compile
+    trace nor a CUDA graph capture under way."""
+    return (AUTOTUNE and os.environ.get("EMU2_CONV_AUTOTUNE", "1") != "0" and not torch.compiler.is_compiling()
+            and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def tuned_choice(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None, w_t: torch.Tensor,
@@ -207,11 +213,7 @@ def tuned_choice(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None, w
     """The name of the `LIBRARY_PATHS` entry `auto` runs for these arguments: the fastest when
     timed on fresh random tensors of the same signature (cached), or `LIBRARY_BELOW`'s rule
     where nothing may be timed."""
-    if torch.compiler.is_compiling():  # (first: a trace reads nothing else here)
-        return _static_choice(x)
-    timeable = (AUTOTUNE and os.environ.get("EMU2_CONV_AUTOTUNE", "1") != "0"
-                and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
-    if not timeable:
+    if torch.compiler.is_compiling() or not _may_time(x):  # (first: a trace reads nothing else here)
         return _static_choice(x)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_s, b_s, w_t, b_t))
     key = _signature(x, w_s, b_s, w_t, b_t, training)
