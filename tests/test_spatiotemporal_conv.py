@@ -636,12 +636,45 @@ def test_the_pass_tuner_picks_the_fastest_of_each_pass(monkeypatch):
     with torch.no_grad():
         spatiotemporal_conv_passes(x, *args[1:])
     assert tuned == [True, False] and len(cp._PLANS) == 2   # training, then inference; cached
-    monkeypatch.setenv("EMU2_CONV_AUTOTUNE", "0")
-    spatiotemporal_conv_passes(args[0].clone().squeeze(0)[None], *args[1:])
-    assert len(tuned) == 2
+    monkeypatch.setenv("EMU2_CONV_AUTOTUNE", "0")   # a new shape: would be tuned, but may not be
+    spatiotemporal_conv_passes(torch.randn(1, 6, 2, 4, 5), *args[1:])
+    assert len(tuned) == 2 and len(cp._PLANS) == 2
+    monkeypatch.delenv("EMU2_CONV_AUTOTUNE")
+    spatiotemporal_conv_passes(torch.randn(1, 6, 2, 4, 5), *args[1:])
+    assert len(tuned) == 3 and len(cp._PLANS) == 3
 
     with pytest.raises(ValueError, match=r"pass temporal_fwd runs on one of \('conv', 'gemm', 'triton'\), got 'cudnn'"):
         spatiotemporal_conv_passes(*args, plan=("conv", "cudnn", "gemm", "conv", "conv", "gemm"))
+    for bad in ("conv", ("conv",) * 5, {"spatial_fwd": "conv"}):
+        with pytest.raises(ValueError, match="one implementation for each of the 6 passes"):
+            spatiotemporal_conv_passes(*args, plan=bad)
+    with pytest.raises(ValueError, match=r"pass spatial_dgrad on triton runs in .*, got torch.float64"):
+        spatiotemporal_conv_passes(*[t.double() for t in args], plan=DEFAULT_PLAN._replace(spatial_dgrad="triton"))
+
+
+def test_pass_outputs_take_in_place_changes_and_count_their_flops():
+    """Whatever a plan's temporal forward runs on, the output is no view of an internal buffer,
+    so the caller may change it in place (h += skip), as the GEMM library path's may; and
+    FlopCounterMode counts a plan of library passes as it counts the kernel's custom ops: the
+    forward, and twice that for the backward (the Triton passes are not counted)."""
+    from emu2_engine.ops import spatiotemporal_conv_library, spatiotemporal_conv_passes
+
+    args, grad = make_inputs(1, 8, 3, 4, 5, 8, 3, 3, 3, True, True, seed=16)
+    args = [t.float().requires_grad_() for t in args]
+    expected = 2 * 3 * 4 * 5 * 8 * (8 * 9 + 8 * 3)
+    paths = {impl: (lambda *a, impl=impl: spatiotemporal_conv_passes(*a, plan=("conv", impl, "gemm", "conv",
+                                                                               "conv", "gemm")))
+             for impl in ("conv", "gemm", "triton")}
+    paths["library"] = spatiotemporal_conv_library
+    for name, fn in paths.items():
+        with FlopCounterMode(display=False) as fc:
+            y = fn(*args)
+        forward = fc.get_total_flops()
+        y.add_(1.0)                        # in place, on an autograd output
+        with FlopCounterMode(display=False) as fc:
+            y.backward(grad.float())
+        if name != "triton":
+            assert (forward, fc.get_total_flops()) == (expected, 2 * expected), name
 
 
 def test_auto_times_the_library_paths_once_per_signature(monkeypatch):

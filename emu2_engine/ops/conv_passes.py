@@ -43,7 +43,8 @@ The plan (one implementation per pass, `PassPlan`) is chosen by timing each cand
 pass once per input signature (`tuned_plan`), on a GPU and where timing is allowed; elsewhere
 `DEFAULT_PLAN` (the C1280 32x32 winners above) is used. The Triton candidates are only timed on
 CUDA; on the CPU (the tests) a plan naming them runs them through the interpreter.
-FlopCounterMode counts the "conv" and "gemm" passes (ATen ops) but not the Triton launches.
+FlopCounterMode counts the "conv" passes (ATen convolutions) and the "gemm" ones (the
+`emu2::temporal_gemm_*` custom ops' formulas) but not the Triton launches.
 """
 
 from __future__ import annotations
@@ -57,9 +58,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from emu2_engine.kernels import spatiotemporal_conv as _kernel
-from emu2_engine.kernels.spatiotemporal_conv import (_from_rows, _rows, _spatial_wgrad_library, _tap_conv,
-                                                     _temporal_wgrad_gemms)
-from emu2_engine.ops.temporal_gemm import temporal_gemm_grads, temporal_gemm_rows
+from emu2_engine.kernels.spatiotemporal_conv import _from_rows, _rows, _spatial_wgrad_library, _tap_conv
+from emu2_engine.ops import temporal_gemm as _temporal_gemm  # noqa: F401 (registers emu2::temporal_gemm_*)
 
 CL3D = torch.channels_last_3d
 
@@ -88,12 +88,18 @@ _PLANS: dict[tuple, PassPlan] = {}
 """The tuner's plans, by input signature (`tuned_plan`)."""
 
 
-def check_plan(plan: PassPlan) -> PassPlan:
-    """plan as a `PassPlan`, or ValueError naming the pass whose implementation is unknown."""
+def check_plan(plan, dtype: torch.dtype) -> PassPlan:
+    """plan (six implementation names, in `PassPlan`'s order) as a `PassPlan` for inputs of
+    dtype, or ValueError saying what is wrong with it."""
+    if isinstance(plan, (str, dict)) or not hasattr(plan, "__len__") or len(plan) != len(PassPlan._fields):
+        raise ValueError(f"a spatiotemporal_conv plan names one implementation for each of the "
+                         f"{len(PassPlan._fields)} passes {PassPlan._fields}, got {plan!r}")
     plan = PassPlan(*plan)
     for name, impl, allowed in zip(PassPlan._fields, plan, CANDIDATES):
         if impl not in allowed:
             raise ValueError(f"spatiotemporal_conv pass {name} runs on one of {allowed}, got {impl!r}")
+        if impl == "triton" and dtype not in _kernel.DTYPES:
+            raise ValueError(f"spatiotemporal_conv pass {name} on triton runs in {_kernel.DTYPES}, got {dtype}")
     return plan
 
 
@@ -143,8 +149,8 @@ def temporal_fwd(impl: str, s, w_t, b_t):
     kt = w_t.shape[2]
     if impl == "conv":
         return _cl3d(s + F.conv3d(s, _temporal_weight5(w_t), b_t, padding=(kt // 2, 0, 0)))
-    if impl == "gemm":
-        return temporal_gemm_rows(s, w_t, b_t)
+    if impl == "gemm":   # (the custom op: FlopCounterMode counts its GEMMs, not seeing in-place addmm_)
+        return torch.ops.emu2.temporal_gemm_fwd(s, w_t, b_t)
     rows = _rows(s)
     y = _tap_conv(rows, w_t.permute(2, 1, 0).contiguous(), b_t, rows, (Fr, H, W), (kt, 1, 1))
     return _from_rows(y, B, Fr, H, W)
@@ -160,7 +166,7 @@ def temporal_dgrad(impl: str, dy, w_t):
             [0, 0, 0], 1, [True, False, False])[0]
         return _cl3d(dy + adj)
     if impl == "gemm":
-        return temporal_gemm_grads(dy, dy, w_t, True, False, False)[0]
+        return torch.ops.emu2.temporal_gemm_bwd(dy, dy, w_t, True, False, False)[0]
     rows = _rows(dy)
     ds = _tap_conv(rows, w_t.flip(2).permute(2, 0, 1).contiguous(), None, rows, (Fr, H, W), (kt, 1, 1))
     return _from_rows(ds, B, Fr, H, W)
@@ -190,7 +196,7 @@ def temporal_wgrad(impl: str, s, dy, w_t):
             dy, s, w5, None, [1, 1, 1], [kt // 2, 0, 0], [1, 1, 1], False, [0, 0, 0], 1,
             [False, True, False])[1]
         return dw.reshape(w_t.shape).contiguous()
-    return _temporal_wgrad_gemms(s, dy, kt).to(w_t.dtype)
+    return torch.ops.emu2.temporal_gemm_bwd(dy, s, w_t, False, True, False)[1]   # (its batched GEMMs)
 
 
 def _row_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -209,7 +215,9 @@ class PassConv(torch.autograd.Function):
         y = temporal_fwd(plan.temporal_fwd, s, w_t, b_t)
         ctx.plan = plan
         ctx.save_for_backward(x, s, w_s, w_t)
-        return y
+        # the GEMM and Triton passes return a channels_last_3d view of their (P, C) buffer: an
+        # output that is a view could not be changed in place by the caller (h += skip)
+        return y.detach()
 
     @staticmethod
     @once_differentiable
@@ -319,5 +327,5 @@ def run_passes(x, w_s, b_s, w_t, b_t, plan: PassPlan | None, may_time: bool) -> 
     """The op's arithmetic with each pass on `plan`'s implementation (None: `tuned_plan`), the
     arguments already checked (`ops.spatiotemporal_conv.spatiotemporal_conv_passes` is the
     public path). Returns (B, Cout, F, H, W) in channels_last_3d."""
-    plan = tuned_plan(x, w_s, b_s, w_t, b_t, may_time) if plan is None else check_plan(plan)
+    plan = tuned_plan(x, w_s, b_s, w_t, b_t, may_time) if plan is None else check_plan(plan, x.dtype)
     return PassConv.apply(_cl3d(x), w_s, b_s, w_t, b_t, plan)

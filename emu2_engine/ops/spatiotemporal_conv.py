@@ -10,10 +10,11 @@ layer exactly the 2D convolution on each frame, which is how an inflated UNet st
 to the 2D one. This module holds the argument checks, the PyTorch reference and the public op,
 which runs the Triton kernel (`emu2_engine.kernels.spatiotemporal_conv`: implicit GEMMs over
 the channels-last tensor for the forward and the input gradients, the weight gradients on
-cuBLAS and cuDNN) or the reference (`ops.backend`). Under `auto` on a GPU the op runs on the
-vendor libraries, which an H200 measured faster than the kernel at every video-UNet size
-(`LIBRARY_BELOW`), through whichever of four paths (`LIBRARY_PATHS`) is fastest for the
-input's shape, timed once per shape (`AUTOTUNE`):
+cuBLAS and cuDNN) or the reference (`ops.backend`). Under `auto` on a GPU the op runs mostly
+on the vendor libraries, which an H200 measured faster than the whole kernel at every
+video-UNet size (`LIBRARY_BELOW`), through whichever of four paths (`LIBRARY_PATHS`) is fastest
+for the input's shape, timed once per shape (`AUTOTUNE`); only the fourth may run single passes
+on the Triton tap kernel:
 - cuDNN's conv2d, then the temporal conv as cuBLAS GEMMs on the same storage
   (`spatiotemporal_conv_library`);
 - cuDNN's conv2d, then conv1d (`spatiotemporal_conv_cudnn`);

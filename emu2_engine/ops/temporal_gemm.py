@@ -134,7 +134,10 @@ class TemporalGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, w_t, b_t):
         ctx.save_for_backward(s, w_t)
-        return torch.ops.emu2.temporal_gemm_fwd(s, w_t, b_t)
+        y = torch.ops.emu2.temporal_gemm_fwd(s, w_t, b_t)
+        # a channels_last_3d view of the op's (P, C) buffer: as an output that is a view, the
+        # caller could not change it in place (h += skip)
+        return y.detach()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
