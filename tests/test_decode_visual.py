@@ -192,7 +192,7 @@ def test_bad_arguments(parts):
     emb = torch.randn(2, CFG.cond_tokens, CFG.cross_attention_dim)
     with pytest.raises(ValueError, match="multiples of the VAE's factor 4"):
         decode_images(emb, unet=unet, vae=vae, steps=2, height=30, width=32)
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps must be a whole number from 1"):
         decode_images(emb, unet=unet, vae=vae, steps=0, height=32, width=32)
     for guidance in (0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="guidance must be a finite number >= 1"):
@@ -211,7 +211,115 @@ def test_bad_arguments(parts):
         decode_images(emb, unet=video, vae=vae, steps=2, height=32, width=32)
     with pytest.raises(ValueError, match="needs a VideoUNet"):
         decode_video(emb[:, None], unet=unet, vae=vae, steps=2, height=32, width=32)
-    with pytest.raises(ValueError, match="frames must be >= 1"):
+    with pytest.raises(ValueError, match="frames must be a whole number >= 1"):
         decode_video(emb[:, None], unet=video, vae=vae, frames=0, steps=2, height=32, width=32)
     with pytest.raises(ValueError, match=r"\(B, Fc >= 1, 16, 64\)"):
         decode_video(emb, unet=video, vae=vae, frames=2, steps=2, height=32, width=32)
+
+
+def _sdxl_pipeline(unet, vae):
+    """diffusers' own SDXL pipeline around a diffusers UNet holding `unet`'s weights."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from emu2_engine.models.unet import diffusers_unet_config
+
+    ref = UNet2DConditionModel(**diffusers_unet_config(unet.cfg)).eval()
+    ref.load_state_dict(unet.state_dict())
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                     tokenizer_2=None, unet=ref, scheduler=euler_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sampling_matches_the_sdxl_pipeline(parts):
+    """decode_images is what a user of diffusers' StableDiffusionXLPipeline gets with the same
+    weights, embeddings as the prompt embeddings and their mean as the pooled one (EMU2_FACTS.md):
+    the same latents (scheduler, guidance, size ids) and the same uint8 pixels (VAE scaling,
+    rounding), with guidance 3 and without it (1)."""
+    unet, vae = parts
+    pipe = _sdxl_pipeline(unet, vae)
+    B = 2
+    emb = torch.randn(B, CFG.cond_tokens, CFG.cross_attention_dim, generator=torch.Generator().manual_seed(20))
+    neg = torch.randn(CFG.cond_tokens, CFG.cross_attention_dim, generator=torch.Generator().manual_seed(21))
+    negb = neg.expand(B, -1, -1)
+    for steps, guidance in ((4, 3.0), (3, 1.0)):
+        kw = dict(prompt_embeds=emb, negative_prompt_embeds=negb, pooled_prompt_embeds=emb.mean(1),
+                  negative_pooled_prompt_embeds=negb.mean(1), num_inference_steps=steps, guidance_scale=guidance,
+                  height=32, width=32)
+        theirs = pipe(**kw, generator=torch.Generator().manual_seed(5), output_type="latent").images
+        ours = sample_latents(unet, emb, (B, 4, 8, 8), size_ids(32, 32, B, "cpu"), steps=steps, guidance=guidance,
+                              negative=neg, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        images = pipe(**kw, generator=torch.Generator().manual_seed(5), output_type="pil").images
+        got = decode_images(emb, unet=unet, vae=vae, steps=steps, guidance=guidance, negative=neg, height=32,
+                            width=32, seed=5)
+        for a, b in zip(got, images):
+            diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+            # equal but where float noise (1e-6 in the latents) crosses a rounding boundary;
+            # truncating instead of rounding would move about half the values by 1
+            assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
+
+
+def test_each_video_frame_is_the_vae_decode_of_its_latents(parts):
+    """decode_video's frame f of clip b is the VAE's decode of the sampled latents' frame f (the
+    (C, F) -> (F, C) order, not a reshape that mixes channels and frames)."""
+    from emu2_engine.inference.decode import _to_uint8, vae_decode
+
+    unet, vae = parts
+    video = inflate_unet(unet).eval()
+    emb = torch.randn(2, 1, CFG.cond_tokens, CFG.cross_attention_dim, generator=torch.Generator().manual_seed(22))
+    clips = decode_video(emb, unet=video, vae=vae, frames=3, steps=2, height=16, width=16, seed=1,
+                         negative="zeros")
+    latents = sample_latents(video, emb, (2, 4, 3, 4, 4), size_ids(16, 16, 2, "cpu"), steps=2, guidance=3.0,
+                             negative="zeros", generator=torch.Generator().manual_seed(1))
+    for b, clip in enumerate(clips):
+        for f in range(3):
+            assert np.array_equal(clip[f], _to_uint8(vae_decode(vae, latents[b:b + 1, :, f]))[0]), (b, f)
+
+
+def test_an_fp16_vae_that_overflows_decodes_in_fp32_when_its_config_says_so():
+    """SDXL's VAE overflows in fp16 and its config sets force_upcast; as in diffusers' pipeline,
+    vae_decode then decodes in fp32 (and gives the VAE back in fp16). Without the flag the
+    overflow is an error naming it, never a silently black image."""
+    from emu2_engine.inference.decode import vae_decode
+    from emu2_engine.train.decoder import build_vae
+
+    vae = build_vae("tiny-random", 32, seed=0)
+    with torch.no_grad():   # activations past fp16's 65504 after conv_in (the next GroupNorm rescales them)
+        vae.decoder.conv_in.weight.mul_(300)
+        vae.decoder.conv_in.bias.fill_(6e4)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(23))
+    want = vae_decode(vae, z)
+    vae.to(torch.float16)
+    assert vae.config.force_upcast
+    got = vae_decode(vae, z)
+    assert next(vae.parameters()).dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-3)   # fp16 weights, fp32 arithmetic
+    vae.register_to_config(force_upcast=False)
+    with pytest.raises(FloatingPointError, match="non-finite pixels .* in torch.float16"):
+        vae_decode(vae, z)
+
+
+def test_bad_sampling_arguments_fail_before_sampling(parts, calls):
+    """steps beyond the schedule's training timesteps (diffusers failed after the last UNet pass)
+    or not whole, sizes of 0 or below, no sample, not a tensor, a schedule overriding the
+    sampler's own settings: one-line errors before any UNet call."""
+    unet, vae = parts
+    emb = torch.randn(2, CFG.cond_tokens, CFG.cross_attention_dim)
+    kw = dict(unet=unet, vae=vae, height=32, width=32, negative="zeros")
+    for steps in (1001, 2.5, True):
+        with pytest.raises(ValueError, match=r"steps must be a whole number from 1 to the noise schedule's 1000"):
+            decode_images(emb, steps=steps, **kw)
+    for height in (0, -32, 32.0):
+        with pytest.raises(ValueError, match="height and width must be positive multiples"):
+            decode_images(emb, steps=2, **{**kw, "height": height})
+    with pytest.raises(ValueError, match=r"hold no sample \(B = 0\)"):
+        decode_images(emb[:0], steps=2, **kw)
+    with pytest.raises(ValueError, match="must be a torch.Tensor .*, got ndarray"):
+        decode_images(emb.numpy(), steps=2, **kw)
+    with pytest.raises(ValueError, match=r"sampler's .* are fixed to Emu2-Gen's, got \['timestep_spacing'\]"):
+        decode_images(emb, steps=2, schedule={"num_train_timesteps": 1000, "timestep_spacing": "trailing"}, **kw)
+    video = inflate_unet(unet)
+    with pytest.raises(ValueError, match="frames must be a whole number >= 1"):
+        decode_video(emb[:, None], unet=video, vae=vae, frames=2.0, steps=2, height=32, width=32)
+    assert calls == []

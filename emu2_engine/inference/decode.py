@@ -22,7 +22,7 @@ null embedding its run saved: the negative that decoder was trained with.
 from __future__ import annotations
 
 import math
-
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,13 +44,20 @@ tensor, "null_embedding", (N, D) fp32): the embeddings a dropped condition becam
 and so the negative to sample its checkpoints with."""
 
 
+SAMPLING_SETTINGS = dict(prediction_type="epsilon", timestep_spacing="leading", steps_offset=1)
+"""Emu2-Gen's sampler settings, fixed: a `schedule` gives the training noise schedule only."""
+
+
 def euler_scheduler(schedule: dict | None = None):
     """A fresh diffusers EulerDiscreteScheduler for `schedule` (default SDXL's) with Emu2-Gen's
     sampling settings. Fresh per call: the scheduler keeps a step counter."""
     from diffusers import EulerDiscreteScheduler
 
-    return EulerDiscreteScheduler(**(schedule or SDXL_NOISE_SCHEDULE), prediction_type="epsilon",
-                                  timestep_spacing="leading", steps_offset=1)
+    fixed = sorted(set(schedule or {}) & set(SAMPLING_SETTINGS))
+    if fixed:
+        raise ValueError(f"schedule gives the training noise schedule (e.g. {sorted(SDXL_NOISE_SCHEDULE)}); "
+                         f"the sampler's {sorted(SAMPLING_SETTINGS)} are fixed to Emu2-Gen's, got {fixed}")
+    return EulerDiscreteScheduler(**(schedule or SDXL_NOISE_SCHEDULE), **SAMPLING_SETTINGS)
 
 
 @torch.no_grad()
@@ -156,9 +163,12 @@ def _negative_like(cond: torch.Tensor, negative: torch.Tensor | str) -> torch.Te
     return negative.reshape((1,) * (cond.dim() - len(given)) + given).expand_as(cond)
 
 
-def _check_guidance(steps: int, guidance: float) -> None:
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+def _check_guidance(steps: int, guidance: float, train_timesteps: int) -> None:
+    """steps a whole number from 1 to the schedule's training timesteps (diffusers' scheduler
+    fails after the last UNet pass beyond them), guidance finite and >= 1."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= train_timesteps:
+        raise ValueError(f"steps must be a whole number from 1 to the noise schedule's {train_timesteps} "
+                         f"training timesteps, got {steps!r}")
     if not (math.isfinite(guidance) and guidance >= 1.0):
         raise ValueError(f"guidance must be a finite number >= 1 (1 turns classifier-free guidance "
                          f"off), got {guidance}")
@@ -170,7 +180,8 @@ def sample_latents(unet: UNet, cond: torch.Tensor, latent_shape: tuple[int, ...]
                    schedule: dict | None = None) -> torch.Tensor:
     """The Euler loop with classifier-free guidance: latents of `latent_shape` (batch first).
     `negative`: a tensor or "zeros", required unless guidance is 1 (`_check_negative`)."""
-    _check_guidance(steps, guidance)
+    scheduler = euler_scheduler(schedule)
+    _check_guidance(steps, guidance, scheduler.config.num_train_timesteps)
     _check_negative(guidance, negative)
     for name, t in (("embeddings", cond), ("negative", negative)):
         if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):
@@ -178,8 +189,7 @@ def sample_latents(unet: UNet, cond: torch.Tensor, latent_shape: tuple[int, ...]
                              f"blank; check what produced them")
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
-    scheduler = euler_scheduler(schedule)
-    scheduler.set_timesteps(steps, device=device)
+    scheduler.set_timesteps(int(steps), device=device)
     latents = torch.randn(latent_shape, generator=generator, dtype=torch.float32).to(device)
     latents = latents * scheduler.init_noise_sigma
     cond = cond.to(device=device, dtype=dtype)
@@ -195,6 +205,9 @@ def sample_latents(unet: UNet, cond: torch.Tensor, latent_shape: tuple[int, ...]
             uncond, conditional = eps.chunk(2)
             eps = uncond + guidance * (conditional - uncond)
         latents = scheduler.step(eps, t, latents).prev_sample
+    if not bool(torch.isfinite(latents).all()):
+        raise FloatingPointError(f"the sampled latents hold non-finite values (NaN or inf): the UNet "
+                                 f"overflowed in {dtype}; sample in a wider dtype (fp32 or bf16)")
     return latents
 
 
@@ -206,20 +219,44 @@ def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """(N, C, h, w) scaled latents -> (N, 3, H, W) pixels in about [-1, 1]."""
+    """(N, C, h, w) scaled latents -> (N, 3, H, W) pixels in about [-1, 1].
+
+    An fp16 VAE whose config sets `force_upcast` (SDXL's does: its decoder overflows in fp16)
+    decodes in fp32 and is cast back to fp16 afterwards, as diffusers' SDXL pipeline does."""
     param = next(vae.parameters())
-    z = latents.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor
-    return vae.decode(z).sample
+    upcast = param.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        z = latents.to(device=param.device, dtype=next(vae.parameters()).dtype) / vae.config.scaling_factor
+        pixels = vae.decode(z).sample
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    if not bool(torch.isfinite(pixels).all()):
+        raise FloatingPointError(f"the VAE decoded non-finite pixels (NaN or inf) in {pixels.dtype}: decode "
+                                 f"in fp32 (an fp16 VAE overflows unless its config sets force_upcast)")
+    return pixels
 
 
 def _pixel_size(unet: UNet, vae, height: int | None, width: int | None) -> tuple[int, int, int]:
+    """(height, width, the VAE's factor); None means the UNet's sample_size through the VAE."""
     factor = _vae_factor(vae)
-    height = height or unet.cfg.sample_size * factor
-    width = width or unet.cfg.sample_size * factor
-    if height % factor or width % factor:
-        raise ValueError(f"height and width must be multiples of the VAE's factor {factor}, "
-                         f"got {height}x{width}")
-    return height, width, factor
+    height = unet.cfg.sample_size * factor if height is None else height
+    width = unet.cfg.sample_size * factor if width is None else width
+    for value in (height, width):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or value % factor:
+            raise ValueError(f"height and width must be positive multiples of the VAE's factor {factor} "
+                             f"(or None for the UNet's {unet.cfg.sample_size * factor}), got {height!r}x{width!r}")
+    return int(height), int(width), factor
+
+
+def _check_embeddings(embeddings, dims: str) -> None:
+    """embeddings is a tensor of len(dims) dims (named in dims) with at least one sample."""
+    if not isinstance(embeddings, torch.Tensor):
+        raise ValueError(f"embeddings must be a torch.Tensor {dims}, got {type(embeddings).__name__}")
+    if embeddings.dim() == dims.count(",") + 1 and embeddings.shape[0] == 0:
+        raise ValueError(f"embeddings {dims} hold no sample (B = 0), shape {tuple(embeddings.shape)}")
 
 
 @torch.no_grad()
@@ -236,6 +273,7 @@ def decode_images(embeddings: torch.Tensor, *, unet: UNet, vae, steps: int = 50,
     """
     if isinstance(unet, VideoUNet):
         raise ValueError("decode_images needs the image UNet; use decode_video for a VideoUNet")
+    _check_embeddings(embeddings, "(B, N, D)")
     if embeddings.dim() != 3:
         raise ValueError(f"embeddings must be (B, N, D), got shape {tuple(embeddings.shape)}")
     height, width, factor = _pixel_size(unet, vae, height, width)
@@ -266,8 +304,9 @@ def decode_video(embeddings: torch.Tensor, *, unet: VideoUNet, vae, frames: int 
     """
     if not isinstance(unet, VideoUNet):
         raise ValueError("decode_video needs a VideoUNet (see models.unet3d.inflate_unet)")
-    if frames < 1:
-        raise ValueError(f"frames must be >= 1, got {frames}")
+    _check_embeddings(embeddings, "(B, Fc, N, D)")
+    if isinstance(frames, bool) or not isinstance(frames, numbers.Integral) or frames < 1:
+        raise ValueError(f"frames must be a whole number >= 1, got {frames!r}")
     height, width, factor = _pixel_size(unet, vae, height, width)
     B = embeddings.shape[0]
     device = next(unet.parameters()).device
