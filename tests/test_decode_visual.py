@@ -323,3 +323,25 @@ def test_bad_sampling_arguments_fail_before_sampling(parts, calls):
     with pytest.raises(ValueError, match="frames must be a whole number >= 1"):
         decode_video(emb[:, None], unet=video, vae=vae, frames=2.0, steps=2, height=32, width=32)
     assert calls == []
+
+
+def test_the_latent_space_mapping_follows_the_vae_config():
+    """vae_decode maps latents as diffusers does: z / scaling_factor + shift_factor (a VAE whose
+    config has a shift, e.g. SD3's); per-channel latents_mean / latents_std are refused."""
+    from emu2_engine.inference.decode import latent_scaling, vae_decode
+    from emu2_engine.train.decoder import build_vae
+
+    vae = build_vae("tiny-random", 32, seed=0)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(24))
+    scale, shift = latent_scaling(vae)
+    assert shift == 0.0
+    plain = vae_decode(vae, z)
+    vae.register_to_config(shift_factor=0.5)
+    assert latent_scaling(vae) == (scale, 0.5)
+    shifted = vae_decode(vae, z)                      # decodes z / scale + 0.5
+    vae.register_to_config(shift_factor=None)
+    torch.testing.assert_close(shifted, vae_decode(vae, z + 0.5 * scale))
+    assert not torch.allclose(shifted, plain)
+    vae.register_to_config(latents_mean=[0.0] * 4)
+    with pytest.raises(ValueError, match="sets latents_mean: per-channel latent statistics are not supported"):
+        vae_decode(vae, z)

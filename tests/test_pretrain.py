@@ -124,10 +124,12 @@ def test_lr_schedule_shape():
     cfg = OptimSection(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
     f = [lr_factor(s, 100, cfg) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert f[10] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # decays monotonically
+    assert f[10] == pytest.approx(1.0) and f[-1] > 0.1      # the floor comes one step after the last
+    assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(f[10:], f[11:]))  # decays monotonically
     lin = OptimSection(warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
-    assert lr_factor(50, 101, lin) == pytest.approx(0.5)
+    g = [lr_factor(s, 100, lin) for s in range(100)]
+    assert g[0] == 1.0 and g[50] == pytest.approx(0.5) and g[-1] == pytest.approx(0.01)  # never a step at 0
 
 
 def test_parameter_groups_and_freezing():

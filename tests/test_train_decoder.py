@@ -25,6 +25,7 @@ from emu2_engine.data.prefetch import Prefetcher
 from emu2_engine.models.unet3d import VideoUNet
 from emu2_engine.train.decoder import (DecoderJobConfig, DecoderTrainer, build_vae, offset_noise,
                                        unet_units)
+from emu2_engine.train.optim import lr_factor
 from emu2_engine.train.decoder_data import HELD_OUT_SEED_OFFSET, InMemoryData, make_batch, moving_shapes_clip
 from emu2_engine.train.trainer import STOPPED_FILE
 
@@ -52,9 +53,15 @@ def test_loss_falls_on_the_debug_config(tmp_path, capsys):
     assert all(math.isfinite(x) for x in losses)
     assert after["heldout_loss"] < 0.8 * before["heldout_loss"], (before, after)
     assert sum(losses[-10:]) / 10 < sum(losses[:5]) / 5, losses
-    assert all(r["grad_norm"] > 0 for r in steps) and steps[-1]["lr"] == 0.0  # linear decay to 0
+    assert all(r["grad_norm"] > 0 for r in steps)
+    cfg = DecoderJobConfig.load(tmp_path / "config.toml")
+    assert cfg.train.steps == 30
+    # each step logs the learning rate its update used: warm-up, then linear decay that reaches 0
+    # one step after the last, so the last update still moves the weights
+    want = [cfg.optim.lr * lr_factor(k, 30, cfg.optim) for k in range(30)]
+    assert [r["lr"] for r in steps] == pytest.approx(want, rel=1e-12)
+    assert steps[0]["lr"] < steps[cfg.optim.warmup_steps - 1]["lr"] == cfg.optim.lr and steps[-1]["lr"] > 0
     assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [30]
-    assert DecoderJobConfig.load(tmp_path / "config.toml").train.steps == 30
     assert "held-out denoising loss" in capsys.readouterr().out
 
 
@@ -199,7 +206,7 @@ def test_a_rank_slice_draws_what_one_process_draws(tmp_path):
 def test_heldout_wrong_condition_is_another_sample_at_batch_1(tmp_path, video):
     """At batch size 1 (one clip per step is the video recipe's) each held-out sample still
     gets another sample's embeddings -- the next one's, across batches -- so the evaluation's
-    wrong-condition loss differs from the right one."""
+    wrong-condition loss differs from the right one, and only by the condition."""
     args = ["--data.batch_size=1", "--data.image_size=32", "--model.video=true", "--data.frames=2"]
     cfg = _cfg(tmp_path, *(args if video else args[:2]), "--train.eval_batches=2")
     (first, other_first), (second, other_second) = InMemoryData(cfg, 64, range(1)).heldout(2)
@@ -207,8 +214,15 @@ def test_heldout_wrong_condition_is_another_sample_at_batch_1(tmp_path, video):
     assert not torch.equal(first.encoder_pixels, other_first)
     assert not torch.equal(second.encoder_pixels, other_second)
     if not video:
-        losses = DecoderTrainer(cfg).evaluate(1)
+        trainer = DecoderTrainer(cfg)
+        losses = trainer.evaluate(1)
         assert losses["heldout_loss"] != losses["heldout_loss_wrong_cond"], losses
+        # the two passes see the same latents, noise and timesteps: given each sample's own
+        # embeddings as the "wrong" ones, the two losses are equal
+        heldout = trainer.data.heldout
+        trainer.data.heldout = lambda n: ((batch, batch.encoder_pixels) for batch, _ in heldout(n))
+        same = trainer.evaluate(1)
+        assert same["heldout_loss"] == same["heldout_loss_wrong_cond"] == losses["heldout_loss"], same
 
 
 def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path):
@@ -828,3 +842,59 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
     lines = [_strict_json(line) for line in metrics.read_text().splitlines()]
     assert [r.get("step", r.get("resumed_from")) for r in lines] == [1, 2, 3, 2, 3, 4, 5, 5]
     assert "dropping" not in capsys.readouterr().err
+
+
+def test_the_loss_feeds_the_unet_as_sdxl_training_does(tmp_path):
+    """What one training loss hands the UNet, spied over 4 x 64 samples (the UNet replaced by a
+    recorder, so this is cheap): latents are a posterior sample x the VAE's scaling factor;
+    timesteps cover 0..999; about 10 % of the conditions are the null embedding (per sample);
+    the noise carries a per-(sample, channel) offset (large here, 4.0, so it shows) and is the
+    target; the size ids are (R, R, 0, 0, R, R); and clipping hands AdamW gradients of norm
+    grad_clip. (A review's mutations of each of these passed the earlier tests.)"""
+    from emu2_engine.inference.decode import size_ids
+
+    cfg = _cfg(tmp_path, "--data.batch_size=64", "--data.image_size=32", "--diffusion.noise_offset=4.0",
+               "--data.prefetch=0", "--optim.grad_clip=0.05")
+    trainer = DecoderTrainer(cfg)
+    seen, fed = [], []
+    add_noise = trainer.noise.add_noise
+    trainer.noise.add_noise = lambda latents, noise, t: seen.append((latents, noise, t)) or add_noise(latents, noise, t)
+    unet_forward = trainer.unet.forward
+
+    class Recorder(torch.nn.Module):
+        def forward(self, noisy, t, cond, time_ids):
+            fed.append((cond, time_ids))
+            return torch.zeros_like(noisy)
+
+    trainer.unet.forward = Recorder().forward
+    batches = []
+    for step in range(4):
+        batch = next(trainer.batches)
+        batches.append(batch)
+        loss = trainer.loss(batch, trainer.generators(step))
+        latents, noise, t = seen[-1]
+        assert loss.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)   # the target is the noise
+    latents = torch.cat([s[0] for s in seen])
+    noise = torch.cat([s[1] for s in seen])
+    t = torch.cat([s[2] for s in seen])
+    assert 0 <= t.min() < 50 and 950 < t.max() <= 999 and t.float().std() > 250           # uniform on 0..999
+    # latents: (posterior mean + std x eps) x scaling_factor, so eps is standard normal
+    with torch.no_grad():
+        posterior = trainer.vae.encode(torch.cat([b.vae_pixels for b in batches])).latent_dist
+    eps = (latents / trainer.vae.config.scaling_factor - posterior.mean) / posterior.std
+    assert abs(eps.mean().item()) < 0.05 and 0.95 < eps.std().item() < 1.05
+    # the offset: each (sample, channel) mean of the noise is about 4 x N(0, 1); within a channel ~ N(0, 1)
+    means = noise.mean(dim=(2, 3))
+    assert 3.0 < means.std().item() < 5.0 and 0.9 < (noise - means[..., None, None]).std().item() < 1.1
+    null = trainer.null_embedding
+    dropped = torch.cat([(cond == null).flatten(1).all(1) for cond, _ in fed])
+    assert 0.05 < dropped.float().mean().item() < 0.16, dropped.float().mean()           # 10 %, per sample
+    R = cfg.data.image_size
+    assert all(torch.equal(ids, size_ids(R, R, 64, "cpu")) for _, ids in fed)
+    # clipping: the optimiser steps with gradients of global norm grad_clip
+    trainer.unet.forward = unet_forward
+    norms, step = [], trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: norms.append(torch.nn.utils.get_total_norm(
+        [p.grad for p in trainer.unet.parameters() if p.grad is not None]).item()) or step(*a, **k)
+    out = trainer.step()
+    assert out.grad_norm > 0.05 and norms == [pytest.approx(0.05, rel=1e-4)]

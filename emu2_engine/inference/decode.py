@@ -217,6 +217,19 @@ def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return x.movedim(-3, -1).cpu().numpy()
 
 
+def latent_scaling(vae) -> tuple[float, float]:
+    """(scale, shift) of the VAE's latent space: the UNet's latents are (z - shift) x scale, as
+    diffusers' pipelines map them (`scaling_factor`, and `shift_factor` where the config has one,
+    e.g. SD3's VAE). Per-channel `latents_mean` / `latents_std` are refused: no pipeline here
+    applies them."""
+    config = vae.config
+    for key in ("latents_mean", "latents_std"):
+        if getattr(config, key, None) is not None:
+            raise ValueError(f"the VAE's config sets {key}: per-channel latent statistics are not "
+                             f"supported (the SDXL and SD 2.1 VAEs have none)")
+    return float(config.scaling_factor), float(getattr(config, "shift_factor", None) or 0.0)
+
+
 @torch.no_grad()
 def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """(N, C, h, w) scaled latents -> (N, 3, H, W) pixels in about [-1, 1].
@@ -228,7 +241,8 @@ def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     if upcast:
         vae.to(torch.float32)
     try:
-        z = latents.to(device=param.device, dtype=next(vae.parameters()).dtype) / vae.config.scaling_factor
+        scale, shift = latent_scaling(vae)
+        z = latents.to(device=param.device, dtype=next(vae.parameters()).dtype) / scale + shift
         pixels = vae.decode(z).sample
     finally:
         if upcast:

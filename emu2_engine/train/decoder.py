@@ -65,7 +65,7 @@ from torch.distributed.tensor import DTensor
 from emu2_engine.checkpoint.dcp import Checkpointer
 from emu2_engine.data.prefetch import Prefetcher, prefetch_depth
 from emu2_engine.data.shapes import ShapesWorld
-from emu2_engine.inference.decode import NULL_EMBEDDING_FILE, size_ids, zero_image_embedding
+from emu2_engine.inference.decode import NULL_EMBEDDING_FILE, latent_scaling, size_ids, zero_image_embedding
 from emu2_engine.models.config import Emu2Config, UNetConfig
 from emu2_engine.models.projector import Projector
 from emu2_engine.models.unet import UNet, load_base_unet_weights, load_unet_weights
@@ -224,6 +224,8 @@ class DecoderStep:
     """The global gradient norm before clipping."""
     samples: int
     """Images (or clips) of the global batch."""
+    lr: float
+    """The learning rate of this step's update (the first group's)."""
     stop: bool
     """Some rank was signalled (SIGTERM/SIGINT) by the end of the step: every rank stops."""
     skipped: bool = False
@@ -274,6 +276,7 @@ class DecoderTrainer:
             self.encoder.load_released(cfg.model.encoder_weights)
         self.encoder.to(self.device)
         self.vae = build_vae(cfg.model.vae, cfg.data.image_size, cfg.train.seed).to(self.device)
+        latent_scaling(self.vae)  # a latent space this trainer cannot map is refused now, in one line
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if cfg.data.image_size % factor:
             raise ValueError(f"data.image_size ({cfg.data.image_size}) must be a multiple of the VAE's "
@@ -387,7 +390,8 @@ class DecoderTrainer:
         B = batch.encoder_pixels.shape[0]
         per_sample = (posterior.mean.shape[0] // B,) + tuple(posterior.mean.shape[1:])  # (F or 1, C, h, w)
         eps = torch.cat([torch.randn(per_sample, generator=g) for g in generators]).to(self.device)
-        latents = (posterior.mean.float() + posterior.std.float() * eps) * self.vae.config.scaling_factor
+        scale, shift = latent_scaling(self.vae)
+        latents = (posterior.mean.float() + posterior.std.float() * eps - shift) * scale
         if video:
             cond = cond.unflatten(0, (B, -1))
             latents = latents.unflatten(0, (B, -1)).transpose(1, 2)
@@ -476,6 +480,7 @@ class DecoderTrainer:
             part_loss.backward()
             loss += part_loss.detach()
         grad_norm = self.clip_grad_norm()  # global: every rank takes the same decision below
+        lr = self.scheduler.get_last_lr()[0]   # this update's, before the schedule moves on
         skipped = not math.isfinite(grad_norm)
         if skipped:  # NaN or inf gradients would poison AdamW's moments, then every checkpoint
             self.nonfinite_in_a_row += 1
@@ -488,7 +493,7 @@ class DecoderTrainer:
         self.step_count += 1
         loss_sum, signalled = self._sum_over_ranks([loss.item(), float(self._stop_signal is not None)])
         return DecoderStep(loss=loss_sum / self.world, grad_norm=grad_norm,
-                           samples=self.cfg.data.batch_size, stop=signalled > 0, skipped=skipped)
+                           samples=self.cfg.data.batch_size, lr=lr, stop=signalled > 0, skipped=skipped)
 
     @torch.no_grad()
     def evaluate(self, n_batches: int) -> dict:
@@ -502,9 +507,11 @@ class DecoderTrainer:
         totals = {"right": 0.0, "wrong": 0.0}
         n_micro = self.cfg.train.microbatches
         for i, (batch, other_pixels) in enumerate(self.data.heldout(n_batches)):
-            generators = self.generators(i, held_out=True)
             other = DecoderBatch(other_pixels, batch.vae_pixels)  # another sample's embeddings
             for key, source in (("right", batch), ("wrong", other)):
+                # fresh generators per pass: both see the same latents, noise and timesteps, so
+                # the two losses differ only by the condition
+                generators = self.generators(i, held_out=True)
                 for micro, gens in self.micro_batches(source, generators):  # as the step splits
                     totals[key] += self.loss(micro, gens, drop=False).item() / n_micro
         right, wrong = self._sum_over_ranks([totals["right"], totals["wrong"]])
@@ -584,7 +591,7 @@ class DecoderTrainer:
                 bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
                 if self.step_count % cfg.train.log_every == 0 or self.step_count == end:
                     record = {"step": self.step_count, "loss": result.loss, "grad_norm": result.grad_norm,
-                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": result.samples / elapsed,
+                              "lr": result.lr, "samples_per_s": result.samples / elapsed,
                               "nonfinite_steps": self.nonfinite_total}
                     if isinstance(self.data, ShardData):
                         record["skipped"] = self.skip_totals()

@@ -51,11 +51,13 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimSection) -> float:
-    """Multiplier of each group's peak LR at `step` (0-based): linear warm-up, then cosine or
-    linear decay to `min_lr_ratio` at the last step."""
+    """Multiplier of each group's peak LR for the update of `step` (0-based, of total_steps):
+    linear warm-up to the peak at step warmup_steps - 1, then cosine or linear decay from the
+    peak that reaches `min_lr_ratio` at step total_steps, one past the last: the last update
+    still moves the weights where the floor is 0 (the decoder's), as in Megatron-LM."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    span = max(total_steps - cfg.warmup_steps - 1, 1)
+    span = max(total_steps - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     if cfg.schedule == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))

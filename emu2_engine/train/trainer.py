@@ -213,6 +213,8 @@ class StepResult:
     images: int
     skipped: bool
     """The loss or the gradient norm was not finite: no optimiser update."""
+    lr: float = float("nan")
+    """The learning rate of this step's update (the first group's)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -496,6 +498,7 @@ class Trainer:
         if not isinstance(batches, MicroBatches):
             batches = self.micro_batches(batches, len(batches))
         losses = self.forward_backward(batches, timeline)
+        lr = self.scheduler.get_last_lr()[0]   # this update's, before the schedule moves on
         norm = self.clip_grad_norm()
         mark("clip")
         loss, ce, mse = losses.tolist()
@@ -516,7 +519,7 @@ class Trainer:
         mark("zero_grad + schedule")
         self.step_count += 1
         return StepResult(loss=loss, ce=ce, mse=mse, grad_norm=grad_norm, tokens=batches.tokens,
-                          images=batches.images, skipped=skipped)
+                          images=batches.images, skipped=skipped, lr=lr)
 
     # -- the run ----------------------------------------------------------------------------
     def resume(self) -> int | None:
@@ -658,7 +661,7 @@ class Trainer:
                         or result.skipped):
                     record = {"step": self.step_count, "loss": result.loss, "ce": result.ce,
                               "mse": result.mse, "grad_norm": result.grad_norm,
-                              "lr": self.scheduler.get_last_lr()[0], **rates,
+                              "lr": result.lr, **rates,
                               "memory_gib": peak_memory_gib(self.device),
                               "nonfinite_steps": self.nonfinite_total}
                     records.append(record)
