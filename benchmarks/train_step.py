@@ -140,7 +140,7 @@ def measure(preset: str, overrides: list[str], steps: int, result: BenchResult, 
             tokens += batch.n_tokens
             images += batch.n_images
             train_flops += training_flops(fwd, cfg.optim.lr_vision > 0,  # as the trainer counts
-                                          cfg.optim.lr_projector > 0)
+                                          cfg.optim.lr_projector > 0, cfg.optim.lr > 0)
     peak = _peak_gib(device)
     seconds = sum(phases["step"]) / 1e3
     case = f"{preset} S={cfg.data.seq_len} rows={cfg.data.rows}" + (" compiled" if cfg.parallel.compile else "")

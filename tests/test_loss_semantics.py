@@ -90,6 +90,31 @@ def test_ce_and_mse_by_hand(reg_weight):
     torch.testing.assert_close(out.total.double(), want_ce + reg_weight * want_mse, atol=1e-5, rtol=1e-5)
 
 
+def test_the_regressed_image_is_the_one_the_batch_names():
+    """Regressing doc 1's image (image 1, after a caption): the prediction is read at its [IMG]
+    and first three slots (packed positions 13-16, positions 3-6 of doc 1 alone) and the target
+    is image 1's pooled features, not image 0's (the batch above regresses image 0, first in
+    the row, which would pass with the images taken in order)."""
+    cfg = _tiny_config(1.0)
+    model = Emu2Model(cfg).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    batch, _, doc1 = _batch(cfg, images)
+    batch.reg_images = torch.tensor([1])
+    batch.reg_positions = torch.tensor([[13, 14, 15, 16]])
+    batch.validate(cfg.llm.vocab_size, cfg.n_query, cfg.vision.image_size)
+    captured = {}
+    model.llm.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
+    with torch.no_grad():
+        model.logits(torch.tensor(doc1)[None], images[1:], n_query=4)
+        hidden1 = captured["h"][0]
+        grid = model.visual(images[1:])[0].double().view(4, 4, 48)
+        target = torch.stack([grid[r:r + 2, c:c + 2].mean(dim=(0, 1)) for r in (0, 2) for c in (0, 2)])
+        pred = hidden1[[3, 4, 5, 6]].double() @ model.project_down.weight.double().T
+        out = model(batch)
+    assert int(out.n_reg) == 4
+    torch.testing.assert_close(out.mse.double(), ((pred - target) ** 2).mean(), atol=1e-6, rtol=1e-4)
+
+
 def test_regression_target_is_detached_and_gradients_flow():
     cfg = _tiny_config(1.0)
     model = Emu2Model(cfg)

@@ -143,6 +143,16 @@ def test_parameter_groups_and_freezing():
     assert id(model.visual.pos_embed) in ids and id(model.visual.blocks["0"].attn.q_bias) in ids
     n_grouped = sum(len(g["params"]) for g in opt.param_groups)
     assert n_grouped == len(list(model.parameters()))
+    # every parameter: its component by name, and decay exactly for the matrices (no norm, bias,
+    # q/v bias, CLS or position embedding decays, in any component)
+    group_of = {id(p): g["name"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        comp = ("vision" if name.startswith("visual.") else
+                "projector" if name.startswith(("projector.", "project_down.")) else "llm")
+        decays = p.dim() >= 2 and not name.endswith(("cls_token", "pos_embed", "q_bias", "v_bias"))
+        assert group_of[id(p)] == comp + ("" if decays else "_no_decay"), name
+    assert group_of[id(model.project_down.weight)] == "projector"
+    assert group_of[id(model.visual.blocks["0"].norm1.bias)] == "vision_no_decay"
 
     frozen = Emu2Model(Emu2Config.from_preset("debug"))
     opt = build_optimizer(frozen, OptimSection(lr_vision=0.0))

@@ -1,7 +1,9 @@
 """One process (no mesh): the [parallel] section's activation checkpointing and compile still
 apply, as they do under torchrun."""
 
+import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -468,3 +470,53 @@ def test_grounding_check_gives_a_one_image_batch_another_image(tmp_path, monkeyp
     # a single image in all: nothing to compare, the check says so instead of failing the run
     monkeypatch.setattr(trainer_module, "heldout_caption_loader", lambda *a: iter([one]))
     assert trainer.evaluate_grounding(5) == {}
+
+
+def _step_grads(run_dir, batches, *extra) -> tuple[list[torch.Tensor], float]:
+    """The gradients AdamW steps with (and the norm the step reports) for one step of a fresh
+    trainer (same seed, same initial weights) on `batches`."""
+    trainer = Trainer(tiny_config(run_dir, "--train.steps=1", "--optim.warmup_steps=0", "--data.prefetch=0",
+                                  f"--parallel.microbatches={len(batches)}", *extra))
+    grads, step = [], trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: grads.extend(
+        p.grad.clone() for p in trainer.model.parameters() if p.grad is not None) or step(*a, **k)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*optimizer.step\\(\\)` has been overridden")
+        result = trainer.step(batches)
+    return grads, result.grad_norm
+
+
+def test_a_step_steps_with_the_micro_batches_mean_gradient_clipped_once(tmp_path):
+    """The gradient of a step is the mean over its micro-batches (one batch twice = that batch
+    once), and clipping scales that accumulated gradient once, after the last micro-batch (a
+    clip per micro-batch would change its direction)."""
+    source = Trainer(tiny_config(tmp_path / "src", "--data.prefetch=0"))
+    b1, b2 = next(source.loader), next(source.loader)
+    once, norm_once = _step_grads(tmp_path / "once", [b1], "--optim.grad_clip=0")
+    twice, norm_twice = _step_grads(tmp_path / "twice", [b1, copy.deepcopy(b1)], "--optim.grad_clip=0")
+    assert norm_twice == pytest.approx(norm_once, rel=1e-5) and len(once) == len(twice) > 0
+    for a, b in zip(once, twice):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * norm_once)
+    free, norm = _step_grads(tmp_path / "free", [b1, b2], "--optim.grad_clip=0")
+    clip = norm / 7
+    clipped, reported = _step_grads(tmp_path / "clipped", [b1, b2], f"--optim.grad_clip={clip}")
+    assert reported == pytest.approx(norm, rel=1e-5)   # the norm before clipping
+    for a, b in zip(free, clipped):
+        torch.testing.assert_close(b, a * (clip / norm), rtol=1e-4, atol=1e-7 * norm)
+
+
+def test_frozen_components_cost_no_weight_gradients_in_the_flop_count(tmp_path):
+    """A step's FLOPs as the trainer counts them for MFU: 3x the forward when everything trains;
+    a frozen encoder counts its forward only; a frozen LLM (optim.lr = 0) counts no weight
+    gradients for its linear layers and heads (2x), its attention still 3x."""
+    from emu2_engine.models.flops import batch_flops
+
+    source = Trainer(tiny_config(tmp_path / "src", "--data.prefetch=0"))
+    batch = next(source.loader)
+    fwd = batch_flops(source.model_cfg, batch)
+    assert fwd["vit"] > 0 and fwd["llm_linear"] > 0 and fwd["heads"] > 0
+    assert source.batch_flops(batch) == 3 * fwd["total"]
+    no_vision = Trainer(tiny_config(tmp_path / "nv", "--optim.lr_vision=0"))
+    assert no_vision.batch_flops(batch) == 3 * fwd["total"] - 2 * fwd["vit"]
+    no_llm = Trainer(tiny_config(tmp_path / "nl", "--optim.lr=0"))
+    assert no_llm.batch_flops(batch) == (3 * fwd["total"] - fwd["llm_linear"] - fwd["heads"])

@@ -140,7 +140,7 @@ def batch_flops(cfg: Emu2Config, batch: PackedBatch) -> dict[str, int]:
 
 
 def training_flops(forward: dict[str, int], vision_trainable: bool = True,
-                   projector_trainable: bool = True) -> int:
+                   projector_trainable: bool = True, llm_trainable: bool = True) -> int:
     """FLOPs of one training step (forward + backward) from `batch_flops`' forward counts.
 
     Backward = 2 x forward (input and weight gradients), so a trained component costs 3 x its
@@ -149,11 +149,20 @@ def training_flops(forward: dict[str, int], vision_trainable: bool = True,
     1x. A frozen `project_up` needs the gradient of its input only when the encoder trains
     (2x), else nothing (1x: Emu2-Chat's recipe). Two first layers need no input gradient and
     are still counted 3x when trained, as is the usual convention: the patch embedding (pixels)
-    and, with a frozen ViT, `project_up`; together under 0.1 % of emu2-37b's step."""
+    and, with a frozen ViT, `project_up`; together under 0.1 % of emu2-37b's step.
+
+    A frozen LLM (optim.lr = 0: blocks, embeddings and the LM head) computes no weight gradients:
+    its linear layers and heads cost 2x (input gradients, for the encoder or `project_up` before
+    it) or 1x when nothing before it trains; its attention still costs 3x whenever a gradient
+    passes through it. `project_down`'s few FLOPs are counted with the heads (as the LM head's),
+    an undercount where it alone trains."""
     vit, projector = forward["vit"], forward["projector"]
+    upstream = vision_trainable or projector_trainable   # a gradient must pass back through the LLM
+    llm_times = 3 if llm_trainable else (2 if upstream else 1)
+    attention_times = 3 if (llm_trainable or upstream) else 1
     projector_times = 3 if projector_trainable else (2 if vision_trainable else 1)
-    return (3 * (forward["total"] - vit - projector) + (3 if vision_trainable else 1) * vit
-            + projector_times * projector)
+    return (llm_times * (forward["llm_linear"] + forward["heads"]) + attention_times * forward["llm_attention"]
+            + (3 if vision_trainable else 1) * vit + projector_times * projector)
 
 
 # Peak dense (no 2:4 sparsity) BF16 tensor-core rates, FLOP/s, from NVIDIA's datasheets, which

@@ -476,7 +476,7 @@ class Trainer:
         batch.validate(cfg.llm.vocab_size, cfg.n_query, cfg.vision.image_size,
                        frame_n_query=cfg.frame_queries, frame_slot=cfg.special_ids.gen_img)
         optim = self.cfg.optim
-        return training_flops(batch_flops(cfg, batch), optim.lr_vision > 0, optim.lr_projector > 0)
+        return training_flops(batch_flops(cfg, batch), optim.lr_vision > 0, optim.lr_projector > 0, optim.lr > 0)
 
     def clip_grad_norm(self) -> torch.Tensor:
         """The global gradient norm before clipping; clips to optim.grad_clip (0: no clipping)."""
