@@ -42,6 +42,8 @@ def test_tp2_matches_one_process(tmp_path):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
     assert records[-1]["mfu"] is None and records[-1]["tokens_per_s"] > 0
+    # the job's tokens and images per step: both ranks hold the same batches, counted once
+    assert [(r["tokens"], r["images"]) for r in records] == [(r["tokens"], r["images"]) for r in reference]
     assert [s for s, _ in complete_checkpoints(tmp_path / "tp2" / "checkpoints")] == [3]
     # a one-process run starts from the two ranks' weights (checkpoint.init_from), nothing else
     fresh = Trainer(JobConfig.load(None, TINY + [f"--train.run_dir={tmp_path / 'fresh'}", "--checkpoint.init_from="

@@ -661,7 +661,8 @@ class Trainer:
                         or result.skipped):
                     record = {"step": self.step_count, "loss": result.loss, "ce": result.ce,
                               "mse": result.mse, "grad_norm": result.grad_norm,
-                              "lr": result.lr, **rates,
+                              "lr": result.lr, "tokens": totals[0].item(), "images": totals[1].item(),
+                              **rates,
                               "memory_gib": peak_memory_gib(self.device),
                               "nonfinite_steps": self.nonfinite_total}
                     records.append(record)
