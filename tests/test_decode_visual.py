@@ -258,6 +258,18 @@ def test_sampling_matches_the_sdxl_pipeline(parts):
             # equal but where float noise (1e-6 in the latents) crosses a rounding boundary;
             # truncating instead of rounding would move about half the values by 1
             assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
+    # SDXL's size conditions as the pipeline takes them (Emu2-Gen's sends 1024 x 1024, crop 0, 0)
+    kw.update(original_size=(1024, 768), crops_coords_top_left=(8, 4))
+    theirs = pipe(**kw, generator=torch.Generator().manual_seed(6), output_type="latent").images
+    ours = sample_latents(unet, emb, (B, 4, 8, 8), size_ids(32, 32, B, "cpu", (1024, 768), (8, 4)), steps=3,
+                          guidance=1.0, negative=neg, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    got = decode_images(emb, unet=unet, vae=vae, steps=3, guidance=1.0, height=32, width=32, seed=6,
+                        original_size=(1024, 768), crop_top_left=(8, 4))
+    plain = decode_images(emb, unet=unet, vae=vae, steps=3, guidance=1.0, height=32, width=32, seed=6)
+    images = pipe(**kw, generator=torch.Generator().manual_seed(6), output_type="pil").images
+    assert np.abs(np.asarray(got[0], dtype=int) - np.asarray(images[0], dtype=int)).max() <= 1
+    assert not np.array_equal(np.asarray(got[0]), np.asarray(plain[0]))
 
 
 def test_each_video_frame_is_the_vae_decode_of_its_latents(parts):
@@ -315,6 +327,9 @@ def test_bad_sampling_arguments_fail_before_sampling(parts, calls):
             decode_images(emb, steps=2, **{**kw, "height": height})
     with pytest.raises(ValueError, match=r"hold no sample \(B = 0\)"):
         decode_images(emb[:0], steps=2, **kw)
+    for bad in ({"original_size": (1024,)}, {"original_size": (0, 1024)}, {"crop_top_left": (-1, 0)}):
+        with pytest.raises(ValueError, match="must be two whole numbers"):
+            decode_images(emb, steps=2, **kw, **bad)
     with pytest.raises(ValueError, match="must be a torch.Tensor .*, got ndarray"):
         decode_images(emb.numpy(), steps=2, **kw)
     with pytest.raises(ValueError, match=r"sampler's .* are fixed to Emu2-Gen's, got \['timestep_spacing'\]"):

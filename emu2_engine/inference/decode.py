@@ -115,10 +115,23 @@ def load_trained_decoder(path: str | Path, unet: UNet) -> torch.Tensor | None:
     return null
 
 
-def size_ids(height: int, width: int, batch: int, device) -> torch.Tensor:
-    """SDXL's six size/crop ids for an uncropped image generated at its own size."""
-    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
+def size_ids(height: int, width: int, batch: int, device, original_size: tuple[int, int] | None = None,
+             crop_top_left: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """SDXL's six size/crop ids (original height and width, crop top and left, target height and
+    width), by default those of an uncropped image generated at its own size."""
+    original = (height, width) if original_size is None else tuple(original_size)
+    ids = torch.tensor([[*original, *crop_top_left, height, width]], dtype=torch.float32, device=device)
     return ids.expand(batch, 6)
+
+
+def _check_size_conditions(original_size, crop_top_left) -> None:
+    for name, pair, low in (("original_size", original_size, 1), ("crop_top_left", crop_top_left, 0)):
+        if pair is None and name == "original_size":
+            continue
+        ok = (isinstance(pair, (tuple, list)) and len(pair) == 2
+              and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low for v in pair))
+        if not ok:
+            raise ValueError(f"{name} must be two whole numbers >= {low} (height, width / top, left), got {pair!r}")
 
 
 def _vae_factor(vae) -> int:
@@ -276,10 +289,14 @@ def _check_embeddings(embeddings, dims: str) -> None:
 @torch.no_grad()
 def decode_images(embeddings: torch.Tensor, *, unet: UNet, vae, steps: int = 50, guidance: float = 3.0,
                   negative: torch.Tensor | str | None = None, height: int | None = None,
-                  width: int | None = None, seed: int | None = None,
-                  schedule: dict | None = None) -> list[Image.Image]:
+                  width: int | None = None, seed: int | None = None, schedule: dict | None = None,
+                  original_size: tuple[int, int] | None = None,
+                  crop_top_left: tuple[int, int] = (0, 0)) -> list[Image.Image]:
     """Visual embeddings (B, N, D) -> B PIL images of height x width pixels (default: the UNet's
     sample_size through the VAE, 1024 for Emu2-Gen).
+
+    `original_size` and `crop_top_left` are SDXL's size conditions (its pipeline's
+    `original_size` and `crops_coords_top_left`); by default an uncropped image at its own size.
 
     `negative`: the unconditional embeddings, (N, D) or (1 or B, N, D), or "zeros"; required
     unless guidance is 1 (see the module docstring). `seed` makes the initial noise
@@ -291,9 +308,11 @@ def decode_images(embeddings: torch.Tensor, *, unet: UNet, vae, steps: int = 50,
     if embeddings.dim() != 3:
         raise ValueError(f"embeddings must be (B, N, D), got shape {tuple(embeddings.shape)}")
     height, width, factor = _pixel_size(unet, vae, height, width)
+    _check_size_conditions(original_size, crop_top_left)
     B = embeddings.shape[0]
     device = next(unet.parameters()).device
-    time_ids = size_ids(height, width, B, device) if unet.cfg.text_time else None
+    time_ids = (size_ids(height, width, B, device, original_size, crop_top_left) if unet.cfg.text_time
+                else None)
     # The UNet's checks (embedding width and count), once, before any work.
     unet.check_inputs(torch.empty(B, unet.cfg.in_channels, 1, 1, device="meta"), torch.zeros(()),
                       embeddings, time_ids)
