@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -348,6 +349,11 @@ def test_convert_cli_both_directions(tmp_path, source, capsys):
     assert convert.main(["--preset", "debug", "--export", "--dtype", "bfloat16",
                          "--from", str(tmp_path / "engine.safetensors"),
                          "--to", str(tmp_path / "bf16.safetensors")]) == 0
+    from safetensors import safe_open
+
+    for written in (tmp_path / "engine.safetensors", tmp_path / "bf16.safetensors"):   # --dtype was obeyed
+        with safe_open(written, "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, written
     half = _random_model(5).to(torch.bfloat16)
     load_released_weights(half, tmp_path / "bf16.safetensors")
     assert torch.equal(half.lm_head.weight, source.lm_head.weight.to(torch.bfloat16))
@@ -401,3 +407,84 @@ def test_export_copies_only_tensors_that_need_it():
     assert out["slice"].data_ptr() != slice_of_other.data_ptr()
     for name, t in out.items():
         assert torch.equal(t, {"own": own, "view": view_of_own, "slice": slice_of_other}[name])
+
+
+def test_a_transformers_llama_in_the_released_layout_gives_its_own_logits(tmp_path, target):
+    """A released-layout file whose LLM is transformers' own LlamaForCausalLM (random weights,
+    Emu2's RMSNorm eps 1e-6 and RoPE theta 10000 from EMU2_FACTS.md, not the engine's defaults)
+    under ``decoder.lm.``: loaded through the released names, the engine's logits are
+    transformers'. The other tests build their released files with `to_released_name` itself, so
+    a name table wrong both ways, or a changed default eps or theta, passed them."""
+    transformers = pytest.importorskip("transformers")
+    llm = CFG.llm
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=llm.vocab_size, hidden_size=llm.hidden, intermediate_size=llm.ffn_hidden,
+        num_hidden_layers=llm.layers, num_attention_heads=llm.heads, num_key_value_heads=llm.kv_heads,
+        rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=llm.max_positions,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+    hf_cfg._attn_implementation = "eager"
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + 0.05 * torch.randn(p.shape, generator=g))
+    tensors = {f"decoder.lm.{k}": v.contiguous() for k, v in hf.state_dict().items()}
+    others = _random_model(6).state_dict()
+    tensors.update({to_released_name(k): v for k, v in others.items()
+                    if k.startswith(("visual.", "projector.", "project_down."))})
+    save_file(tensors, tmp_path / "w.safetensors")
+    load_released_weights(target, tmp_path / "w.safetensors")
+    ids = torch.randint(0, 500, (2, 19), generator=g)
+    with torch.no_grad():
+        got, want = target.eval().logits(ids), hf(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-4
+
+
+def test_a_torch_file_from_the_official_model_is_told_from_engine_weights(tmp_path, source):
+    """A torch file saved from the official Emu2 model starts with the ``visual.*`` names both
+    layouts share; `holds_released_names` reads on to the first name that differs (it used to
+    decide by the first name, so checkpoint.init_from refused such a file)."""
+    from emu2_engine.checkpoint.released import holds_released_names
+
+    released = _released(source)
+    ordered = dict(sorted(released.items(), key=lambda kv: not kv[0].startswith("visual.")))
+    assert next(iter(ordered)).startswith("visual.")
+    torch.save(ordered, tmp_path / "pytorch_model.bin")
+    torch.save({"module": ordered}, tmp_path / "wrapped.pt")
+    engine = dict(sorted(source.state_dict().items(), key=lambda kv: not kv[0].startswith("visual.")))
+    torch.save(engine, tmp_path / "engine.pt")
+    assert holds_released_names(tmp_path / "pytorch_model.bin")
+    assert holds_released_names(tmp_path / "wrapped.pt")
+    assert not holds_released_names(tmp_path / "engine.pt")
+
+
+def test_emu2_37b_preset_is_the_released_model():
+    """The numbers of EMU2_FACTS.md's table, pinned (the parity tests pass eps and theta to both
+    sides, so a changed default passed them), and every norm is built with its config's eps."""
+    cfg = Emu2Config.from_preset("emu2-37b")
+    v, llm = cfg.vision, cfg.llm
+    assert (v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_hidden, v.ln_eps) == (
+        448, 14, 1792, 64, 16, 15360, 1e-6)
+    assert (llm.hidden, llm.layers, llm.heads, llm.kv_heads, llm.ffn_hidden, llm.rms_eps, llm.rope_theta,
+            llm.max_positions, llm.vocab_size) == (6656, 60, 52, 52, 17920, 1e-6, 10000.0, 2048, 32272)
+    assert cfg.n_query == 64 and llm.hidden // llm.heads == 128
+    odd = Emu2Config(name="odd", vision=replace(CFG.vision, ln_eps=3e-6), llm=replace(CFG.llm, rms_eps=7e-6),
+                     base_vocab_size=CFG.base_vocab_size, n_query=CFG.n_query)
+    model = Emu2Model(odd)
+    layer_norms = [m for m in model.visual.modules() if isinstance(m, torch.nn.LayerNorm)]
+    rms_norms = [m for m in model.llm.modules() if type(m).__name__ == "RMSNorm"]
+    assert layer_norms and all(m.eps == 3e-6 for m in layer_norms)
+    assert rms_norms and all(getattr(m, "eps", None) == 7e-6 for m in rms_norms), [vars(m) for m in rms_norms[:1]]
+
+
+def test_hf_layout_with_the_projections_at_the_top_level(tmp_path, source, target):
+    """The Hugging Face remote-code layout: everything under ``model.``, except the two
+    projections, which public copies of its modeling code hold beside ``model`` (``project_up.*``,
+    ``project_down.*``): it loads."""
+    tensors = {}
+    for name, value in _released(source).items():
+        top = name.removeprefix("decoder.lm.")
+        tensors[top if top.startswith(("project_up.", "project_down.")) else "model." + name] = value
+    assert "project_up.weight" in tensors and "model.visual.cls_token" in tensors
+    save_file(tensors, tmp_path / "w.safetensors")
+    _assert_loaded(target, source, tmp_path / "w.safetensors")

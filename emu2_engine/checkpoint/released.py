@@ -11,7 +11,8 @@ The engine's parameter names differ from the released ones only in where the LLM
     lm_head.*                   decoder.lm.lm_head.*
     project_down.*              decoder.lm.project_down.*
 
-Variants accepted on load: the Hugging Face remote-code release (everything under ``model.``);
+Variants accepted on load: the Hugging Face remote-code release (everything under ``model.``,
+the two projections also at the top level, ``project_up.*`` / ``project_down.*``);
 a torch file whose top level is ``{"module": {...}}`` (other top-level entries, such as
 DeepSpeed's bookkeeping, are ignored); the older names ``vl_adapter.projection`` (project_up)
 and ``decoder.lm.stu_regress_head`` (project_down); ``...rotary_emb.inv_freq`` buffers
@@ -55,6 +56,11 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
 _OLD_PREFIXES: tuple[tuple[str, str], ...] = (
     ("vl_adapter.projection.", "decoder.lm.project_up."),
     ("decoder.lm.stu_regress_head.", "decoder.lm.project_down."),
+    # Public copies of the Hugging Face remote code's modeling_emu.py hold the two projections
+    # on EmuForCausalLM itself, beside `model`: top-level names (not checked against the
+    # released index; accepted either way).
+    ("project_up.", "decoder.lm.project_up."),
+    ("project_down.", "decoder.lm.project_down."),
 )
 _GEN_ENCODER = "multimodal_encoder."  # Emu2-Gen: the multimodal model inside the pipeline
 _GEN_IGNORED = ("unet.", "vae.", "safety_checker.")  # Emu2-Gen: the image decoder's parts
@@ -367,16 +373,18 @@ def load_weights(model: nn.Module, source: str | os.PathLike, *,
 
 def holds_released_names(source: str | os.PathLike) -> bool:
     """Whether a weights file or folder names its tensors as the released Emu2 checkpoints do
-    (``decoder.lm.*``, ``visual.*``, ...) rather than as the engine's state dict: its first
-    name that `to_engine_name` maps is renamed by it."""
+    (``decoder.lm.*``, ``visual.*``, ...) rather than as the engine's state dict: the first
+    name that `to_engine_name` renames says released, the first it does not know says engine.
+    Names the two layouts share (``visual.*``) decide nothing: a torch file saved from the
+    official model starts with them."""
     for f in _open_source(Path(source)):
         for name in f.shapes:
             try:
                 engine = to_engine_name(name)
             except KeyError:
                 return False
-            if engine is not None:
-                return engine != name
+            if engine is not None and engine != name:
+                return True
     return False
 
 
