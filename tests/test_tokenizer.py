@@ -146,3 +146,16 @@ def test_shipped_model_is_what_the_script_makes():
     # train_tokenizer is deterministic, and the shipped file is its output for the defaults.
     # If shapes.tokenizer_corpus changes, rerun `python -m emu2_engine.data.train_tokenizer`.
     assert train_sentencepiece(tokenizer_corpus(0)) == DEFAULT_MODEL.read_bytes()
+
+
+def test_every_added_token_has_its_released_id():
+    """Each of the 15 named added tokens, and the two chat tokens, at the id the released
+    tokenizer gives it (EMU2_FACTS.md's table), by literal string: a swap of two tokens that
+    the engine never emits ([EOC], <REC>) passed the tests that pin only the ones it uses."""
+    names = ["[PAD]", "[IMG]", "[/IMG]", "<image>", "[gIMG]", "[/gIMG]", "[EOC]", "[VIDEO]", "<grounding>",
+             "<phrase>", "</phrase>", "<object>", "</object>", "</delimiter_of_multi_objects/>", "<REC>"]
+    added = tokens.added_tokens(chat=True)
+    ids = {token: 32000 + i for i, token in enumerate(added)}   # the added tokens follow a 32000 base
+    assert [ids[t] for t in names] == list(range(32000, 32015))
+    assert ids["<patch_index_0000>"] == 32015 and ids["<patch_index_0256>"] == 32271
+    assert (ids["[USER]"], ids["[ASSISTANT]"]) == (32272, 32273)
