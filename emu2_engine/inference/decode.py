@@ -251,15 +251,15 @@ def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     decodes in fp32 and is cast back to fp16 afterwards, as diffusers' SDXL pipeline does."""
     param = next(vae.parameters())
     upcast = param.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-    if upcast:
-        vae.to(torch.float32)
+    if upcast:   # (nn.Module.to: diffusers' own .to warns about fp32 modules on every cast)
+        nn.Module.to(vae, torch.float32)
     try:
         scale, shift = latent_scaling(vae)
         z = latents.to(device=param.device, dtype=next(vae.parameters()).dtype) / scale + shift
         pixels = vae.decode(z).sample
     finally:
         if upcast:
-            vae.to(torch.float16)
+            nn.Module.to(vae, torch.float16)
     if not bool(torch.isfinite(pixels).all()):
         raise FloatingPointError(f"the VAE decoded non-finite pixels (NaN or inf) in {pixels.dtype}: decode "
                                  f"in fp32 (an fp16 VAE overflows unless its config sets force_upcast)")

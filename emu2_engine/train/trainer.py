@@ -213,7 +213,7 @@ class StepResult:
     images: int
     skipped: bool
     """The loss or the gradient norm was not finite: no optimiser update."""
-    lr: float = float("nan")
+    lr: float
     """The learning rate of this step's update (the first group's)."""
 
 
@@ -661,7 +661,7 @@ class Trainer:
                         or result.skipped):
                     record = {"step": self.step_count, "loss": result.loss, "ce": result.ce,
                               "mse": result.mse, "grad_norm": result.grad_norm,
-                              "lr": result.lr, "tokens": totals[0].item(), "images": totals[1].item(),
+                              "lr": result.lr, "tokens": round(totals[0].item()), "images": round(totals[1].item()),
                               **rates,
                               "memory_gib": peak_memory_gib(self.device),
                               "nonfinite_steps": self.nonfinite_total}
