@@ -5,7 +5,8 @@ frame, with and without biases, channels-last and contiguous inputs), with the d
 gradients (cuBLAS / cuDNN on CUDA, ATen on the CPU) and with the Triton wgrad kernel (and its
 split over rows); the library wgrads read the tensors in place; the zero temporal kernel; bad
 input; the custom ops; the sm_90 compile (spill-free, the candidate tiles too); bf16 and
-video-UNet sizes on CUDA."""
+video-UNet sizes on CUDA. The pass-by-pass path (`ops.conv_passes`): every library plan in fp64,
+Triton plans through the interpreter, its tuner, bad plans, in-place outputs and FLOP counts."""
 
 import itertools
 import re
