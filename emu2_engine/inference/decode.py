@@ -124,13 +124,17 @@ def size_ids(height: int, width: int, batch: int, device, original_size: tuple[i
     return ids.expand(batch, 6)
 
 
+def _whole(value, low: int) -> bool:
+    """value is a whole number (not a bool) of at least low."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+
 def _check_size_conditions(original_size, crop_top_left) -> None:
-    for name, pair, low in (("original_size", original_size, 1), ("crop_top_left", crop_top_left, 0)):
-        if pair is None and name == "original_size":
-            continue
-        ok = (isinstance(pair, (tuple, list)) and len(pair) == 2
-              and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low for v in pair))
-        if not ok:
+    """original_size (None: the target size) and crop_top_left are pairs of whole numbers."""
+    pairs = [("crop_top_left", crop_top_left, 0)] + ([] if original_size is None else
+                                                     [("original_size", original_size, 1)])
+    for name, pair, low in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_whole(v, low) for v in pair)):
             raise ValueError(f"{name} must be two whole numbers >= {low} (height, width / top, left), got {pair!r}")
 
 
@@ -272,7 +276,7 @@ def _pixel_size(unet: UNet, vae, height: int | None, width: int | None) -> tuple
     height = unet.cfg.sample_size * factor if height is None else height
     width = unet.cfg.sample_size * factor if width is None else width
     for value in (height, width):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or value % factor:
+        if not _whole(value, 1) or value % factor:
             raise ValueError(f"height and width must be positive multiples of the VAE's factor {factor} "
                              f"(or None for the UNet's {unet.cfg.sample_size * factor}), got {height!r}x{width!r}")
     return int(height), int(width), factor

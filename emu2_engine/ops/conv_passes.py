@@ -105,7 +105,7 @@ def check_plan(plan, dtype: torch.dtype) -> PassPlan:
 
 # ---- the passes. Tensors are (B, C, F, H, W) in channels_last_3d; results are too. ----
 
-def _frames(t: torch.Tensor) -> torch.Tensor:
+def frames_view(t: torch.Tensor) -> torch.Tensor:
     """(B, C, F, H, W) channels_last_3d -> the (B*F, C, H, W) channels-last view of its frames."""
     B, C, Fr, H, W = t.shape
     return t.permute(0, 2, 1, 3, 4).reshape(B * Fr, C, H, W)
@@ -139,7 +139,7 @@ def spatial_fwd(impl: str, x, w_s, b_s):
     B, _, Fr, H, W = x.shape
     kh, kw = w_s.shape[2:]
     if impl == "conv":
-        return _unframes(F.conv2d(_frames(x), w_s, b_s, padding=(kh // 2, kw // 2)), B, Fr)
+        return _unframes(F.conv2d(frames_view(x), w_s, b_s, padding=(kh // 2, kw // 2)), B, Fr)
     s = _tap_conv(_rows(x), _spatial_taps(w_s, adjoint=False), b_s, None, (Fr, H, W), (1, kh, kw))
     return _from_rows(s, B, Fr, H, W)
 
@@ -177,7 +177,7 @@ def spatial_dgrad(impl: str, ds, x, w_s):
     kh, kw = w_s.shape[2:]
     if impl == "conv":
         dx = torch.ops.aten.convolution_backward(
-            _frames(ds), _frames(x), w_s, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], 1,
+            frames_view(ds), frames_view(x), w_s, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], 1,
             [True, False, False])[0]
         return _unframes(dx, B, Fr)
     dx = _tap_conv(_rows(ds), _spatial_taps(w_s, adjoint=True), None, None, (Fr, H, W), (1, kh, kw))

@@ -96,7 +96,7 @@ def spatiotemporal_conv_cudnn(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Ten
     cout, _, kh, kw = w_s.shape
     kt = w_t.shape[2]
     x = x.contiguous(memory_format=torch.channels_last_3d)
-    frames = x.permute(0, 2, 1, 3, 4).reshape(B * Fr, C, H, W)        # a channels-last view
+    frames = conv_passes.frames_view(x)                               # a channels-last view
     s = F.conv2d(frames, w_s, b_s, padding=(kh // 2, kw // 2))
     s = s.view(B, Fr, cout, H, W).permute(0, 1, 3, 4, 2)              # (B, F, H, W, C) view
     seq = s.permute(0, 2, 3, 1, 4).reshape(B * H * W, Fr, cout)        # frames inner: one copy
@@ -117,7 +117,7 @@ def spatiotemporal_conv_library(x: torch.Tensor, w_s: torch.Tensor, b_s: torch.T
     B, C, Fr, H, W = x.shape
     cout, _, kh, kw = w_s.shape
     x = x.contiguous(memory_format=torch.channels_last_3d)
-    frames = x.permute(0, 2, 1, 3, 4).reshape(B * Fr, C, H, W)        # a channels-last view
+    frames = conv_passes.frames_view(x)                               # a channels-last view
     s = F.conv2d(frames, w_s, b_s, padding=(kh // 2, kw // 2))
     s = s.view(B, Fr, cout, H, W).permute(0, 2, 1, 3, 4)    # channels_last_3d (s is channels-last)
     return temporal_gemm(s, w_t, b_t)
