@@ -106,7 +106,8 @@ class PackedLoader:
             tokenizer, model_cfg.n_query, seed=cfg.seed, image_first_prob=cfg.image_first_prob,
             phrase_first_prob=cfg.phrase_first_prob, interleaved_images=cfg.interleaved_images,
             interleaved_len=cfg.interleaved_len, text_len=cfg.text_len,
-            bidirectional=cfg.bidirectional, frame_n_query=model_cfg.frame_queries)
+            bidirectional=cfg.bidirectional, frame_n_query=model_cfg.frame_queries,
+            template=cfg.template)
         self.blend = Blend(cfg.weights)
         self.stats = SkipStats()
         self.truncated = 0
@@ -126,8 +127,10 @@ class PackedLoader:
                 "interleaved_images": c.interleaved_images, "image_first_prob": c.image_first_prob,
                 "phrase_first_prob": c.phrase_first_prob, "bidirectional": c.bidirectional,
                 "regress": list(c.regress), "seed": c.seed, "n_query": self.n_query,
-                # only where frames differ: states saved before this key existed still match
-                **({"frame_n_query": self.frame_n_query} if self.frame_n_query != self.n_query else {})}
+                # only where they differ from the defaults: states saved before these keys
+                # existed still match
+                **({"frame_n_query": self.frame_n_query} if self.frame_n_query != self.n_query else {}),
+                **({"template": c.template} if c.template != "pretrain" else {})}
 
     # -- samples --------------------------------------------------------------------------
     def _samples_of(self, d: int, record: Record) -> list[Sample]:

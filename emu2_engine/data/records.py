@@ -70,6 +70,28 @@ class VQA:
     source: str = ""
 
 
+IMAGE_MARKER = "<image>"
+"""Where an image goes in a chat instruction (LLaVA's convention): one marker per image, in the
+order of `Chat.images`."""
+
+CHAT_SYSTEMS = ("chat", "academic")
+"""The names of Emu2-Chat's two system messages (`sequences.SYSTEM_MESSAGES`)."""
+
+
+@dataclass
+class Chat:
+    """A conversation, LLaVA-style: `turns[i]` = (the user's instruction, the assistant's
+    answer). The instructions hold IMAGE_MARKER once per image, in the order of `images`
+    (`decode.py` puts the markers of a conversation that has none before its first
+    instruction). `system` names the system message: "chat" (multimodal chat data) or
+    "academic" (academic-task data with short annotations)."""
+    key: str
+    turns: list[tuple[str, str]]
+    images: list[torch.Tensor] = field(default_factory=list)
+    system: str = "chat"
+    source: str = ""
+
+
 @dataclass
 class Text:
     key: str
@@ -77,7 +99,7 @@ class Text:
     source: str = ""
 
 
-Record = ImageText | VideoText | Interleaved | Grounded | VQA | Text
+Record = ImageText | VideoText | Interleaved | Grounded | VQA | Chat | Text
 
 
 @dataclass

@@ -18,6 +18,13 @@ those of the released Emu2 (shared/reference/EMU2_FACTS.md):
   else the box first. Boxes are quantised as Kosmos-2 does (`box_to_patch_indices`).
 - language-only: chunks of at most 2048 tokens, each wrapped in `<s> ... </s>`.
 - VQA (evaluation): the prompts of the paper's evaluation protocol (`build_vqa`).
+- chat (Emu2-Chat instruction tuning, `template="chat"`, `build_chat`):
+  `<s>{system} [USER]: {instruction} [ASSISTANT]: {answer}</s>[USER]: ... </s>`, the images
+  where the instruction's `<image>` markers are (`records.IMAGE_MARKER`); only the answers and
+  the `</s>` closing each carry the text loss. Under this template VQA and image-caption records
+  become academic-task conversations (the academic system message, the question or a caption
+  request followed by LLaVA-1.5's output-format instruction, the answer or caption as the
+  reply); chat records are laid out as they are. The other kinds have no chat form here.
 
 Decisions recorded here:
 - The text loss is described per token by `Sample.text_target`: True where the token may be
@@ -25,6 +32,11 @@ Decisions recorded here:
   patch-index tokens, never `[IMG]`, `[/IMG]`, `<image>`, `[gIMG]`, `[/gIMG]`, `[VIDEO]` or
   `[PAD]` (Emu2 takes no text loss on visual tokens), nor the `<grounding>` instruction. Collation (`packing.collate_packed`) turns it into pre-shifted
   labels: `labels[t] = input_ids[t + 1]` if t + 1 is in the same document and a target.
+- Chat tokens: each stretch of text between two special tokens is encoded in one piece, as
+  the released (slow) tokenizer encodes the whole template string, except that the answer is
+  encoded on its own after the `:` that follows `[ASSISTANT]`: the answer tokens are then
+  exactly the tokens a model generates after the inference prompt `... [ASSISTANT]:`, and the
+  loss mask has a clean edge. Both agree whenever sentencepiece splits `: answer` at its space.
 - A `</s>` that closes a sequence cut short (a truncated sample, a text chunk that is not the
   document's last) is not a target: the document did not end there.
 - Regression targets: an image of a dataset listed in `data.regress` is regressed when text
@@ -47,7 +59,8 @@ import torch
 from PIL import Image
 
 from emu2_engine.data import tokens as tk
-from emu2_engine.data.records import VQA, Grounded, ImageText, Interleaved, Phrase, Record, Text, VideoText
+from emu2_engine.data.records import (CHAT_SYSTEMS, IMAGE_MARKER, VQA, Chat, Grounded, ImageText,
+                                      Interleaved, Phrase, Record, Text, VideoText)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -61,6 +74,22 @@ produced (Kosmos-2's processor takes the grid side as int(sqrt(number of tokens)
 ZERO_SHOT_VQA = "based on the picture, answer in one word or phrase. {question} short answer:"
 FEW_SHOT_VQA = "based on the picture, {question} short answer:"
 """The paper's evaluation prompts (Appendix, evaluation protocol); the image precedes them."""
+
+SYSTEM_MESSAGES = {
+    "academic": "You are a helpful assistant, dedicated to provide concise and efficient answers.",
+    "chat": "You are a helpful assistant, dedicated to delivering comprehensive and meticulous responses.",
+}
+"""Emu2-Chat's two system messages (paper, Appendix B.1): academic-task data, multimodal chat data."""
+assert tuple(SYSTEM_MESSAGES) == tuple(reversed(CHAT_SYSTEMS))
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+CAPTION_REQUEST = "Provide a one-sentence caption for the provided image."
+"""The output-format instructions of LLaVA-1.5 (Liu et al., "Improved Baselines with Visual
+Instruction Tuning", 2023, Table 7: VQAv2/GQA and COCO/TextCaps), which the Emu2 paper says its
+academic-task data uses ("instructions with output-format control information as used in [49]");
+Emu2's own instruction data was not released."""
+
+TEMPLATES = ("pretrain", "chat")
 
 
 class RecordError(ValueError):
@@ -150,7 +179,7 @@ class SampleBuilder:
     def __init__(self, tokenizer, n_query: int, seed: int = 0, image_first_prob: float = 0.5,
                  phrase_first_prob: float = 0.7, interleaved_images: int = 8,
                  interleaved_len: int = 1024, text_len: int = 2048, bidirectional: bool = False,
-                 frame_n_query: int = 0):
+                 frame_n_query: int = 0, template: str = "pretrain"):
         if n_query < 1:
             raise ValueError(f"n_query must be >= 1, got {n_query}")
         if not 0 <= frame_n_query <= n_query:
@@ -163,6 +192,12 @@ class SampleBuilder:
             raise ValueError(f"interleaved_images must be >= 1, got {interleaved_images}")
         if text_len < 3:
             raise ValueError(f"text_len must be >= 3 (<s>, a token, </s>), got {text_len}")
+        if template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+        if template == "chat" and not getattr(tokenizer, "chat", False):
+            raise ValueError("the chat template needs a tokenizer with the chat tokens [USER] and "
+                             "[ASSISTANT] (Emu2Tokenizer(chat=True), a preset with chat = True)")
+        self.template = template
         self.tok, self.ids = tokenizer, tokenizer.ids
         self.n_query, self.seed = n_query, seed
         self.frame_n_query = frame_n_query or n_query
@@ -175,6 +210,8 @@ class SampleBuilder:
         self.object, self.object_end = t(tk.OBJECT), t(tk.OBJECT_END)
         self.delimiter = t(tk.MULTI_OBJECT_DELIMITER)
         self.patch_index0 = t("<patch_index_0000>")
+        self.user = t(tk.USER) if getattr(tokenizer, "chat", False) else None
+        self.assistant = t(tk.ASSISTANT) if getattr(tokenizer, "chat", False) else None
         ids = self.ids
         self._non_text = np.array([ids.pad, ids.img, ids.img_end, ids.image, ids.gen_img,
                                    ids.gen_img_end, ids.video], dtype=np.int64)
@@ -185,8 +222,10 @@ class SampleBuilder:
         the record's dataset and `epoch` the pass over it it was read in (they seed the
         choices); `regress`: its images may be regression targets (those with text before
         them)."""
-        if not isinstance(record, (ImageText, VideoText, Interleaved, Grounded, Text, VQA)):
+        if not isinstance(record, (ImageText, VideoText, Interleaved, Grounded, Text, VQA, Chat)):
             raise TypeError(f"no sequence builder for {type(record).__name__}")
+        if self.template == "chat" or isinstance(record, Chat):
+            return [self.build_chat_record(record)]
         rng = sample_rng(self.seed, dataset, record.key, epoch)
         if isinstance(record, ImageText):
             first = bool(rng.random() < self.image_first_prob)
@@ -391,6 +430,98 @@ class SampleBuilder:
         sample = self._finish(body, images, starts, False)
         sample.text_target[:n_prompt + 1] = False  # <s> and the prompt carry no loss
         if answer is None:  # a prompt to continue, not a closed document
+            sample.input_ids, sample.text_target = sample.input_ids[:-1], sample.text_target[:-1]
+        return sample
+
+
+    def build_chat_record(self, record: Record) -> Sample:
+        """A record as an Emu2-Chat conversation: a chat record as it is; a VQA record (its most
+        common answer) or an image-caption record as an academic-task conversation, the image
+        first and LLaVA-1.5's output-format instruction after the question (`SHORT_ANSWER`) or as
+        the request (`CAPTION_REQUEST`). ValueError for the kinds without a chat form."""
+        if isinstance(record, Chat):
+            return self.build_chat(record.system, record.turns, record.images)
+        if isinstance(record, VQA):
+            answer = Counter(record.answers).most_common(1)[0][0]
+            return self.build_chat("academic", [(f"{IMAGE_MARKER}{record.question}\n{SHORT_ANSWER}", answer)],
+                                   [record.image])
+        if isinstance(record, ImageText):
+            return self.build_chat("academic", [(f"{IMAGE_MARKER}{CAPTION_REQUEST}", record.caption)],
+                                   [record.image])
+        raise ValueError(f"the chat template lays out chat, vqa and image_text records; a "
+                         f"{type(record).__name__} record has no chat form (use template = "
+                         f"\"pretrain\" for it)")
+
+    def build_chat(self, system: str, turns: list[tuple[str, str | None]],
+                   images: list[torch.Tensor] = ()) -> Sample:
+        """Emu2-Chat's template: `<s>{system message} [USER]: {instruction} [ASSISTANT]: {answer}`,
+        each later turn after the previous answer's `</s>` as `[USER]: ... [ASSISTANT]: ...`,
+        and `</s>` at the end. `system`: "chat" or "academic" (`SYSTEM_MESSAGES`). Each
+        IMAGE_MARKER in an instruction is replaced by the next image (whitespace around a marker
+        is dropped). Only the answers and the `</s>` after each are text targets.
+
+        The last answer may be None: the sample then ends with `[ASSISTANT]:` (no `</s>`), the
+        prompt a model continues at inference, as `build_vqa` without an answer."""
+        if self.user is None:
+            raise ValueError("the chat template needs a tokenizer with the chat tokens [USER] and "
+                             "[ASSISTANT] (Emu2Tokenizer(chat=True), a preset with chat = True)")
+        if system not in SYSTEM_MESSAGES:
+            raise RecordError(f"system must be one of {list(SYSTEM_MESSAGES)}, got {system!r}")
+        if not turns:
+            raise RecordError("a conversation needs at least one turn")
+        for i, (instruction, answer) in enumerate(turns):
+            if not isinstance(instruction, str) or not instruction.strip():
+                raise RecordError(f"turn {i}: the instruction must be a non-blank string, got {instruction!r:.80}")
+            last = i == len(turns) - 1
+            if answer is None and not last:
+                raise RecordError(f"turn {i}: only the last turn may leave its answer out (a prompt)")
+            if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+                raise RecordError(f"turn {i}: the answer must be a non-blank string, got {answer!r:.80}")
+            if answer is not None and IMAGE_MARKER in answer:
+                raise RecordError(f"turn {i}: an image marker {IMAGE_MARKER} in an answer (images go in "
+                                  f"the instructions)")
+        markers = sum(instruction.count(IMAGE_MARKER) for instruction, _ in turns)
+        if markers != len(images):
+            raise RecordError(f"{markers} {IMAGE_MARKER} markers in the instructions for "
+                              f"{len(images)} images")
+        body: list[int] = []
+        answer_token: list[bool] = []  # per body token: a text target
+        starts: list[int] = []
+
+        def put(ids: list[int], target: bool = False) -> None:
+            body.extend(ids)
+            answer_token.extend([target] * len(ids))
+
+        def text(chunk: str) -> list[int]:  # template and data text alike, as plain text
+            return self.tok.encode(chunk, special=False) if chunk else []
+
+        chunk = SYSTEM_MESSAGES[system] + " "
+        for i, (instruction, answer) in enumerate(turns):
+            put(text(chunk))
+            put([self.user])
+            pieces = instruction.strip().split(IMAGE_MARKER)
+            chunk = ": "
+            for k, piece in enumerate(pieces):
+                piece = piece.lstrip() if k else piece
+                if k == len(pieces) - 1:
+                    chunk += piece
+                    break
+                put(text(chunk + piece.rstrip()))  # an image follows
+                starts.append(len(body))
+                put(self._visual(self.ids.image))
+                chunk = ""
+            put(text(chunk + " "))
+            put([self.assistant])
+            put(text(":"))
+            if answer is None:
+                break
+            put(self._text(answer), target=True)
+            if i < len(turns) - 1:
+                put([self.ids.eos], target=True)
+            chunk = ""
+        sample = self._finish(body, list(images), starts, False)
+        sample.text_target = np.array([False, *answer_token, True], dtype=bool)
+        if turns[-1][1] is None:  # a prompt to continue, not a closed conversation
             sample.input_ids, sample.text_target = sample.input_ids[:-1], sample.text_target[:-1]
         return sample
 

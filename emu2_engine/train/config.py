@@ -42,7 +42,9 @@ class ModelSection:
         return cfg
 
 
-DATASET_KINDS = ("image_text", "video_text", "interleaved", "grounded", "text", "vqa")
+DATASET_KINDS = ("image_text", "video_text", "interleaved", "grounded", "text", "vqa", "chat")
+CHAT_TEMPLATE_KINDS = ("chat", "vqa", "image_text")
+"""The kinds the chat template lays out (`data.sequences.SampleBuilder.build_chat_record`)."""
 """Sample types a dataset can hold (`emu2_engine.data.records`); each has its Emu2 layout."""
 
 
@@ -53,7 +55,8 @@ class DataSection:
     generated on first use into `cache_dir`."""
 
     datasets: list[str] = field(default_factory=lambda: ["image_text", "grounded", "text"])
-    """Kind of each blended dataset: image_text, video_text, interleaved, grounded, text or vqa."""
+    """Kind of each blended dataset: image_text, video_text, interleaved, grounded, text, vqa or
+    chat (LLaVA-style conversations, laid out with Emu2-Chat's template; `docs/data.md`)."""
     weights: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])
     """Relative share of records drawn from each dataset (Emu2 stage 2: 12800, 6400, 3200, 800);
     a long text record gives several samples (`docs/data.md`, Blending)."""
@@ -92,6 +95,11 @@ class DataSection:
     """Kinds whose images (those with text before them) are regression targets (stage 2)."""
     bidirectional: bool = False
     """Images that are not regression targets attend to themselves bidirectionally."""
+    template: str = "pretrain"
+    """How records become sequences: "pretrain" (Emu2's pretraining layouts; chat records still
+    use the chat template) or "chat" (Emu2-Chat instruction tuning: every record a conversation,
+    `<system> [USER]: <instruction> [ASSISTANT]: <answer>`, the loss on the answers only; VQA and
+    image-caption records become academic-task conversations). Chat needs a chat preset."""
     seed: int = 1234
     """Seed of the shapes world, of the shard order and of the layout draws."""
     prefetch: int = -1
@@ -378,6 +386,17 @@ class JobConfig:
             (not unknown, f"data.datasets and data.regress take kinds among {list(DATASET_KINDS)}, "
                           f"got {unknown}"),
             ("text" not in d.regress, "data.regress lists text, whose samples hold no image to regress"),
+            ("chat" not in d.regress,
+             "data.regress lists chat: the chat template regresses nothing (Emu2-Chat tunes with the "
+             "text loss on the answers only)"),
+            (d.template in ("pretrain", "chat"), f"data.template must be pretrain or chat, got {d.template!r}"),
+            (d.template != "chat" or set(d.datasets) <= set(CHAT_TEMPLATE_KINDS),
+             f"data.template = chat lays out the kinds {list(CHAT_TEMPLATE_KINDS)} as conversations; "
+             f"{sorted(set(d.datasets) - set(CHAT_TEMPLATE_KINDS))} have no chat form (use template = "
+             f"pretrain for them)"),
+            (d.template != "chat" or not d.regress,
+             f"data.template = chat regresses nothing (Emu2-Chat tunes with the text loss on the "
+             f"answers only), but data.regress lists {d.regress}"),
             (len(d.weights) == n and len(d.paths) == n,
              f"data.weights and data.paths need one entry per dataset ({n}), got "
              f"{len(d.weights)} and {len(d.paths)}"),
@@ -456,6 +475,11 @@ class JobConfig:
             if not ok:
                 raise ValueError(message)
         model_cfg = self.model.build_config()
+        if (d.template == "chat" or "chat" in d.datasets) and not model_cfg.chat:
+            why = "data.template = chat" if d.template == "chat" else "a chat dataset in data.datasets"
+            raise ValueError(f"{why} needs the chat tokens [USER] and [ASSISTANT], which the "
+                             f"{self.model.preset} model's vocabulary lacks: use a chat preset "
+                             f"(emu2-chat-37b, debug-chat)")
         self._validate_visual_spans(model_cfg.n_query, model_cfg.frame_queries)
         self._validate_image_cap(model_cfg.n_query, model_cfg.frame_queries)
         self._validate_parallel(model_cfg, world_size)
