@@ -6,6 +6,17 @@ fallback and the reference.
 sample is bad: every skip is counted by kind in `Decoder.stats` and the first of each kind
 is logged. Member layout per kind: `make_shapes.py`.
 
+Chat samples (LLaVA's conversation format, Emu2-Chat's instruction data) are a `.json`
+`{"conversations": [{"from": "human", "value": "<image>\\nwhat is this?"}, {"from": "gpt",
+"value": "a red circle."}, ...], "system": "chat", "images": ["0.jpg", ...]}` and their
+images. "from" is "human" or "user" for the user, "gpt" or "assistant" for the assistant; the
+turns alternate, user first, assistant last, every value a non-blank string. "system" is
+optional: "chat" (the default) or "academic" (`records.CHAT_SYSTEMS`). "images" is optional:
+member names, in marker order; without it the sample's first image member (by
+IMAGE_EXTENSIONS) is its image, and a sample without one is a text-only conversation. The
+`records.IMAGE_MARKER`s of the instructions must number the images; instructions without any
+get one marker per image put before the first instruction (LLaVA writes "<image>\\n" first).
+
 Pixels: decode to RGB, resize straight to image_size x image_size with a bicubic filter
 (antialiased when shrinking; no crop, as the released Emu2 processor does), scale to [0, 1]
 and normalise with the CLIP mean and std (`sequences.CLIP_MEAN`/`CLIP_STD`, the constants
@@ -25,10 +36,10 @@ Bad samples, each skipped and counted once (the first problem found):
 | kind | what |
 |---|---|
 | `empty_file` | a member the sample needs has zero bytes |
-| `missing_member` | no image / video member, or an interleaved image the JSON names is absent |
+| `missing_member` | no image / video member, or an interleaved or chat image the JSON names is absent |
 | `missing_caption` | no caption (`.txt`), or a blank one; `missing_text` for language-only samples |
 | `bad_utf8` | a caption, text or JSON that is not UTF-8 |
-| `bad_json` | JSON that does not parse or lacks the fields of its kind (e.g. a malformed interleaved document, a phrase span outside its caption) |
+| `bad_json` | JSON that does not parse or lacks the fields of its kind (e.g. a malformed interleaved document, a phrase span outside its caption, chat turns that do not alternate, image markers that do not number the images) |
 | `bad_box` | a grounding box outside [0, 1] image coordinates or empty |
 | `corrupt_image` | image bytes that do not decode (including a JPEG cut short), or an image in a format other than JPEG, PNG, WebP |
 | `image_too_large` | header dimensions (of an image or of video frames) above MAX_IMAGE_SIDE a side or MAX_IMAGE_PIXELS (a decompression bomb), refused before decoding |
@@ -49,11 +60,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from emu2_engine.data.records import (VQA, Grounded, ImageText, Interleaved, Phrase, Record,
-                                      SkipStats, Text, VideoText)
+from emu2_engine.data.records import (CHAT_SYSTEMS, IMAGE_MARKER, VQA, Chat, Grounded, ImageText,
+                                      Interleaved, Phrase, Record, SkipStats, Text, VideoText)
 from emu2_engine.data.sequences import CLIP_MEAN, CLIP_STD, to_pixels
 
-KINDS = ("image_text", "video_text", "interleaved", "grounded", "vqa", "text")
+KINDS = ("image_text", "video_text", "interleaved", "grounded", "vqa", "chat", "text")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # The formats PIL may open: those of IMAGE_EXTENSIONS. Without the list PIL would try every
 # format it knows on untrusted bytes (EPS, for one, runs Ghostscript).
@@ -64,6 +75,8 @@ VIDEO_EXTENSIONS = ("webm", "mp4", "mkv", "mov", "avi")
 MAX_IMAGE_SIDE = 16384
 MAX_IMAGE_PIXELS = 1 << 26  # 67M pixels, e.g. 8192 x 8192: 200 MB as RGB
 MAX_VIDEO_FRAMES = 1 << 16  # a header promising more is treated as corrupt
+# Chat roles ("from") of LLaVA's conversation format: the user's names, the assistant's.
+CHAT_USER, CHAT_ASSISTANT = ("human", "user"), ("gpt", "assistant")
 # Codecs DALI's video decoder reads, per pipeline device (its documentation).
 DALI_VIDEO_CODECS = {"cpu": {"vp8", "vp9", "mjpeg"},
                      "gpu": {"vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4"}}
@@ -381,6 +394,10 @@ class Decoder:
             texts, images, image_at = _document(_json(members), members)
             return {"images": [_header_checked(data) for data in images],
                     "build": lambda pixels, video: Interleaved(key, texts, pixels, image_at)}
+        if self.kind == "chat":
+            turns, images, system = _chat(_json(members), members)
+            return {"images": [_header_checked(data) for data in images],
+                    "build": lambda pixels, video: Chat(key, turns, pixels, system)}
         if self.kind == "video_text":
             data = first_member(members, VIDEO_EXTENSIONS, "video")
             caption = _text(members, "txt", "missing_caption")
@@ -588,6 +605,59 @@ def _vqa(meta: dict) -> tuple[str, list[str]]:
         raise BadSample("bad_json", "VQA JSON needs a non-empty 'answers' list")
     out = [_nonblank_str(a.get("answer") if isinstance(a, dict) else a, "answer") for a in answers]
     return question, out
+
+
+def _chat(meta: dict, members: dict[str, bytes]) -> tuple[list[tuple[str, str]], list[bytes], str]:
+    """LLaVA-style conversation JSON (module docstring) -> turns (instruction, answer), image
+    bytes in marker order, system name. Instructions without markers get one per image
+    before the first instruction."""
+    conversation = meta.get("conversations")
+    if not isinstance(conversation, list) or not conversation:
+        raise BadSample("bad_json", "chat JSON needs a non-empty 'conversations' list")
+    values = []
+    for position, message in enumerate(conversation):
+        if not isinstance(message, dict):
+            raise BadSample("bad_json", f"conversation message {position} is a {type(message).__name__}, "
+                            f"not an object with 'from' and 'value'")
+        role, expected = message.get("from"), CHAT_USER if position % 2 == 0 else CHAT_ASSISTANT
+        if role not in CHAT_USER + CHAT_ASSISTANT:
+            raise BadSample("bad_json", f"conversation message {position} is from {role!r:.40}, expected "
+                            f"one of {', '.join(CHAT_USER + CHAT_ASSISTANT)}")
+        if role not in expected:
+            raise BadSample("bad_json", f"conversation message {position} is from {role!r}: messages "
+                            f"alternate, the user's first")
+        values.append(_nonblank_str(message.get("value"), f"conversation message {position}'s value"))
+    if len(values) % 2:
+        raise BadSample("bad_json", "the conversation ends with the user's message, not the assistant's answer")
+    turns = list(zip(values[::2], values[1::2]))
+
+    system = meta.get("system", "chat")
+    if system not in CHAT_SYSTEMS:
+        raise BadSample("bad_json", f"chat system {system!r:.40} is not one of {', '.join(CHAT_SYSTEMS)}")
+
+    names = meta.get("images")
+    if names is None:
+        image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
+        images = [] if image is None else [image]
+    elif not isinstance(names, list):
+        raise BadSample("bad_json", f"chat 'images' must be a list of member names, got {names!r:.80}")
+    else:
+        images = []
+        for j, name in enumerate(names):
+            name = _nonblank_str(name, f"chat image {j}").lower()
+            if name not in members:
+                raise BadSample("missing_member", f"chat image {name!r} is not in the sample")
+            images.append(members[name])
+
+    for i, (_, answer) in enumerate(turns):
+        if IMAGE_MARKER in answer:
+            raise BadSample("bad_json", f"answer {i} holds an {IMAGE_MARKER} marker (images go in the instructions)")
+    markers = sum(instruction.count(IMAGE_MARKER) for instruction, _ in turns)
+    if markers == 0 and images:
+        turns[0] = (f"{IMAGE_MARKER}\n" * len(images) + turns[0][0], turns[0][1])
+    elif markers != len(images):
+        raise BadSample("bad_json", f"{markers} {IMAGE_MARKER} markers in the instructions for {len(images)} images")
+    return turns, images, system
 
 
 def measure_decode_speed(jpegs: list[bytes], image_size: int, backend: str, seconds: float = 2.0,

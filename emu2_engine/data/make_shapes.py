@@ -13,6 +13,7 @@ Members follow img2dataset's webdataset layout: a sample is the run of members s
 | interleaved | `.json` `{"texts": [...], "images": [...]}` (OBELICS-style: aligned lists, one of the two null at each position; an image entry names its member, e.g. "0.jpg") + `.0.jpg`, `.1.jpg`, ... |
 | grounded | `.jpg`, `.json` (GRIT-style: `caption`, `noun_chunks` = [start, end, x0, y0, x1, y1, score] with boxes in [0, 1]) |
 | vqa | `.jpg`, `.json` (VQAv2-style: `question`, `answers` = 10 x {answer, answer_confidence, answer_id}, `multiple_choice_answer`) |
+| chat | `.jpg`, `.json` (LLaVA-style: `system` "chat", `conversations` = [{from: "human", value: "<image>\\n" + instruction}, {from: "gpt", value: answer}, ...], 1-3 turns, the marker in the first instruction only) |
 | text | `.txt` |
 
 Same seed, same bytes: tar headers are fixed (mtime 0, uid/gid 0, no user names, mode 0644,
@@ -22,7 +23,7 @@ and the `bitexact` flags (without them the WebM muxer writes a random segment UI
 bytes differ run to run). The bytes are the same on one software stack; another libjpeg or
 libvpx build may encode differently, which is why the manifest records hashes.
 
-Generating the default world (about 17 MB, most of it tar headers and padding of small
+Generating the default world (about 18 MB, most of it tar headers and padding of small
 members) takes 2-3 s on one core of the 2-core development machine.
 """
 
@@ -43,10 +44,11 @@ import numpy as np
 from PIL import Image
 
 from emu2_engine.cli import ArgumentParser
+from emu2_engine.data.records import IMAGE_MARKER
 from emu2_engine.data.shapes import ShapesWorld
 
-VERSION = 1
-KINDS = ("image_text", "video_text", "interleaved", "grounded", "vqa", "text")
+VERSION = 2  # 2: the chat kind
+KINDS = ("image_text", "video_text", "interleaved", "grounded", "vqa", "chat", "text")
 SPLITS = ("train", "heldout")
 # Samples per kind and split at scale 1, and samples per shard (fixed, so scale adds shards).
 COUNTS = {
@@ -55,10 +57,11 @@ COUNTS = {
     "interleaved": {"train": 300, "heldout": 50},
     "grounded": {"train": 300, "heldout": 50},
     "vqa": {"train": 300, "heldout": 100},
+    "chat": {"train": 300, "heldout": 50},
     "text": {"train": 300, "heldout": 50},
 }
 SHARD_SIZE = {"image_text": 400, "video_text": 100, "interleaved": 100, "grounded": 100,
-              "vqa": 100, "text": 100}
+              "vqa": 100, "chat": 100, "text": 100}
 # Held-out samples are drawn from indices far above any training index.
 HELDOUT_START = 1 << 32
 IMAGE_SIZE = 64  # the debug model's resolution; decoding resizes to any model's
@@ -164,6 +167,14 @@ def sample_members(world: ShapesWorld, kind: str, index: int, key: str,
                    for i, a in enumerate(item.answers)]
         meta = {"key": key, "question_id": index, "question": item.question, "answers": answers,
                 "multiple_choice_answer": item.answer}
+        return {"jpg": encode_jpeg(item.sample.image), "json": _json(meta)}
+    if kind == "chat":
+        item = world.chat(index, image_size)
+        conversation = []
+        for i, (instruction, answer) in enumerate(item.turns):
+            marker = f"{IMAGE_MARKER}\n" if i == 0 else ""
+            conversation += [{"from": "human", "value": marker + instruction}, {"from": "gpt", "value": answer}]
+        meta = {"key": key, "system": "chat", "conversations": conversation}
         return {"jpg": encode_jpeg(item.sample.image), "json": _json(meta)}
     if kind == "text":
         return {"txt": world.paragraph(index).encode("utf-8")}

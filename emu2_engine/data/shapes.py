@@ -61,8 +61,13 @@ MOTIONS = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "
 MAX_DOCUMENT_IMAGES = 3  # at most 3 x MAX_SHAPES = 9 shapes, so the total is a number word
 DOCUMENT_OPENINGS = ("here are some pictures of shapes.", "a page of shape pictures.",
                      "look at these pictures.")
+# A chat's first instruction: a request for a description, answered with the caption.
+DESCRIPTION_REQUESTS = ("describe the image.", "describe this picture.", "what is in this picture?",
+                        "what do you see?")
+MAX_CHAT_TURNS = 3
 # Random streams of the sample types other than plain images (see ShapesWorld.stream_rng).
-STREAM_VIDEO, STREAM_GROUNDED, STREAM_VQA, STREAM_DOCUMENT, STREAM_TEXT = 1, 2, 3, 4, 5
+# New types take the next number: the items of the existing ones stay as they are.
+STREAM_VIDEO, STREAM_GROUNDED, STREAM_VQA, STREAM_DOCUMENT, STREAM_TEXT, STREAM_CHAT = 1, 2, 3, 4, 5, 6
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,15 @@ class ShapesVQA:
     answer: str
     """The most common answer (VQAv2's `multiple_choice_answer`)."""
     answers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ShapesChat:
+    """A conversation about one image: (instruction, answer) turns, the instructions without
+    image markers (the shard writer puts the image's before the first)."""
+
+    sample: ShapesSample
+    turns: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -396,6 +410,19 @@ class ShapesWorld:
         qa = questions(sample.shapes, rng)
         question, answer = qa[int(rng.integers(len(qa)))]
         return ShapesVQA(sample, question, answer, vqa_answers(answer, rng))
+
+    def chat(self, index: int, image_size: int = 64) -> ShapesChat:
+        """Chat item `index`: an image and 1 to MAX_CHAT_TURNS turns about it. The first asks
+        for a description (one of DESCRIPTION_REQUESTS) and is answered with the caption;
+        each later one is a different question of `questions` with its answer."""
+        _check_image_size(image_size)
+        rng = self.stream_rng(STREAM_CHAT, index)
+        sample = self._draw(rng, image_size)
+        n_turns = int(rng.integers(1, MAX_CHAT_TURNS + 1))
+        turns = [(DESCRIPTION_REQUESTS[int(rng.integers(len(DESCRIPTION_REQUESTS)))], sample.caption)]
+        qa = questions(sample.shapes, rng)
+        turns += [qa[int(j)] for j in rng.choice(len(qa), size=n_turns - 1, replace=False)]
+        return ShapesChat(sample, tuple(turns))
 
     def document(self, index: int, image_size: int = 64) -> ShapesDocument:
         """Interleaved document `index`: an opening sentence, then 2 or 3 images each
