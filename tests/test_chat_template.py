@@ -190,8 +190,9 @@ def test_kinds_without_a_chat_form_are_refused(builder, record):
         builder.build(record, "0:x")
 
 
-CHAT_BLEND = ["--model.preset=debug-chat", "--data.template=chat", "--data.datasets=['vqa', 'image_text']",
-              "--data.weights=[1, 1]", "--data.paths=['', '']"]
+CHAT_BLEND = ["--model.preset=debug-chat", "--data.template=chat",
+              "--data.datasets=['chat', 'vqa', 'image_text']", "--data.weights=[1, 1, 1]",
+              "--data.paths=['', '', '']"]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -214,12 +215,12 @@ def test_config_errors(overrides, message):
 
 
 def test_chat_template_loader_on_the_shapes_world(tmp_path):
-    """A chat-template micro-batch of the shapes world's VQA and caption records: every label
+    """A chat-template micro-batch of the shapes world's conversations, VQA and caption records: every label
     is an answer token or an answer's `</s>`, after an [ASSISTANT] and before the next [USER];
     every conversation has labels; nothing is regressed."""
     from emu2_engine.data.loader import build_loader
 
-    cfg = JobConfig.load(None, [*CHAT_BLEND, f"--data.cache_dir={tmp_path}", "--data.rows=2"])
+    cfg = JobConfig.load(None, [*CHAT_BLEND, f"--data.cache_dir={tmp_path}", "--data.rows=3"])
     cfg.validate(world_size=1)
     model_cfg = PRESETS["debug-chat"]
     tok = Emu2Tokenizer(chat=True)
@@ -246,6 +247,6 @@ def test_chat_template_loader_on_the_shapes_world(tmp_path):
             if i == assistant:
                 colon = t + len(tok.encode(":", special=False))
                 assert labels[r, colon] != -100
-    assert conversations >= 2
-    text = tok.decode(ids[0].tolist())
-    assert ACADEMIC in text and (SHORT_ANSWER in text or CAPTION_REQUEST in text)
+    assert conversations >= 3
+    text = "".join(tok.decode(ids[r].tolist()) for r in range(ids.shape[0]))
+    assert ACADEMIC in text and CHAT in text and (SHORT_ANSWER in text or CAPTION_REQUEST in text)

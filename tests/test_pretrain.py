@@ -213,6 +213,24 @@ def test_the_37b_recipes_spell_out_their_layout():
     assert stage2.data.weights == [9600.0, 3200.0, 6400.0, 3200.0, 800.0]  # 12800 : 6400 : 3200 : 800
 
 
+def test_the_37b_recipes_take_the_papers_optimiser_settings():
+    """Section 2.2.2 and Tables 6, 8 and 9 of arXiv:2312.13286v2 (the paper's supplement)."""
+    cfg = {p.stem: JobConfig.load(p) for p in PRETRAIN_CONFIGS if "37b" in p.stem}
+    s1, s2, chat, gen = (cfg[k].optim for k in ("stage1_37b", "stage2_37b", "chat_37b", "gen_37b"))
+    assert (s1.lr_projector, s1.lr, s1.lr_vision) == (1e-4, 3e-5, 5e-5)
+    assert (s2.lr_projector, s2.lr, s2.lr_vision) == (1e-5, 1e-5, 0.0)
+    assert (chat.lr, chat.lr_projector, chat.lr_vision) == (1e-5, 0.0, 0.0)
+    assert (gen.lr, gen.lr_projector, gen.lr_vision) == (5e-5, 5e-5, 0.0)
+    assert [o.betas for o in (s1, s2, chat, gen)] == [(0.9, 0.95), (0.9, 0.95), (0.9, 0.98), (0.9, 0.95)]
+    assert {o.eps for o in (s1, s2, chat, gen)} == {1e-6}
+    assert [o.grad_clip for o in (s1, s2, chat, gen)] == [5.0, 5.0, 5.0, 1.0]
+    assert [o.schedule for o in (s1, s2, chat, gen)] == ["cosine"] * 4
+    assert (s1.warmup_steps, s2.warmup_steps, chat.warmup_steps, gen.warmup_steps) == (
+        round(0.02 * 35200), round(0.1 * 20350), 100, 0)
+    assert chat.min_lr_ratio == 0.0  # "decays to zero with a cosine schedule"
+    assert cfg["chat_37b"].data.template == "chat" and cfg["chat_37b"].model.regression_weight == 0.0
+
+
 VIDEO_BLEND = ["--data.datasets=['video_text', 'text']", "--data.weights=[1.0, 1.0]", "--data.paths=['', '']"]
 
 
