@@ -229,6 +229,7 @@ def test_the_37b_recipes_take_the_papers_optimiser_settings():
         round(0.02 * 35200), round(0.1 * 20350), 100, 0)
     assert chat.min_lr_ratio == 0.0  # "decays to zero with a cosine schedule"
     assert cfg["chat_37b"].data.template == "chat" and cfg["chat_37b"].model.regression_weight == 0.0
+    assert not cfg["gen_37b"].data.text_loss and cfg["gen_37b"].data.regress  # the image loss only
 
 
 VIDEO_BLEND = ["--data.datasets=['video_text', 'text']", "--data.weights=[1.0, 1.0]", "--data.paths=['', '']"]

@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Protocol
 
+import numpy as np
+
 from emu2_engine.data.batch import PackedBatch
 from emu2_engine.data.blend import Blend
 from emu2_engine.data.decode import Decoder
@@ -130,7 +132,8 @@ class PackedLoader:
                 # only where they differ from the defaults: states saved before these keys
                 # existed still match
                 **({"frame_n_query": self.frame_n_query} if self.frame_n_query != self.n_query else {}),
-                **({"template": c.template} if c.template != "pretrain" else {})}
+                **({"template": c.template} if c.template != "pretrain" else {}),
+                **({"text_loss": False} if not c.text_loss else {})}
 
     # -- samples --------------------------------------------------------------------------
     def _samples_of(self, d: int, record: Record) -> list[Sample]:
@@ -145,6 +148,8 @@ class PackedLoader:
         S, M = self.cfg.seq_len, self.cfg.max_images
         out = []
         for sample in built:
+            if not self.cfg.text_loss:  # Emu2-Gen: the image loss only
+                sample.text_target = np.zeros_like(sample.text_target)
             if len(sample) <= S and len(sample.images) <= M:
                 out.append(sample)
                 continue
@@ -334,5 +339,5 @@ def heldout_caption_loader(cfg: DataSection, tokenizer, model_cfg: Emu2Config) -
     split), every image before its caption and nothing regressed, each read once (the loader
     ends after one pass): the data of the end-of-run check that the model reads its images."""
     held_out = replace(cfg, datasets=["image_text"], weights=[1.0], paths=[cfg.heldout_path],
-                       image_first_prob=1.0, regress=[])
+                       image_first_prob=1.0, regress=[], text_loss=True)
     return build_loader(held_out, tokenizer, model_cfg, split="heldout", epochs=1)

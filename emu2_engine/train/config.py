@@ -95,6 +95,10 @@ class DataSection:
     """Kinds whose images (those with text before them) are regression targets (stage 2)."""
     bidirectional: bool = False
     """Images that are not regression targets attend to themselves bidirectionally."""
+    text_loss: bool = True
+    """False: no token is a text target, so the step's loss is the image regression alone (Emu2-Gen
+    tunes with the image loss only) and the LM head computes nothing. The end-of-run check still
+    reads its held-out captions' text loss."""
     template: str = "pretrain"
     """How records become sequences: "pretrain" (Emu2's pretraining layouts; chat records still
     use the chat template) or "chat" (Emu2-Chat instruction tuning: every record a conversation,
@@ -394,6 +398,13 @@ class JobConfig:
              f"data.template = chat lays out the kinds {list(CHAT_TEMPLATE_KINDS)} as conversations; "
              f"{sorted(set(d.datasets) - set(CHAT_TEMPLATE_KINDS))} have no chat form (use template = "
              f"pretrain for them)"),
+            (d.text_loss or d.template != "chat",
+             "data.text_loss = false with data.template = chat: the chat template's only loss is the "
+             "text of the answers"),
+            (d.text_loss or (d.regress and self.model.regression_weight > 0),
+             f"data.text_loss = false leaves the image regression as the only loss, but "
+             f"{'data.regress is empty' if not d.regress else 'model.regression_weight is 0'}: "
+             f"nothing would be learned"),
             (d.template != "chat" or not d.regress,
              f"data.template = chat regresses nothing (Emu2-Chat tunes with the text loss on the "
              f"answers only), but data.regress lists {d.regress}"),
