@@ -119,6 +119,17 @@ class Emu2Model(nn.Module):
         filled, in row-major order, with the embeddings of `images` (N, 3, R, R): n_query each
         for an image (None: the model's), `frame_queries` each for a video frame (its slots
         are `[gIMG]`) when n_query is the model's, else n_query too."""
+        h = self.prompt_embeddings(input_ids, images, n_query)
+        B, S = input_ids.shape
+        doc = torch.zeros(B, S, dtype=torch.int32, device=input_ids.device)
+        pos = torch.arange(S, dtype=torch.int32, device=input_ids.device).expand(B, S)
+        hidden = self.llm(h, pos, doc, torch.full_like(doc, -1))
+        return self.lm_head(hidden)
+
+    def prompt_embeddings(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
+                          n_query: int | None = None) -> torch.Tensor:
+        """(B, S) unpacked ids -> (B, S, hidden) LLM input embeddings, the placeholders filled
+        with the visual rows of `images` as `logits` describes (it runs the decoder on these)."""
         n_query = self.cfg.n_query if n_query is None else n_query
         side = math.isqrt(max(n_query, 0))
         if n_query < 1 or side * side != n_query or self.cfg.vision.grid % side:
@@ -132,15 +143,10 @@ class Emu2Model(nn.Module):
             raise ValueError(f"input_ids must lie in [0, {V}), got values in [{lo}, {hi}]")
         frame_q = self.cfg.frame_queries if n_query == self.cfg.n_query else n_query
         slots = self._slots_of(input_ids, 0 if images is None else images.shape[0], n_query, frame_q)
-        B, S = input_ids.shape
         visual = None
         if slots is not None:
             visual = self.visual_rows(self.visual(images), input_ids, slots, frame_q)[0]
-        h = self.embed(input_ids, slots, visual)
-        doc = torch.zeros(B, S, dtype=torch.int32, device=input_ids.device)
-        pos = torch.arange(S, dtype=torch.int32, device=input_ids.device).expand(B, S)
-        hidden = self.llm(h, pos, doc, torch.full_like(doc, -1))
-        return self.lm_head(hidden)
+        return self.embed(input_ids, slots, visual)
 
     def _slots_of(self, input_ids: torch.Tensor, n_images: int, n_query: int,
                   frame_q: int) -> torch.Tensor | None:

@@ -6,9 +6,15 @@ position ids that restart for every packed document, SwiGLU, and attention throu
 `modality_attention` so packed documents and visual spans get their mask. Blocks live in a
 ModuleDict keyed by index strings; a pipeline stage deletes the ones it does not own and sets
 ``embed_tokens``/``norm`` to None, and forward skips what is missing.
+
+`forward_cached` is the incremental path of inference (`emu2_engine.inference.generate`): one
+document at positions 0, 1, ... continuing a key/value cache, attention by SDPA with a causal
+mask offset by the cached length. The training path (`forward`) does not go through it.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -67,6 +73,35 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + _rotate_half(x) * sin
 
 
+class KVStore(Protocol):
+    """What `LlamaDecoder.forward_cached` needs of a key/value cache (the implementation:
+    `emu2_engine.inference.generate.KVCache`)."""
+
+    length: int
+    """Positions already cached (the next input sits at this position)."""
+
+    def update(self, layer: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `layer`'s k/v (B, Hkv, n, D) at positions length .. length + n - 1 and return
+        its keys and values of positions 0 .. length + n - 1."""
+
+    def advance(self, n: int) -> None:
+        """Count n more positions as cached (after every layer has stored them)."""
+
+
+def causal_attention_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of one document for queries q (B, Hq, n, D) at the last n of the L
+    positions of k/v (B, Hkv, L, D): query i sees keys 0 .. L - n + i. What `modality_attention`
+    computes for those rows with a single document and no spans."""
+    n, L = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if n == 1:  # the newest position sees every key
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if n == L:  # nothing cached before: the plain causal mask
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(L - n)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -84,6 +119,18 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = modality_attention(q, k, v, doc_ids, span_ids, causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+    def forward_cached(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                       cache: KVStore, layer: str) -> torch.Tensor:
+        """`forward` for inputs continuing the positions `cache` holds (one document)."""
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        k, v = cache.update(layer, k, v)
+        out = causal_attention_after(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -109,6 +156,11 @@ class LlamaBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 doc_ids: torch.Tensor, span_ids: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, doc_ids, span_ids)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_cached(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                       cache: KVStore, layer: str) -> torch.Tensor:
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), rope, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -142,4 +194,18 @@ class LlamaDecoder(nn.Module):
             h = h.to(stream)
         for layer in self.layers.values():
             h = layer(h, rope, doc_ids, span_ids)
+        return self.norm(h) if self.norm is not None else h
+
+    def forward_cached(self, h: torch.Tensor, cache: KVStore) -> torch.Tensor:
+        """h: (B, S, hidden) input embeddings of the positions cache.length .. + S - 1 of one
+        document (per row) -> their final hidden states; their keys and values join `cache`.
+        The same numbers as `forward` with one document and no spans, up to rounding."""
+        B, S, _ = h.shape
+        position_ids = torch.arange(cache.length, cache.length + S, device=h.device).expand(B, S)
+        rope = self.rotary(position_ids)
+        if (stream := autocast_dtype(h)) is not None and not self.fp32_residual:
+            h = h.to(stream)
+        for name, layer in self.layers.items():
+            h = layer.forward_cached(h, rope, cache, name)
+        cache.advance(S)
         return self.norm(h) if self.norm is not None else h
