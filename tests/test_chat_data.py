@@ -57,8 +57,12 @@ def test_named_images_text_only_and_markers_put_first(backend):
         ("no_marker", {"png": JPEGS[0], "json": _chat_json("what is this?", "a picture.", "sure?", "yes.")}),
         ("no_marker_two", {"a.jpg": JPEGS[0], "b.jpg": JPEGS[1],
                            "json": _chat_json("what are these?", "pictures.", images=["a.jpg", "b.jpg"])}),
+        # one image member under any name, no list: it is the image
+        ("numbered", {"0.jpg": JPEGS[1], "json": _chat_json("<image>what is this?", "a picture.")}),
     ]
-    two, text, empty_list, no_marker, no_marker_two = decoder.decode_batch(samples)
+    two, text, empty_list, no_marker, no_marker_two, numbered = decoder.decode_batch(samples)
+    assert len(numbered.images) == 1
+    torch.testing.assert_close(numbered.images[0], _image_pixels(JPEGS[1], backend), atol=0, rtol=0)
     assert decoder.stats.counts == {}
     assert two.turns == [("compare <image> and <image>.", "the second has more shapes.")] and two.system == "chat"
     assert len(two.images) == 2
@@ -90,6 +94,11 @@ BAD_SAMPLES = {
     "message_not_an_object": ({"jpg": JPEGS[0], "json": b'{"conversations": [["human", "hi"]]}'}, "bad_json"),
     "images_not_a_list": ({"0.jpg": JPEGS[0], "json": _chat_json(*GOOD, images="0.jpg")}, "bad_json"),
     "no_json": ({"jpg": JPEGS[0]}, "bad_json"),
+    # several image members and no "images" list: their order is unknown
+    "two_unnamed_images": ({"0.jpg": JPEGS[0], "1.jpg": JPEGS[1], "json": _chat_json("what?", "x.")}, "bad_json"),
+    # more images than one conversation may name (each would be decoded)
+    "too_many_images": ({"jpg": JPEGS[0], "json": _chat_json("<image>" * 65 + "what?", "x.", images=["jpg"] * 65)},
+                        "bad_json"),
     "json_not_json": ({"jpg": JPEGS[0], "json": b'{"conversations": ['}, "bad_json"),
     "missing_named_member": ({"0.jpg": JPEGS[0], "json": _chat_json(*GOOD, images=["1.jpg"])}, "missing_member"),
     "zero_byte_json": ({"jpg": JPEGS[0], "json": b""}, "empty_file"),
@@ -162,7 +171,7 @@ def test_make_shapes_writes_chat_shards_that_decode(tmp_path, monkeypatch):
     monkeypatch.setattr(make_shapes, "COUNTS", {kind: {"train": 4, "heldout": 2} for kind in make_shapes.KINDS})
     monkeypatch.setattr(make_shapes, "SHARD_SIZE", {kind: 3 for kind in make_shapes.KINDS})
     manifest = write_shapes_world(tmp_path / "w", seed=7)
-    assert manifest["version"] == make_shapes.VERSION == 2
+    assert manifest["version"] == make_shapes.VERSION and "chat" in manifest["counts"]
     assert manifest["shards"]["chat"]["train"] == ["chat/train/chat-train-00000.tar", "chat/train/chat-train-00001.tar"]
     world, decoder = ShapesWorld(7), Decoder("chat", 64, backend="pil", log=None)
     for split, first in (("train", 0), ("heldout", HELDOUT_START)):

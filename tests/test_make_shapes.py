@@ -3,6 +3,7 @@ generator, the manifest and ensure_shapes_world's atomic first-use generation.""
 
 import io
 import json
+import shutil
 import tarfile
 
 import av
@@ -185,6 +186,26 @@ def test_ensure_generates_once_and_regenerates_a_damaged_world(tmp_path, tiny):
     assert ensure_shapes_world(tmp_path / "cache", seed=4) == root
     verify_shapes_world(root, seed=4)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [root.name]
+
+
+def test_a_world_written_before_a_kind_existed_is_completed_in_place(tmp_path, tiny):
+    """A cached world without the chat kind (written before it existed) fails the check and is
+    written again at the same path, its other shards byte for byte the same: runs that saved
+    their loaders' shard lists over it still resume."""
+    root = ensure_shapes_world(tmp_path / "cache", seed=4)
+    before = {p.relative_to(root): p.read_bytes() for p in root.rglob("*.tar") if "chat" not in p.parts}
+    manifest = json.loads((root / "manifest.json").read_text())
+    for table in ("shards", "counts"):
+        del manifest[table]["chat"]
+    for name in [n for n in manifest["sha256"] if n.startswith("chat/")]:
+        del manifest["sha256"][name], manifest["bytes"][name]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(root / "chat")
+    with pytest.raises(ValueError, match="the world has no chat shards"):
+        verify_shapes_world(root)
+    assert ensure_shapes_world(tmp_path / "cache", seed=4) == root
+    assert (root / "chat" / "train").is_dir() and verify_shapes_world(root, seed=4)
+    assert {p.relative_to(root): p.read_bytes() for p in root.rglob("*.tar") if "chat" not in p.parts} == before
 
 
 def test_ensure_leaves_nothing_behind_when_generation_crashes(tmp_path, tiny, monkeypatch):

@@ -226,10 +226,12 @@ def test_the_37b_recipes_take_the_papers_optimiser_settings():
     assert [o.grad_clip for o in (s1, s2, chat, gen)] == [5.0, 5.0, 5.0, 1.0]
     assert [o.schedule for o in (s1, s2, chat, gen)] == ["cosine"] * 4
     assert (s1.warmup_steps, s2.warmup_steps, chat.warmup_steps, gen.warmup_steps) == (
-        round(0.02 * 35200), round(0.1 * 20350), 100, 0)
-    assert chat.min_lr_ratio == 0.0  # "decays to zero with a cosine schedule"
+        round(0.02 * 35200), round(0.1 * 20350), 100, 100)
+    assert chat.min_lr_ratio == gen.min_lr_ratio == 0.0  # "decays to zero with a cosine schedule"
     assert cfg["chat_37b"].data.template == "chat" and cfg["chat_37b"].model.regression_weight == 0.0
     assert not cfg["gen_37b"].data.text_loss and cfg["gen_37b"].data.regress  # the image loss only
+    chat_debug = JobConfig.load(REPO / "configs/chat_debug.toml")
+    assert chat_debug.model.preset == "debug-chat" and chat_debug.data.template == "chat"
 
 
 VIDEO_BLEND = ["--data.datasets=['video_text', 'text']", "--data.weights=[1.0, 1.0]", "--data.paths=['', '']"]

@@ -12,8 +12,9 @@ Chat samples (LLaVA's conversation format, Emu2-Chat's instruction data) are a `
 images. "from" is "human" or "user" for the user, "gpt" or "assistant" for the assistant; the
 turns alternate, user first, assistant last, every value a non-blank string. "system" is
 optional: "chat" (the default) or "academic" (`records.CHAT_SYSTEMS`). "images" is optional:
-member names, in marker order; without it the sample's first image member (by
-IMAGE_EXTENSIONS) is its image, and a sample without one is a text-only conversation. The
+member names, in marker order, at most MAX_CHAT_IMAGES; without it the sample's one image
+member ("jpg", "0.png", ...) is its image (several are refused: their order is unknown), and a
+sample without one is a text-only conversation. The
 `records.IMAGE_MARKER`s of the instructions must number the images; instructions without any
 get one marker per image put before the first instruction (LLaVA writes "<image>\\n" first).
 
@@ -72,6 +73,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 # PIL modes of one 16-bit channel (a 16-bit grayscale PNG): convert("RGB") would clip them at 255.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 VIDEO_EXTENSIONS = ("webm", "mp4", "mkv", "mov", "avi")
+MAX_CHAT_IMAGES = 64  # images one conversation may name (each is decoded before any cap applies)
 MAX_IMAGE_SIDE = 16384
 MAX_IMAGE_PIXELS = 1 << 26  # 67M pixels, e.g. 8192 x 8192: 200 MB as RGB
 MAX_VIDEO_FRAMES = 1 << 16  # a header promising more is treated as corrupt
@@ -636,11 +638,16 @@ def _chat(meta: dict, members: dict[str, bytes]) -> tuple[list[tuple[str, str]],
         raise BadSample("bad_json", f"chat system {system!r:.40} is not one of {', '.join(CHAT_SYSTEMS)}")
 
     names = meta.get("images")
-    if names is None:
-        image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
-        images = [] if image is None else [image]
+    if names is None:  # the sample's one image member, whatever its name ("jpg", "0.jpg", ...)
+        found = sorted(k for k in members if k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
+        if len(found) > 1:
+            raise BadSample("bad_json", f"chat sample with several image members ({', '.join(found[:4])}) "
+                            f"and no 'images' list saying their order")
+        images = [members[k] for k in found]
     elif not isinstance(names, list):
         raise BadSample("bad_json", f"chat 'images' must be a list of member names, got {names!r:.80}")
+    elif len(names) > MAX_CHAT_IMAGES:
+        raise BadSample("bad_json", f"chat 'images' names {len(names)} images, more than {MAX_CHAT_IMAGES}")
     else:
         images = []
         for j, name in enumerate(names):

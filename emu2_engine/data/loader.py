@@ -150,21 +150,26 @@ class PackedLoader:
         for sample in built:
             if not self.cfg.text_loss:  # Emu2-Gen: the image loss only
                 sample.text_target = np.zeros_like(sample.text_target)
-            if len(sample) <= S and len(sample.images) <= M:
-                out.append(sample)
-                continue
-            cut = None
-            if self.cfg.too_long == "truncate":
-                limit = S if len(sample.images) <= M else min(S, sample.image_starts[M] + 1)
-                cut = truncate_sample(sample, limit, self.ids.eos, self.n_query)
-            if cut is None:
-                self.stats.skip("too_long", record.key,
-                                f"{len(sample)} tokens and {len(sample.images)} images for rows of "
-                                f"{S} and at most {M} images per micro-batch (data.too_long = "
-                                f"{self.cfg.too_long})", log=log.warning)
-            else:
+            cut = sample
+            if len(sample) > S or len(sample.images) > M:
+                cut = None
+                if self.cfg.too_long == "truncate":
+                    limit = S if len(sample.images) <= M else min(S, sample.image_starts[M] + 1)
+                    cut = truncate_sample(sample, limit, self.ids.eos, self.n_query)
+                if cut is None:
+                    self.stats.skip("too_long", record.key,
+                                    f"{len(sample)} tokens and {len(sample.images)} images for rows of "
+                                    f"{S} and at most {M} images per micro-batch (data.too_long = "
+                                    f"{self.cfg.too_long})", log=log.warning)
+                    continue
                 self.truncated += 1
-                out.append(cut)
+            if not (cut.text_target.any() or any(cut.regress)):
+                # nothing to learn: a conversation cut before its first answer, an image-first
+                # caption under data.text_loss = false
+                self.stats.skip("no_loss", record.key, "no text target and no regressed image "
+                                "(after any truncation)", log=log.warning)
+                continue
+            out.append(cut)
         return out
 
     def _draw(self) -> list[_Pooled]:

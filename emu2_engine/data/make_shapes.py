@@ -47,7 +47,7 @@ from emu2_engine.cli import ArgumentParser
 from emu2_engine.data.records import IMAGE_MARKER
 from emu2_engine.data.shapes import ShapesWorld
 
-VERSION = 2  # 2: the chat kind
+VERSION = 1
 KINDS = ("image_text", "video_text", "interleaved", "grounded", "vqa", "chat", "text")
 SPLITS = ("train", "heldout")
 # Samples per kind and split at scale 1, and samples per shard (fixed, so scale adds shards).
@@ -239,6 +239,9 @@ def verify_shapes_world(root: str | Path, seed: int | None = None, scale: int | 
     for field, value in expected.items():
         if value is not None and manifest.get(field) != value:
             raise ValueError(f"{root}: manifest {field} is {manifest.get(field)!r}, expected {value!r}")
+    missing = [kind for kind in KINDS if kind not in manifest.get("shards", {})]
+    if missing:  # written before these kinds existed (the others' bytes are unchanged)
+        raise ValueError(f"{root}: the world has no {', '.join(missing)} shards")
     for name, digest in manifest["sha256"].items():
         path = root / name
         if not path.is_file() or path.stat().st_size != manifest["bytes"][name]:

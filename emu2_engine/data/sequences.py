@@ -32,8 +32,9 @@ Decisions recorded here:
   patch-index tokens, never `[IMG]`, `[/IMG]`, `<image>`, `[gIMG]`, `[/gIMG]`, `[VIDEO]` or
   `[PAD]` (Emu2 takes no text loss on visual tokens), nor the `<grounding>` instruction. Collation (`packing.collate_packed`) turns it into pre-shifted
   labels: `labels[t] = input_ids[t + 1]` if t + 1 is in the same document and a target.
-- Chat tokens: each stretch of text between two special tokens is encoded in one piece, as
-  the released (slow) tokenizer encodes the whole template string, except that the answer is
+- Chat tokens: each stretch of text between two special tokens is encoded in one piece,
+  without the whitespace next to them, as the released (slow) tokenizer encodes the whole
+  template string (`Emu2Tokenizer.encode(special=True)`), except that the answer is
   encoded on its own after the `:` that follows `[ASSISTANT]`: the answer tokens are then
   exactly the tokens a model generates after the inference prompt `... [ASSISTANT]:`, and the
   loss mask has a clean edge. Both agree whenever sentencepiece splits `: answer` at its space.
@@ -443,22 +444,25 @@ class SampleBuilder:
             return self.build_chat(record.system, record.turns, record.images)
         if isinstance(record, VQA):
             answer = Counter(record.answers).most_common(1)[0][0]
-            return self.build_chat("academic", [(f"{IMAGE_MARKER}{record.question}\n{SHORT_ANSWER}", answer)],
-                                   [record.image])
+            return self.build_chat("academic", [(f"{record.question}\n{SHORT_ANSWER}", answer)],
+                                   [record.image], markers=False)
         if isinstance(record, ImageText):
-            return self.build_chat("academic", [(f"{IMAGE_MARKER}{CAPTION_REQUEST}", record.caption)],
-                                   [record.image])
+            return self.build_chat("academic", [(CAPTION_REQUEST, record.caption)], [record.image],
+                                   markers=False)
         raise ValueError(f"the chat template lays out chat, vqa and image_text records; a "
                          f"{type(record).__name__} record has no chat form (use template = "
                          f"\"pretrain\" for it)")
 
     def build_chat(self, system: str, turns: list[tuple[str, str | None]],
-                   images: list[torch.Tensor] = ()) -> Sample:
+                   images: list[torch.Tensor] = (), markers: bool = True) -> Sample:
         """Emu2-Chat's template: `<s>{system message} [USER]: {instruction} [ASSISTANT]: {answer}`,
         each later turn after the previous answer's `</s>` as `[USER]: ... [ASSISTANT]: ...`,
         and `</s>` at the end. `system`: "chat" or "academic" (`SYSTEM_MESSAGES`). Each
-        IMAGE_MARKER in an instruction is replaced by the next image (whitespace around a marker
-        is dropped). Only the answers and the `</s>` after each are text targets.
+        IMAGE_MARKER in an instruction is replaced by the next image; with `markers=False` the
+        text holds no marker (an IMAGE_MARKER in it is text) and the images go first in the first
+        instruction. The whitespace next to a
+        special token (`[USER]`, `[IMG]`, ...) is dropped, as the released tokenizer drops it
+        (`tokenizer.py`). Only the answers and the `</s>` after each are text targets.
 
         The last answer may be None: the sample then ends with `[ASSISTANT]:` (no `</s>`), the
         prompt a model continues at inference, as `build_vqa` without an answer."""
@@ -477,12 +481,12 @@ class SampleBuilder:
                 raise RecordError(f"turn {i}: only the last turn may leave its answer out (a prompt)")
             if answer is not None and (not isinstance(answer, str) or not answer.strip()):
                 raise RecordError(f"turn {i}: the answer must be a non-blank string, got {answer!r:.80}")
-            if answer is not None and IMAGE_MARKER in answer:
+            if markers and answer is not None and IMAGE_MARKER in answer:
                 raise RecordError(f"turn {i}: an image marker {IMAGE_MARKER} in an answer (images go in "
                                   f"the instructions)")
-        markers = sum(instruction.count(IMAGE_MARKER) for instruction, _ in turns)
-        if markers != len(images):
-            raise RecordError(f"{markers} {IMAGE_MARKER} markers in the instructions for "
+        count = sum(instruction.count(IMAGE_MARKER) for instruction, _ in turns)
+        if markers and count != len(images):
+            raise RecordError(f"{count} {IMAGE_MARKER} markers in the instructions for "
                               f"{len(images)} images")
         body: list[int] = []
         answer_token: list[bool] = []  # per body token: a text target
@@ -492,14 +496,18 @@ class SampleBuilder:
             body.extend(ids)
             answer_token.extend([target] * len(ids))
 
-        def text(chunk: str) -> list[int]:  # template and data text alike, as plain text
+        def text(chunk: str) -> list[int]:  # template and data text alike, as plain text, without
+            chunk = chunk.strip()               # the whitespace next to the special tokens
             return self.tok.encode(chunk, special=False) if chunk else []
 
         chunk = SYSTEM_MESSAGES[system] + " "
         for i, (instruction, answer) in enumerate(turns):
             put(text(chunk))
             put([self.user])
-            pieces = instruction.strip().split(IMAGE_MARKER)
+            if markers:
+                pieces = instruction.strip().split(IMAGE_MARKER)
+            else:  # the images (first turn only), then the text
+                pieces = [""] * (len(images) if i == 0 else 0) + [instruction.strip()]
             chunk = ": "
             for k, piece in enumerate(pieces):
                 piece = piece.lstrip() if k else piece
@@ -528,8 +536,9 @@ class SampleBuilder:
 
 def truncate_sample(sample: Sample, max_len: int, eos: int, n_query: int) -> Sample | None:
     """`sample` cut to at most `max_len` tokens at a boundary inside no image span and no
-    `keep_whole` range, closed by a `</s>` that is not a text target; images after the cut are
-    dropped. The sample itself if it fits; None if no such cut keeps more than `<s>`."""
+    `keep_whole` range, closed by a `</s>` that is not a text target (or, for a cut just after
+    a chat answer's `</s>`, by that one); images after the cut are dropped. The sample itself
+    if it fits; None if no such cut keeps more than `<s>`."""
     if len(sample) <= max_len:
         return sample
     ends = [s + sample.slots(k, n_query) + 2 for k, s in enumerate(sample.image_starts)]
@@ -544,9 +553,14 @@ def truncate_sample(sample: Sample, max_len: int, eos: int, n_query: int) -> Sam
     if cut <= 1:
         return None
     keep = [k for k, end in enumerate(ends) if end <= cut]
+    if sample.input_ids[cut - 1] == eos:  # just after a chat answer's </s>: it closes the sample
+        ids, target = sample.input_ids[:cut].copy(), sample.text_target[:cut].copy()
+    else:
+        ids = np.append(sample.input_ids[:cut], eos).astype(np.int64)
+        target = np.append(sample.text_target[:cut], False)
     return Sample(
-        input_ids=np.append(sample.input_ids[:cut], eos).astype(np.int64),
-        text_target=np.append(sample.text_target[:cut], False),
+        input_ids=ids,
+        text_target=target,
         images=[sample.images[k] for k in keep],
         image_starts=[sample.image_starts[k] for k in keep],
         regress=[sample.regress[k] for k in keep],

@@ -13,11 +13,15 @@ Every call to `encode` says which of two kinds of text it holds (`special` has n
   "<image>" or "</s>" in a caption become ordinary (byte-fallback) pieces, never the ids the
   engine uses to place images or end sequences.
 - a template the engine writes itself (`special=True`): special-token strings are recognised,
-  as the released (slow, legacy) Hugging Face LlamaTokenizer does: the text is split on the
-  added-token strings and on the model's `<s>`, `</s>` and `<unk>` pieces, each string between
-  them is encoded by sentencepiece on its own (with its dummy prefix), and each special string
-  becomes its id. So `encode("</s>[USER]: hi", special=True)` starts with the EOS id then the
-  `[USER]` id, which is how the chat template is written.
+  as the released tokenizer does (Emu2's `emu/lm.py`: a slow Hugging Face LlamaTokenizer with
+  the added tokens registered as plain strings through `add_special_tokens`, under the
+  transformers 4.31 its requirements pin): the text is split on the added-token strings and on
+  the model's `<s>`, `</s>` and `<unk>` pieces; the whitespace next to each special string is
+  dropped (that version strips both sides of a special token given as a plain string); each
+  string between them is encoded by sentencepiece on its own (with its dummy prefix); each
+  special string becomes its id. So `encode("</s>[USER]: hi", special=True)` starts with the
+  EOS id then the `[USER]` id, and `"what? [ASSISTANT]:"` gives no lone "▁" before
+  `[ASSISTANT]`.
 """
 
 from __future__ import annotations
@@ -84,10 +88,16 @@ class Emu2Tokenizer:
         if not special:
             out.extend(self.sp.encode(text))
         else:
-            for i, chunk in enumerate(self._split.split(text)):
+            parts = self._split.split(text)
+            for i, chunk in enumerate(parts):
                 if i % 2:  # re.split with one group: odd entries are the separators
                     out.append(self._special_ids[chunk])
-                elif chunk:
+                    continue
+                if i > 0:  # a special string before it
+                    chunk = chunk.lstrip()
+                if i < len(parts) - 1:  # and after it
+                    chunk = chunk.rstrip()
+                if chunk:
                     out.extend(self.sp.encode(chunk))
         if eos:
             out.append(self.ids.eos)

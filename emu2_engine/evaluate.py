@@ -1,0 +1,195 @@
+"""VQA accuracy of a trained model from its greedy answers (`python -m emu2_engine.evaluate`).
+
+    python -m emu2_engine.evaluate --preset debug-chat --weights runs/chat_debug
+    python -m emu2_engine.evaluate --preset debug --weights runs/debug --prompt zero-shot
+
+Reads VQA records (`--data`: shards of the vqa kind; by default the shapes world's held-out
+split, generated on first use as the trainer does), lays each question out as the model was
+trained to read it, answers greedily (`inference.generate.generate_text`, at most
+`--max-new-tokens`, stopping at `</s>`) and scores the answers with VQAv2's accuracy.
+
+- `--prompt chat` (the default for a preset with the chat vocabulary): Emu2-Chat's academic-task
+  conversation, the question and LLaVA-1.5's short-answer instruction after the image, ending
+  `[ASSISTANT]:` (`SampleBuilder.build_chat`, the layout `data.template = "chat"` trains on).
+- `--prompt zero-shot` (the default otherwise): the paper's zero-shot evaluation prompt,
+  `[image]based on the picture, answer in one word or phrase. {question} short answer:`
+  (`SampleBuilder.build_vqa`).
+- Accuracy: VQAv2's, an answer scores min(1, humans who gave it / 3), averaged over the ten
+  leave-one-out subsets of the ten human answers (Antol et al. 2015, and the VQA evaluation
+  code's averaging); answers are compared after `normalize_answer`, which applies the
+  official normalisation's main steps (lower case, punctuation, articles, number words to
+  digits) but not its contraction table.
+
+`--weights` is an engine checkpoint folder (`<run>/checkpoints/step-NNNNNN`), a run folder
+(its newest complete checkpoint), or a weights file or folder (the engine's state dict or the
+released Emu2 weights), as `checkpoint.init_from` takes them.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from emu2_engine.cli import ArgumentParser
+from emu2_engine.data.records import IMAGE_MARKER, VQA
+from emu2_engine.data.sequences import SHORT_ANSWER, SampleBuilder
+from emu2_engine.data.tokenizer import Emu2Tokenizer
+from emu2_engine.models import PRESETS, Emu2Config, Emu2Model
+
+PROMPTS = ("chat", "zero-shot")
+
+_NUMBERS = {w: str(i) for i, w in enumerate(
+    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"))}
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalize_answer(answer: str) -> str:
+    """Lower case; punctuation dropped (a full stop between digits kept); the articles a, an,
+    the dropped; number words zero to ten written as digits; spaces collapsed."""
+    text = answer.lower().replace("\n", " ").replace("\t", " ").strip()
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", "", text)  # "2.5" keeps its point, "red." does not
+    text = re.sub(r"[^\w\s.]", "", text)
+    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def vqa_accuracy(answer: str, human_answers: list[str]) -> float:
+    """VQAv2's accuracy of one answer against the (ten) human answers: the mean, over each
+    human answer left out in turn, of min(1, matches among the others / 3)."""
+    if not human_answers:
+        raise ValueError("vqa_accuracy needs at least one human answer")
+    mine = normalize_answer(answer)
+    same = [normalize_answer(h) == mine for h in human_answers]
+    total = sum(same)
+    return sum(min(1.0, (total - s) / 3.0) for s in same) / len(same)
+
+
+def load_model(preset: str, weights: str | Path, device: str | torch.device = "cpu") -> Emu2Model:
+    """The `preset` model with `weights` loaded (see the module docstring), in eval mode."""
+    from emu2_engine.checkpoint.dcp import is_checkpoint_folder, latest, load_model_weights
+    from emu2_engine.checkpoint.released import holds_released_names, load_released_weights, load_weights
+
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--weights {str(weights)!r} does not exist: expected a run folder, "
+                                f"a checkpoint folder or a weights file or folder")
+    if not is_checkpoint_folder(path) and (path / "checkpoints").is_dir():
+        newest = latest(path / "checkpoints")
+        if newest is None:
+            raise ValueError(f"run folder {str(path)!r} has no complete checkpoint in {path / 'checkpoints'}")
+        path = newest
+    with torch.device("meta"):
+        model = Emu2Model(Emu2Config.from_preset(preset))
+    model.to_empty(device=device)  # every tensor is overwritten by the load (or it fails)
+    if is_checkpoint_folder(path):
+        load_model_weights(path, model)
+    elif holds_released_names(path):
+        load_released_weights(model, path)
+    else:
+        load_weights(model, path)
+    return model.eval()
+
+
+def vqa_prompt(builder: SampleBuilder, record: VQA, prompt: str):
+    """The Sample a model answers `record` after (see the module docstring)."""
+    if prompt == "chat":
+        return builder.build_chat("academic", [(f"{IMAGE_MARKER}{record.question}\n{SHORT_ANSWER}", None)],
+                                  [record.image])
+    if prompt == "zero-shot":
+        return builder.build_vqa(record.image, record.question)
+    raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+
+
+def answer_greedily(model: Emu2Model, tokenizer, max_new_tokens: int) -> Callable:
+    """answer(sample) -> text: greedy decoding after the sample's ids, `</s>` and the special
+    tokens dropped."""
+    from emu2_engine.inference.generate import generate_text
+
+    device = model.lm_head.weight.device
+
+    def answer(sample) -> str:
+        images = torch.stack(sample.images).to(device) if sample.images else None
+        ids = generate_text(model, torch.as_tensor(sample.input_ids), images,
+                            max_new_tokens=max_new_tokens, eos_id=tokenizer.ids.eos)
+        return tokenizer.decode(ids.tolist(), skip_special=True).strip()
+
+    return answer
+
+
+def evaluate_vqa(records: Iterable[VQA], builder: SampleBuilder, answer: Callable, prompt: str,
+                 limit: int | None = None, show: Callable[[str], None] | None = None) -> dict:
+    """{"questions", "accuracy", "exact"} over `records` (at most `limit`): the mean VQA
+    accuracy and the share of answers equal (normalised) to the most common human answer."""
+    n, accuracy, exact = 0, 0.0, 0
+    for record in records:
+        if limit is not None and n >= limit:
+            break
+        said = answer(vqa_prompt(builder, record, prompt))
+        score = vqa_accuracy(said, record.answers)
+        top = Counter(normalize_answer(a) for a in record.answers).most_common(1)[0][0]
+        exact += normalize_answer(said) == top
+        accuracy += score
+        n += 1
+        if show is not None:
+            show(f"{record.question!r}: {said!r} (humans: {top!r}; accuracy {score:.2f})")
+    if n == 0:
+        raise ValueError("no VQA record to evaluate")
+    return {"questions": n, "accuracy": accuracy / n, "exact": exact / n}
+
+
+def heldout_vqa_shards(cache_dir: str, seed: int) -> Path:
+    """The shapes world's held-out VQA split (generated on first use)."""
+    from emu2_engine.data.make_shapes import ensure_shapes_world
+
+    return ensure_shapes_world(Path(cache_dir).expanduser(), seed=seed) / "vqa" / "heldout"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="python -m emu2_engine.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the model's preset")
+    parser.add_argument("--weights", required=True, help="run folder, checkpoint folder or weights file")
+    parser.add_argument("--data", default="", help="vqa shards (default: the shapes world's held-out split)")
+    parser.add_argument("--prompt", choices=PROMPTS, default=None,
+                        help="chat (default for chat presets) or zero-shot")
+    parser.add_argument("--limit", type=int, default=100, help="questions to answer (default 100)")
+    parser.add_argument("--max-new-tokens", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=1234, help="the shapes world's seed (data.seed)")
+    parser.add_argument("--cache-dir", default="~/.cache/emu2_engine")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--show", action="store_true", help="print every question and answer")
+    args = parser.parse_args(argv)
+    if args.limit < 1 or args.max_new_tokens < 1:
+        parser.error(f"--limit and --max-new-tokens must be >= 1, got {args.limit} and {args.max_new_tokens}")
+    cfg = PRESETS[args.preset]
+    prompt = args.prompt or ("chat" if cfg.chat else "zero-shot")
+    if prompt == "chat" and not cfg.chat:
+        parser.error(f"--prompt chat needs a preset with the chat vocabulary ([USER], [ASSISTANT]); "
+                     f"{args.preset} has none")
+    from emu2_engine.data.decode import Decoder
+    from emu2_engine.data.shards import ShardStream
+    from emu2_engine.pretrain import one_line
+
+    try:
+        model = load_model(args.preset, args.weights, args.device)
+        tokenizer = Emu2Tokenizer(chat=cfg.chat)
+        builder = SampleBuilder(tokenizer, cfg.n_query, frame_n_query=cfg.frame_queries)
+        shards = args.data or heldout_vqa_shards(args.cache_dir, args.seed)
+        stream = ShardStream(shards, Decoder("vqa", cfg.vision.image_size, log=None), shuffle=False,
+                             log=None, epochs=1)
+        result = evaluate_vqa(stream, builder, answer_greedily(model, tokenizer, args.max_new_tokens),
+                              prompt, args.limit, show=print if args.show else None)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"python -m emu2_engine.evaluate: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    print(f"VQA ({prompt} prompt, greedy, {result['questions']} questions): accuracy "
+          f"{100 * result['accuracy']:.1f} %, exact match with the most common answer "
+          f"{100 * result['exact']:.1f} %")
+
+
+if __name__ == "__main__":
+    main()
