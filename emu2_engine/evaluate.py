@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from emu2_engine.cli import ArgumentParser
-from emu2_engine.data.records import IMAGE_MARKER, VQA
-from emu2_engine.data.sequences import SHORT_ANSWER, SampleBuilder
+from emu2_engine.data.records import VQA
+from emu2_engine.data.sequences import SampleBuilder
 from emu2_engine.data.tokenizer import Emu2Tokenizer
 from emu2_engine.models import PRESETS, Emu2Config, Emu2Model
 
@@ -98,8 +98,7 @@ def load_model(preset: str, weights: str | Path, device: str | torch.device = "c
 def vqa_prompt(builder: SampleBuilder, record: VQA, prompt: str):
     """The Sample a model answers `record` after (see the module docstring)."""
     if prompt == "chat":
-        return builder.build_chat("academic", [(f"{IMAGE_MARKER}{record.question}\n{SHORT_ANSWER}", None)],
-                                  [record.image])
+        return builder.build_chat_record(record, prompt_only=True)
     if prompt == "zero-shot":
         return builder.build_vqa(record.image, record.question)
     raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")

@@ -435,15 +435,17 @@ class SampleBuilder:
         return sample
 
 
-    def build_chat_record(self, record: Record) -> Sample:
+    def build_chat_record(self, record: Record, prompt_only: bool = False) -> Sample:
         """A record as an Emu2-Chat conversation: a chat record as it is; a VQA record (its most
         common answer) or an image-caption record as an academic-task conversation, the image
         first and LLaVA-1.5's output-format instruction after the question (`SHORT_ANSWER`) or as
-        the request (`CAPTION_REQUEST`). ValueError for the kinds without a chat form."""
+        the request (`CAPTION_REQUEST`). ValueError for the kinds without a chat form.
+        `prompt_only`: a VQA record's question as the prompt a model answers (no answer, ending
+        `[ASSISTANT]:`), as `evaluate.py` asks it."""
         if isinstance(record, Chat):
             return self.build_chat(record.system, record.turns, record.images)
         if isinstance(record, VQA):
-            answer = Counter(record.answers).most_common(1)[0][0]
+            answer = None if prompt_only else Counter(record.answers).most_common(1)[0][0]
             return self.build_chat("academic", [(f"{record.question}\n{SHORT_ANSWER}", answer)],
                                    [record.image], markers=False)
         if isinstance(record, ImageText):

@@ -1,0 +1,116 @@
+"""`python -m emu2_engine.evaluate`: VQAv2 accuracy by hand, the prompts a model answers after,
+weights loading, and the command on a small saved model and the shapes world."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from emu2_engine import evaluate
+from emu2_engine.checkpoint.dcp import save_model_weights, step_folder
+from emu2_engine.data.decode import Decoder
+from emu2_engine.data.records import VQA
+from emu2_engine.data.sequences import SampleBuilder
+from emu2_engine.data.shards import ShardStream
+from emu2_engine.data.tokenizer import Emu2Tokenizer
+from emu2_engine.evaluate import evaluate_vqa, load_model, normalize_answer, vqa_accuracy
+from emu2_engine.models import Emu2Config, Emu2Model
+
+
+@pytest.mark.parametrize("answer, humans, want", [
+    ("red", ["red"] * 4 + ["blue"] * 6, 1.0),       # 4 agree: every leave-one-out subset has 3
+    ("red", ["red"] * 3 + ["blue"] * 7, 0.9),       # (3 x 2/3 + 7 x 1) / 10
+    ("red", ["red"] * 2 + ["blue"] * 8, 0.6),       # (2 x 1/3 + 8 x 2/3) / 10
+    ("red", ["red"] + ["blue"] * 9, 0.3),           # (1 x 0 + 9 x 1/3) / 10
+    ("green", ["red"] * 10, 0.0),
+    ("Two.", ["2", "two", "2 ", "3"] + ["4"] * 6, 0.9),  # normalised, three say "2" (as above)
+])
+def test_vqa_accuracy_by_hand(answer, humans, want):
+    assert vqa_accuracy(answer, humans) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("text, want", [
+    ("Two.", "2"), ("the Red circle!", "red circle"), ("on the left.", "on left"), ("2.5", "2.5"),
+    ("  an   orange\ttriangle ", "orange triangle"), ("ten", "10"), ("yes, it is", "yes it is"),
+])
+def test_normalize_answer(text, want):
+    assert normalize_answer(text) == want
+
+
+def test_vqa_accuracy_needs_human_answers():
+    with pytest.raises(ValueError, match="at least one human answer"):
+        vqa_accuracy("red", [])
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    """Six held-out VQA records of the shapes world (the debug model's 64 px)."""
+    root = evaluate.heldout_vqa_shards(str(tmp_path_factory.mktemp("cache")), seed=1234)
+    stream = ShardStream(root, Decoder("vqa", 64, backend="pil", log=None), shuffle=False, log=None, epochs=1)
+    return [next(stream) for _ in range(6)]
+
+
+@pytest.mark.parametrize("prompt", ["chat", "zero-shot"])
+def test_the_score_of_an_oracle_a_constant_and_the_prompts_asked(heldout, prompt):
+    """An answerer that gives each question's most common human answer scores 1; one that always
+    says "purple elephant" scores 0; the prompts are the chat template's academic question
+    (ending [ASSISTANT]:) or the paper's zero-shot prompt, with the image and without the answer."""
+    tok = Emu2Tokenizer(chat=True)
+    builder = SampleBuilder(tok, 16)
+    records, asked = iter(heldout), []
+
+    def oracle(sample):  # records are asked in order
+        record = next(records)
+        asked.append((record, sample))
+        return Counter(record.answers).most_common(1)[0][0]
+
+    got = evaluate_vqa(heldout, builder, oracle, prompt)
+    assert got == {"questions": len(heldout), "accuracy": 1.0, "exact": 1.0}
+    for record, sample in asked:
+        text = tok.decode(sample.input_ids.tolist())
+        assert record.question in text and len(sample.images) == 1 and sample.input_ids[-1] != tok.ids.eos
+        assert torch.equal(sample.images[0], record.image)
+        assert text.endswith("[ASSISTANT]:" if prompt == "chat" else "short answer:")
+    assert evaluate_vqa(heldout, builder, lambda s: "purple elephant", prompt, limit=4)["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="no VQA record"):
+        evaluate_vqa([], builder, oracle, prompt)
+
+
+def test_load_model_reads_checkpoints_and_run_folders(tmp_path):
+    torch.manual_seed(0)
+    model = Emu2Model(Emu2Config.from_preset("debug"))
+    model.init_weights()
+    save_model_weights(model, step_folder(tmp_path / "run" / "checkpoints", 7), step=7)
+    for weights in (tmp_path / "run", step_folder(tmp_path / "run" / "checkpoints", 7)):
+        loaded = load_model("debug", weights)
+        assert not loaded.training
+        for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), name
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model("debug", tmp_path / "nowhere")
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError, match="has no complete checkpoint"):
+        load_model("debug", tmp_path / "empty")
+
+
+def test_the_command(tmp_path, capsys, monkeypatch):
+    """On a saved random debug model and 3 held-out questions: one line with the accuracy; a
+    missing weights path and a chat prompt for a model without the chat tokens are one-line
+    errors."""
+    torch.manual_seed(0)
+    model = Emu2Model(Emu2Config.from_preset("debug"))
+    model.init_weights()
+    save_model_weights(model, tmp_path / "ckpt", step=1)
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    evaluate.main(["--preset", "debug", "--weights", str(tmp_path / "ckpt"), "--limit", "3",
+                   "--max-new-tokens", "2", *cache])
+    out = capsys.readouterr().out
+    assert "VQA (zero-shot prompt, greedy, 3 questions): accuracy" in out
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--preset", "debug", "--weights", str(tmp_path / "nowhere"), *cache])
+    assert exit_info.value.code == 1
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--preset", "debug", "--weights", str(tmp_path / "ckpt"), "--prompt", "chat", *cache])
+    assert exit_info.value.code == 2
+    assert "needs a preset with the chat vocabulary" in capsys.readouterr().err
