@@ -114,3 +114,47 @@ def test_the_command(tmp_path, capsys, monkeypatch):
         evaluate.main(["--preset", "debug", "--weights", str(tmp_path / "ckpt"), "--prompt", "chat", *cache])
     assert exit_info.value.code == 2
     assert "needs a preset with the chat vocabulary" in capsys.readouterr().err
+
+
+def test_the_chat_command(tmp_path, capsys, monkeypatch):
+    """`python -m emu2_engine.chat`: the question in Emu2-Chat's template with the image's
+    pixels, the greedy answer printed; bad input is a one-line error."""
+    from PIL import Image
+
+    from emu2_engine import chat
+    from emu2_engine.data.sequences import SYSTEM_MESSAGES, to_pixels
+    from emu2_engine.inference import generate
+
+    torch.manual_seed(0)
+    model = Emu2Model(Emu2Config.from_preset("debug-chat"))
+    model.init_weights()
+    save_model_weights(model, tmp_path / "ckpt", step=1)
+    picture = Image.new("RGB", (40, 30), (200, 30, 30))
+    picture.save(tmp_path / "red.png")
+    tok = Emu2Tokenizer(chat=True)
+    seen = {}
+
+    def fake(model, ids, images, max_new_tokens, eos_id):
+        seen.update(ids=ids, images=images, max_new_tokens=max_new_tokens, eos=eos_id)
+        return torch.tensor(tok.encode("a red picture.", special=False) + [tok.ids.eos])
+
+    monkeypatch.setattr(generate, "generate_text", fake)
+    chat.main(["--preset", "debug-chat", "--weights", str(tmp_path / "ckpt"), "--image", str(tmp_path / "red.png"),
+               "--system", "academic", "--max-new-tokens", "5", "what is this?"])
+    assert capsys.readouterr().out == "a red picture.\n"
+    text = tok.decode(seen["ids"].tolist())
+    assert text == (f"<s>{SYSTEM_MESSAGES['academic']}[USER]:[IMG]" + "<image>" * 16 + "[/IMG]what is this?"
+                    f"[ASSISTANT]:")
+    assert torch.equal(seen["images"][0], to_pixels(picture, 64)) and seen["max_new_tokens"] == 5
+    assert seen["eos"] == tok.ids.eos
+    weights = ["--weights", str(tmp_path / "ckpt")]
+    for argv, code, message in (
+            (["--preset", "debug-chat", *weights, "--image", str(tmp_path / "none.png"), "hi"], 1, "No such file"),
+            (["--preset", "debug-chat", *weights, "--image", str(tmp_path / "ckpt" / ".metadata"), "hi"], 1,
+             "cannot identify image"),
+            (["--preset", "debug", *weights, "hi"], 2, "invalid choice: 'debug'"),
+            (["--preset", "debug-chat", *weights, "  "], 2, "the question is blank")):
+        with pytest.raises(SystemExit) as exit_info:
+            chat.main(argv)
+        assert exit_info.value.code == code
+        assert message in capsys.readouterr().err
