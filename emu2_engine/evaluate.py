@@ -27,6 +27,7 @@ released Emu2 weights), as `checkpoint.init_from` takes them.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from collections import Counter
@@ -121,13 +122,22 @@ def answer_greedily(model: Emu2Model, tokenizer, max_new_tokens: int) -> Callabl
 
 
 def evaluate_vqa(records: Iterable[VQA], builder: SampleBuilder, answer: Callable, prompt: str,
-                 limit: int | None = None, show: Callable[[str], None] | None = None) -> dict:
+                 limit: int | None = None, show: Callable[[str], None] | None = None,
+                 other_image: bool = False) -> dict:
     """{"questions", "accuracy", "exact"} over `records` (at most `limit`): the mean VQA
-    accuracy and the share of answers equal (normalised) to the most common human answer."""
+    accuracy and the share of answers equal (normalised) to the most common human answer.
+    `other_image`: each question is asked about the previous record's image (the first record
+    only lends its image): a model that reads its images scores lower so; one that answers from
+    the question alone scores the same."""
     n, accuracy, exact = 0, 0.0, 0
+    previous = None
     for record in records:
         if limit is not None and n >= limit:
             break
+        if other_image:
+            record, previous = dataclasses.replace(record, image=previous), record.image
+            if record.image is None:
+                continue
         said = answer(vqa_prompt(builder, record, prompt))
         score = vqa_accuracy(said, record.answers)
         top = Counter(normalize_answer(a) for a in record.answers).most_common(1)[0][0]
@@ -161,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default="~/.cache/emu2_engine")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--show", action="store_true", help="print every question and answer")
+    parser.add_argument("--other-image", action="store_true",
+                        help="ask each question about the previous question's image (a control)")
     args = parser.parse_args(argv)
     if args.limit < 1 or args.max_new_tokens < 1:
         parser.error(f"--limit and --max-new-tokens must be >= 1, got {args.limit} and {args.max_new_tokens}")
@@ -181,11 +193,13 @@ def main(argv: list[str] | None = None) -> None:
         stream = ShardStream(shards, Decoder("vqa", cfg.vision.image_size, log=None), shuffle=False,
                              log=None, epochs=1)
         result = evaluate_vqa(stream, builder, answer_greedily(model, tokenizer, args.max_new_tokens),
-                              prompt, args.limit, show=print if args.show else None)
+                              prompt, args.limit, show=print if args.show else None,
+                              other_image=args.other_image)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"python -m emu2_engine.evaluate: error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
-    print(f"VQA ({prompt} prompt, greedy, {result['questions']} questions): accuracy "
+    images = ", each about the previous question's image" if args.other_image else ""
+    print(f"VQA ({prompt} prompt, greedy, {result['questions']} questions{images}): accuracy "
           f"{100 * result['accuracy']:.1f} %, exact match with the most common answer "
           f"{100 * result['exact']:.1f} %")
 

@@ -158,3 +158,14 @@ def test_the_chat_command(tmp_path, capsys, monkeypatch):
             chat.main(argv)
         assert exit_info.value.code == code
         assert message in capsys.readouterr().err
+
+
+def test_other_image_asks_each_question_about_the_previous_image(heldout):
+    tok = Emu2Tokenizer(chat=True)
+    builder = SampleBuilder(tok, 16)
+    asked = []
+    got = evaluate_vqa(heldout, builder, lambda s: asked.append(s) or "x", "chat", other_image=True)
+    assert got["questions"] == len(heldout) - 1 == len(asked)
+    for k, sample in enumerate(asked):
+        assert torch.equal(sample.images[0], heldout[k].image)
+        assert heldout[k + 1].question in tok.decode(sample.input_ids.tolist())
