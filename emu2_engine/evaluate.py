@@ -14,6 +14,12 @@ trained to read it, answers greedily (`inference.generate.generate_text`, at mos
 - `--prompt zero-shot` (the default otherwise): the paper's zero-shot evaluation prompt,
   `[image]based on the picture, answer in one word or phrase. {question} short answer:`
   (`SampleBuilder.build_vqa`).
+- `--prompt few-shot`: the paper's few-shot protocol: `--shots` examples `[image]based on the
+  picture, {q} short answer: {a}` joined by ". ", then the query with that prompt; the examples
+  are chosen by RICES (retrieval of the training examples whose images are most similar, by the
+  cosine of the model's own pooled visual features; Flamingo and the Emu2 paper use CLIP image
+  features, and the encoder here is EVA-CLIP) from the first `--support` records of the
+  training split, each example's answer its most common human answer.
 - Accuracy: VQAv2's, an answer scores min(1, humans who gave it / 3), averaged over the ten
   leave-one-out subsets of the ten human answers (Antol et al. 2015, and the VQA evaluation
   code's averaging); answers are compared after `normalize_answer`, which applies the
@@ -28,6 +34,7 @@ released Emu2 weights), as `checkpoint.init_from` takes them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import sys
 from collections import Counter
@@ -42,7 +49,7 @@ from emu2_engine.data.sequences import SampleBuilder
 from emu2_engine.data.tokenizer import Emu2Tokenizer
 from emu2_engine.models import PRESETS, Emu2Config, Emu2Model
 
-PROMPTS = ("chat", "zero-shot")
+PROMPTS = ("chat", "zero-shot", "few-shot")
 
 _NUMBERS = {w: str(i) for i, w in enumerate(
     ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"))}
@@ -96,13 +103,43 @@ def load_model(preset: str, weights: str | Path, device: str | torch.device = "c
     return model.eval()
 
 
-def vqa_prompt(builder: SampleBuilder, record: VQA, prompt: str):
-    """The Sample a model answers `record` after (see the module docstring)."""
+def vqa_prompt(builder: SampleBuilder, record: VQA, prompt: str, shots: Callable | None = None):
+    """The Sample a model answers `record` after (see the module docstring); for few-shot,
+    `shots(record)` gives the examples [(image, question, answer)]."""
     if prompt == "chat":
         return builder.build_chat_record(record, prompt_only=True)
     if prompt == "zero-shot":
         return builder.build_vqa(record.image, record.question)
+    if prompt == "few-shot":
+        if shots is None:
+            raise ValueError("the few-shot prompt needs shots (a function giving each record's examples)")
+        return builder.build_vqa(record.image, record.question, shots=shots(record))
     raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+
+
+class Rices:
+    """Retrieval-based in-context example selection: for a query, the `k` support records whose
+    images' mean pooled visual features (`Emu2Model.encode_images`) are nearest by cosine, the
+    most similar last (nearest the query), each with its most common human answer."""
+
+    def __init__(self, model: Emu2Model, support: list[VQA], k: int, batch: int = 32):
+        if k < 1 or k > len(support):
+            raise ValueError(f"few-shot needs 1 <= shots <= the {len(support)} support records, got {k}")
+        self.model, self.support, self.k = model, support, k
+        self.features = torch.cat([self._features(torch.stack([r.image for r in support[i:i + batch]]))
+                                   for i in range(0, len(support), batch)])
+
+    @torch.no_grad()
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        device = self.model.lm_head.weight.device
+        pooled = self.model.encode_images(pixels.to(device)).float().mean(1)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    def __call__(self, record: VQA) -> list[tuple[torch.Tensor, str, str]]:
+        similarity = self.features @ self._features(record.image[None])[0]
+        nearest = similarity.topk(self.k).indices.flip(0).tolist()
+        return [(self.support[i].image, self.support[i].question,
+                 Counter(self.support[i].answers).most_common(1)[0][0]) for i in nearest]
 
 
 def answer_greedily(model: Emu2Model, tokenizer, max_new_tokens: int) -> Callable:
@@ -123,7 +160,7 @@ def answer_greedily(model: Emu2Model, tokenizer, max_new_tokens: int) -> Callabl
 
 def evaluate_vqa(records: Iterable[VQA], builder: SampleBuilder, answer: Callable, prompt: str,
                  limit: int | None = None, show: Callable[[str], None] | None = None,
-                 other_image: bool = False) -> dict:
+                 other_image: bool = False, shots: Callable | None = None) -> dict:
     """{"questions", "accuracy", "exact"} over `records` (at most `limit`): the mean VQA
     accuracy and the share of answers equal (normalised) to the most common human answer.
     `other_image`: each question is asked about the previous record's image (the first record
@@ -138,7 +175,7 @@ def evaluate_vqa(records: Iterable[VQA], builder: SampleBuilder, answer: Callabl
             record, previous = dataclasses.replace(record, image=previous), record.image
             if record.image is None:
                 continue
-        said = answer(vqa_prompt(builder, record, prompt))
+        said = answer(vqa_prompt(builder, record, prompt, shots))
         score = vqa_accuracy(said, record.answers)
         top = Counter(normalize_answer(a) for a in record.answers).most_common(1)[0][0]
         exact += normalize_answer(said) == top
@@ -151,11 +188,11 @@ def evaluate_vqa(records: Iterable[VQA], builder: SampleBuilder, answer: Callabl
     return {"questions": n, "accuracy": accuracy / n, "exact": exact / n}
 
 
-def heldout_vqa_shards(cache_dir: str, seed: int) -> Path:
-    """The shapes world's held-out VQA split (generated on first use)."""
+def heldout_vqa_shards(cache_dir: str, seed: int, split: str = "heldout") -> Path:
+    """The shapes world's VQA shards of `split` (generated on first use)."""
     from emu2_engine.data.make_shapes import ensure_shapes_world
 
-    return ensure_shapes_world(Path(cache_dir).expanduser(), seed=seed) / "vqa" / "heldout"
+    return ensure_shapes_world(Path(cache_dir).expanduser(), seed=seed) / "vqa" / split
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,6 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the model's preset")
     parser.add_argument("--weights", required=True, help="run folder, checkpoint folder or weights file")
     parser.add_argument("--data", default="", help="vqa shards (default: the shapes world's held-out split)")
+    parser.add_argument("--support-data", default="",
+                        help="vqa shards the few-shot examples come from (default: the shapes world's training split)")
+    parser.add_argument("--shots", type=int, default=4, help="few-shot examples per question (default 4)")
+    parser.add_argument("--support", type=int, default=200,
+                        help="training records the few-shot examples are retrieved from (default 200)")
     parser.add_argument("--prompt", choices=PROMPTS, default=None,
                         help="chat (default for chat presets) or zero-shot")
     parser.add_argument("--limit", type=int, default=100, help="questions to answer (default 100)")
@@ -174,8 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--other-image", action="store_true",
                         help="ask each question about the previous question's image (a control)")
     args = parser.parse_args(argv)
-    if args.limit < 1 or args.max_new_tokens < 1:
-        parser.error(f"--limit and --max-new-tokens must be >= 1, got {args.limit} and {args.max_new_tokens}")
+    if min(args.limit, args.max_new_tokens, args.shots, args.support) < 1:
+        parser.error(f"--limit, --max-new-tokens, --shots and --support must be >= 1, got {args.limit}, "
+                     f"{args.max_new_tokens}, {args.shots} and {args.support}")
     cfg = PRESETS[args.preset]
     prompt = args.prompt or ("chat" if cfg.chat else "zero-shot")
     if prompt == "chat" and not cfg.chat:
@@ -189,16 +232,23 @@ def main(argv: list[str] | None = None) -> None:
         model = load_model(args.preset, args.weights, args.device)
         tokenizer = Emu2Tokenizer(chat=cfg.chat)
         builder = SampleBuilder(tokenizer, cfg.n_query, frame_n_query=cfg.frame_queries)
+        decoder = Decoder("vqa", cfg.vision.image_size, log=None)
         shards = args.data or heldout_vqa_shards(args.cache_dir, args.seed)
-        stream = ShardStream(shards, Decoder("vqa", cfg.vision.image_size, log=None), shuffle=False,
-                             log=None, epochs=1)
+        stream = ShardStream(shards, decoder, shuffle=False, log=None, epochs=1)
+        shots = None
+        if prompt == "few-shot":
+            support_shards = args.support_data or heldout_vqa_shards(args.cache_dir, args.seed, "train")
+            support = list(itertools.islice(ShardStream(support_shards, decoder, shuffle=False, log=None,
+                                                        epochs=1), args.support))
+            shots = Rices(model, support, args.shots)
         result = evaluate_vqa(stream, builder, answer_greedily(model, tokenizer, args.max_new_tokens),
                               prompt, args.limit, show=print if args.show else None,
-                              other_image=args.other_image)
+                              other_image=args.other_image, shots=shots)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"python -m emu2_engine.evaluate: error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     images = ", each about the previous question's image" if args.other_image else ""
+    prompt = f"{args.shots}-shot RICES" if prompt == "few-shot" else prompt
     print(f"VQA ({prompt} prompt, greedy, {result['questions']} questions{images}): accuracy "
           f"{100 * result['accuracy']:.1f} %, exact match with the most common answer "
           f"{100 * result['exact']:.1f} %")

@@ -106,6 +106,9 @@ def test_the_command(tmp_path, capsys, monkeypatch):
                    "--max-new-tokens", "2", *cache])
     out = capsys.readouterr().out
     assert "VQA (zero-shot prompt, greedy, 3 questions): accuracy" in out
+    evaluate.main(["--preset", "debug", "--weights", str(tmp_path / "ckpt"), "--limit", "2", "--prompt", "few-shot",
+                   "--shots", "2", "--support", "5", "--max-new-tokens", "2", *cache])
+    assert "VQA (2-shot RICES prompt, greedy, 2 questions): accuracy" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--preset", "debug", "--weights", str(tmp_path / "nowhere"), *cache])
     assert exit_info.value.code == 1
@@ -169,3 +172,34 @@ def test_other_image_asks_each_question_about_the_previous_image(heldout):
     for k, sample in enumerate(asked):
         assert torch.equal(sample.images[0], heldout[k].image)
         assert heldout[k + 1].question in tok.decode(sample.input_ids.tolist())
+
+
+def test_rices_picks_the_most_similar_images_nearest_last(heldout):
+    """A query whose image is one of the support's gets that record as its last (nearest)
+    example, with its most common answer; the few-shot prompt holds the examples' answers and
+    the query's question, and ends at "short answer:"."""
+    from emu2_engine.evaluate import Rices, vqa_prompt
+
+    torch.manual_seed(0)
+    model = Emu2Model(Emu2Config.from_preset("debug"))
+    model.init_weights()
+    model.eval()
+    support = [VQA(f"s{k}", r.image, r.question, ["dark red", r.answers[0], r.answers[0]])
+               for k, r in enumerate(heldout)]
+    rices = Rices(model, support, k=3)
+    for j in (0, 4):
+        shots = rices(heldout[j])
+        assert len(shots) == 3 and torch.equal(shots[-1][0], heldout[j].image)
+        assert shots[-1][1:] == (heldout[j].question, heldout[j].answers[0])
+        features = rices.features @ rices.features[j]
+        assert [torch.equal(s[0], support[int(i)].image) for s, i in
+                zip(shots, features.topk(3).indices.flip(0))] == [True] * 3
+    tok = Emu2Tokenizer()
+    sample = vqa_prompt(SampleBuilder(tok, 16), heldout[1], "few-shot", rices)
+    text = tok.decode(sample.input_ids.tolist())
+    assert len(sample.images) == 4 and text.endswith(f"{heldout[1].question} short answer:")
+    assert text.count("short answer:") == 4 and f"short answer: {heldout[1].answers[0]}." in text
+    with pytest.raises(ValueError, match=r"few-shot needs 1 <= shots <= the 6 support records, got 7"):
+        Rices(model, support, k=7)
+    with pytest.raises(ValueError, match="needs shots"):
+        vqa_prompt(SampleBuilder(tok, 16), heldout[1], "few-shot")
