@@ -43,9 +43,10 @@ def test_vqa_accuracy_needs_human_answers():
 
 
 @pytest.fixture(scope="module")
-def heldout(tmp_path_factory):
-    """Six held-out VQA records of the shapes world (the debug model's 64 px)."""
-    root = evaluate.heldout_vqa_shards(str(tmp_path_factory.mktemp("cache")), seed=1234)
+def heldout():
+    """Six held-out VQA records of the shapes world (the debug model's 64 px; the world the
+    other tests share, under the default cache folder)."""
+    root = evaluate.heldout_vqa_shards("~/.cache/emu2_engine", seed=1234)
     stream = ShardStream(root, Decoder("vqa", 64, backend="pil", log=None), shuffle=False, log=None, epochs=1)
     return [next(stream) for _ in range(6)]
 
@@ -101,7 +102,7 @@ def test_the_command(tmp_path, capsys, monkeypatch):
     model = Emu2Model(Emu2Config.from_preset("debug"))
     model.init_weights()
     save_model_weights(model, tmp_path / "ckpt", step=1)
-    cache = ["--cache-dir", str(tmp_path / "cache")]
+    cache = []  # the default cache folder: the world the other tests share
     evaluate.main(["--preset", "debug", "--weights", str(tmp_path / "ckpt"), "--limit", "3",
                    "--max-new-tokens", "2", *cache])
     out = capsys.readouterr().out

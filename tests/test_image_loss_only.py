@@ -16,7 +16,7 @@ IMAGE_LOSS = ["--data.text_loss=false", "--data.datasets=['image_text']", "--dat
 def test_no_token_is_a_text_target(tmp_path):
     """Every label is -100 and the images after their captions are still regressed; the
     end-of-run check's held-out captions keep their text loss."""
-    cfg = JobConfig.load(None, [*IMAGE_LOSS, f"--data.cache_dir={tmp_path}"])
+    cfg = JobConfig.load(None, IMAGE_LOSS)
     batch = next(build_loader(cfg.data, Emu2Tokenizer(), PRESETS["debug"]))
     assert bool((batch.labels == -100).all())
     assert batch.reg_images.numel() > 0  # image after caption (image_first_prob = 0): regressed
@@ -28,8 +28,7 @@ def test_the_step_loss_is_the_weighted_regression(tmp_path):
     """Two steps: the cross-entropy is 0, the loss is regression_weight x mse, and the LM head
     gets no gradient while the regression head does."""
     run = tmp_path / "gen"
-    trainer = Trainer(tiny_config(run, *IMAGE_LOSS, "--train.steps=2", "--model.regression_weight=2.0",
-                                  f"--data.cache_dir={tmp_path}"))
+    trainer = Trainer(tiny_config(run, *IMAGE_LOSS, "--train.steps=2", "--model.regression_weight=2.0"))
     head = trainer.model.lm_head.weight
     trainer.train(progress=False)
     got = losses(run)
