@@ -57,7 +57,8 @@ def test_layout_counts_and_manifest(tmp_path, tiny):
     assert verify_shapes_world(root, seed=3) == manifest
     expected_members = {
         "image_text": {"jpg", "txt", "json"}, "video_text": {"webm", "txt", "json"},
-        "grounded": {"jpg", "json"}, "vqa": {"jpg", "json"}, "chat": {"jpg", "json"}, "text": {"txt"}}
+        "grounded": {"jpg", "json"}, "vqa": {"jpg", "json"}, "chat": {"jpg", "json"}, "text": {"txt"},
+        "edit": {"source.jpg", "edited.jpg", "json"}}
     for kind, members in expected_members.items():
         assert all(set(m) == members for _, m in _samples(root, kind, "train")), kind
     for _, members in _samples(root, "interleaved", "train"):

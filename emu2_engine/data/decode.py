@@ -18,6 +18,11 @@ sample without one is a text-only conversation. The
 `records.IMAGE_MARKER`s of the instructions must number the images; instructions without any
 get one marker per image put before the first instruction (LLaVA writes "<image>\\n" first).
 
+Edit samples (InstructPix2Pix-style, Emu2-Gen's editing data) are a `.json` `{"instruction":
+"make the red circle blue."}` (a non-blank string; other fields are ignored) and two image
+members, `source.<ext>` and `edited.<ext>` (`000010003.source.jpg`, `000010003.edited.png`;
+ext one of IMAGE_EXTENSIONS), decoded into `records.Edit`.
+
 Pixels: decode to RGB, resize straight to image_size x image_size with a bicubic filter
 (antialiased when shrinking; no crop, as the released Emu2 processor does), scale to [0, 1]
 and normalise with the CLIP mean and std (`sequences.CLIP_MEAN`/`CLIP_STD`, the constants
@@ -37,10 +42,10 @@ Bad samples, each skipped and counted once (the first problem found):
 | kind | what |
 |---|---|
 | `empty_file` | a member the sample needs has zero bytes |
-| `missing_member` | no image / video member, or an interleaved or chat image the JSON names is absent |
+| `missing_member` | no image / video member, no `source` or `edited` image of an edit, or an interleaved or chat image the JSON names is absent |
 | `missing_caption` | no caption (`.txt`), or a blank one; `missing_text` for language-only samples |
 | `bad_utf8` | a caption, text or JSON that is not UTF-8 |
-| `bad_json` | JSON that does not parse or lacks the fields of its kind (e.g. a malformed interleaved document, a phrase span outside its caption, chat turns that do not alternate, image markers that do not number the images) |
+| `bad_json` | JSON that does not parse or lacks the fields of its kind (e.g. a malformed interleaved document, a phrase span outside its caption, chat turns that do not alternate, image markers that do not number the images, an edit without a non-blank instruction) |
 | `bad_box` | a grounding box outside [0, 1] image coordinates or empty |
 | `corrupt_image` | image bytes that do not decode (including a JPEG cut short), or an image in a format other than JPEG, PNG, WebP |
 | `image_too_large` | header dimensions (of an image or of video frames) above MAX_IMAGE_SIDE a side or MAX_IMAGE_PIXELS (a decompression bomb), refused before decoding |
@@ -61,11 +66,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from emu2_engine.data.records import (CHAT_SYSTEMS, IMAGE_MARKER, VQA, Chat, Grounded, ImageText,
+from emu2_engine.data.records import (CHAT_SYSTEMS, IMAGE_MARKER, VQA, Chat, Edit, Grounded, ImageText,
                                       Interleaved, Phrase, Record, SkipStats, Text, VideoText)
 from emu2_engine.data.sequences import CLIP_MEAN, CLIP_STD, to_pixels
 
-KINDS = ("image_text", "video_text", "interleaved", "grounded", "vqa", "chat", "text")
+KINDS = ("image_text", "video_text", "interleaved", "grounded", "vqa", "chat", "text", "edit")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # The formats PIL may open: those of IMAGE_EXTENSIONS. Without the list PIL would try every
 # format it knows on untrusted bytes (EPS, for one, runs Ghostscript).
@@ -400,6 +405,10 @@ class Decoder:
             turns, images, system = _chat(_json(members), members)
             return {"images": [_header_checked(data) for data in images],
                     "build": lambda pixels, video: Chat(key, turns, pixels, system)}
+        if self.kind == "edit":
+            instruction = _nonblank_str(_json(members).get("instruction"), "edit instruction")
+            images = [_header_checked(_named_image(members, name)) for name in ("source", "edited")]
+            return {"images": images, "build": lambda px, video: Edit(key, px[0], instruction, px[1])}
         if self.kind == "video_text":
             data = first_member(members, VIDEO_EXTENSIONS, "video")
             caption = _text(members, "txt", "missing_caption")
@@ -503,6 +512,16 @@ def first_member(members: dict[str, bytes], extensions: tuple[str, ...], what: s
         if ext in members:
             return members[ext]
     raise BadSample("missing_member", f"no {what} member (expected one of {', '.join(extensions)}; "
+                    f"have {', '.join(sorted(members)) or 'none'})")
+
+
+def _named_image(members: dict[str, bytes], name: str) -> bytes:
+    """The bytes of member `name.<ext>` (ext in IMAGE_EXTENSIONS' order); BadSample
+    `missing_member` when there is none."""
+    for ext in IMAGE_EXTENSIONS:
+        if f"{name}.{ext}" in members:
+            return members[f"{name}.{ext}"]
+    raise BadSample("missing_member", f"no {name} image (expected {name}.<{'|'.join(IMAGE_EXTENSIONS)}>; "
                     f"have {', '.join(sorted(members)) or 'none'})")
 
 

@@ -109,7 +109,7 @@ class PackedLoader:
             phrase_first_prob=cfg.phrase_first_prob, interleaved_images=cfg.interleaved_images,
             interleaved_len=cfg.interleaved_len, text_len=cfg.text_len,
             bidirectional=cfg.bidirectional, frame_n_query=model_cfg.frame_queries,
-            template=cfg.template)
+            template=cfg.template, grounded_image_first_prob=cfg.grounded_image_first)
         self.blend = Blend(cfg.weights)
         self.stats = SkipStats()
         self.truncated = 0
@@ -133,7 +133,8 @@ class PackedLoader:
                 # existed still match
                 **({"frame_n_query": self.frame_n_query} if self.frame_n_query != self.n_query else {}),
                 **({"template": c.template} if c.template != "pretrain" else {}),
-                **({"text_loss": False} if not c.text_loss else {})}
+                **({"text_loss": False} if not c.text_loss else {}),
+                **({"grounded_image_first": c.grounded_image_first} if c.grounded_image_first != 1.0 else {})}
 
     # -- samples --------------------------------------------------------------------------
     def _samples_of(self, d: int, record: Record) -> list[Sample]:

@@ -15,6 +15,7 @@ Members follow img2dataset's webdataset layout: a sample is the run of members s
 | vqa | `.jpg`, `.json` (VQAv2-style: `question`, `answers` = 10 x {answer, answer_confidence, answer_id}, `multiple_choice_answer`) |
 | chat | `.jpg`, `.json` (LLaVA-style: `system` "chat", `conversations` = [{from: "human", value: "<image>\\n" + instruction}, {from: "gpt", value: answer}, ...], 1-3 turns, the marker in the first instruction only) |
 | text | `.txt` |
+| edit | `.source.jpg`, `.edited.jpg`, `.json` (`key`, `instruction`, e.g. "make the red circle blue.", `source_caption`, `edited_caption`) |
 
 Same seed, same bytes: tar headers are fixed (mtime 0, uid/gid 0, no user names, mode 0644,
 ustar), members are written in sorted order, JSON with sorted keys, JPEG through PIL (no
@@ -23,7 +24,7 @@ and the `bitexact` flags (without them the WebM muxer writes a random segment UI
 bytes differ run to run). The bytes are the same on one software stack; another libjpeg or
 libvpx build may encode differently, which is why the manifest records hashes.
 
-Generating the default world (about 18 MB, most of it tar headers and padding of small
+Generating the default world (about 20 MB, most of it tar headers and padding of small
 members) takes 2-3 s on one core of the 2-core development machine.
 """
 
@@ -48,7 +49,7 @@ from emu2_engine.data.records import IMAGE_MARKER
 from emu2_engine.data.shapes import ShapesWorld
 
 VERSION = 1
-KINDS = ("image_text", "video_text", "interleaved", "grounded", "vqa", "chat", "text")
+KINDS = ("image_text", "video_text", "interleaved", "grounded", "vqa", "chat", "text", "edit")
 SPLITS = ("train", "heldout")
 # Samples per kind and split at scale 1, and samples per shard (fixed, so scale adds shards).
 COUNTS = {
@@ -59,9 +60,10 @@ COUNTS = {
     "vqa": {"train": 300, "heldout": 100},
     "chat": {"train": 300, "heldout": 50},
     "text": {"train": 300, "heldout": 50},
+    "edit": {"train": 300, "heldout": 50},
 }
 SHARD_SIZE = {"image_text": 400, "video_text": 100, "interleaved": 100, "grounded": 100,
-              "vqa": 100, "chat": 100, "text": 100}
+              "vqa": 100, "chat": 100, "text": 100, "edit": 100}
 # Held-out samples are drawn from indices far above any training index.
 HELDOUT_START = 1 << 32
 IMAGE_SIZE = 64  # the debug model's resolution; decoding resizes to any model's
@@ -178,6 +180,12 @@ def sample_members(world: ShapesWorld, kind: str, index: int, key: str,
         return {"jpg": encode_jpeg(item.sample.image), "json": _json(meta)}
     if kind == "text":
         return {"txt": world.paragraph(index).encode("utf-8")}
+    if kind == "edit":
+        item = world.edit(index, image_size)
+        meta = {"key": key, "instruction": item.instruction, "source_caption": item.source.caption,
+                "edited_caption": item.edited.caption}
+        return {"source.jpg": encode_jpeg(item.source.image), "edited.jpg": encode_jpeg(item.edited.image),
+                "json": _json(meta)}
     raise ValueError(f"unknown shapes-world kind {kind!r}; expected one of {KINDS}")
 
 

@@ -70,6 +70,16 @@ class VQA:
     source: str = ""
 
 
+@dataclass
+class Edit:
+    """An image edit (InstructPix2Pix): `image` changed as `instruction` says gives `edited`."""
+    key: str
+    image: torch.Tensor
+    instruction: str
+    edited: torch.Tensor
+    source: str = ""
+
+
 IMAGE_MARKER = "<image>"
 """Where an image goes in a chat instruction (LLaVA's convention): one marker per image, in the
 order of `Chat.images`."""
@@ -99,7 +109,7 @@ class Text:
     source: str = ""
 
 
-Record = ImageText | VideoText | Interleaved | Grounded | VQA | Chat | Text
+Record = ImageText | VideoText | Interleaved | Grounded | VQA | Chat | Edit | Text
 
 
 @dataclass

@@ -15,7 +15,10 @@ those of the released Emu2 (shared/reference/EMU2_FACTS.md):
 - grounded: `<s>[IMG]...[/IMG]<grounding>` + the caption in which every phrase with boxes
   becomes `<phrase>text</phrase><object><patch_index_a><patch_index_b></object>` (several
   boxes joined by `</delimiter_of_multi_objects/>`), the phrase before its box with p = 0.7,
-  else the box first. Boxes are quantised as Kosmos-2 does (`box_to_patch_indices`).
+  else the box first. Boxes are quantised as Kosmos-2 does (`box_to_patch_indices`). With
+  `grounded_image_first_prob` < 1 the image may come last instead, `<s><grounding>` + the
+  caption + `[IMG]...[/IMG]` (grounded text-to-image, Emu2-Gen).
+- image editing (Emu2-Gen, InstructPix2Pix data): `<s>[IMG]source[/IMG]instruction[IMG]edited[/IMG]</s>`.
 - language-only: chunks of at most 2048 tokens, each wrapped in `<s> ... </s>`.
 - VQA (evaluation): the prompts of the paper's evaluation protocol (`build_vqa`).
 - chat (Emu2-Chat instruction tuning, `template="chat"`, `build_chat`):
@@ -60,7 +63,7 @@ import torch
 from PIL import Image
 
 from emu2_engine.data import tokens as tk
-from emu2_engine.data.records import (CHAT_SYSTEMS, IMAGE_MARKER, VQA, Chat, Grounded, ImageText,
+from emu2_engine.data.records import (CHAT_SYSTEMS, IMAGE_MARKER, VQA, Chat, Edit, Grounded, ImageText,
                                       Interleaved, Phrase, Record, Text, VideoText)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -180,13 +183,14 @@ class SampleBuilder:
     def __init__(self, tokenizer, n_query: int, seed: int = 0, image_first_prob: float = 0.5,
                  phrase_first_prob: float = 0.7, interleaved_images: int = 8,
                  interleaved_len: int = 1024, text_len: int = 2048, bidirectional: bool = False,
-                 frame_n_query: int = 0, template: str = "pretrain"):
+                 frame_n_query: int = 0, template: str = "pretrain", grounded_image_first_prob: float = 1.0):
         if n_query < 1:
             raise ValueError(f"n_query must be >= 1, got {n_query}")
         if not 0 <= frame_n_query <= n_query:
             raise ValueError(f"frame_n_query must lie in [0 (n_query), n_query = {n_query}], got "
                              f"{frame_n_query}")
-        for name, p in (("image_first_prob", image_first_prob), ("phrase_first_prob", phrase_first_prob)):
+        for name, p in (("image_first_prob", image_first_prob), ("phrase_first_prob", phrase_first_prob),
+                        ("grounded_image_first_prob", grounded_image_first_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {p}")
         if interleaved_images < 1:
@@ -203,6 +207,7 @@ class SampleBuilder:
         self.n_query, self.seed = n_query, seed
         self.frame_n_query = frame_n_query or n_query
         self.image_first_prob, self.phrase_first_prob = image_first_prob, phrase_first_prob
+        self.grounded_image_first_prob = grounded_image_first_prob
         self.interleaved_images, self.interleaved_len, self.text_len = (
             interleaved_images, interleaved_len, text_len)
         self.bidirectional = bidirectional
@@ -223,7 +228,7 @@ class SampleBuilder:
         the record's dataset and `epoch` the pass over it it was read in (they seed the
         choices); `regress`: its images may be regression targets (those with text before
         them)."""
-        if not isinstance(record, (ImageText, VideoText, Interleaved, Grounded, Text, VQA, Chat)):
+        if not isinstance(record, (ImageText, VideoText, Interleaved, Grounded, Text, VQA, Chat, Edit)):
             raise TypeError(f"no sequence builder for {type(record).__name__}")
         if self.template == "chat" or isinstance(record, Chat):
             return [self.build_chat_record(record)]
@@ -240,7 +245,12 @@ class SampleBuilder:
             return [self.build_interleaved(texts, images, image_at, firsts, regress)]
         if isinstance(record, Grounded):
             firsts = [bool(x) for x in rng.random(len(record.phrases)) < self.phrase_first_prob]
-            return [self.build_grounded(record.image, record.caption, record.phrases, firsts, regress)]
+            p = self.grounded_image_first_prob  # drawn only when it is a choice (the draws before
+            image_first = p >= 1 or (p > 0 and bool(rng.random() < p))  # stay those of p = 1)
+            return [self.build_grounded(record.image, record.caption, record.phrases, firsts, regress,
+                                        image_first=image_first)]
+        if isinstance(record, Edit):
+            return [self.build_edit(record.image, record.instruction, record.edited, regress)]
         if isinstance(record, Text):
             return self.build_text(record.text)
         answer = Counter(record.answers).most_common(1)[0][0] if record.answers else None
@@ -361,14 +371,16 @@ class SampleBuilder:
         return cut
 
     def build_grounded(self, image: torch.Tensor, caption: str, phrases: list[Phrase],
-                       phrase_first: list[bool], regress: bool = False) -> Sample:
+                       phrase_first: list[bool], regress: bool = False, image_first: bool = True) -> Sample:
         """`[IMG]...[/IMG]<grounding>` + the caption, each phrase with boxes written as
-        `<phrase>text</phrase><object>boxes</object>` (phrase_first) or the reverse."""
+        `<phrase>text</phrase><object>boxes</object>` (phrase_first) or the reverse; with
+        `image_first=False`, `<grounding>` + the caption + `[IMG]...[/IMG]` (grounded
+        text-to-image, as Emu2-Gen tunes on: the image after its boxes)."""
         if len(phrase_first) != len(phrases):
             raise ValueError(f"phrase_first needs one entry per phrase, got {len(phrase_first)} "
                              f"for {len(phrases)}")
         spans = sorted(zip(phrases, phrase_first), key=lambda p: p[0].start)
-        body = self._visual(self.ids.image) + [self.grounding]
+        body = (self._visual(self.ids.image) if image_first else []) + [self.grounding]
         keep: list[tuple[int, int]] = []
         cursor = 0
         for phrase, first in spans:
@@ -390,9 +402,24 @@ class SampleBuilder:
             keep.append((start, len(body)))
             cursor = phrase.end
         body += self._text(caption[cursor:])
+        at = 0 if image_first else len(body)
+        if not image_first:
+            body += self._visual(self.ids.image)
         # <grounding> is an instruction the data gives, not text to predict
-        return self._finish(body, [image], [0], regress, keep_whole=keep,
-                            extra_non_targets=[self.n_query + 2])
+        return self._finish(body, [image], [at], regress, keep_whole=keep,
+                            extra_non_targets=[self.n_query + 2 if image_first else 0])
+
+    def build_edit(self, source: torch.Tensor, instruction: str, edited: torch.Tensor,
+                   regress: bool = False) -> Sample:
+        """An image edit, as Emu2-Gen lays out InstructPix2Pix data:
+        `[IMG]source[/IMG]instruction[IMG]edited[/IMG]`. Regressed (with `regress`): the edited
+        image, which has the instruction before it; the source, first, never is."""
+        text = self._text(instruction)
+        if not text:
+            raise RecordError("an edit needs a non-blank instruction")
+        visual = self._visual(self.ids.image)
+        body = visual + text + visual
+        return self._finish(body, [source, edited], [0, len(visual) + len(text)], regress)
 
     def build_text(self, text: str) -> list[Sample]:
         """Language-only data: `<s>` + at most text_len - 2 tokens + `</s>` per chunk; only the

@@ -13,6 +13,11 @@ the same colour and kind are grouped and counted. Everything about sample `index
 caption on every machine, in any order, in any worker. The layout and caption are drawn
 before anything about the pixels, so `caption()` (no drawing) agrees with `sample()`.
 
+Edits (`ShapesWorld.edit`, InstructPix2Pix-style): a source image, an instruction ("make
+the red circle blue.", "remove the green square.", "move the yellow triangle to the top
+right.", "add an orange circle on the left.") and the edited image, drawn on the same
+background pixels with the same shapes except the one the instruction names.
+
 Generation is separate from any file format: the shard writer stores what `sample()` returns.
 Speed (`python -m emu2_engine.data.shapes`): about 9,000 images/s at 64 px and 470 at 448 px
 on one core of the 2-core development machine (AMD EPYC, no GPU).
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -65,9 +70,14 @@ DOCUMENT_OPENINGS = ("here are some pictures of shapes.", "a page of shape pictu
 DESCRIPTION_REQUESTS = ("describe the image.", "describe this picture.", "what is in this picture?",
                         "what do you see?")
 MAX_CHAT_TURNS = 3
+EDIT_OPERATIONS = ("recolour", "remove", "move", "add")
+# Recolour instructions; `{t}` names the shape ("the red circle"), `{c}` the new colour. The
+# tokenizer corpus has both phrasings ("make the circle red.", "change the colour of ...").
+RECOLOUR_PHRASINGS = ("make {t} {c}.", "change the colour of {t} to {c}.")
 # Random streams of the sample types other than plain images (see ShapesWorld.stream_rng).
 # New types take the next number: the items of the existing ones stay as they are.
 STREAM_VIDEO, STREAM_GROUNDED, STREAM_VQA, STREAM_DOCUMENT, STREAM_TEXT, STREAM_CHAT = 1, 2, 3, 4, 5, 6
+STREAM_EDIT = 7
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,31 @@ class ShapesChat:
 
 
 @dataclass(frozen=True)
+class ShapesEdit:
+    """An image edit: `source` changed as `instruction` says gives `edited` (same background
+    pixels; every shape but the one edited drawn the same). `operation` is one of
+    EDIT_OPERATIONS; each image's caption describes that image."""
+
+    source: ShapesSample
+    instruction: str
+    edited: ShapesSample
+    operation: str
+
+
+@dataclass(frozen=True)
+class _Scene:
+    """Everything `_draw` decides before drawing the shapes: editing a scene and drawing it
+    again changes nothing else."""
+
+    layout: tuple[tuple, ...]  # (kind, colour, cell, (cx, cy), size) per shape, unit coordinates
+    fills: tuple[tuple[int, int, int], ...]  # each shape's jittered colour
+    template: str  # the caption opening, a value of TEMPLATES
+    background: str
+    texture: str
+    canvas: Image.Image  # the background pixels (copied before drawing on)
+
+
+@dataclass(frozen=True)
 class ShapesDocument:
     """An interleaved document: sentences and images in reading order."""
 
@@ -196,6 +231,36 @@ def describe(shapes: tuple[Shape, ...] | list[Shape]) -> str:
             where = join_words([f"one {position_phrase(p)}" for p in positions])
             parts.append(f"{noun_phrase(colour, kind, len(positions))}, {where},")
     return join_words(parts).rstrip(",")
+
+
+def caption_text(shapes: tuple[Shape, ...] | list[Shape], template: str) -> str:
+    """The caption of `shapes` with opening `template` (a value of TEMPLATES)."""
+    # "there is/are" agrees with the first group (describe() lists the top-left-most first).
+    first = min(shapes, key=lambda s: _READING_ORDER[s.position])
+    first_count = sum(s.colour == first.colour and s.kind == first.kind for s in shapes)
+    return template.format(d=describe(shapes), be="is" if first_count == 1 else "are")
+
+
+def jittered(colour: str, rng: np.random.Generator) -> tuple[int, int, int]:
+    """The RGB fill of a shape of `colour`: each channel moved by up to COLOUR_JITTER."""
+    jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
+    return tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
+
+
+def pixel_box(centre: tuple[float, float], size: float, image_size: int) -> tuple[int, int, int, int]:
+    """The pixel box (x0, y0, x1, y1) of a square of side `size` (a fraction of the image)
+    centred at `centre` (unit coordinates)."""
+    (cx, cy), half = centre, size * image_size / 2
+    return (int(round(cx * image_size - half)), int(round(cy * image_size - half)),
+            int(round(cx * image_size + half)), int(round(cy * image_size + half)))
+
+
+def shape_reference(layout: list[tuple] | tuple[tuple, ...], i: int) -> str:
+    """Words naming shape `i` of a layout among the others: "the red circle", or with its
+    position when another shape has its colour and kind ("the red circle on the left")."""
+    kind, colour, cell = layout[i][:3]
+    same = sum(k == kind and c == colour for k, c, *_ in layout)
+    return f"the {colour} {kind}" + (f" {position_phrase(POSITIONS[cell])}" if same > 1 else "")
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int],
@@ -292,6 +357,13 @@ class ShapesWorld:
     @staticmethod
     def _layout(rng: np.random.Generator) -> tuple[list[tuple], str]:
         """Shapes in unit coordinates (kind, colour, cell, centre, size) and the caption."""
+        layout, template = ShapesWorld._place(rng)
+        return layout, caption_text(_unit_shapes(layout), template)
+
+    @staticmethod
+    def _place(rng: np.random.Generator) -> tuple[list[tuple], str]:
+        """Shapes in unit coordinates (kind, colour, cell, centre, size) and the caption's
+        opening (a value of TEMPLATES)."""
         n = int(rng.integers(1, MAX_SHAPES + 1))
         cells = rng.choice(len(POSITIONS), size=n, replace=False)
         colours = list(COLOURS)
@@ -304,18 +376,17 @@ class ShapesWorld:
             c = palette[rng.integers(2)] if rng.random() < 0.7 else rng.integers(len(colours))
             k = kinds[rng.integers(2)] if rng.random() < 0.7 else rng.integers(len(KINDS))
             colour, kind = colours[int(c)], KINDS[int(k)]
-            size = rng.uniform(0.55, 0.9) / 3  # side, as a fraction of the image
-            slack = 1 / 3 - size
-            cx = col / 3 + size / 2 + rng.uniform(0, slack)
-            cy = row / 3 + size / 2 + rng.uniform(0, slack)
-            layout.append((kind, colour, (row, col), (cx, cy), size))
-        shapes = _unit_shapes(layout)
-        template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
-        # "there is/are" agrees with the first group (describe() lists the top-left-most first).
-        first = min(shapes, key=lambda s: _READING_ORDER[s.position])
-        first_count = sum(s.colour == first.colour and s.kind == first.kind for s in shapes)
-        caption = template.format(d=describe(shapes), be="is" if first_count == 1 else "are")
-        return layout, caption
+            layout.append((kind, colour, (row, col), *ShapesWorld._in_cell(rng, row, col)))
+        return layout, TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+
+    @staticmethod
+    def _in_cell(rng: np.random.Generator, row: int, col: int) -> tuple[tuple[float, float], float]:
+        """A random centre (unit coordinates) and side for a shape inside cell (row, col)."""
+        size = rng.uniform(0.55, 0.9) / 3  # side, as a fraction of the image
+        slack = 1 / 3 - size
+        cx = col / 3 + size / 2 + rng.uniform(0, slack)
+        cy = row / 3 + size / 2 + rng.uniform(0, slack)
+        return (cx, cy), size
 
     def caption(self, index: int) -> str:
         """The caption of sample `index`, without drawing its image."""
@@ -328,21 +399,29 @@ class ShapesWorld:
 
     def _draw(self, rng: np.random.Generator, image_size: int) -> ShapesSample:
         """Draw a sample from `rng`: the layout and caption first, then the pixels."""
-        layout, caption = self._layout(rng)
+        return self._render(self._scene(rng, image_size), image_size)
+
+    def _scene(self, rng: np.random.Generator, image_size: int) -> _Scene:
+        """A sample's scene from `rng`: layout and caption opening, background, shape colours."""
+        layout, template = self._place(rng)
         background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
         texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
-        image = self._background(rng, BACKGROUNDS[background], texture, image_size)
+        canvas = self._background(rng, BACKGROUNDS[background], texture, image_size)
+        fills = tuple(jittered(colour, rng) for _, colour, *_ in layout)
+        return _Scene(tuple(layout), fills, template, background, texture, canvas)
+
+    @staticmethod
+    def _render(scene: _Scene, image_size: int) -> ShapesSample:
+        """The image, caption and shapes of a scene."""
+        image = scene.canvas.copy()
         draw = ImageDraw.Draw(image)
         shapes = []
-        for kind, colour, cell, (cx, cy), size in layout:
-            half = size * image_size / 2
-            box = (int(round(cx * image_size - half)), int(round(cy * image_size - half)),
-                   int(round(cx * image_size + half)), int(round(cy * image_size + half)))
-            jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
-            fill = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
+        for (kind, colour, cell, centre, size), fill in zip(scene.layout, scene.fills):
+            box = pixel_box(centre, size, image_size)
             draw_shape(draw, kind, box, fill)
             shapes.append(Shape(kind, colour, box, POSITIONS[cell]))
-        return ShapesSample(image, caption, tuple(shapes), background, texture)
+        return ShapesSample(image, caption_text(shapes, scene.template), tuple(shapes),
+                            scene.background, scene.texture)
 
     def stream_rng(self, stream: int, index: int, *more: int) -> np.random.Generator:
         """The generator of item `index` of a sample type other than plain images.
@@ -368,8 +447,7 @@ class ShapesWorld:
         size = rng.uniform(0.22, 0.3)  # side as a fraction of the frame
         # Where the shape sits on the axis it does not move along (both axes when it grows).
         fixed = rng.uniform(0.35, 0.65, size=2)
-        jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
-        fill = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
+        fill = jittered(colour, rng)
         frames = []
         for t in np.linspace(0.0, 1.0, n_frames):
             side, (cx, cy) = size, fixed
@@ -380,9 +458,7 @@ class ShapesWorld:
                 start, end = (near, far) if motion[0] in ("left", "top") else (far, near)
                 along = start + (end - start) * t
                 cx, cy = (along, fixed[1]) if motion[0] in ("left", "right") else (fixed[0], along)
-            half = side * image_size / 2
-            box = (int(round(cx * image_size - half)), int(round(cy * image_size - half)),
-                   int(round(cx * image_size + half)), int(round(cy * image_size + half)))
+            box = pixel_box((cx, cy), side, image_size)
             frame = Image.new("RGB", (image_size, image_size), background)
             draw_shape(ImageDraw.Draw(frame), kind, box, fill)
             frames.append(frame)
@@ -423,6 +499,51 @@ class ShapesWorld:
         qa = questions(sample.shapes, rng)
         turns += [qa[int(j)] for j in rng.choice(len(qa), size=n_turns - 1, replace=False)]
         return ShapesChat(sample, tuple(turns))
+
+    def edit(self, index: int, image_size: int = 64) -> ShapesEdit:
+        """Edit item `index`: an image as `sample` draws it (from the edit stream), one edit of
+        EDIT_OPERATIONS and the image after it: recolour a shape ("make the red circle blue.",
+        or RECOLOUR_PHRASINGS' other), remove one when there are two or more ("remove the
+        green square."), move one to a free cell, keeping its size and its place within the
+        cell ("move the yellow triangle to the top right."), or add one in a free cell when
+        there are fewer than MAX_SHAPES ("add an orange circle on the left."). A shape that
+        shares its colour and kind with another is named with its position too
+        (`shape_reference`), so every instruction picks out one shape."""
+        _check_image_size(image_size)
+        rng = self.stream_rng(STREAM_EDIT, index)
+        scene = self._scene(rng, image_size)
+        layout, fills = list(scene.layout), list(scene.fills)
+        taken = {cell for _, _, cell, *_ in layout}
+        free = [cell for cell in POSITIONS if cell not in taken]
+        operations = [op for op in EDIT_OPERATIONS
+                      if (op != "remove" or len(layout) > 1) and (op != "add" or len(layout) < MAX_SHAPES)]
+        operation = operations[int(rng.integers(len(operations)))]
+        if operation == "add":
+            kind, colour = KINDS[int(rng.integers(len(KINDS)))], list(COLOURS)[int(rng.integers(len(COLOURS)))]
+            cell = free[int(rng.integers(len(free)))]
+            layout.append((kind, colour, cell, *self._in_cell(rng, *cell)))
+            fills.append(jittered(colour, rng))
+            instruction = f"add {noun_phrase(colour, kind, 1)} {position_phrase(POSITIONS[cell])}."
+        else:
+            target = int(rng.integers(len(layout)))
+            name = shape_reference(layout, target)
+            kind, colour, cell, (cx, cy), size = layout[target]
+            if operation == "recolour":
+                new = [c for c in COLOURS if c != colour][int(rng.integers(len(COLOURS) - 1))]
+                layout[target] = (kind, new, cell, (cx, cy), size)
+                fills[target] = jittered(new, rng)
+                phrasing = RECOLOUR_PHRASINGS[int(rng.integers(len(RECOLOUR_PHRASINGS)))]
+                instruction = phrasing.format(t=name, c=new)
+            elif operation == "remove":
+                del layout[target], fills[target]
+                instruction = f"remove {name}."
+            else:  # move: the same offset within the new cell
+                to = free[int(rng.integers(len(free)))]
+                centre = (cx + (to[1] - cell[1]) / 3, cy + (to[0] - cell[0]) / 3)
+                layout[target] = (kind, colour, to, centre, size)
+                instruction = f"move {name} to the {POSITIONS[to]}."
+        edited = self._render(replace(scene, layout=tuple(layout), fills=tuple(fills)), image_size)
+        return ShapesEdit(self._render(scene, image_size), instruction, edited, operation)
 
     def document(self, index: int, image_size: int = 64) -> ShapesDocument:
         """Interleaved document `index`: an opening sentence, then 2 or 3 images each

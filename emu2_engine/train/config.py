@@ -42,7 +42,7 @@ class ModelSection:
         return cfg
 
 
-DATASET_KINDS = ("image_text", "video_text", "interleaved", "grounded", "text", "vqa", "chat")
+DATASET_KINDS = ("image_text", "video_text", "interleaved", "grounded", "text", "vqa", "chat", "edit")
 CHAT_TEMPLATE_KINDS = ("chat", "vqa", "image_text")
 """The kinds the chat template lays out (`data.sequences.SampleBuilder.build_chat_record`)."""
 """Sample types a dataset can hold (`emu2_engine.data.records`); each has its Emu2 layout."""
@@ -55,8 +55,9 @@ class DataSection:
     generated on first use into `cache_dir`."""
 
     datasets: list[str] = field(default_factory=lambda: ["image_text", "grounded", "text"])
-    """Kind of each blended dataset: image_text, video_text, interleaved, grounded, text, vqa or
-    chat (LLaVA-style conversations, laid out with Emu2-Chat's template; `docs/data.md`)."""
+    """Kind of each blended dataset: image_text, video_text, interleaved, grounded, text, vqa,
+    chat (LLaVA-style conversations, laid out with Emu2-Chat's template) or edit (InstructPix2Pix
+    image edits, Emu2-Gen's layout) (`docs/data.md`)."""
     weights: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])
     """Relative share of records drawn from each dataset (Emu2 stage 2: 12800, 6400, 3200, 800);
     a long text record gives several samples (`docs/data.md`, Blending)."""
@@ -83,6 +84,10 @@ class DataSection:
     """Probability that an image (or video) precedes its text (Emu2: 0.5)."""
     phrase_first_prob: float = 0.7
     """Probability that a grounded phrase precedes its box (Emu2: 0.7)."""
+    grounded_image_first: float = 1.0
+    """Probability that a grounded caption's image precedes it (`[IMG]...[/IMG]<grounding>caption`,
+    Kosmos-2's layout); otherwise it follows (`<grounding>caption[IMG]...[/IMG]`: grounded
+    text-to-image, whose image has text before it to be regressed from; Emu2-Gen: 0)."""
     interleaved_images: int = 8
     """Images sampled from an interleaved document (Emu2: 8)."""
     interleaved_len: int = 256
@@ -427,6 +432,8 @@ class JobConfig:
              f"data.image_first_prob must lie in [0, 1], got {d.image_first_prob}"),
             (0.0 <= d.phrase_first_prob <= 1.0,
              f"data.phrase_first_prob must lie in [0, 1], got {d.phrase_first_prob}"),
+            (0.0 <= d.grounded_image_first <= 1.0,
+             f"data.grounded_image_first must lie in [0, 1], got {d.grounded_image_first}"),
             (d.interleaved_images > 0, f"data.interleaved_images must be positive, got {d.interleaved_images}"),
             (3 <= d.interleaved_len <= d.seq_len,
              f"data.interleaved_len ({d.interleaved_len}) must lie in [3, data.seq_len = {d.seq_len}]"),
