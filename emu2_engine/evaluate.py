@@ -1,7 +1,10 @@
-"""VQA accuracy of a trained model from its greedy answers (`python -m emu2_engine.evaluate`).
+"""Evaluate a trained model (`python -m emu2_engine.evaluate`): VQA accuracy from its greedy
+answers, or how close the visual embeddings it generates for image edits come to the edited
+images'.
 
     python -m emu2_engine.evaluate --preset debug-chat --weights runs/chat_debug
     python -m emu2_engine.evaluate --preset debug --weights runs/debug --prompt zero-shot
+    python -m emu2_engine.evaluate --task edit --preset debug --weights runs/gen_debug
 
 Reads VQA records (`--data`: shards of the vqa kind; by default the shapes world's held-out
 split, generated on first use as the trainer does), lays each question out as the model was
@@ -26,6 +29,14 @@ trained to read it, answers greedily (`inference.generate.generate_text`, at mos
   official normalisation's main steps (lower case, punctuation, articles, number words to
   digits) but not its contraction table.
 
+`--task edit`: for each held-out edit (`--data`: shards of the edit kind; by default the
+shapes world's), the model generates the edited image's visual embeddings after
+`[IMG]source[/IMG]instruction[IMG]` (`inference.generate.generate_image_embeddings`, the
+training layout's prompt), and the mean squared distance to the edited image's own pooled
+features (the regression target) is reported beside two references: the source image's features
+(an edit that changes nothing), and the embeddings generated with another edit's instruction
+(a model that ignores the instruction scores the same).
+
 `--weights` is an engine checkpoint folder (`<run>/checkpoints/step-NNNNNN`), a run folder
 (its newest complete checkpoint), or a weights file or folder (the engine's state dict or the
 released Emu2 weights), as `checkpoint.init_from` takes them.
@@ -44,7 +55,7 @@ from pathlib import Path
 import torch
 
 from emu2_engine.cli import ArgumentParser
-from emu2_engine.data.records import VQA
+from emu2_engine.data.records import VQA, Edit
 from emu2_engine.data.sequences import SampleBuilder
 from emu2_engine.data.tokenizer import Emu2Tokenizer
 from emu2_engine.models import PRESETS, Emu2Config, Emu2Model
@@ -188,18 +199,55 @@ def evaluate_vqa(records: Iterable[VQA], builder: SampleBuilder, answer: Callabl
     return {"questions": n, "accuracy": accuracy / n, "exact": exact / n}
 
 
-def heldout_vqa_shards(cache_dir: str, seed: int, split: str = "heldout") -> Path:
-    """The shapes world's VQA shards of `split` (generated on first use)."""
+def heldout_vqa_shards(cache_dir: str, seed: int, split: str = "heldout", kind: str = "vqa") -> Path:
+    """The shapes world's shards of `kind` and `split` (generated on first use)."""
     from emu2_engine.data.make_shapes import ensure_shapes_world
 
-    return ensure_shapes_world(Path(cache_dir).expanduser(), seed=seed) / "vqa" / split
+    return ensure_shapes_world(Path(cache_dir).expanduser(), seed=seed) / kind / split
+
+
+@torch.no_grad()
+def evaluate_edits(model: Emu2Model, builder: SampleBuilder, records: Iterable[Edit],
+                   limit: int | None = None) -> dict:
+    """{"edits", "generated", "source", "other_instruction"}: mean squared distances, per
+    embedding element, to each edited image's pooled features (`Emu2Model.encode_images`) of
+    the embeddings generated after `[IMG]source[/IMG]instruction[IMG]`, of the source image's
+    features, and of the embeddings generated with the previous record's instruction (the first
+    record only lends its instruction)."""
+    from emu2_engine.inference.generate import generate_image_embeddings
+
+    device = model.lm_head.weight.device
+
+    def generated(record: Edit, instruction: str) -> torch.Tensor:
+        sample = builder.build_edit(record.image, instruction, record.edited)
+        prompt = torch.as_tensor(sample.input_ids[:sample.image_starts[1] + 1])  # through the 2nd [IMG]
+        return generate_image_embeddings(model, prompt, record.image[None].to(device)).float()
+
+    n, sums, previous = 0, {"generated": 0.0, "source": 0.0, "other_instruction": 0.0}, None
+    for record in records:
+        if limit is not None and n >= limit:
+            break
+        if previous is None:
+            previous = record.instruction
+            continue
+        target, source = model.encode_images(torch.stack([record.edited, record.image]).to(device)).float()
+        sums["generated"] += float((generated(record, record.instruction) - target).square().mean())
+        sums["source"] += float((source - target).square().mean())
+        sums["other_instruction"] += float((generated(record, previous) - target).square().mean())
+        previous = record.instruction
+        n += 1
+    if n == 0:
+        raise ValueError("no edit to evaluate (the first record only lends its instruction)")
+    return {"edits": n, **{k: v / n for k, v in sums.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m emu2_engine.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=("vqa", "edit"), default="vqa",
+                        help="vqa (greedy answers, VQAv2 accuracy) or edit (generated embeddings of edited images)")
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the model's preset")
     parser.add_argument("--weights", required=True, help="run folder, checkpoint folder or weights file")
-    parser.add_argument("--data", default="", help="vqa shards (default: the shapes world's held-out split)")
+    parser.add_argument("--data", default="", help="vqa or edit shards (default: the shapes world's held-out split)")
     parser.add_argument("--support-data", default="",
                         help="vqa shards the few-shot examples come from (default: the shapes world's training split)")
     parser.add_argument("--shots", type=int, default=4, help="few-shot examples per question (default 4)")
@@ -207,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="training records the few-shot examples are retrieved from (default 200)")
     parser.add_argument("--prompt", choices=PROMPTS, default=None,
                         help="chat (default for chat presets) or zero-shot")
-    parser.add_argument("--limit", type=int, default=100, help="questions to answer (default 100)")
+    parser.add_argument("--limit", type=int, default=100, help="questions or edits (default 100)")
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1234, help="the shapes world's seed (data.seed)")
     parser.add_argument("--cache-dir", default="~/.cache/emu2_engine")
@@ -232,6 +280,15 @@ def main(argv: list[str] | None = None) -> None:
         model = load_model(args.preset, args.weights, args.device)
         tokenizer = Emu2Tokenizer(chat=cfg.chat)
         builder = SampleBuilder(tokenizer, cfg.n_query, frame_n_query=cfg.frame_queries)
+        if args.task == "edit":
+            shards = args.data or heldout_vqa_shards(args.cache_dir, args.seed, kind="edit")
+            stream = ShardStream(shards, Decoder("edit", cfg.vision.image_size, log=None), shuffle=False,
+                                 log=None, epochs=1)
+            result = evaluate_edits(model, builder, stream, args.limit)
+            print(f"edits ({result['edits']}): mean squared distance to the edited image's features: "
+                  f"generated {result['generated']:.4f}, the source image's {result['source']:.4f}, "
+                  f"generated with another edit's instruction {result['other_instruction']:.4f}")
+            return
         decoder = Decoder("vqa", cfg.vision.image_size, log=None)
         shards = args.data or heldout_vqa_shards(args.cache_dir, args.seed)
         stream = ShardStream(shards, decoder, shuffle=False, log=None, epochs=1)

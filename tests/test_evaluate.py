@@ -110,6 +110,8 @@ def test_the_command(tmp_path, capsys, monkeypatch):
     evaluate.main(["--preset", "debug", "--weights", str(tmp_path / "ckpt"), "--limit", "2", "--prompt", "few-shot",
                    "--shots", "2", "--support", "5", "--max-new-tokens", "2", *cache])
     assert "VQA (2-shot RICES prompt, greedy, 2 questions): accuracy" in capsys.readouterr().out
+    evaluate.main(["--task", "edit", "--preset", "debug", "--weights", str(tmp_path / "ckpt"), "--limit", "2", *cache])
+    assert "edits (2): mean squared distance to the edited image's features: generated" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--preset", "debug", "--weights", str(tmp_path / "nowhere"), *cache])
     assert exit_info.value.code == 1
@@ -204,3 +206,42 @@ def test_rices_picks_the_most_similar_images_nearest_last(heldout):
         Rices(model, support, k=7)
     with pytest.raises(ValueError, match="needs shots"):
         vqa_prompt(SampleBuilder(tok, 16), heldout[1], "few-shot")
+
+
+def test_edit_evaluation_distances(monkeypatch):
+    """`evaluate_edits` on hand-made edits: the generated embeddings are compared with the
+    edited image's pooled features, the source's features are the do-nothing reference, and the
+    control uses the previous edit's instruction; the prompt ends at the edited image's [IMG]."""
+    from emu2_engine.data.records import Edit
+    from emu2_engine.evaluate import evaluate_edits
+    from emu2_engine.inference import generate
+
+    torch.manual_seed(0)
+    model = Emu2Model(Emu2Config.from_preset("debug"))
+    model.init_weights()
+    model.eval()
+    tok = Emu2Tokenizer()
+    builder = SampleBuilder(tok, 16)
+    edits = [Edit(f"e{k}", torch.randn(3, 64, 64), f"make shape {k} blue.", torch.randn(3, 64, 64))
+             for k in range(4)]
+    seen = []
+
+    def fake(model, ids, images):  # the target's own features when asked with the right instruction
+        text = tok.decode(ids.tolist())
+        record = next(e for e in edits if torch.equal(images[0], e.image))
+        seen.append(text)
+        right = record.instruction in text
+        return model.encode_images(record.edited[None])[0] + (0.0 if right else 1.0)
+
+    monkeypatch.setattr(generate, "generate_image_embeddings", fake)
+    got = evaluate_edits(model, builder, edits)
+    assert got["edits"] == 3 and got["generated"] == pytest.approx(0.0, abs=1e-10)
+    assert got["other_instruction"] == pytest.approx(1.0, rel=1e-5)
+    with torch.no_grad():
+        want = sum(float((model.encode_images(e.image[None]) - model.encode_images(e.edited[None])).square().mean())
+                   for e in edits[1:]) / 3
+    assert got["source"] == pytest.approx(want, rel=1e-5)
+    assert all(t.startswith("<s>[IMG]") and t.endswith("[IMG]") and t.count("[IMG]") == 2 for t in seen)
+    assert "make shape 0 blue." in seen[1]  # edit 1's control: edit 0's instruction
+    with pytest.raises(ValueError, match="no edit to evaluate"):
+        evaluate_edits(model, builder, edits[:1])
