@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from emu2_engine.cli import ArgumentParser
-from emu2_engine.data.records import CHAT_SYSTEMS, IMAGE_MARKER
+from emu2_engine.data.records import CHAT_SYSTEMS
 from emu2_engine.data.sequences import SampleBuilder, to_pixels
 from emu2_engine.data.tokenizer import Emu2Tokenizer
 from emu2_engine.models import PRESETS
@@ -32,7 +32,8 @@ def answer(model, tokenizer, question: str, image: Image.Image | None = None, sy
     cfg = model.cfg
     builder = SampleBuilder(tokenizer, cfg.n_query, frame_n_query=cfg.frame_queries)
     images = [] if image is None else [to_pixels(image, cfg.vision.image_size)]
-    prompt = builder.build_chat(system, [(IMAGE_MARKER * len(images) + question, None)], images)
+    # markers=False: the image goes first, and a "<image>" written in the question stays text
+    prompt = builder.build_chat(system, [(question, None)], images, markers=False)
     device = model.lm_head.weight.device
     pixels = torch.stack(prompt.images).to(device) if images else None
     ids = generate_text(model, torch.as_tensor(prompt.input_ids), pixels, max_new_tokens=max_new_tokens,
@@ -56,7 +57,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("the question is blank")
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    from emu2_engine.evaluate import load_model
+    from emu2_engine.evaluate import check_device, load_model
+
+    problem = check_device(args.device)
+    if problem:
+        parser.error(problem)
     from emu2_engine.pretrain import one_line
 
     try:

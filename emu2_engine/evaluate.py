@@ -64,16 +64,33 @@ PROMPTS = ("chat", "zero-shot", "few-shot")
 
 _NUMBERS = {w: str(i) for i, w in enumerate(
     ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"))}
+_NUMBERS["none"] = "0"
 _ARTICLES = {"a", "an", "the"}
+# The marks the VQA evaluation treats as punctuation (not ' : % # $ &, which stay), deleted
+# where one touches a space or the answer writes a number with a thousands comma ("1,000"), else
+# replaced by a space ("t-shirt" -> "t shirt").
+_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@",
+                "`", ",", "?", "!")
+_THOUSANDS = re.compile(r"\d,\d")
+_PERIOD = re.compile(r"\.(?!\d)")  # a full stop not followed by a digit: "2.5" keeps its point
 
 
 def normalize_answer(answer: str) -> str:
-    """Lower case; punctuation dropped (a full stop between digits kept); the articles a, an,
-    the dropped; number words zero to ten written as digits; spaces collapsed."""
-    text = answer.lower().replace("\n", " ").replace("\t", " ").strip()
-    text = re.sub(r"(?<!\d)\.|\.(?!\d)", "", text)  # "2.5" keeps its point, "red." does not
-    text = re.sub(r"[^\w\s.]", "", text)
-    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
+    """An answer as the VQA evaluation compares it (Antol et al. 2015; the official evaluation
+    code's steps): newlines and tabs as spaces; punctuation deleted or spaced (`_PUNCTUATION`);
+    full stops dropped unless a digit follows; lower case; number words zero to ten and "none"
+    as digits; the articles a, an, the dropped; single spaces. Not done: the official contraction
+    table ("dont" -> "don't", ...), and the official code's skipping of the human answers'
+    normalisation when all ten are identical."""
+    text = original = answer.replace("\n", " ").replace("\t", " ").strip()
+    delete = _THOUSANDS.search(original) is not None
+    for mark in _PUNCTUATION:  # each decided on the answer as written
+        if delete or f"{mark} " in original or f" {mark}" in original:
+            text = text.replace(mark, "")
+        else:
+            text = text.replace(mark, " ")
+    text = _PERIOD.sub("", text)
+    words = [_NUMBERS.get(w, w) for w in text.lower().split() if w not in _ARTICLES]
     return " ".join(words)
 
 
@@ -86,6 +103,19 @@ def vqa_accuracy(answer: str, human_answers: list[str]) -> float:
     same = [normalize_answer(h) == mine for h in human_answers]
     total = sum(same)
     return sum(min(1.0, (total - s) / 3.0) for s in same) / len(same)
+
+
+def check_device(device: str) -> str:
+    """"" when `device` can run here, else why not (one line)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        return f"--device {device!r} is not a device ({e})"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"--device {device!r}: this machine has no CUDA device"
+    if kind not in ("cpu", "cuda"):
+        return f"--device must be cpu or cuda[:N], got {device!r}"
+    return ""
 
 
 def load_model(preset: str, weights: str | Path, device: str | torch.device = "cpu") -> Emu2Model:
@@ -267,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.limit, args.max_new_tokens, args.shots, args.support) < 1:
         parser.error(f"--limit, --max-new-tokens, --shots and --support must be >= 1, got {args.limit}, "
                      f"{args.max_new_tokens}, {args.shots} and {args.support}")
+    problem = check_device(args.device)
+    if problem:
+        parser.error(problem)
     cfg = PRESETS[args.preset]
     prompt = args.prompt or ("chat" if cfg.chat else "zero-shot")
     if prompt == "chat" and not cfg.chat:

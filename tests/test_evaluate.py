@@ -1,6 +1,7 @@
 """`python -m emu2_engine.evaluate`: VQAv2 accuracy by hand, the prompts a model answers after,
 weights loading, and the command on a small saved model and the shapes world."""
 
+import re
 from collections import Counter
 
 import pytest
@@ -32,6 +33,10 @@ def test_vqa_accuracy_by_hand(answer, humans, want):
 @pytest.mark.parametrize("text, want", [
     ("Two.", "2"), ("the Red circle!", "red circle"), ("on the left.", "on left"), ("2.5", "2.5"),
     ("  an   orange\ttriangle ", "orange triangle"), ("ten", "10"), ("yes, it is", "yes it is"),
+    # as the official VQA evaluation: joining marks become spaces, "none" is 0, : % stay
+    ("t-shirt", "t shirt"), ("black-and-white", "black and white"), ("yes/no", "yes no"),
+    ("hot_dog", "hot dog"), ("none", "0"), ("3:30", "3:30"), ("10%", "10%"), ("1,000 people", "1000 people"),
+    ("left - right", "left right"), (".5 litres", ".5 litres"),
 ])
 def test_normalize_answer(text, want):
     assert normalize_answer(text) == want
@@ -245,3 +250,47 @@ def test_edit_evaluation_distances(monkeypatch):
     assert "make shape 0 blue." in seen[1]  # edit 1's control: edit 0's instruction
     with pytest.raises(ValueError, match="no edit to evaluate"):
         evaluate_edits(model, builder, edits[:1])
+
+
+def test_answers_drop_special_tokens_and_exact_match_uses_the_most_common_answer(monkeypatch):
+    """The decoded answer leaves out `</s>` and other special tokens; `exact` compares with the
+    most common human answer, not the first."""
+    from emu2_engine.evaluate import answer_greedily
+    from emu2_engine.inference import generate
+
+    tok = Emu2Tokenizer()
+    monkeypatch.setattr(generate, "generate_text", lambda *a, **k: torch.tensor(
+        tok.encode("red", special=False) + [tok.ids.img_end, tok.ids.eos]))
+    model = Emu2Model(Emu2Config.from_preset("debug"))
+    builder = SampleBuilder(tok, 16)
+    record = VQA("k", torch.zeros(3, 64, 64), "what colour?", ["dark red", "red", "red"])
+    answer = answer_greedily(model, tok, max_new_tokens=4)
+    assert answer(builder.build_vqa(record.image, record.question)) == "red"
+    got = evaluate_vqa([record], builder, answer, "zero-shot")
+    # leave-one-out over 3 human answers: (2/3 + 1/3 + 1/3) / 3
+    assert got["exact"] == 1.0 and got["accuracy"] == pytest.approx(4 / 9)
+
+
+def test_a_run_folder_gives_its_newest_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = Emu2Model(Emu2Config.from_preset("debug"))
+    model.init_weights()
+    save_model_weights(model, step_folder(tmp_path / "run" / "checkpoints", 3), step=3)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    save_model_weights(model, step_folder(tmp_path / "run" / "checkpoints", 12), step=12)
+    assert torch.equal(load_model("debug", tmp_path / "run").lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.parametrize("device, message", [("cuda", "this machine has no CUDA device"),
+                                             ("tpu", "not a device|must be cpu or cuda")])
+def test_devices_that_cannot_run_are_argument_errors(device, message, capsys):
+    from emu2_engine.evaluate import check_device
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert re.search(message, check_device(device))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--preset", "debug", "--weights", "x", "--device", device])
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert check_device("cpu") == ""

@@ -237,8 +237,9 @@ def _text_ids() -> torch.Tensor:
     (lambda m: generate_text(m, _text_ids(), eos_id=784), r"eos_id must be a token id in \[0, 784\)"),
     (lambda m: generate_text(m, torch.tensor([1, 40, 515]), _images(2, 64)), "image placeholders"),
     # the debug model has 512 positions
-    (lambda m: generate_text(m, _text_ids(), max_new_tokens=509),
-     r"a prompt of 4 positions and 509 max_new_tokens new tokens exceed the model's max_positions \(512\)"),
+    (lambda m: generate_text(m, _text_ids(), max_new_tokens=510),
+     r"a prompt of 4 positions and 509 positions for max_new_tokens new tokens exceed the model's "
+     r"max_positions \(512\)"),
     (lambda m: generate_image_embeddings(m, torch.tensor([1] + [40] * 498 + [m.cfg.special_ids.img])),
      r"a prompt of 500 positions and 15 visual embedding slots exceed the model's max_positions \(512\)"),
 ])
@@ -252,3 +253,26 @@ def test_benchmark_runs_and_prints(capsys):
     assert set(seconds) == {"text, cached", "text, uncached", "image embeddings, cached",
                             "image embeddings, uncached"}
     assert "ms" in capsys.readouterr().out
+
+
+def test_greedy_never_picks_a_visual_placeholder():
+    """Even when `<image>` and `[gIMG]` have the highest logits, greedy decoding takes the best
+    other token (their rows are never a model's own input), cached and uncached alike."""
+    model = _model("debug")
+    special = model.cfg.special_ids
+    ids = _text_ids()
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0][0, -1].detach()))
+    model.logits(ids[None])
+    hook.remove()
+    with torch.no_grad():  # rows along the last hidden state: their logits dominate there
+        for slot in special.visual_slots:
+            model.lm_head.weight[slot] = seen[0] * (1e3 / seen[0].square().sum())
+    logits = model.logits(ids[None])[0, -1]
+    assert int(logits.argmax()) in special.visual_slots
+    for run in (generate_text, generate_text_uncached):
+        out = run(model, ids, max_new_tokens=3, eos_id=special.eos)
+        assert not set(out.tolist()) & set(special.visual_slots)
+    banned = logits.clone()
+    banned[list(special.visual_slots)] = float("-inf")
+    assert int(generate_text(model, ids, max_new_tokens=1)[0]) == int(banned.argmax())

@@ -53,3 +53,36 @@ def test_the_step_loss_is_the_weighted_regression(tmp_path):
 def test_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         JobConfig.load(None, overrides)
+
+
+def test_resume_lays_the_pool_out_again_when_text_loss_or_a_records_samples_change(caplog):
+    """A loader state saved with the text loss on and loaded with it off lays its waiting
+    records out again (the layout key names text_loss); so does a state whose waiting record
+    now gives fewer samples than it did when saved (samples that are now skipped), instead of
+    failing on a sample that no longer exists."""
+    from emu2_engine.data.records import ImageText, Text
+    from test_loader import ListStream, make, pairs
+
+    tok = Emu2Tokenizer()
+    long_text = Text("t", " ".join(["a red circle at the top left."] * 60))  # several 64-token chunks
+    saved_loader = make(tok, [ListStream([long_text] + pairs(30))], regress=["image_text"], image_first_prob=0.0)
+    next(saved_loader)
+    state = saved_loader.state_dict()
+    assert any(k > 0 for _, _, k in state["pool"])  # a text record's later chunk is waiting
+
+    gen = make(tok, [ListStream([long_text] + pairs(30))], regress=["image_text"], image_first_prob=0.0,
+               text_loss=False)
+    with caplog.at_level("WARNING"):
+        gen.load_state_dict(state)
+    assert "text_loss True -> False" in caplog.text or "text_loss None -> False" in caplog.text
+    batch = next(gen)
+    assert bool((batch.labels == -100).all())
+
+    caplog.clear()
+    fewer = make(tok, [ListStream([long_text] + pairs(30))], regress=["image_text"], image_first_prob=0.0)
+    build = fewer.builder.build
+    fewer.builder.build = lambda record, *a, **k: build(record, *a, **k)[:1]  # one chunk per text now
+    with caplog.at_level("WARNING"):
+        fewer.load_state_dict(state)
+    assert "now give fewer samples" in caplog.text
+    next(fewer)

@@ -163,3 +163,14 @@ def test_every_added_token_has_its_released_id():
     assert [ids[t] for t in names] == list(range(32000, 32015))
     assert ids["<patch_index_0000>"] == 32015 and ids["<patch_index_0256>"] == 32271
     assert (ids["[USER]"], ids["[ASSISTANT]"]) == (32272, 32273)
+
+
+def test_template_whitespace_next_to_added_tokens_only_is_dropped(tok, chat_tok):
+    """As the released tokenizer (a slow LlamaTokenizer, transformers 4.31, the added tokens
+    given as plain strings): the whitespace on both sides of an added token is dropped; next
+    to `<s>`, `</s>` and `<unk>` (registered with lstrip/rstrip off) it stays."""
+    sp = tok.sp.encode
+    assert tok.encode("red [IMG] blue", special=True) == [*sp("red"), tok.ids.img, *sp("blue")]
+    assert tok.encode("red </s> blue", special=True) == [*sp("red "), tok.ids.eos, *sp(" blue")]
+    assert chat_tok.encode("hi </s>[USER] : x", special=True) == [
+        *sp("hi "), chat_tok.ids.eos, chat_tok.token_to_id("[USER]"), *sp(": x")]

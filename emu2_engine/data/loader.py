@@ -296,13 +296,17 @@ class PackedLoader:
             self._reads[d] = int(saved["reads"])
             if saved["skipped"] is not None:  # the replay counted its bad samples again
                 stream.stats.counts = Counter(saved["skipped"])
-        if changed:
+        # a record that now gives fewer samples than it did when saved (an engine change in what
+        # is kept: samples with nothing to learn are skipped since) takes the same path
+        fewer = [(d, r) for d, r, k in wanted if k >= len(rebuilt[(d, r)])]
+        if changed or fewer:
             # the waiting records give other samples now: all of each, laid out anew
             records = list(dict.fromkeys((d, r) for d, r, _ in wanted))
+            why = (", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) if changed else
+                   f"{len(set(fewer))} of them now give fewer samples")
             log.warning("data settings changed since the checkpoint (%s): the %d records waiting in "
                         "its pool are laid out again with the new settings (whole: one partly packed before "
-                        "the save gives all its parts again)",
-                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), len(records))
+                        "the save gives all its parts again)", why, len(records))
             wanted = [(d, r, k) for d, r in records for k in range(len(rebuilt[(d, r)]))]
         self._pool = [_Pooled(d, r, k, rebuilt[(d, r)][k]) for d, r, k in wanted]
         # the replay counted its records' skips and truncations again: the saved totals

@@ -16,8 +16,10 @@ Every call to `encode` says which of two kinds of text it holds (`special` has n
   as the released tokenizer does (Emu2's `emu/lm.py`: a slow Hugging Face LlamaTokenizer with
   the added tokens registered as plain strings through `add_special_tokens`, under the
   transformers 4.31 its requirements pin): the text is split on the added-token strings and on
-  the model's `<s>`, `</s>` and `<unk>` pieces; the whitespace next to each special string is
-  dropped (that version strips both sides of a special token given as a plain string); each
+  the model's `<s>`, `</s>` and `<unk>` pieces; the whitespace next to each added token is
+  dropped (that version strips both sides of a special token given as a plain string, and
+  keeps it next to `<s>`, `</s>` and `<unk>`, which the LlamaTokenizer itself registers with
+  lstrip and rstrip off); each
   string between them is encoded by sentencepiece on its own (with its dummy prefix); each
   special string becomes its id. So `encode("</s>[USER]: hi", special=True)` starts with the
   EOS id then the `[USER]` id, and `"what? [ASSISTANT]:"` gives no lone "▁" before
@@ -93,9 +95,9 @@ class Emu2Tokenizer:
                 if i % 2:  # re.split with one group: odd entries are the separators
                     out.append(self._special_ids[chunk])
                     continue
-                if i > 0:  # a special string before it
+                if i > 0 and parts[i - 1] in self._added_ids:  # an added token before it
                     chunk = chunk.lstrip()
-                if i < len(parts) - 1:  # and after it
+                if i < len(parts) - 1 and parts[i + 1] in self._added_ids:  # and after it
                     chunk = chunk.rstrip()
                 if chunk:
                     out.extend(self.sp.encode(chunk))

@@ -206,7 +206,8 @@ def _check_text_args(model: Emu2Model, input_ids, max_new_tokens,
     V = model.cfg.llm.vocab_size
     if not _is_int(eos) or not 0 <= eos < V:
         raise ValueError(f"eos_id must be a token id in [0, {V}), got {eos_id!r}")
-    _check_length(model, ids.shape[1], max_new_tokens, "max_new_tokens new tokens")
+    # the last new token is produced, not fed: S + max_new_tokens - 1 positions run
+    _check_length(model, ids.shape[1], max_new_tokens - 1, "positions for max_new_tokens new tokens")
     banned = torch.tensor(special.visual_slots, device=ids.device)
     return ids, int(eos), banned
 

@@ -43,9 +43,21 @@ class ModelSection:
 
 
 DATASET_KINDS = ("image_text", "video_text", "interleaved", "grounded", "text", "vqa", "chat", "edit")
+"""Sample types a dataset can hold (`emu2_engine.data.records`); each has its Emu2 layout."""
 CHAT_TEMPLATE_KINDS = ("chat", "vqa", "image_text")
 """The kinds the chat template lays out (`data.sequences.SampleBuilder.build_chat_record`)."""
-"""Sample types a dataset can hold (`emu2_engine.data.records`); each has its Emu2 layout."""
+
+
+def _unregressed(d: "DataSection") -> list[str]:
+    """The blended kinds none of whose samples has a regressed image: not listed in
+    data.regress, a kind whose images never follow text (text, vqa, chat), or one laid out
+    image first always (image_text with image_first_prob 1, grounded with grounded_image_first 1)."""
+    never = {"text", "vqa", "chat"}
+    if d.image_first_prob >= 1:
+        never |= {"image_text", "video_text"}
+    if d.grounded_image_first >= 1:
+        never.add("grounded")
+    return sorted({k for k in d.datasets if k not in d.regress or k in never})
 
 
 @dataclass
@@ -410,6 +422,10 @@ class JobConfig:
              f"data.text_loss = false leaves the image regression as the only loss, but "
              f"{'data.regress is empty' if not d.regress else 'model.regression_weight is 0'}: "
              f"nothing would be learned"),
+            (d.text_loss or not _unregressed(d),
+             f"data.text_loss = false leaves the image regression as the only loss, and the "
+             f"datasets {_unregressed(d)} never give a regressed image (not in data.regress, a kind "
+             f"without images after text, or laid out image first): every sample would be skipped"),
             (d.template != "chat" or not d.regress,
              f"data.template = chat regresses nothing (Emu2-Chat tunes with the text loss on the "
              f"answers only), but data.regress lists {d.regress}"),

@@ -1,10 +1,11 @@
 """AdamW with Emu2's parameter groups and the warm-up + decay schedule.
 
 Emu2's stage 1 trains the encoder, the projection and the LLM with separate peak learning
-rates (the values were not released; see EMU2_FACTS.md), so parameters are grouped by
+rates (1e-4, 3e-5 and 5e-5 for the projection, the LLM and the encoder in the paper), so parameters are grouped by
 component, and within each by whether weight decay applies: matrices decay; norms, biases,
 q/v biases and the ViT's CLS and position embeddings do not. A group whose learning rate is 0
-is frozen (requires_grad off) instead of being stepped.
+is frozen (requires_grad off) instead of being stepped, and so is any parameter named in
+`frozen` (the LM head when nothing is a text target: AdamW would still decay it).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ def _component(name: str) -> str:
     return "llm"
 
 
-def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimSection, frozen: tuple[str, ...] = ()) -> torch.optim.AdamW:
     lrs = {"vision": cfg.lr_vision, "projector": cfg.lr_projector, "llm": cfg.lr}
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         comp = _component(name)
-        if lrs[comp] == 0.0:
+        if lrs[comp] == 0.0 or name in frozen:
             p.requires_grad_(False)
             continue
         if not p.requires_grad:

@@ -381,7 +381,8 @@ class Trainer:
                 apply_compile(model)
         self.model = model
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.optimizer = build_optimizer(self.model, cfg.optim)  # (freezes groups whose lr is 0)
+        # (freezes groups whose lr is 0, and the LM head when nothing is a text target)
+        self.optimizer = build_optimizer(self.model, cfg.optim, frozen=() if cfg.data.text_loss else (VOCAB_HEAD,))
         # One process under 16-bit autocast: the blocks' linear weights are cast once per step
         # (train.weight_cast = step). FSDP casts its own way (MixedPrecisionPolicy).
         self.weight_cast: StepWeightCast | None = None
