@@ -102,3 +102,26 @@ def test_edit_loader_on_the_shapes_world():
     assert real >= 2 and real % 2 == 0 and batch.reg_images.numel() == real // 2
     assert (batch.reg_images % 2 == 1).all()  # the second image of each edit (sources first)
     assert bool((batch.labels == -100).all())
+
+
+def test_the_gen_recipe_draws_batches_that_regress_every_kind():
+    """gen_37b's data settings (paths emptied: the shapes world) at the 37B model's shapes: every
+    micro-batch has regressed images and no label, from each of its three kinds over a few."""
+    from emu2_engine.data.loader import build_loader
+
+    path = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / "gen_37b.toml"
+    cfg = JobConfig.load(path, ["--data.paths=['', '', '']"])
+    loader = build_loader(cfg.data, Emu2Tokenizer(), PRESETS["emu2-37b"])
+    for _ in range(3):
+        batch = next(loader)
+        assert batch.reg_images.numel() > 0 and bool((batch.labels == -100).all())
+    assert not loader.skip_counts()  # nothing skipped: every sample has an image to regress
+
+
+def test_an_image_loss_only_blend_must_regress_every_dataset():
+    with pytest.raises(ValueError, match=r"the datasets \['text'\] never give a regressed image"):
+        JobConfig.load(None, ["--data.text_loss=false", "--data.datasets=['image_text', 'text']",
+                              "--data.weights=[1, 1]", "--data.paths=['', '']", "--data.regress=['image_text']"])
+    with pytest.raises(ValueError, match=r"the datasets \['grounded'\] never give a regressed image"):
+        JobConfig.load(None, ["--data.text_loss=false", "--data.datasets=['grounded']", "--data.weights=[1]",
+                              "--data.paths=['']", "--data.regress=['grounded']"])  # grounded image first
