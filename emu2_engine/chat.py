@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
 from PIL import Image
 
 from emu2_engine.cli import ArgumentParser
@@ -27,18 +26,14 @@ from emu2_engine.models import PRESETS
 def answer(model, tokenizer, question: str, image: Image.Image | None = None, system: str = "chat",
            max_new_tokens: int = 64) -> str:
     """The model's greedy answer to `question` (about `image`, when given)."""
-    from emu2_engine.inference.generate import generate_text
+    from emu2_engine.evaluate import answer_greedily
 
     cfg = model.cfg
     builder = SampleBuilder(tokenizer, cfg.n_query, frame_n_query=cfg.frame_queries)
     images = [] if image is None else [to_pixels(image, cfg.vision.image_size)]
     # markers=False: the image goes first, and a "<image>" written in the question stays text
     prompt = builder.build_chat(system, [(question, None)], images, markers=False)
-    device = model.lm_head.weight.device
-    pixels = torch.stack(prompt.images).to(device) if images else None
-    ids = generate_text(model, torch.as_tensor(prompt.input_ids), pixels, max_new_tokens=max_new_tokens,
-                        eos_id=tokenizer.ids.eos)
-    return tokenizer.decode(ids.tolist(), skip_special=True).strip()
+    return answer_greedily(model, tokenizer, max_new_tokens)(prompt)
 
 
 def main(argv: list[str] | None = None) -> None:

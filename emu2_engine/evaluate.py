@@ -229,7 +229,7 @@ def evaluate_vqa(records: Iterable[VQA], builder: SampleBuilder, answer: Callabl
     return {"questions": n, "accuracy": accuracy / n, "exact": exact / n}
 
 
-def heldout_vqa_shards(cache_dir: str, seed: int, split: str = "heldout", kind: str = "vqa") -> Path:
+def shapes_world_shards(cache_dir: str, seed: int, kind: str = "vqa", split: str = "heldout") -> Path:
     """The shapes world's shards of `kind` and `split` (generated on first use)."""
     from emu2_engine.data.make_shapes import ensure_shapes_world
 
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--support", type=int, default=200,
                         help="training records the few-shot examples are retrieved from (default 200)")
     parser.add_argument("--prompt", choices=PROMPTS, default=None,
-                        help="chat (default for chat presets) or zero-shot")
+                        help="chat (default for chat presets), zero-shot (default otherwise) or few-shot")
     parser.add_argument("--limit", type=int, default=100, help="questions or edits (default 100)")
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1234, help="the shapes world's seed (data.seed)")
@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     problem = check_device(args.device)
     if problem:
         parser.error(problem)
+    if args.task == "edit" and (args.prompt or args.other_image or args.show or args.support_data):
+        parser.error("--prompt, --other-image, --show and --support-data are for --task vqa")
     cfg = PRESETS[args.preset]
     prompt = args.prompt or ("chat" if cfg.chat else "zero-shot")
     if prompt == "chat" and not cfg.chat:
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = Emu2Tokenizer(chat=cfg.chat)
         builder = SampleBuilder(tokenizer, cfg.n_query, frame_n_query=cfg.frame_queries)
         if args.task == "edit":
-            shards = args.data or heldout_vqa_shards(args.cache_dir, args.seed, kind="edit")
+            shards = args.data or shapes_world_shards(args.cache_dir, args.seed, "edit")
             stream = ShardStream(shards, Decoder("edit", cfg.vision.image_size, log=None), shuffle=False,
                                  log=None, epochs=1)
             result = evaluate_edits(model, builder, stream, args.limit)
@@ -323,11 +325,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"generated with another edit's instruction {result['other_instruction']:.4f}")
             return
         decoder = Decoder("vqa", cfg.vision.image_size, log=None)
-        shards = args.data or heldout_vqa_shards(args.cache_dir, args.seed)
+        shards = args.data or shapes_world_shards(args.cache_dir, args.seed)
         stream = ShardStream(shards, decoder, shuffle=False, log=None, epochs=1)
         shots = None
         if prompt == "few-shot":
-            support_shards = args.support_data or heldout_vqa_shards(args.cache_dir, args.seed, "train")
+            support_shards = args.support_data or shapes_world_shards(args.cache_dir, args.seed, "vqa", "train")
             support = list(itertools.islice(ShardStream(support_shards, decoder, shuffle=False, log=None,
                                                         epochs=1), args.support))
             shots = Rices(model, support, args.shots)

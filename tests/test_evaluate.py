@@ -51,7 +51,7 @@ def test_vqa_accuracy_needs_human_answers():
 def heldout():
     """Six held-out VQA records of the shapes world (the debug model's 64 px; the world the
     other tests share, under the default cache folder)."""
-    root = evaluate.heldout_vqa_shards("~/.cache/emu2_engine", seed=1234)
+    root = evaluate.shapes_world_shards("~/.cache/emu2_engine", seed=1234)
     stream = ShardStream(root, Decoder("vqa", 64, backend="pil", log=None), shuffle=False, log=None, epochs=1)
     return [next(stream) for _ in range(6)]
 
@@ -117,6 +117,9 @@ def test_the_command(tmp_path, capsys, monkeypatch):
     assert "VQA (2-shot RICES prompt, greedy, 2 questions): accuracy" in capsys.readouterr().out
     evaluate.main(["--task", "edit", "--preset", "debug", "--weights", str(tmp_path / "ckpt"), "--limit", "2", *cache])
     assert "edits (2): mean squared distance to the edited image's features: generated" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # options of the VQA task are refused, not ignored
+        evaluate.main(["--task", "edit", "--preset", "debug", "--weights", str(tmp_path / "ckpt"), "--show"])
+    assert exit_info.value.code == 2 and "are for --task vqa" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--preset", "debug", "--weights", str(tmp_path / "nowhere"), *cache])
     assert exit_info.value.code == 1

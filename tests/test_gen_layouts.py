@@ -116,6 +116,7 @@ def test_the_gen_recipe_draws_batches_that_regress_every_kind():
         batch = next(loader)
         assert batch.reg_images.numel() > 0 and bool((batch.labels == -100).all())
     assert not loader.skip_counts()  # nothing skipped: every sample has an image to regress
+    assert (loader.blend.taken > 0).all()  # samples of each of the three kinds were drawn
 
 
 def test_an_image_loss_only_blend_must_regress_every_dataset():

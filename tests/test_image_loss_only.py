@@ -1,6 +1,7 @@
 """`data.text_loss = false`: Emu2-Gen's tuning objective, the image regression alone."""
 
 import pytest
+import torch
 
 from emu2_engine.data.loader import build_loader, heldout_caption_loader
 from emu2_engine.data.tokenizer import Emu2Tokenizer
@@ -30,7 +31,10 @@ def test_the_step_loss_is_the_weighted_regression(tmp_path):
     run = tmp_path / "gen"
     trainer = Trainer(tiny_config(run, *IMAGE_LOSS, "--train.steps=2", "--model.regression_weight=2.0"))
     head = trainer.model.lm_head.weight
+    before = head.detach().clone()
+    assert not head.requires_grad  # frozen: AdamW would still decay it
     trainer.train(progress=False)
+    assert torch.equal(head.detach(), before)
     got = losses(run)
     assert sorted(got) == [1, 2]
     for loss, ce, mse, grad_norm in got.values():

@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from emu2_engine.data.shapes import (COLOURS, KINDS, NUMBERS, POSITIONS, ShapesWorld,
                                      position_phrase, tokenizer_corpus)
@@ -93,3 +94,32 @@ def test_fast_enough():
         world.sample(i, 64)
     rate = 300 / (time.perf_counter() - start)
     assert rate >= 500, f"{rate:.0f} images/s at 64 px"
+
+
+def test_the_kinds_that_came_before_chat_and_edit_are_unchanged():
+    """Adding the chat and edit streams (and splitting the drawing into scene and pixels) left
+    every earlier kind's items as they were: digests of a few items of each, computed with the
+    code before those streams (commit 40c5d30), and of the grounded layouts drawn from them."""
+    import hashlib
+
+    from emu2_engine.data.records import Grounded, Phrase
+    from emu2_engine.data.sequences import SampleBuilder
+    from emu2_engine.data.tokenizer import Emu2Tokenizer
+
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:16]
+
+    w = ShapesWorld(0)
+    assert digest(b"".join(w.sample(i, 64).image.tobytes() for i in range(3))) == "4604bda246d9a0f3"
+    assert digest(b"".join(w.vqa(i, 64).sample.image.tobytes() + w.vqa(i, 64).question.encode()
+                           for i in range(3))) == "48206d7436c0d08f"
+    assert digest(b"".join(w.grounded(i, 64).sample.image.tobytes() for i in range(3))) == "270bfeb52ab5d8c0"
+    assert digest(b"".join(f.tobytes() for f in w.video(0, 64, 4).frames)) == "9ad2dd69c28815bf"
+    document = w.document(0, 64)
+    assert digest(repr(document.items[0]).encode() + document.items[1].image.tobytes()) == "9feab004a82f3eeb"
+    assert digest(w.paragraph(0).encode()) == "fb9a687b237d9314"
+    builder, g = SampleBuilder(Emu2Tokenizer(), 4, seed=9), w.grounded(1, 64)
+    phrases = [Phrase(p.start, p.end, list(p.boxes)) for p in g.phrases]
+    ids = [i for k in "abcdefgh" for i in builder.build(
+        Grounded(k, torch.zeros(3, 8, 8), g.sample.caption, phrases), "0:grounded")[0].input_ids.tolist()]
+    assert digest(str(ids).encode()) == "9699b119574f41df"

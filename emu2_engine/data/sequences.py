@@ -461,7 +461,6 @@ class SampleBuilder:
             sample.input_ids, sample.text_target = sample.input_ids[:-1], sample.text_target[:-1]
         return sample
 
-
     def build_chat_record(self, record: Record, prompt_only: bool = False) -> Sample:
         """A record as an Emu2-Chat conversation: a chat record as it is; a VQA record (its most
         common answer) or an image-caption record as an academic-task conversation, the image
@@ -472,6 +471,8 @@ class SampleBuilder:
         if isinstance(record, Chat):
             return self.build_chat(record.system, record.turns, record.images)
         if isinstance(record, VQA):
+            if not (prompt_only or record.answers):
+                raise RecordError("a VQA record needs an answer to be a conversation")
             answer = None if prompt_only else Counter(record.answers).most_common(1)[0][0]
             return self.build_chat("academic", [(f"{record.question}\n{SHORT_ANSWER}", answer)],
                                    [record.image], markers=False)
