@@ -94,6 +94,8 @@ academic-task data uses ("instructions with output-format control information as
 Emu2's own instruction data was not released."""
 
 TEMPLATES = ("pretrain", "chat")
+_NO_CHAT_TOKENS = ("the chat template needs a tokenizer with the chat tokens [USER] and [ASSISTANT] "
+                   "(Emu2Tokenizer(chat=True), a preset with chat = True)")
 
 
 class RecordError(ValueError):
@@ -200,8 +202,7 @@ class SampleBuilder:
         if template not in TEMPLATES:
             raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
         if template == "chat" and not getattr(tokenizer, "chat", False):
-            raise ValueError("the chat template needs a tokenizer with the chat tokens [USER] and "
-                             "[ASSISTANT] (Emu2Tokenizer(chat=True), a preset with chat = True)")
+            raise ValueError(_NO_CHAT_TOKENS)
         self.template = template
         self.tok, self.ids = tokenizer, tokenizer.ids
         self.n_query, self.seed = n_query, seed
@@ -497,8 +498,7 @@ class SampleBuilder:
         The last answer may be None: the sample then ends with `[ASSISTANT]:` (no `</s>`), the
         prompt a model continues at inference, as `build_vqa` without an answer."""
         if self.user is None:
-            raise ValueError("the chat template needs a tokenizer with the chat tokens [USER] and "
-                             "[ASSISTANT] (Emu2Tokenizer(chat=True), a preset with chat = True)")
+            raise ValueError(_NO_CHAT_TOKENS)
         if system not in SYSTEM_MESSAGES:
             raise RecordError(f"system must be one of {list(SYSTEM_MESSAGES)}, got {system!r}")
         if not turns:
